@@ -1,0 +1,60 @@
+"""The contract between backbones (frozen MLLM + SAM image encoder) and the cache builder.
+
+A :class:`FeatureExtractor` turns one image and the questions asked about it into
+the features stage 2 trains on. The builder (``lens_cache.build``) knows nothing
+about LLaVA or SAM; any backbone that implements this interface can be cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class ImageFeatures:
+    """Everything cached for one image and its queries.
+
+    Attributes:
+        image_states: layer -> (L_i, d) float tensor, the MLLM's image-token states
+            (raw output of decoder layer ``layer - 1``; ``hidden_states[layer]``).
+        text_states: one entry per question, layer -> (L_t, d) float tensor, the
+            states of the tokens after the image (``"\\n{question} ASSISTANT:"``);
+            the last row is the start-of-answer token.
+        sam_embedding: (256, 64, 64) float tensor, SAM's image embedding.
+        original_size: (h, w) of the image as loaded.
+        input_size: (h, w) after resizing the longest side to 1024 (before padding).
+    """
+
+    image_states: dict[int, torch.Tensor]
+    text_states: list[dict[int, torch.Tensor]]
+    sam_embedding: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class FeatureExtractor(Protocol):
+    """What the cache builder needs from a backbone pair."""
+
+    #: JSON-serialisable description that makes a cache what it is: backbone name,
+    #: config hash, layers, dtype, prompt template, SAM variant (+ checkpoint hash).
+    identity: dict
+    layers: tuple[int, ...]
+    hidden_size: int
+    num_image_tokens: int  # 576 for LLaVA-1.5
+
+    def question_for(self, text: str, is_sentence: bool) -> str:
+        """The question put to the MLLM for a manifest row (the prompt rule)."""
+
+    def num_text_tokens(self, question: str) -> int:
+        """L_t for this question, by tokenisation only (for preallocating the store)."""
+
+    def extract(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[ImageFeatures]:
+        """Features for a batch of images; ``questions[b]`` are the questions about ``images[b]``.
+
+        The image prefix is run once per image and reused (KV cache) for all its
+        questions; the forward stops after the deepest cached layer.
+        """

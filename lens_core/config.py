@@ -1,0 +1,89 @@
+"""Typed configuration of the LENS model.
+
+Architecture numbers live in one place: the presets in ``lens_train/presets/*.json``
+(``paper``, ``official``, ``tiny``) fill this dataclass; nothing else in the code
+carries defaults for them. The checkpoint stores it (``dataclasses.asdict``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+HeatmapFrom = Literal["last", "mean"]
+
+
+@dataclass(frozen=True)
+class LensConfig:
+    """Everything that shapes a LENS model (not its training).
+
+    Attributes:
+        hidden_size: d of the MLLM's hidden states (4096 for LLaVA-1.5-7B).
+        num_heads: attention heads of the head's decoder layers (32).
+        mlp_size: SwiGLU hidden size of the head's decoder layers (11008).
+        rms_norm_eps: epsilon of the head's RMSNorms (LLaMA: 1e-5).
+        rope_theta: rotary base (LLaMA: 10000).
+        grid_size: side of the image-token grid (24 -> 576 tokens).
+        heatmap_from: ``last`` = start-of-answer token's attention (official code),
+            ``mean`` = average over all text tokens (paper, eq. 1).
+        max_keypoints: m, the most keypoints NMS keeps (16).
+        nms_radius: Euclidean suppression radius in grid cells (4).
+        keypoint_min_ratio: a keypoint is valid if its score >= this x the peak (0.4).
+        neighborhood: p of the p x p neighbourhood sampled per keypoint (3).
+        descriptor_heads: heads of the descriptor's cross- and self-attention.
+        prompt_dim: SAM's prompt embedding size (256).
+        global_only_prob: S1.4 dropout: probability, in training, of using only the
+            global description (paper 0.5, official 0.9).
+        use_keypoint_description: False = Table 2 "w/o keypoint description"
+            (the global token alone prompts SAM).
+        use_global_description: False = Table 2 "w/o global description"
+            (the keypoint descriptions alone prompt SAM).
+        mask_output_index: which of SAM's mask tokens is the answer (0 = single-mask).
+    """
+
+    hidden_size: int
+    num_heads: int
+    mlp_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    grid_size: int = 24
+    heatmap_from: HeatmapFrom = "last"
+    max_keypoints: int = 16
+    nms_radius: float = 4.0
+    keypoint_min_ratio: float = 0.4
+    neighborhood: int = 3
+    descriptor_heads: int = 8
+    prompt_dim: int = 256
+    global_only_prob: float = 0.5
+    use_keypoint_description: bool = True
+    use_global_description: bool = True
+    mask_output_index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings")
+        if self.hidden_size % self.descriptor_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by descriptor_heads {self.descriptor_heads}")
+        if self.heatmap_from not in ("last", "mean"):
+            raise ValueError(f"heatmap_from must be 'last' or 'mean', got {self.heatmap_from!r}")
+        if not (self.use_keypoint_description or self.use_global_description):
+            raise ValueError("at least one of use_keypoint_description / use_global_description must be on")
+        if self.neighborhood < 1 or self.neighborhood % 2 == 0:
+            raise ValueError(f"neighborhood must be odd and >= 1, got {self.neighborhood}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LensConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LensConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)

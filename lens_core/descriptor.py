@@ -1,0 +1,87 @@
+"""The descriptor model (paper 3.2, supplement S1.3).
+
+For each keypoint, the image features F_i^2 are sampled (bilinearly) at the point and
+its p x p neighbourhood; the start-of-answer token f_s^2 queries those p*p vectors
+(cross-attention) to give the keypoint's description d_i. A self-attention over
+{f_s^2} U {d_i} lets the global description and the local ones regularise each other,
+and a projection maps everything to SAM's prompt size: D in R^{(m+1) x 256}.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .keypoints import sample_grid
+
+
+class KeypointDescriptor(nn.Module):
+    """Cross-attention per keypoint, then self-attention over global + keypoint descriptions."""
+
+    def __init__(self, *, dim: int, num_heads: int, out_dim: int, neighborhood: int) -> None:
+        super().__init__()
+        self.neighborhood = neighborhood
+        self.query_norm = nn.LayerNorm(dim)
+        self.context_norm = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.out_norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim)
+        half = neighborhood // 2
+        offsets = torch.stack(
+            torch.meshgrid(torch.arange(-half, half + 1), torch.arange(-half, half + 1), indexing="xy"), dim=-1
+        ).reshape(-1, 2)
+        self.register_buffer("offsets", offsets.float(), persistent=False)  # (p*p, 2) (dx, dy)
+
+    def sample_neighbourhoods(self, image_features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """d_N(i): (B, K, p*p, d) features sampled around each point (differentiable in the features)."""
+        batch, num_points, _ = points.shape
+        where = (points.unsqueeze(2) + self.offsets.to(points.dtype)).reshape(batch, -1, 2)
+        sampled = sample_grid(image_features, where)  # (B, K*p*p, d)
+        return sampled.view(batch, num_points, self.offsets.shape[0], -1)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        start_token: torch.Tensor,
+        points: torch.Tensor,
+        keypoint_mask: torch.Tensor,
+        *,
+        include_global: bool = True,
+        include_keypoints: bool = True,
+    ) -> torch.Tensor:
+        """
+        Args:
+            image_features: (B, d, g, g) F_i^2.
+            start_token: (B, d) f_s^2.
+            points: (B, K, 2) keypoints (x, y) in grid cells.
+            keypoint_mask: (B, K) bool, keypoints that take part (the others are padding).
+            include_global: put f_s^2 in the set (False = "w/o global description").
+            include_keypoints: put the d_i in the set (False = "w/o keypoint description").
+        Returns:
+            (B, T, out_dim) descriptions with T = include_global + K * include_keypoints;
+            the global description (if any) comes first.
+        """
+        batch = start_token.shape[0]
+        tokens, present = [], []
+        if include_global:
+            tokens.append(start_token.unsqueeze(1))
+            present.append(torch.ones(batch, 1, dtype=torch.bool, device=start_token.device))
+        if include_keypoints:
+            num_points = points.shape[1]
+            context = self.sample_neighbourhoods(image_features, points.to(image_features.dtype))
+            context = self.context_norm(context.flatten(0, 1))  # (B*K, p*p, d)
+            query = self.query_norm(start_token).unsqueeze(1).expand(-1, num_points, -1).reshape(-1, 1, start_token.shape[-1])
+            local, _ = self.cross_attn(query, context, context, need_weights=False)  # (B*K, 1, d)
+            tokens.append(start_token.unsqueeze(1) + local.view(batch, num_points, -1))
+            present.append(keypoint_mask)
+        x = torch.cat(tokens, dim=1)
+        present_mask = torch.cat(present, dim=1)
+        # A row with nothing present would make softmax NaN; let such a row attend to itself only.
+        padding = ~present_mask
+        padding = padding & present_mask.any(dim=1, keepdim=True)
+        normed = self.self_norm(x)
+        attended, _ = self.self_attn(normed, normed, normed, key_padding_mask=padding, need_weights=False)
+        x = x + attended
+        return self.proj(self.out_norm(x))

@@ -1,0 +1,223 @@
+"""The segmentation head (paper 3.1): two decoder layers of the MLLM's own shape.
+
+Each layer mirrors transformers' ``LlamaDecoderLayer`` (RMSNorm, multi-head attention
+with rotary positions and a causal mask, SwiGLU MLP) with the same parameter names,
+so the head can be warm-started from the MLLM's layers 14-15 by loading their state
+dicts as they are. Layer 1's text-to-image attention becomes the grounding heatmap
+A_c^1; layer 2's output gives the image features F_i^2 and the start-of-answer token f_s^2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LensConfig
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm (statistics in float32)."""
+
+    def __init__(self, dim: int, *, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """LLaMA's rotary position embedding (default rope type)."""
+
+    def __init__(self, head_dim: int, *, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (length, head_dim), float32."""
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with rotary positions (LlamaAttention's parameters)."""
+
+    def __init__(self, *, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            x: (B, L, d). cos, sin: (L, head_dim).
+        Returns:
+            (B, L, d) output and, if asked, the attention probabilities (B, heads, L, L) in float32.
+        """
+        batch, length, dim = x.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if return_attention:
+            # Eager path: the probabilities themselves are the grounding map's source.
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
+            out = (probs.to(v.dtype) @ v)
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.transpose(1, 2).reshape(batch, length, dim)
+        return self.o_proj(out), probs
+
+
+class SwiGLU(nn.Module):
+    """LlamaMLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, *, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer with LlamaDecoderLayer's parameter names."""
+
+    def __init__(self, *, dim: int, num_heads: int, mlp_size: int, eps: float) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim, eps=eps)
+        self.self_attn = SelfAttention(dim=dim, num_heads=num_heads)
+        self.post_attention_layernorm = RMSNorm(dim, eps=eps)
+        self.mlp = SwiGLU(dim=dim, hidden=mlp_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, probs = self.self_attn(self.input_layernorm(x), cos, sin, return_attention=return_attention)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, probs
+
+
+@dataclass
+class HeadOutput:
+    """What the head hands to the keypoint and descriptor stages.
+
+    Attributes:
+        heatmap: (B, g, g) grounding map A_c^1, peak-normalised into (0, 1).
+        image_features: (B, d, g, g) F_i^2, layer 2's image-token states on the grid.
+        start_token: (B, d) f_s^2, layer 2's state of the start-of-answer token.
+    """
+
+    heatmap: torch.Tensor
+    image_features: torch.Tensor
+    start_token: torch.Tensor
+
+
+class SegmentationHead(nn.Module):
+    """Two decoder layers over [F_i; F_t] (paper eq. 2)."""
+
+    def __init__(self, *, config: LensConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                dim=config.hidden_size, num_heads=config.num_heads, mlp_size=config.mlp_size, eps=config.rms_norm_eps
+            )
+            for _ in range(2)
+        )
+        self.rotary = RotaryEmbedding(config.hidden_size // config.num_heads, theta=config.rope_theta)
+
+    def load_decoder_layers(self, state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Warm start from two ``LlamaDecoderLayer`` state dicts (e.g. the MLLM's layers 14 and 15).
+
+        Loading is strict: a key that is missing or unexpected is an error, never silently dropped.
+        """
+        if len(state_dicts) != 2:
+            raise ValueError(f"the head has 2 layers; got {len(state_dicts)} state dicts")
+        for layer, state in zip(self.layers, state_dicts):
+            layer.load_state_dict(dict(state), strict=True)
+
+    def forward(self, image_states: torch.Tensor, text_states: torch.Tensor, text_lengths: torch.Tensor) -> HeadOutput:
+        """
+        Args:
+            image_states: (B, L_i, d) cached image-token states F_i, L_i = g * g.
+            text_states: (B, L_t, d) cached text states F_t, right-padded; the last
+                valid row of each is the start-of-answer token.
+            text_lengths: (B,) number of valid text rows (>= 1).
+        Returns:
+            HeadOutput.
+        """
+        cfg = self.config
+        if image_states.dim() != 3 or image_states.shape[1:] != (cfg.num_image_tokens, cfg.hidden_size):
+            raise ValueError(
+                f"image_states must be (B, {cfg.num_image_tokens}, {cfg.hidden_size}), got {tuple(image_states.shape)}"
+                " (a cache built for another backbone or grid?)"
+            )
+        batch = image_states.shape[0]
+        if text_states.dim() != 3 or text_states.shape[0] != batch or text_states.shape[2] != cfg.hidden_size:
+            raise ValueError(
+                f"text_states must be (B={batch}, L_t, {cfg.hidden_size}), got {tuple(text_states.shape)}"
+            )
+        if text_lengths.shape != (batch,):
+            raise ValueError(f"text_lengths must be (B={batch},), got shape {tuple(text_lengths.shape)}")
+        if text_lengths.device.type != "meta" and (
+            bool((text_lengths < 1).any()) or bool((text_lengths > text_states.shape[1]).any())
+        ):
+            raise ValueError(f"text_lengths must be in [1, {text_states.shape[1]}], got {text_lengths.tolist()}")
+        text_lengths = text_lengths.to(image_states.device).long()
+
+        dtype = self.layers[0].input_layernorm.weight.dtype
+        num_image = cfg.num_image_tokens
+        # Right padding is harmless under the causal mask: a valid token never attends to a later pad.
+        x = torch.cat((image_states, text_states), dim=1).to(dtype)
+        cos, sin = self.rotary(x.shape[1], x.device)
+
+        x, probs = self.layers[0](x, cos, sin, return_attention=True)
+        text_to_image = probs.mean(dim=1)[:, num_image:, :num_image]  # (B, L_t, L_i), averaged over heads
+        rows = torch.arange(text_states.shape[1], device=x.device)
+        if cfg.heatmap_from == "last":
+            select = (rows[None, :] == (text_lengths - 1)[:, None]).float()
+        else:
+            select = (rows[None, :] < text_lengths[:, None]).float() / text_lengths[:, None].float()
+        grounding = torch.einsum("bt,bti->bi", select, text_to_image)  # (B, L_i)
+        # Peak normalisation (official code): the detached peak keeps the map's shape trainable
+        # while its scale is fixed, so BCE against a 0/1 mask is meaningful.
+        peak = grounding.detach().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        heatmap = (grounding / peak).clamp(1e-6, 1 - 1e-6).view(batch, cfg.grid_size, cfg.grid_size)
+
+        x, _ = self.layers[1](x, cos, sin)
+        image_features = x[:, :num_image].transpose(1, 2).reshape(batch, cfg.hidden_size, cfg.grid_size, cfg.grid_size)
+        start_token = x[torch.arange(batch, device=x.device), num_image + text_lengths - 1]
+        return HeadOutput(heatmap=heatmap, image_features=image_features, start_token=start_token)

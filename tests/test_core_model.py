@@ -1,0 +1,218 @@
+"""The LENS model: head against transformers' LLaMA layer, shapes at the real dimensions,
+gradients, determinism, ablations, batching and input checks."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from lens_core import LensConfig, build_lens
+from lens_core.descriptor import KeypointDescriptor
+from lens_core.head import SegmentationHead
+from lens_train.presets import load_preset
+
+TINY = load_preset("tiny").model
+
+
+def make_inputs(batch=3, text_len=9, d=TINY.hidden_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 576, d, generator=g)
+    text = torch.randn(batch, text_len, d, generator=g)
+    lengths = torch.tensor([text_len, max(1, text_len - 4), max(1, text_len - 2)][:batch])
+    sam = torch.randn(batch, 256, 64, 64, generator=g)
+    return image, text, lengths, sam
+
+
+def llama_layer_pair(cfg: LensConfig, seed=0):
+    lcfg = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+                       intermediate_size=cfg.mlp_size, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                       num_hidden_layers=2, attn_implementation="eager")
+    torch.manual_seed(seed)
+    layers = [LlamaDecoderLayer(lcfg, layer_idx=i).eval() for i in range(2)]
+    for layer in layers:  # non-trivial norms so a norm bug shows
+        for name, p in layer.named_parameters():
+            if "layernorm" in name:
+                p.data.uniform_(0.5, 1.5)
+    return lcfg, layers
+
+
+def test_head_layers_equal_transformers_llama_layers_and_attention():
+    """Warm-started from LlamaDecoderLayer weights, the head computes what LLaMA computes."""
+    lcfg, layers = llama_layer_pair(TINY)
+    head = SegmentationHead(config=TINY).eval()
+    head.load_decoder_layers([l.state_dict() for l in layers])
+    image, text, _, _ = make_inputs(batch=1)
+    lengths = torch.tensor([text.shape[1]])
+    x = torch.cat((image, text), dim=1)
+    rope = LlamaRotaryEmbedding(lcfg)
+    pos = torch.arange(x.shape[1])[None]
+    cos_sin = rope(x, pos)
+    mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
+    # transformers' eager attention returns the weights when the attention module is called directly
+    h_in = layers[0].input_layernorm(x)
+    attn_out, weights = layers[0].self_attn(hidden_states=h_in, attention_mask=mask, position_embeddings=cos_sin)
+    y1 = layers[0](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+    y2 = layers[1](y1, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+    out = head(image, text, lengths)
+    expected_map = weights.mean(1)[0, -1, :576]
+    expected_map = (expected_map / expected_map.max()).clamp(1e-6, 1 - 1e-6).view(24, 24)
+    torch.testing.assert_close(out.heatmap[0], expected_map, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.start_token[0], y2[0, -1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.image_features[0, :, 2, 5], y2[0, 2 * 24 + 5], atol=1e-4, rtol=1e-4)
+
+
+def test_heatmap_modes_and_right_padding_invariance():
+    image, text, _, _ = make_inputs(batch=1, text_len=6)
+    padded = torch.cat((text, torch.randn(1, 5, TINY.hidden_size)), dim=1)
+    for mode in ("last", "mean"):
+        cfg = LensConfig.from_dict({**TINY.to_dict(), "heatmap_from": mode})
+        torch.manual_seed(0)
+        head = SegmentationHead(config=cfg).eval()
+        a = head(image, text, torch.tensor([6]))
+        b = head(image, padded, torch.tensor([6]))
+        torch.testing.assert_close(a.heatmap, b.heatmap, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.start_token, b.start_token, atol=1e-5, rtol=1e-5)
+        assert a.heatmap.max().item() == pytest.approx(1 - 1e-6, abs=1e-6)
+    torch.manual_seed(0)
+    last = SegmentationHead(config=TINY).eval()(image, text, torch.tensor([6])).heatmap
+    torch.manual_seed(0)
+    mean_cfg = LensConfig.from_dict({**TINY.to_dict(), "heatmap_from": "mean"})
+    mean = SegmentationHead(config=mean_cfg).eval()(image, text, torch.tensor([6])).heatmap
+    assert not torch.allclose(last, mean)
+
+
+def test_real_dimension_shapes_on_meta_device():
+    """LLaVA-1.5-7B's dimensions (d=4096, 32 heads, 11008) without allocating memory."""
+    cfg = load_preset("official").model
+    assert (cfg.hidden_size, cfg.num_heads, cfg.mlp_size) == (4096, 32, 11008)
+    with torch.device("meta"):
+        head = SegmentationHead(config=cfg)
+        descriptor = KeypointDescriptor(dim=4096, num_heads=cfg.descriptor_heads, out_dim=256, neighborhood=3)
+        image = torch.empty(2, 576, 4096)
+        text = torch.empty(2, 40, 4096)
+        out = head(image, text, torch.tensor([40, 31], device="meta"))
+        assert out.heatmap.shape == (2, 24, 24)
+        assert out.image_features.shape == (2, 4096, 24, 24)
+        assert out.start_token.shape == (2, 4096)
+        points = torch.empty(2, 16, 2)
+        mask = torch.empty(2, 16, dtype=torch.bool)
+        desc = descriptor(out.image_features, out.start_token, points, mask)
+        assert desc.shape == (2, 17, 256)
+    head_params = sum(p.numel() for p in head.parameters())
+    assert head_params == 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # two LLaMA-7B layers
+
+
+def test_real_sam_decoder_dimensions(tiny_sam):
+    """The tiny SAM keeps SAM's real prompt/decoder interface: 256-d prompts, 256x64x64 embeddings."""
+    lens = build_lens(TINY, tiny_sam).eval()
+    image, text, lengths, sam = make_inputs(batch=2)
+    with torch.no_grad():
+        out = lens(image, text, lengths, sam)
+    assert out.low_res_logits.shape == (2, 256, 256)
+    assert out.points.shape == (2, 16, 2) and out.valid.shape == (2, 16)
+    masks = lens.masks_at_original_size(out.low_res_logits, torch.tensor([[768, 1024], [1024, 683]]), torch.tensor([[480, 640], [600, 400]]))
+    assert [m.shape for m in masks] == [(480, 640), (600, 400)]
+
+
+def test_gradients_reach_trainable_parts_only(tiny_sam):
+    sam = copy.deepcopy(tiny_sam)
+    lens = build_lens(TINY, sam).train()
+    image, text, lengths, emb = make_inputs(batch=2)
+    out = lens(image, text, lengths, emb, generator=torch.Generator().manual_seed(1))
+    (out.low_res_logits.mean() + out.heatmap.mean()).backward()
+    for part in (lens.head, lens.descriptor, lens.prompt_decoder.mask_decoder):
+        grads = [p.grad for p in part.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert lens.prompt_decoder.cls_position.grad is not None
+    for p in sam.prompt_encoder.parameters():
+        assert not p.requires_grad and p.grad is None
+    for p in sam.image_encoder.parameters():
+        assert p.grad is None
+    names = {n for n, _ in lens.named_parameters()}
+    assert not any(n.startswith("image_encoder") for n in names)
+
+
+def test_determinism_under_a_seed(tiny_sam):
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        lens = build_lens(TINY, copy.deepcopy(tiny_sam)).train()
+        outs.append(lens(*make_inputs(batch=2), generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(outs[0].low_res_logits, outs[1].low_res_logits)
+    assert torch.equal(outs[0].used, outs[1].used)
+
+
+def test_batch_of_images_equals_one_by_one(tiny_sam):
+    torch.manual_seed(0)
+    lens = build_lens(TINY, tiny_sam).eval()
+    image, text, lengths, emb = make_inputs(batch=3)
+    with torch.no_grad():
+        batched = lens(image, text, lengths, emb)
+        for b in range(3):
+            single = lens(image[b : b + 1], text[b : b + 1, : lengths[b]], lengths[b : b + 1], emb[b : b + 1])
+            torch.testing.assert_close(single.low_res_logits[0], batched.low_res_logits[b], atol=1e-4, rtol=1e-4)
+            assert torch.equal(single.points[0], batched.points[b])
+
+
+def test_ablation_switches_shape_the_prompt(tiny_sam, monkeypatch):
+    seen = []
+    real = tiny_sam.mask_decoder.predict_masks
+
+    def spy(**kw):
+        seen.append(kw["sparse_prompt_embeddings"].shape[1])
+        return real(**kw)
+
+    monkeypatch.setattr(tiny_sam.mask_decoder, "predict_masks", spy)
+    image, text, lengths, emb = make_inputs(batch=1)
+    results = {}
+    for name, over in {
+        "full": {},
+        "no_keypoint": {"use_keypoint_description": False},
+        "no_global": {"use_global_description": False},
+    }.items():
+        seen.clear()
+        torch.manual_seed(0)
+        lens = build_lens(LensConfig.from_dict({**TINY.to_dict(), **over}), tiny_sam).eval()
+        with torch.no_grad():
+            out = lens(image, text, lengths, emb)
+        results[name] = (seen[0], int(out.valid.sum()), int(out.used.sum()))
+    full_tokens, valid, used = results["full"]
+    assert full_tokens == 1 + valid == 1 + used
+    assert results["no_keypoint"][0] == 1 and results["no_keypoint"][2] == 0
+    assert results["no_global"][0] == results["no_global"][1]
+    with pytest.raises(ValueError, match="at least one"):
+        LensConfig.from_dict({**TINY.to_dict(), "use_keypoint_description": False, "use_global_description": False})
+
+
+def test_global_only_dropout_probability(tiny_sam):
+    cfg = LensConfig.from_dict({**TINY.to_dict(), "global_only_prob": 1.0})
+    lens = build_lens(cfg, tiny_sam)
+    image, text, lengths, emb = make_inputs(batch=2)
+    out = lens.train()(image, text, lengths, emb)
+    assert not out.used.any() and out.valid.any()
+    with torch.no_grad():
+        assert lens.eval()(image, text, lengths, emb).used.any()  # never at inference
+
+
+def test_wrong_shapes_get_clear_errors(tiny_sam):
+    lens = build_lens(TINY, tiny_sam).eval()
+    image, text, lengths, emb = make_inputs(batch=2)
+    with pytest.raises(ValueError, match=r"image_states must be \(B, 576, 64\)"):
+        lens(image[:, :500], text, lengths, emb)
+    with pytest.raises(ValueError, match="another backbone"):
+        lens(torch.randn(2, 576, 4096), text, lengths, emb)
+    with pytest.raises(ValueError, match="text_lengths"):
+        lens(image, text, torch.tensor([0, 3]), emb)
+    with pytest.raises(ValueError, match="SAM image embeddings"):
+        lens(image, text, lengths, emb[:, :, :32])
+
+
+def test_warm_start_is_strict():
+    head = SegmentationHead(config=TINY)
+    _, layers = llama_layer_pair(TINY)
+    state = layers[0].state_dict()
+    state.pop("mlp.up_proj.weight")
+    with pytest.raises(RuntimeError, match="up_proj"):
+        head.load_decoder_layers([state, layers[1].state_dict()])
