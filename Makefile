@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test demo bench-train clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: setup
 
 demo: setup
 	$(PY) -m lens_train.demo_core --out demo
+
+# Stage-2 step at the real dimensions (d=4096 head + SAM ViT-H decoder, bf16); meant for a GPU.
+bench-train: setup
+	$(PY) benchmarks/bench_train_step.py --preset official --batch-size 2 --steps 20
 
 clean:
 	rm -rf demo .pytest_cache

@@ -1,0 +1,110 @@
+"""Stage-2 training step at the real dimensions, random weights.
+
+LENS head (d=4096, 32 heads, MLP 11008, two layers) + descriptor + SAM ViT-H's prompt encoder
+and mask decoder, AdamW (fp32 master weights), bf16 autocast, batch B of cached-feature-shaped
+inputs (576 image tokens, L_t text tokens, 256x64x64 SAM embedding, masks at 480x640).
+Reports peak GPU memory, step time and samples/s as JSON. Runs on CPU too (slowly) for a check.
+
+    python benchmarks/bench_train_step.py --preset official --batch-size 2 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from lens_core import build_lens
+from lens_core.losses import attention_loss, segmentation_loss
+from lens_train.presets import load_preset
+
+
+def build_sam_decoder_only(variant: str):
+    """SAM with the real prompt encoder and mask decoder (identical across vit_h/l/b); the image
+    encoder is not part of stage 2, so a random-weight registry build is enough."""
+    from segment_anything import sam_model_registry
+
+    return sam_model_registry[variant](checkpoint=None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="official")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--text-len", type=int, default=40)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sam", default="vit_h")
+    p.add_argument("--orig-size", default="480,640")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = load_preset(args.preset)
+    torch.manual_seed(0)
+    sam = build_sam_decoder_only(args.sam)
+    del sam.image_encoder  # not used in stage 2: its output is cached
+    lens = build_lens(preset.model, sam).to(device)
+    params = lens.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=preset.train.lr, betas=preset.train.betas, weight_decay=preset.train.weight_decay)
+    n_params = sum(q.numel() for q in params)
+
+    b, lt, d = args.batch_size, args.text_len, preset.model.hidden_size
+    h, w = (int(v) for v in args.orig_size.split(","))
+    scale = 1024 / max(h, w)
+    input_size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # cached features arrive as float16 from the store
+    image = torch.randn(b, 576, d, generator=g).half().to(device)
+    text = torch.randn(b, lt, d, generator=g).half().to(device)
+    lengths = torch.full((b,), lt, device=device)
+    emb = torch.randn(b, 256, 64, 64, generator=g).half().to(device)
+    masks = [(torch.rand(h, w, generator=g) > 0.7).to(torch.uint8).to(device) for _ in range(b)]
+    sizes_in = torch.tensor([input_size] * b)
+    sizes_orig = torch.tensor([[h, w]] * b)
+    use_bf16 = device.type == "cuda" and preset.train.precision == "bf16"
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = lens(image, text, lengths, emb)
+            logits = lens.masks_at_original_size(out.low_res_logits.float(), sizes_in, sizes_orig)
+            seg = segmentation_loss(logits, masks, dice_weight=preset.train.dice_weight, bce_weight=preset.train.bce_weight)
+            attn = attention_loss(out.heatmap, masks, [input_size] * b, size=preset.train.attn_size)
+            loss = seg["seg"] + attn
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, preset.train.grad_clip)
+        opt.step()
+        return loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    result = {
+        "bench": "train_step",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "batch_size": b,
+        "text_len": lt,
+        "trainable_params_M": round(n_params / 1e6, 1),
+        "precision": "bf16 autocast, fp32 master weights" if use_bf16 else "fp32",
+        "step_time_s": round(dt, 4),
+        "samples_per_s": round(b / dt, 2),
+        "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
