@@ -48,6 +48,9 @@ def manifest_hash(table: pa.Table) -> str:
     """
     sink = pa.BufferOutputStream()
     t = canonical(table)
+    # A zero-copy slice keeps buffer offsets that the IPC writer serialises differently from
+    # freshly built arrays; `take` copies the rows into new contiguous buffers first.
+    t = t.take(pa.array(range(t.num_rows), type=pa.int64()))
     with pa.ipc.new_stream(sink, t.schema) as writer:
         for batch in t.to_batches():
             writer.write_batch(batch)
