@@ -1,20 +1,255 @@
-"""Console script `lens-cache` (stage 1). Not built yet: issue 3."""
+"""``lens-cache``: build, inspect, verify and export feature stores (stage 1).
+
+Heavy imports (torch, zarr, dask, the backbones) happen inside the commands, so
+``lens-cache --help`` answers at once. Expected problems (missing data, missing
+checkpoint, a store of another build, ...) print one line on stderr and exit
+with code 2; set ``LENS_DEBUG=1`` to get the traceback instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, help="Build LENS feature caches (stage 1).")
+app = typer.Typer(
+    name="lens-cache",
+    help="Stage 1 of LENS: run the frozen MLLM and SAM's encoder once and cache their features in a Zarr store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERROR_EXIT = 2
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from lens_cache.store import StoreError
+
+    errors: tuple[type[BaseException], ...] = (StoreError, FileNotFoundError, ValueError)
+    try:
+        from lens_manifests import ManifestError
+    except ImportError:  # pragma: no cover - manifests are part of the project
+        return errors
+    return (*errors, ManifestError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn our expected errors into one line on stderr and exit code 2."""
+    try:
+        yield
+    except Exception as error:
+        if os.environ.get("LENS_DEBUG") or not isinstance(error, _expected_errors()):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"14"`` or ``"14,30"`` -> (14,) / (14, 30)."""
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--layers takes a comma-separated list of integers (e.g. 14,30), got {text!r}") from None
+    if not layers or min(layers) < 1:
+        raise ValueError(f"--layers takes positive layer numbers (e.g. 14,30), got {text!r}")
+    return tuple(sorted(set(layers)))
 
 
 @app.command()
-def build() -> None:
-    """Not built yet."""
-    typer.echo("lens-cache is not built yet (stage 1, issue 3).", err=True)
-    sys.exit(2)
+def build(
+    split: Annotated[
+        str | None, typer.Option(help="Dataset split spec: refcoco, refcoco:val, reasonseg:val, synthetic:train, ...")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Store to write: a local path or fsspec URL (s3://..., gs://...).")] = ...,  # type: ignore[assignment]
+    data_root: Annotated[
+        Path | None, typer.Option(help="LISA-style dataset folder (not needed for synthetic specs).")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
+    ] = None,
+    mllm: Annotated[str, typer.Option(help="LLaVA checkpoint folder / HF id, or 'tiny'.")] = "tiny",
+    sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), or 'tiny'.")] = "tiny",
+    layers: Annotated[str, typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index).")] = "14",
+    batch_size: Annotated[int, typer.Option(help="Images per backbone call.")] = 4,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per block, the unit of work and of resume [default: 32, or the store's own when resuming]."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Local dask worker processes, one GPU each (0 = run here).")] = 0,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Address of a running dask scheduler (tcp://host:8786).")
+    ] = None,
+    compression: Annotated[
+        str | None,
+        typer.Option(
+            help="lossless (zstd), bitround (7 mantissa bits + zstd, ~1.3x) or none [default: lossless, or the store's own when resuming]."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out first.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Cache only the first N images (smoke tests).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of manifest building (class sampling, synthetic data).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
+) -> None:
+    """Cache the backbone features of one dataset split (resumes an interrupted build)."""
+    with user_errors():
+        import functools
+
+        from lens_cache.build import build_cache, first_images
+
+        started = time.monotonic()
+        layer_list = parse_layers(layers)
+        table, spec = _load_manifest(split, data_root, manifest, seed)
+        if limit is not None:
+            table = first_images(table, limit)
+        from lens_cache.backbones import build_extractor
+
+        factory = functools.partial(build_extractor, mllm=mllm, sam=sam, layers=layer_list, device=device)
+        store = build_cache(
+            table,
+            out,
+            factory,
+            spec=spec,
+            batch_size=batch_size,
+            block_size=block_size,
+            compression=compression,
+            workers=workers,
+            scheduler=scheduler,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+        typer.echo(
+            f"{store.url}: {store.num_images} images, {store.num_queries} queries, layers {list(store.layers)} "
+            f"({time.monotonic() - started:.1f}s)"
+        )
 
 
-if __name__ == "__main__":
+def _load_manifest(split: str | None, data_root: Path | None, manifest: Path | None, seed: int):
+    from lens_manifests import build_manifest, read_manifest
+
+    if manifest is not None:
+        table = read_manifest(manifest)
+        recorded = (table.schema.metadata or {}).get(b"spec")
+        return table, split or (recorded.decode() if recorded else manifest.stem)
+    if split is None:
+        raise ValueError("give --split SPEC (e.g. refcoco:val) or --manifest FILE.parquet")
+    return build_manifest(split, data_root, seed=seed), split
+
+
+@app.command("manifest")
+def manifest_command(
+    split: Annotated[str, typer.Option(help="Dataset split spec (refcoco:val, synthetic:train, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    data_root: Annotated[
+        Path | None, typer.Option(help="LISA-style dataset folder (not needed for synthetic specs).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of class sampling / synthetic data.")] = 0,
+) -> None:
+    """Build a manifest (one Parquet row per query) without caching anything."""
+    with user_errors():
+        from lens_manifests import build_manifest, write_manifest
+
+        table = build_manifest(split, data_root, seed=seed)
+        digest = write_manifest(table, out, spec=split)
+        images = len(set(zip(table.column("dataset").to_pylist(), table.column("image_id").to_pylist(), strict=True)))
+        typer.echo(f"{out}: {table.num_rows} queries of {images} images (hash {digest[:12]})")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder for the synthetic dataset (ReasonSeg, REFER and ADE20K formats).")],
+    seed: Annotated[int, typer.Option(help="Random seed; the data is a pure function of it.")] = 0,
+) -> None:
+    """Generate the synthetic dataset (idempotent)."""
+    with user_errors():
+        from lens_manifests.synthetic import write_synthetic
+
+        marker = write_synthetic(out, seed=seed)
+        typer.echo(f"{out}: {json.dumps(marker.get('counts', {}), sort_keys=True)}")
+
+
+@app.command()
+def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> None:
+    """Identity, sizes, bytes on disk per image and per query, completion."""
+    with user_errors():
+        from lens_cache.store import FeatureStore
+
+        opened = FeatureStore.open(store, require_complete=False)
+        attrs = opened.attrs
+        done = opened.num_blocks - len(opened.missing_blocks())
+        per_array = {name: opened.location.bytes_under(name) for name in opened.array_names()}
+        image_bytes = sum(size for name, size in per_array.items() if name.startswith("images/"))
+        query_bytes = sum(size for name, size in per_array.items() if name.startswith("queries/"))
+        lines = [
+            f"store        {opened.url}",
+            f"format       lens_cache v{attrs['format_version']} ({attrs['created_by']})",
+            f"spec         {attrs['spec']}",
+            f"complete     {attrs['complete']} ({done}/{opened.num_blocks} blocks of {opened.block_size} images)",
+            f"identity     {attrs['identity_hash'][:16]}",
+            f"layers       {list(opened.layers)}  (d={opened.hidden_size}, {opened.num_image_tokens} image tokens)",
+            f"size         {opened.num_images} images, {opened.num_queries} queries, max_text_len {opened.max_text_len}",
+            f"storage      {attrs['storage_dtype']}, compression {attrs['compression']}",
+            f"manifest     {attrs['manifest_hash'][:16]}",
+            f"failed       {len(opened.failed_images())} image(s) skipped",
+            f"bytes        {_human(sum(per_array.values()))} total; "
+            f"{_human(image_bytes / max(opened.num_images, 1))} per image, {_human(query_bytes / max(opened.num_queries, 1))} per query",
+        ]
+        lines += [f"  {name:<22} {_human(size)}" for name, size in per_array.items()]
+        lines.append("identity:")
+        lines += ["  " + line for line in json.dumps(attrs["identity"], indent=2, sort_keys=True).splitlines()]
+        typer.echo("\n".join(lines))
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"  # pragma: no cover
+
+
+@app.command()
+def verify(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> None:
+    """Check every block, array shape, hash and sample; exit 1 if anything is wrong."""
+    with user_errors():
+        from lens_cache.store import verify_store
+
+        report = verify_store(store)
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    store: Annotated[str, typer.Argument(help="Store path or URL (must be complete).")],
+    out: Annotated[Path, typer.Argument(help="HDF5 file to write.")],
+    compression: Annotated[str, typer.Option(help="gzip, lzf or none.")] = "gzip",
+) -> None:
+    """Copy a complete store into one HDF5 file (same arrays and attributes)."""
+    with user_errors():
+        from lens_cache.export import export_hdf5
+
+        path = export_hdf5(store, out, compression=compression)
+        typer.echo(f"{path}: {_human(path.stat().st_size)}")
+
+
+def main() -> None:  # pragma: no cover - console entry
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,73 @@
+"""The FeatureExtractor the cache builder uses: an MLLM adapter and SAM's encoder, handed in.
+
+It owns the image geometry (:mod:`.geometry`): each image is brought into SAM's frame
+once; SAM embeds it, the MLLM sees the same padded square.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image
+
+from .base import ImageFeatures
+from .geometry import IMAGE_GEOMETRY, sam_frame
+from .mllm import MllmBackbone
+from .sam import SamImageEncoder
+
+
+class LensFeatureExtractor:
+    """Implements :class:`~lens_cache.backbones.base.FeatureExtractor` from its two parts.
+
+    Args:
+        mllm: the frozen MLLM adapter (e.g. :class:`~lens_cache.backbones.llava.LlavaBackbone`).
+        sam: SAM's frozen image encoder.
+        storage_dtype: the dtype the builder stores features in (recorded in the identity).
+    """
+
+    def __init__(self, *, mllm: MllmBackbone, sam: SamImageEncoder, storage_dtype: str = "float16") -> None:
+        self.mllm = mllm
+        self.sam = sam
+        self.layers = tuple(mllm.layers)
+        self.hidden_size = int(mllm.hidden_size)
+        self.num_image_tokens = int(mllm.num_image_tokens)
+        self.identity: dict = {
+            **mllm.identity,
+            "dtype": storage_dtype,
+            "image_geometry": IMAGE_GEOMETRY,
+            "sam": dict(sam.identity),
+        }
+
+    def question_for(self, text: str, is_sentence: bool) -> str:
+        return self.mllm.question_for(text, is_sentence)
+
+    def num_text_tokens(self, question: str) -> int:
+        return self.mllm.num_text_tokens(question)
+
+    def extract(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[ImageFeatures]:
+        """Features of a batch of images; ``questions[b]`` are asked about ``images[b]``.
+
+        Returns:
+            one :class:`ImageFeatures` per image: layer -> (L_i, d) image states, per
+            question layer -> (L_t, d) text states, the (256, 64, 64) SAM embedding,
+            original and resized sizes; float32 on the CPU.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} question lists")
+        frames = [sam_frame(image) for image in images]
+        states = self.mllm.encode([frame.padded_image() for frame in frames], questions)
+        embeddings = self.sam.embed(frames)
+        return [
+            ImageFeatures(
+                image_states=s.image_states,
+                text_states=s.text_states,
+                sam_embedding=embeddings[b],
+                original_size=frame.original_size,
+                input_size=frame.input_size,
+            )
+            for b, (frame, s) in enumerate(zip(frames, states))
+        ]
+
+    def extract_one(self, image: Image.Image, question: str) -> ImageFeatures:
+        """Features of one image and one question (interactive segmentation)."""
+        return self.extract([image], [[question]])[0]

@@ -1,0 +1,88 @@
+"""What every MLLM adapter provides, and the checks shared by their loaders.
+
+An adapter wraps one frozen MLLM family (LLaVA-1.5 today; LLaVA-NeXT or Qwen2-VL would
+be new adapters registered in ``lens_cache.backbones``) behind :class:`MllmBackbone`.
+It receives the image exactly as the MLLM should see it (the combined extractor owns
+the SAM-aligned geometry) and returns the intermediate hidden states LENS reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, PretrainedConfig
+
+
+class MllmCheckpointNotFoundError(FileNotFoundError):
+    """No MLLM checkpoint at the given path or in the offline HF cache (message is one line)."""
+
+
+class UnsupportedMllmError(ValueError):
+    """The checkpoint exists but no registered adapter handles its model type."""
+
+
+def not_found_message(name_or_path: str) -> str:
+    return f"MLLM checkpoint not found at {name_or_path}: pass --mllm PATH to a local llava-hf folder or 'tiny'"
+
+
+def load_mllm_config(name_or_path: str) -> PretrainedConfig:
+    """The config of a local checkpoint folder or an HF-cache name, offline, no remote code.
+
+    Raises:
+        MllmCheckpointNotFoundError: neither a folder with ``config.json`` nor a cached HF name.
+        UnsupportedMllmError: ``config.json`` names a model type transformers does not know.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise MllmCheckpointNotFoundError(not_found_message(name_or_path))
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.exists() else name_or_path, local_files_only=True)
+    except OSError:
+        raise MllmCheckpointNotFoundError(not_found_message(name_or_path)) from None
+    except ValueError as err:  # an unknown model_type, or a name that is no valid repo id
+        if local.exists():
+            raise UnsupportedMllmError(f"{name_or_path} is not a supported MLLM checkpoint: {err}") from None
+        raise MllmCheckpointNotFoundError(not_found_message(name_or_path)) from None
+
+
+@dataclass
+class MllmStates:
+    """The MLLM's states for one image and its questions.
+
+    Attributes:
+        image_states: layer -> (L_i, d) float32, the image-token states (``hidden_states[layer]``).
+        text_states: one per question, layer -> (L_t, d) float32, the tokens after the image;
+            the last row is the start-of-answer token.
+    """
+
+    image_states: dict[int, torch.Tensor]
+    text_states: list[dict[int, torch.Tensor]]
+
+
+class MllmBackbone(Protocol):
+    """A frozen MLLM as LENS uses it."""
+
+    #: JSON-serialisable: family, checkpoint, config hash, layers, compute dtype, prompt rule.
+    identity: dict
+    layers: tuple[int, ...]
+    hidden_size: int
+    num_image_tokens: int
+
+    def question_for(self, text: str, is_sentence: bool) -> str:
+        """The question put to the MLLM for a manifest row."""
+
+    def num_text_tokens(self, question: str) -> int:
+        """L_t of this question (tokenisation only)."""
+
+    def encode(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[MllmStates]:
+        """States for a batch of images (as the MLLM sees them) and the questions about each."""
+
+    def generate(self, image: Image.Image | None, prompt_text: str, max_new_tokens: int = 64) -> str:
+        """Plain dialogue: the MLLM's greedy answer to ``prompt_text`` about ``image``."""
+
+    def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Weights of decoder layer ``index`` (0-based), to warm-start the LENS head."""

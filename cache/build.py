@@ -1,0 +1,645 @@
+"""Stage 1: run the frozen backbones once over a manifest and fill a feature store.
+
+The work is cut into blocks (``block_size`` consecutive images and all their
+queries). A block is written by exactly one process, data first, then its flag
+``blocks/done[b]``; the store is marked ``complete`` after every flag. So a build
+killed at any point is finished by rerunning the same command: finished blocks
+are skipped, unfinished ones are redone from scratch, and no reader ever takes a
+half-written sample as finished.
+
+Serial (``workers=0``) the parent runs every block itself; otherwise the blocks go
+to dask.distributed workers (see :mod:`lens_cache.distributed`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from lens_cache.backbones.base import FeatureExtractor, ImageFeatures
+from lens_cache.progress import Progress
+from lens_cache.store import (
+    ATTRS_KEY,
+    SAM_EMBEDDING_SHAPE,
+    FeatureStore,
+    ImagePlan,
+    StoreDescription,
+    StoreError,
+    StoreLocation,
+    check_filled,
+    create_store,
+    describe_differences,
+    feature_codecs,
+    identity_hash,
+    image_array_name,
+    manifest_hash,
+    open_group,
+    plan_images,
+    quiet_numcodecs,
+    store_state,
+    text_array_name,
+)
+from PIL import Image
+
+ExtractorFactory = Callable[[], FeatureExtractor]
+
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_COMPRESSION = "lossless"
+#: images decoded ahead of the one being extracted (overlaps JPEG decoding with the GPU)
+PREFETCH_IMAGES = 8
+LOADER_THREADS = 4
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything a worker needs to write one block (no manifest access needed).
+
+    Attributes:
+        block: block index.
+        image_start: index of the block's first image.
+        image_paths: path or fsspec URL of each image of the block.
+        image_sizes: (h, w) of each image according to the manifest.
+        query_start: index of the block's first query.
+        questions: per image, the questions put to the MLLM.
+        text_len: per query of the block, L_t promised by tokenisation.
+    """
+
+    block: int
+    image_start: int
+    image_paths: tuple[str, ...]
+    image_sizes: tuple[tuple[int, int], ...]
+    query_start: int
+    questions: tuple[tuple[str, ...], ...]
+    text_len: tuple[int, ...]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.text_len)
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What a finished block reports back: counts, skipped images, time taken.
+
+    ``failures`` holds (image index, FAILURE_REASONS code, message) per skipped image.
+    """
+
+    block: int
+    num_images: int
+    num_queries: int
+    failures: tuple[tuple[int, int, str], ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """What the parent needs from the extractor before creating the store.
+
+    ``questions``/``text_len`` have one entry per manifest row.
+    """
+
+    identity: dict
+    layers: tuple[int, ...]
+    hidden_size: int
+    num_image_tokens: int
+    questions: list[str]
+    text_len: np.ndarray
+
+
+def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
+    """The extractor's identity and sizes, and every row's question and L_t."""
+    questions = [
+        extractor.question_for(text, bool(sentence)) for text, sentence in zip(texts, is_sentence, strict=True)
+    ]
+    return ExtractorInfo(
+        identity=dict(extractor.identity),
+        layers=tuple(int(layer) for layer in extractor.layers),
+        hidden_size=int(extractor.hidden_size),
+        num_image_tokens=int(extractor.num_image_tokens),
+        questions=questions,
+        text_len=np.asarray([extractor.num_text_tokens(q) for q in questions], dtype=np.int32),
+    )
+
+
+def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: Iterable[int]) -> list[BlockJob]:
+    paths = manifest.column("image_path").to_pylist()
+    heights = manifest.column("height").to_pylist()
+    widths = manifest.column("width").to_pylist()
+    jobs = []
+    for block in blocks:
+        images = plan.image_range(block)
+        rows = [int(plan.first_query[image]) for image in images]
+        queries = plan.query_range(block)
+        jobs.append(
+            BlockJob(
+                block=block,
+                image_start=images.start,
+                image_paths=tuple(paths[row] for row in rows),
+                image_sizes=tuple((int(heights[row]), int(widths[row])) for row in rows),
+                query_start=queries.start,
+                questions=tuple(
+                    tuple(info.questions[int(plan.first_query[image]) : plan.query_end(image)]) for image in images
+                ),
+                text_len=tuple(int(n) for n in info.text_len[queries.start : queries.stop]),
+            )
+        )
+    return jobs
+
+
+def first_images(manifest: pa.Table, count: int) -> pa.Table:
+    """The rows of the first ``count`` images (``--limit``; query_id stays the row index)."""
+    if count < 1:
+        raise ValueError(f"--limit must be >= 1, got {count}")
+    plan = plan_images(manifest, block_size=1)
+    if count >= plan.num_images:
+        return manifest
+    # take() copies into fresh buffers; a zero-copy slice() would keep buffer offsets that
+    # change the bytes lens_manifests.manifest_hash digests (its IPC stream), so the hash
+    # of the stored manifest.parquet would no longer match the one recorded.
+    return manifest.take(np.arange(int(plan.first_query[count])))
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image as RGB, or why it could not be used (``code`` from FAILURE_REASONS)."""
+
+    image: Image.Image | None
+    code: int = 0
+    message: str = ""
+
+
+def load_image(path: str, expected_size: tuple[int, int]) -> LoadedImage:
+    """Open ``path`` (local or fsspec URL) as RGB; a missing/corrupt/mis-sized image is reported, not raised.
+
+    ``expected_size`` is the manifest's (h, w): masks are stored at that size, so an
+    image of another size would be silently misaligned with its targets.
+    """
+    try:
+        if "://" in path:
+            with fsspec.open(path, "rb") as file:
+                image = Image.open(file)
+                image.load()
+        else:  # a plain path keeps PIL's messages readable ("cannot identify image file '/x.jpg'")
+            image = Image.open(path)
+            image.load()  # reads the pixels and closes the file
+    except FileNotFoundError as error:
+        return LoadedImage(None, 1, f"missing: {error}")
+    except Exception as error:  # PIL raises many types for a broken file (OSError, SyntaxError, ...)
+        return LoadedImage(None, 2, f"unreadable: {type(error).__name__}: {error}")
+    image = image.convert("RGB")
+    size = (image.height, image.width)
+    if size != tuple(expected_size):
+        return LoadedImage(
+            None, 3, f"size_mismatch: image is {size[0]}x{size[1]}, manifest says {expected_size[0]}x{expected_size[1]}"
+        )
+    return LoadedImage(image)
+
+
+def prefetched(
+    pool: ThreadPoolExecutor, function: Callable[..., Any], items: Sequence[tuple], ahead: int
+) -> Iterator[Any]:
+    """``function(*item)`` for each item, in order, computed up to ``ahead`` items in advance."""
+    futures: list[Future] = []
+    position = 0
+    for index in range(len(items)):
+        while position < len(items) and position < index + ahead:
+            futures.append(pool.submit(function, *items[position]))
+            position += 1
+        yield futures[index].result()
+        futures[index] = None  # type: ignore[call-overload]  # free the decoded image
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def to_float16(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A feature tensor as a float16 numpy array of ``shape``; non-finite values are refused.
+
+    float16 tops out at 65504: a backbone with larger activations would poison
+    training with inf, so it fails here, loudly, instead.
+    """
+    if hasattr(value, "detach"):  # a torch tensor (bf16/fp32, any device)
+        import torch
+
+        # convert on the device: half the bytes to copy; bf16 -> fp16 rounds like via fp32
+        result = value.detach().to(dtype=torch.float16).cpu().numpy()
+    else:
+        result = np.asarray(value).astype(np.float16)
+    if result.shape != shape:
+        raise RuntimeError(f"backbone returned {what} of shape {result.shape}, expected {shape}")
+    if not np.isfinite(result).all():
+        raise RuntimeError(f"{what} has values that are not finite in float16 (|x| > 65504 or NaN)")
+    return result
+
+
+class StoreWriter:
+    """A store opened ``r+`` by one worker; writes whole chunks only.
+
+    Writes cover whole chunks (a full padded text row, a whole block of sizes), so
+    zarr never reads a chunk back to merge a partial update.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.location = StoreLocation(url, dict(storage_options or {}))
+        self.group = open_group(self.location, mode="r+")
+        attrs = self.group.attrs[ATTRS_KEY]
+        self.layers = tuple(attrs["layers"])
+        self.hidden_size = int(attrs["hidden_size"])
+        self.num_image_tokens = int(attrs["num_image_tokens"])
+        self.max_text_len = int(attrs["max_text_len"])
+        with quiet_numcodecs():
+            self.arrays = {name: self.group[name] for name in self._array_names()}
+
+    def _array_names(self) -> list[str]:
+        names = ["images/sam", "images/original_size", "images/input_size", "images/failed", "blocks/done"]
+        for layer in self.layers:
+            names += [image_array_name(layer), text_array_name(layer)]
+        return names
+
+    def write_batch(self, image_start: int, query_start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write one batch: per-image arrays from ``image_start``, per-query from ``query_start``.
+
+        Failed images are all-zero rows: zarr stores no chunk for them (and deletes
+        any stale chunk an interrupted earlier run left).
+        """
+        for name, values in arrays.items():
+            start = query_start if name.startswith("queries/") else image_start
+            self.arrays[name][start : start + len(values)] = values
+
+    def finish_block(
+        self, job: BlockJob, original_size: np.ndarray, input_size: np.ndarray, failed: np.ndarray
+    ) -> None:
+        """Write the block's sizes and failure codes, then (last) its done flag."""
+        images = slice(job.image_start, job.image_start + job.num_images)
+        self.arrays["images/original_size"][images] = original_size
+        self.arrays["images/input_size"][images] = input_size
+        self.arrays["images/failed"][images] = failed
+        self.arrays["blocks/done"][job.block] = 1
+
+
+def pack_batch(
+    writer: StoreWriter, job: BlockJob, images: range, features: Mapping[int, ImageFeatures], query_offsets: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The float16 arrays of one batch of the block, ready for :meth:`StoreWriter.write_batch`.
+
+    Args:
+        images: block-local indices of the batch's images.
+        features: block-local image index -> its features (failed images absent:
+            their rows stay zero, which zarr does not store).
+        query_offsets: (num_images + 1,) block-local first query of each image.
+
+    Returns:
+        array name -> (len(images), ...) for image arrays, (queries of the batch, T, d)
+        for text arrays (right-padded with zeros).
+    """
+    d, tokens, max_len = writer.hidden_size, writer.num_image_tokens, writer.max_text_len
+    q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
+    arrays = {"images/sam": np.zeros((len(images), *SAM_EMBEDDING_SHAPE), dtype=np.float16)}
+    for layer in writer.layers:
+        arrays[image_array_name(layer)] = np.zeros((len(images), tokens, d), dtype=np.float16)
+        arrays[text_array_name(layer)] = np.zeros((q_stop - q_start, max_len, d), dtype=np.float16)
+    for i, feature in features.items():
+        row = i - images.start
+        where = f"image {job.image_start + i} ({job.image_paths[i]})"
+        arrays["images/sam"][row] = to_float16(feature.sam_embedding, SAM_EMBEDDING_SHAPE, f"sam_embedding of {where}")
+        if len(feature.text_states) != len(job.questions[i]):
+            raise RuntimeError(
+                f"backbone returned {len(feature.text_states)} text states for {len(job.questions[i])} questions "
+                f"of {where}"
+            )
+        for layer in writer.layers:
+            arrays[image_array_name(layer)][row] = to_float16(
+                feature.image_states[layer], (tokens, d), f"layer-{layer} image states of {where}"
+            )
+            for k, states in enumerate(feature.text_states):
+                query = int(query_offsets[i]) + k
+                length = job.text_len[query]
+                # A shape mismatch means num_text_tokens() and extract() tokenise differently: a backbone bug.
+                arrays[text_array_name(layer)][query - q_start, :length] = to_float16(
+                    states[layer],
+                    (length, d),
+                    f"layer-{layer} text states of query {job.query_start + query} ({where})",
+                )
+    return arrays
+
+
+def run_block(
+    job: BlockJob,
+    extractor: FeatureExtractor,
+    writer: StoreWriter,
+    *,
+    batch_size: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> BlockResult:
+    """Extract and write one block; returns its result after the done flag is set.
+
+    Batches of ``batch_size`` consecutive images go through ``extractor.extract``;
+    images are decoded ahead in threads and each batch is written in a thread
+    while the next one is extracted (at most one write in flight, bounding memory).
+    """
+    started = time.monotonic()
+    original_size = np.zeros((job.num_images, 2), dtype=np.int32)
+    input_size = np.zeros((job.num_images, 2), dtype=np.int32)
+    failed = np.zeros(job.num_images, dtype=np.uint8)
+    failures: list[tuple[int, int, str]] = []
+    query_offsets = np.concatenate([[0], np.cumsum([len(q) for q in job.questions])]).astype(np.int64)
+
+    with ThreadPoolExecutor(LOADER_THREADS) as loader, ThreadPoolExecutor(1) as write_pool:
+        sources = list(zip(job.image_paths, job.image_sizes, strict=True))
+        loaded = prefetched(loader, load_image, sources, PREFETCH_IMAGES)
+        pending_write: Future | None = None
+        for batch_start in range(0, job.num_images, batch_size):
+            images = range(batch_start, min(batch_start + batch_size, job.num_images))
+            batch = {i: next(loaded) for i in images}
+            for i, image in batch.items():
+                if image.code:
+                    failed[i] = image.code
+                    failures.append((job.image_start + i, image.code, f"{job.image_paths[i]}: {image.message}"))
+            ok = [i for i, image in batch.items() if image.code == 0]
+            features: dict[int, ImageFeatures] = {}
+            if ok:
+                extracted = extractor.extract([batch[i].image for i in ok], [list(job.questions[i]) for i in ok])
+                if len(extracted) != len(ok):
+                    raise RuntimeError(f"backbone returned features for {len(extracted)} of {len(ok)} images")
+                features = dict(zip(ok, extracted, strict=True))
+            for i, feature in features.items():
+                original_size[i] = feature.original_size
+                input_size[i] = feature.input_size
+            arrays = pack_batch(writer, job, images, features, query_offsets)
+            if pending_write is not None:
+                pending_write.result()
+            q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
+            pending_write = write_pool.submit(
+                writer.write_batch, job.image_start + images.start, job.query_start + q_start, arrays
+            )
+            if on_batch is not None:
+                on_batch(len(images), q_stop - q_start)
+        if pending_write is not None:
+            pending_write.result()
+    writer.finish_block(job, original_size, input_size, failed)
+    return BlockResult(
+        block=job.block,
+        num_images=job.num_images,
+        num_queries=job.num_queries,
+        failures=tuple(failures),
+        seconds=time.monotonic() - started,
+    )
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+class SerialRunner:
+    """Runs every block in this process, with one extractor."""
+
+    def __init__(self, extractor_factory: ExtractorFactory) -> None:
+        self.extractor_factory = extractor_factory
+        self._extractor: FeatureExtractor | None = None
+
+    def __enter__(self) -> SerialRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._extractor = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = self.extractor_factory()
+        return self._extractor
+
+    def describe(self, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
+        return describe_extractor(self.extractor, texts, is_sentence)
+
+    def run(
+        self, jobs: Sequence[BlockJob], *, url: str, storage_options: dict, batch_size: int, progress: Progress
+    ) -> Iterator[BlockResult]:
+        writer = StoreWriter(url, storage_options)
+        for job in jobs:
+            yield run_block(job, self.extractor, writer, batch_size=batch_size, on_batch=progress.advance)
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def prepare_store(
+    location: StoreLocation,
+    description: StoreDescription,
+    *,
+    manifest: pa.Table,
+    plan: ImagePlan,
+    text_len: np.ndarray,
+    overwrite: bool,
+) -> FeatureStore:
+    """Create the store, or reopen it for a resume after checking it is the same build.
+
+    Raises:
+        StoreError: the location holds something else, or a store of another
+            identity/manifest/layout (one line naming what differs).
+    """
+    url = location.url
+    state = store_state(location)
+    if state == "foreign":
+        raise StoreError(
+            f"{url} exists and is not a lens feature store: refusing to write there (choose another --out)"
+        )
+    if state == "lens":
+        existing = FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
+        if overwrite:
+            location.remove()
+            state = "absent"
+        else:
+            refuse_if_different(existing, description)
+            return existing
+    if state == "partial":  # killed while being created: nothing computed yet, start again
+        location.remove()
+    create_store(location, description=description, manifest=manifest, plan=plan, text_len=text_len)
+    return FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
+
+
+def refuse_if_different(existing: FeatureStore, wanted: StoreDescription) -> None:
+    """Raise StoreError naming every setting in which ``existing`` differs from ``wanted``."""
+    hint = "use another --out or --overwrite"
+    have = existing.description()
+    differences = [
+        f"{key} {old!r} but this build asks for {new!r}"
+        for key, old, new in describe_differences(have.comparable(), wanted.comparable())
+    ]
+    if have.manifest_hash != wanted.manifest_hash:
+        differences.append(
+            f"manifest {have.manifest_hash[:12]} ({existing.num_queries} queries) "
+            f"but this build's manifest is {wanted.manifest_hash[:12]}"
+        )
+    if differences:
+        # list values (layers) read better without quotes: [14] rather than '[14]'
+        raise StoreError(f"store {existing.url} was built with " + "; ".join(differences) + f": {hint}")
+
+
+def finalize_store(store: FeatureStore) -> FeatureStore:
+    """Check every block and sample, then mark the store complete (the last write).
+
+    A block whose flag is set but whose samples are missing (storage lost them) is
+    reset, so the next run redoes it.
+    """
+    missing = store.missing_blocks()
+    if missing:
+        raise StoreError(
+            f"store {store.url} is incomplete ({store.num_blocks - len(missing)}/{store.num_blocks} blocks): "
+            "rerun the same `lens-cache build` command to finish it"
+        )
+    problems = check_filled(store)
+    if problems:
+        raise StoreError(f"store {store.url}: {problems[0]}: rerun the same `lens-cache build` command")
+    group = open_group(store.location, mode="r+")
+    failures = store.array("images/failed")[:]
+    group["queries/failed"][:] = failures[store.image_index]
+    attrs = dict(group.attrs[ATTRS_KEY])
+    attrs["num_failed_images"] = int(np.count_nonzero(failures))
+    attrs["complete"] = True
+    group.attrs.put({ATTRS_KEY: attrs})  # one atomic metadata write, after everything else
+    return FeatureStore.open(store.url, storage_options=store.location.storage_options)
+
+
+def build_cache(
+    manifest: pa.Table,
+    out_url: str | Path,
+    extractor_factory: ExtractorFactory,
+    *,
+    spec: str,
+    batch_size: int = 4,
+    block_size: int | None = None,
+    compression: str | None = None,
+    workers: int = 0,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    storage_options: dict | None = None,
+) -> FeatureStore:
+    """Cache the backbone features of every row of ``manifest`` into the store at ``out_url``.
+
+    Args:
+        manifest: rows grouped by image, ``query_id`` == row index (``lens_manifests``).
+        out_url: local path or fsspec URL of the store (one per split/backbone/layers/prompt).
+        extractor_factory: picklable zero-argument callable building the backbone; called
+            once in this process (serial) or once per dask worker.
+        spec: what the manifest is (``refcoco:val``), recorded in the store.
+        batch_size: images per ``extract`` call.
+        block_size: images per block (the unit of work, of resume, of ownership);
+            None: the existing store's when resuming, else ``DEFAULT_BLOCK_SIZE`` (32).
+        compression: ``lossless`` (zstd), ``bitround`` (7 mantissa bits + zstd) or ``none``;
+            None: the existing store's when resuming, else ``lossless``.
+        workers: >0 runs the blocks on a local dask cluster of that many processes.
+        scheduler: address of a running dask scheduler (``tcp://host:8786``); wins over ``workers``.
+        overwrite: delete an existing lens store at ``out_url`` first.
+        progress: print a progress line to stderr.
+
+    Returns:
+        The finished store, opened for reading.
+
+    Raises:
+        StoreError: the location holds something else or a store of another build.
+        ValueError: bad arguments or a manifest that breaks the manifest contract.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    location = StoreLocation(str(out_url), dict(storage_options or {}))
+    if (block_size is None or compression is None) and not overwrite and store_state(location) == "lens":
+        existing = FeatureStore.open(location.url, require_complete=False, storage_options=location.storage_options)
+        block_size = existing.block_size if block_size is None else block_size
+        compression = existing.compression if compression is None else compression
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    compression = DEFAULT_COMPRESSION if compression is None else compression
+    feature_codecs(compression)  # validates the name
+    plan = plan_images(manifest, block_size)
+    digest = manifest_hash(manifest)
+
+    if scheduler or workers > 0:
+        from lens_cache.distributed import DaskRunner
+
+        if location.url.startswith("memory://"):
+            raise ValueError("a memory:// store lives in one process: build it with workers=0")
+        if location.is_local:  # workers may run in another directory
+            location = StoreLocation(str(location.local_path), location.storage_options)
+
+        runner: Any = DaskRunner(extractor_factory, workers=workers, scheduler=scheduler)
+    else:
+        runner = SerialRunner(extractor_factory)
+
+    with runner:
+        info = runner.describe(manifest.column("text").to_pylist(), manifest.column("is_sentence").to_pylist())
+        description = StoreDescription(
+            identity=info.identity,
+            layers=info.layers,
+            hidden_size=info.hidden_size,
+            num_image_tokens=info.num_image_tokens,
+            spec=spec,
+            manifest_hash=digest,
+            block_size=block_size,
+            compression=compression,
+        )
+        store = prepare_store(
+            location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite
+        )
+        if store.complete:
+            _say(
+                progress,
+                f"store {location.url} is already complete ({store.num_images} images, {store.num_queries} queries)",
+            )
+            return store
+
+        pending = store.missing_blocks()
+        done_images = plan.num_images - sum(len(plan.image_range(b)) for b in pending)
+        done_queries = plan.num_queries - sum(len(plan.query_range(b)) for b in pending)
+        meter = Progress(
+            total_images=plan.num_images,
+            total_queries=plan.num_queries,
+            done_images=done_images,
+            done_queries=done_queries,
+            enabled=progress,
+        )
+        if len(pending) < plan.num_blocks:
+            meter.message(
+                f"resuming {location.url}: {plan.num_blocks - len(pending)}/{plan.num_blocks} blocks already written"
+            )
+        jobs = make_jobs(manifest, plan, info, pending)
+        for result in runner.run(
+            jobs, url=location.url, storage_options=location.storage_options, batch_size=batch_size, progress=meter
+        ):
+            for image, _code, message in result.failures:
+                meter.message(f"skipped image {image}: {message}")
+        meter.close()
+
+    finished = finalize_store(
+        FeatureStore.open(location.url, require_complete=False, storage_options=location.storage_options)
+    )
+    _say(
+        progress,
+        f"store {location.url} complete: {finished.num_images} images, {finished.num_queries} queries, "
+        f"identity {identity_hash(info.identity)[:12]}, {finished.attrs['num_failed_images']} image(s) skipped",
+    )
+    return finished
+
+
+def _say(enabled: bool, text: str) -> None:
+    if enabled:
+        print(f"[lens-cache] {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,219 @@
+"""Test helpers: a deterministic fake backbone and tiny manifests with real image files.
+
+:class:`FakeExtractor` implements :class:`lens_cache.backbones.base.FeatureExtractor`
+with tiny dimensions (d=16 by default, the real 576 image tokens and 256x64x64
+SAM embedding). Its features are computed from the pixels and the question text
+only, so two builds of the same manifest must agree bit for bit, whichever
+process or worker computed them.
+
+Run as a module it builds a store with the fake backbone (the crash/resume test
+starts it as a real subprocess and SIGKILLs it)::
+
+    python -m lens_cache.testing --manifest m.parquet --out store --delay 0.2 --log calls.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from lens_cache.backbones.base import ImageFeatures
+from PIL import Image
+
+FAKE_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+#: Extra tokens around the question: "\n" before it, "ASSISTANT:" after it.
+FAKE_TEMPLATE_TOKENS = 3
+
+
+class FakeExtractor:
+    """A deterministic stand-in for the frozen MLLM + SAM encoder.
+
+    Args:
+        hidden_size: d of the fake MLLM.
+        layers: cached layers.
+        prompt_template, mllm, sam: recorded in ``identity`` (change one to test refusals).
+        delay_s: sleep per ``extract`` call (to make a build slow enough to kill).
+        call_log: file to which each ``extract`` call appends its number of images.
+    """
+
+    num_image_tokens = 576
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int = 16,
+        layers: Sequence[int] = (14,),
+        prompt_template: str = FAKE_PROMPT,
+        mllm: str = "fake-mllm",
+        sam: str = "fake-sam",
+        delay_s: float = 0.0,
+        call_log: str | Path | None = None,
+    ) -> None:
+        self.hidden_size = hidden_size
+        self.layers = tuple(layers)
+        self.prompt_template = prompt_template
+        self.delay_s = delay_s
+        self.call_log = Path(call_log) if call_log else None
+        self.identity = {
+            "mllm": {"name": mllm, "hidden_size": hidden_size},
+            "sam": {"name": sam},
+            "layers": list(self.layers),
+            "prompt_template": prompt_template,
+            "dtype": "float32",
+        }
+        self.images_extracted = 0
+
+    def question_for(self, text: str, is_sentence: bool) -> str:
+        return text if is_sentence else f"Can you segment the {text} in this image?"
+
+    def num_text_tokens(self, question: str) -> int:
+        return len(question.split()) + FAKE_TEMPLATE_TOKENS
+
+    def _projection(self, layer: int, rows: int) -> np.ndarray:
+        return np.random.default_rng(1000 + layer).standard_normal((rows, self.hidden_size)).astype(np.float32)
+
+    def extract(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[ImageFeatures]:
+        """Features for each image: (576, d) image states, (L_t, d) text states, (256, 64, 64) SAM."""
+        if len(images) != len(questions):
+            raise ValueError("one list of questions per image")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        sam_projection = np.random.default_rng(7).standard_normal((256, 3)).astype(np.float32)
+        features = []
+        for image, image_questions in zip(images, questions, strict=True):
+            rgb = image.convert("RGB")
+            grid = np.asarray(rgb.resize((24, 24), Image.BILINEAR), dtype=np.float32).reshape(576, 3) / 255.0
+            small = np.asarray(rgb.resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255.0
+            image_states = {
+                layer: torch.from_numpy(grid @ self._projection(layer, 3) + layer / 100.0) for layer in self.layers
+            }
+            text_states = []
+            for question in image_questions:
+                length = self.num_text_tokens(question)
+                rng = np.random.default_rng(zlib.crc32(question.encode()))
+                base = rng.standard_normal((length, self.hidden_size)).astype(np.float32) * 0.5 + float(grid.mean())
+                text_states.append({layer: torch.from_numpy(base + layer / 100.0) for layer in self.layers})
+            sam = np.einsum("hwc,kc->khw", small, sam_projection).astype(np.float32)
+            width, height = rgb.size
+            scale = 1024.0 / max(height, width)
+            features.append(
+                ImageFeatures(
+                    image_states=image_states,
+                    text_states=text_states,
+                    sam_embedding=torch.from_numpy(sam),
+                    original_size=(height, width),
+                    input_size=(int(height * scale + 0.5), int(width * scale + 0.5)),
+                )
+            )
+        self.images_extracted += len(images)
+        if self.call_log is not None:
+            with open(self.call_log, "a") as log:
+                log.write(f"{len(images)}\n")
+        return features
+
+
+def fake_factory(**kwargs) -> functools.partial:
+    """A picklable extractor factory (dask ships it to workers by reference)."""
+    return functools.partial(FakeExtractor, **kwargs)
+
+
+def fake_build_extractor(
+    mllm: str = "tiny",
+    sam: str = "tiny",
+    layers: Sequence[int] = (14,),
+    device: str | None = None,
+    dtype: object = None,
+) -> FakeExtractor:
+    """Stands in for ``lens_cache.backbones.build_extractor`` in CLI tests (monkeypatched)."""
+    return FakeExtractor(layers=layers, mllm=f"fake-{mllm}", sam=f"fake-{sam}")
+
+
+WORDS = ("red", "blue", "small", "large", "circle", "square", "left", "right", "striped", "triangle")
+
+
+def make_test_manifest(
+    out_dir: str | Path,
+    *,
+    num_images: int = 10,
+    seed: int = 0,
+    corrupt: Sequence[int] = (),
+    missing: Sequence[int] = (),
+) -> pa.Table:
+    """Write ``num_images`` small PNGs under ``out_dir`` and return their manifest.
+
+    Each image gets 1-3 queries of varied length (phrases and sentences), so
+    images, queries and text lengths are all ragged. Images listed in ``corrupt``
+    are written as garbage bytes, those in ``missing`` are not written.
+    """
+    from lens_manifests.schema import MANIFEST_SCHEMA
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    for image in range(num_images):
+        height, width = (int(v) for v in rng.integers(20, 64, size=2))
+        path = out_dir / f"img_{image:04d}.png"
+        if image in corrupt:
+            path.write_bytes(b"this is not a png" * 4)
+        elif image not in missing:
+            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+        for _ in range(int(rng.integers(1, 4))):
+            is_sentence = bool(rng.random() < 0.3)
+            words = list(rng.choice(WORDS, size=int(rng.integers(1, 9 if is_sentence else 4))))
+            text = " ".join(words) + ("." if is_sentence else "")
+            row = {
+                "dataset": "testset",
+                "task": "reasoning" if is_sentence else "referring",
+                "split": "val",
+                "image_id": f"img_{image:04d}",
+                "image_path": str(path),
+                "query_id": len(columns["query_id"]),
+                "text": text,
+                "is_sentence": is_sentence,
+                "height": height,
+                "width": width,
+                "mask_rle": "",
+                "ignore_rle": None,
+                "source_id": None,
+            }
+            for name, value in row.items():
+                columns[name].append(value)
+    return pa.table(columns, schema=MANIFEST_SCHEMA)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Build a store from a manifest file with the fake backbone (a real, killable run)."""
+    import pyarrow.parquet as pq
+    from lens_cache.build import build_cache
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--block-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per extract call")
+    parser.add_argument("--log", default=None, help="file that counts extracted images")
+    args = parser.parse_args(argv)
+    build_cache(
+        pq.read_table(args.manifest),
+        args.out,
+        fake_factory(delay_s=args.delay, call_log=args.log),
+        spec="testset:val",
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        progress=bool(os.environ.get("LENS_PROGRESS")),
+    )
+
+
+if __name__ == "__main__":
+    main()

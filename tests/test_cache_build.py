@@ -1,0 +1,204 @@
+"""Building stores: resume after SIGKILL, refusals, skipped images, dask == serial bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from lens_cache.build import build_cache, first_images
+from lens_cache.store import ATTRS_KEY, PARTIAL_KEY, FeatureStore, StoreError, open_group, verify_store
+from lens_cache.testing import FakeExtractor, fake_factory, make_test_manifest
+
+SPEC = "testset:val"
+
+
+def assert_stores_identical(a: FeatureStore, b: FeatureStore) -> None:
+    """Same self-description, same manifest, every array equal bit for bit."""
+    assert a.attrs == b.attrs
+    assert a.manifest.equals(b.manifest)
+    assert a.array_names() == b.array_names()
+    for name in a.array_names():
+        x, y = a.array(name)[:], b.array(name)[:]
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert x.tobytes() == y.tobytes(), name
+
+
+def count_logged_images(log: Path) -> int:
+    return sum(int(line) for line in log.read_text().split()) if log.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_test_manifest(tmp_path_factory.mktemp("images"), num_images=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(manifest, tmp_path_factory) -> FeatureStore:
+    """The store built in one go, serially."""
+    out = tmp_path_factory.mktemp("reference") / "store"
+    return build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=2, batch_size=1, progress=False)
+
+
+def test_resume_after_sigkill_of_a_real_run(manifest, reference, tmp_path):
+    manifest_file = tmp_path / "manifest.parquet"
+    pq.write_table(manifest, manifest_file)
+    out, first_log, second_log = tmp_path / "store", tmp_path / "calls-1.txt", tmp_path / "calls-2.txt"
+    command = [sys.executable, "-m", "lens_cache.testing", "--manifest", str(manifest_file), "--out", str(out)]
+    command += ["--block-size", "2", "--batch-size", "1", "--delay", "0.25", "--log", str(first_log)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    flags = out / "blocks" / "done" / "c"
+    deadline = time.monotonic() + 60
+    while not (flags.exists() and len(os.listdir(flags)) >= 2):
+        assert process.poll() is None, process.communicate()[1].decode()
+        assert time.monotonic() < deadline, "the build never finished two blocks"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    killed = FeatureStore.open(out, require_complete=False)
+    assert not killed.complete
+    done_before = [b for b in range(killed.num_blocks) if killed.is_block_done(b)]
+    assert 2 <= len(done_before) < killed.num_blocks
+    with pytest.raises(StoreError, match=r"is incomplete \(\d+/6 blocks\): rerun"):
+        FeatureStore.open(out)
+    done_images = [j for b in done_before for j in killed.block_image_range(b)]
+    chunk_files = [out / "images" / "mllm_l14" / "c" / str(j) / "0" / "0" for j in done_images]
+    mtimes = {path: path.stat().st_mtime_ns for path in chunk_files}
+
+    resumed = build_cache(
+        manifest, out, fake_factory(call_log=second_log), spec=SPEC, block_size=2, batch_size=1, progress=False
+    )
+    # Finished blocks were not recomputed, nor rewritten; the rest was.
+    assert count_logged_images(second_log) == killed.num_images - len(done_images)
+    assert {path: path.stat().st_mtime_ns for path in chunk_files} == mtimes
+    assert_stores_identical(resumed, reference)
+    assert verify_store(out).ok
+
+
+def test_all_blocks_done_but_not_marked_complete(manifest, tmp_path):
+    """Killed between the last done flag and the completion marker: the rerun only finalises."""
+    out, log = tmp_path / "store", tmp_path / "calls.txt"
+    build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False)
+    group = open_group(FeatureStore.open(out).location, mode="r+")
+    group.attrs.put({ATTRS_KEY: {**group.attrs[ATTRS_KEY], "complete": False}})
+    finished = build_cache(manifest, out, fake_factory(call_log=log), spec=SPEC, block_size=4, progress=False)
+    assert finished.complete and count_logged_images(log) == 0
+    again = build_cache(manifest, out, fake_factory(call_log=log), spec=SPEC, block_size=4, progress=False)
+    assert again.complete and count_logged_images(log) == 0  # complete: report and return
+
+
+def test_killed_while_creating_is_recreated(manifest, tmp_path):
+    out = tmp_path / "store"
+    import zarr
+
+    zarr.open_group(str(out), mode="w").attrs.put({PARTIAL_KEY: {"format_version": 1}})
+    with pytest.raises(StoreError, match="killed while being created"):
+        FeatureStore.open(out)
+    assert build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False).complete
+
+
+@pytest.mark.parametrize(
+    ("factory", "block_size", "expected"),
+    [
+        (
+            fake_factory(layers=(14, 30)),
+            2,
+            "store {out} was built with layers [14] but this build asks for [14, 30]: use another --out or --overwrite",
+        ),
+        (
+            fake_factory(prompt_template="Q: {question} A:"),
+            2,
+            "prompt_template 'USER: <image>\\n{question} ASSISTANT:' but this build asks for 'Q: {question} A:'",
+        ),
+        (fake_factory(sam="other-sam"), 2, "sam.name 'fake-sam' but this build asks for 'other-sam'"),
+        (fake_factory(), 3, "block_size 2 but this build asks for 3"),
+    ],
+)
+def test_refuses_a_store_of_another_build(manifest, reference, factory, block_size, expected):
+    with pytest.raises(StoreError) as error:
+        build_cache(manifest, reference.url, factory, spec=SPEC, block_size=block_size, progress=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert expected.replace("{out}", reference.url) in message
+
+
+def test_refuses_another_manifest_and_foreign_folders(manifest, reference, tmp_path):
+    with pytest.raises(StoreError, match=r"manifest [0-9a-f]{12} \(\d+ queries\) but this build's manifest is"):
+        build_cache(first_images(manifest, 5), reference.url, fake_factory(), spec=SPEC, block_size=2, progress=False)
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(StoreError, match="is not a lens feature store: refusing"):
+        build_cache(manifest, foreign, fake_factory(), spec=SPEC, overwrite=True, progress=False)
+    assert (foreign / "notes.txt").read_text() == "precious"
+
+
+def test_overwrite_rebuilds(manifest, tmp_path):
+    out = tmp_path / "store"
+    build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False)
+    rebuilt = build_cache(manifest, out, fake_factory(layers=(14, 30)), spec=SPEC, overwrite=True, progress=False)
+    assert rebuilt.layers == (14, 30) and verify_store(out).ok
+
+
+def test_corrupt_and_missing_images_are_skipped_and_listed(tmp_path):
+    manifest = make_test_manifest(tmp_path / "images", num_images=7, seed=2, corrupt=[1], missing=[4])
+    store = build_cache(manifest, tmp_path / "store", fake_factory(), spec=SPEC, block_size=3, progress=False)
+    assert store.complete and store.attrs["num_failed_images"] == 2
+    failed = store.failed_images()
+    assert [(f["image_index"], f["image_id"], f["reason"]) for f in failed] == [
+        (1, "img_0001", "unreadable"),
+        (4, "img_0004", "missing"),
+    ]
+    bad_queries = set(np.flatnonzero(np.isin(store.image_index, [1, 4])))
+    assert set(store.valid_query_ids()) == set(range(store.num_queries)) - bad_queries
+    assert set(np.flatnonzero(store.array("queries/failed")[:])) == bad_queries
+    with pytest.raises(StoreError, match="skipped at build time"):
+        store.read_query(min(bad_queries), 14)
+    store.read_query(int(store.first_query[2]), 14)
+    report = verify_store(store.url)
+    assert report.ok and [f["image_index"] for f in report.failed_images] == [1, 4]
+    assert any("img_0004" in line and "missing" in line for line in report.lines())
+
+
+def test_progress_line(manifest, tmp_path, capsys):
+    build_cache(first_images(manifest, 4), tmp_path / "store", fake_factory(), spec=SPEC, block_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "4/4 images (100.0%)" in err and "img/s" in err and "q/s" in err and "ETA" in err
+
+
+def test_manifest_contract_is_checked(manifest, tmp_path):
+    shuffled = manifest.take([1, 0] + list(range(2, manifest.num_rows)))
+    with pytest.raises(ValueError, match="query_id must equal the row index"):
+        build_cache(shuffled, tmp_path / "s", fake_factory(), spec=SPEC, progress=False)
+    with pytest.raises(ValueError, match="unknown compression"):
+        build_cache(manifest, tmp_path / "s", fake_factory(), spec=SPEC, compression="jpeg", progress=False)
+
+
+def test_backbone_disagreeing_with_its_tokeniser_fails_loudly(manifest, tmp_path):
+    class Liar(FakeExtractor):
+        """Its forward sees one token fewer than its tokeniser promised."""
+
+        def extract(self, images, questions):
+            features = super().extract(images, questions)
+            for feature in features:
+                feature.text_states = [{k: v[:-1] for k, v in states.items()} for states in feature.text_states]
+            return features
+
+    with pytest.raises(RuntimeError, match="text states of query 0"):
+        build_cache(first_images(manifest, 2), tmp_path / "s", Liar, spec=SPEC, progress=False)
+
+
+def test_dask_local_cluster_equals_serial_build(manifest, reference, tmp_path):
+    """Two worker processes, one task per block: the same bytes as the serial build."""
+    distributed_store = build_cache(
+        manifest, tmp_path / "dask", fake_factory(), spec=SPEC, block_size=2, batch_size=1, workers=2, progress=False
+    )
+    assert_stores_identical(distributed_store, reference)
+    assert verify_store(distributed_store.url).ok

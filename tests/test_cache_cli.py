@@ -1,0 +1,183 @@
+"""``lens-cache`` commands (with the fake backbone) and the HDF5 export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import lens_cache.backbones
+import numpy as np
+import pytest
+from lens_cache.cli import app
+from lens_cache.export import export_hdf5, read_hdf5_attrs
+from lens_cache.store import FeatureStore
+from lens_cache.testing import fake_build_extractor, make_test_manifest
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def fake_backbones(monkeypatch):
+    """``lens-cache build`` imports build_extractor lazily; give it the fake one."""
+    monkeypatch.setattr(lens_cache.backbones, "build_extractor", fake_build_extractor, raising=False)
+
+
+@pytest.fixture(scope="module")
+def manifest_file(tmp_path_factory):
+    from lens_manifests import write_manifest
+
+    folder = tmp_path_factory.mktemp("data")
+    table = make_test_manifest(folder / "images", num_images=6, seed=4, corrupt=[2])
+    path = folder / "manifest.parquet"
+    write_manifest(table, path, spec="testset:val")
+    return path
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_build_info_verify_export(fake_backbones, manifest_file, tmp_path):
+    out = tmp_path / "store"
+    result = runner.invoke(
+        app, ["build", "--manifest", str(manifest_file), "--out", str(out), "--block-size", "4", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(out)
+    assert store.attrs["spec"] == "testset:val" and store.identity["mllm"]["name"] == "fake-tiny"
+
+    result = runner.invoke(app, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "complete     True (2/2 blocks" in result.stdout
+        and "per image" in result.stdout
+        and "per query" in result.stdout
+    )
+
+    result = runner.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 0 and result.stdout.strip().endswith("OK")
+    assert "skipped image 2 (img_0002, unreadable)" in result.stdout
+
+    result = runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(out), "--layers", "14,30"])
+    assert one_line_error(result) == (
+        f"error: store {out} was built with layers [14] but this build asks for [14, 30]: use another --out or --overwrite"
+    )
+
+    result = runner.invoke(app, ["export", str(out), str(tmp_path / "store.h5")])
+    assert result.exit_code == 0, result.output
+
+
+def test_build_limit(fake_backbones, manifest_file, tmp_path):
+    result = runner.invoke(
+        app, ["build", "--manifest", str(manifest_file), "--out", str(tmp_path / "s"), "--limit", "2", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert FeatureStore.open(tmp_path / "s").num_images == 2
+    result = runner.invoke(app, ["verify", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output  # the recorded manifest hash matches manifest.parquet
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["info", "{tmp}/nothing"], "error: no feature store at {tmp}/nothing"),
+        (["verify", "{tmp}/nothing"], "error: no feature store at {tmp}/nothing"),
+        (
+            ["build", "--manifest", "{tmp}/missing.parquet", "--out", "{tmp}/s"],
+            "error: manifest {tmp}/missing.parquet not found",
+        ),
+        (
+            ["build", "--split", "synthetic:val", "--out", "{tmp}/s", "--layers", "x"],
+            "error: --layers takes a comma-separated list",
+        ),
+        (["build", "--split", "nosuchset", "--out", "{tmp}/s"], "error: unknown dataset 'nosuchset'"),
+        (
+            ["build", "--split", "refcoco", "--data-root", "{tmp}/nodata", "--out", "{tmp}/s"],
+            "error: data root {tmp}/nodata not found",
+        ),
+        (["build", "--out", "{tmp}/s"], "error: give --split SPEC"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(fake_backbones, tmp_path, args, expected):
+    result = runner.invoke(app, [arg.format(tmp=tmp_path) for arg in args])
+    assert one_line_error(result).startswith(expected.format(tmp=tmp_path))
+
+
+def test_verify_reports_an_unfinished_store(fake_backbones, manifest_file, tmp_path):
+    out = tmp_path / "store"
+    assert (
+        runner.invoke(
+            app, ["build", "--manifest", str(manifest_file), "--out", str(out), "--block-size", "2", "--quiet"]
+        ).exit_code
+        == 0
+    )
+    store = FeatureStore.open(out)
+    store.array("blocks/done")  # open before editing through zarr directly
+    import zarr
+
+    zarr.open_array(str(out / "blocks" / "done"), mode="r+")[0] = 0
+    result = runner.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 1
+    assert "PROBLEM: 1 block(s) not written" in result.stdout
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    """The console entry point itself (not CliRunner): exit code 2, one line, no traceback."""
+    process = subprocess.run(
+        [sys.executable, "-m", "lens_cache.cli", "info", str(tmp_path / "nothing")], capture_output=True, text=True
+    )
+    assert process.returncode == 2
+    assert (
+        process.stderr.strip()
+        == f"error: no feature store at {tmp_path / 'nothing'}: build it with `lens-cache build ... --out {tmp_path / 'nothing'}`"
+    )
+
+
+def test_hdf5_export_round_trip(tmp_path):
+    from lens_cache.build import build_cache
+    from lens_cache.testing import fake_factory
+
+    manifest = make_test_manifest(tmp_path / "images", num_images=5, seed=5, missing=[3])
+    store = build_cache(
+        manifest, tmp_path / "store", fake_factory(layers=(14, 30)), spec="testset:val", block_size=2, progress=False
+    )
+    out = export_hdf5(store.url, tmp_path / "export" / "store.h5", compression="lzf")
+    assert out.exists() and not out.with_name("store.h5.tmp").exists()
+    assert read_hdf5_attrs(out) == store.attrs
+    with h5py.File(out, "r") as h5:
+        names = []
+        h5.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        assert sorted(n for n in names if n != "manifest.parquet") == store.array_names()
+        for name in store.array_names():
+            exported, original = h5[name][()], store.array(name)[:]
+            assert exported.dtype == original.dtype and exported.tobytes() == original.tobytes(), name
+            assert h5[name].chunks == tuple(
+                min(c, s) for c, s in zip(store.array(name).chunks, original.shape, strict=True)
+            )
+        assert bytes(h5["manifest.parquet"][()]) == store.location.read_bytes("manifest.parquet")
+        assert json.loads(h5.attrs["lens_cache"])["complete"] is True
+
+
+def test_end_to_end_with_the_tiny_backbones(tmp_path):
+    """The real chain: synthetic data -> manifest -> tiny LLaVA + tiny SAM -> store -> verify."""
+    from lens_manifests.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "data", seed=0, num_train_images=1, num_val_images=2, num_test_images=1, workers=1)
+    out = tmp_path / "store"
+    args = ["build", "--split", "synthetic-refer:val", "--data-root", str(tmp_path / "data"), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--limit", "2", "--block-size", "1", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(out)
+    assert store.identity["name_or_path"] == "tiny" and store.num_images == 2
+    sample = store.read_query(0, 14)
+    assert sample["image_states"].shape == (576, store.hidden_size)
+    assert sample["sam_embedding"].shape == (256, 64, 64)
+    assert np.isfinite(sample["text_states"].astype(np.float32)).all()
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0

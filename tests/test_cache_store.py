@@ -1,0 +1,214 @@
+"""The feature store format: pinned self-description, reader API, refusals, URLs, compression."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import zarr
+from lens_cache.build import build_cache
+from lens_cache.store import (
+    ATTRS_KEY,
+    FeatureStore,
+    StoreError,
+    check_compatible,
+    open_group,
+    verify_store,
+)
+from lens_cache.testing import FakeExtractor, fake_factory, make_test_manifest
+from PIL import Image
+
+LAYER = 14
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_test_manifest(tmp_path_factory.mktemp("images"), num_images=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def store(manifest, tmp_path_factory) -> FeatureStore:
+    out = tmp_path_factory.mktemp("stores") / "store"
+    return build_cache(manifest, out, fake_factory(), spec="testset:val", block_size=2, batch_size=2, progress=False)
+
+
+def test_self_description_is_pinned(store, manifest):
+    """The contract with stage 2: change it only with a new format_version (like streaming's test_config)."""
+    attrs = store.attrs
+    assert set(attrs) == {
+        "format_version", "identity", "identity_hash", "manifest_hash", "spec", "layers", "hidden_size",
+        "num_image_tokens", "num_images", "num_queries", "num_blocks", "max_text_len", "storage_dtype",
+        "compression", "block_size", "failure_reasons", "num_failed_images", "created_by", "complete",
+    }  # fmt: skip
+    assert attrs["format_version"] == 1
+    assert attrs["complete"] is True
+    assert attrs["storage_dtype"] == "float16"
+    assert attrs["compression"] == "lossless"
+    assert attrs["layers"] == [14] and attrs["hidden_size"] == 16 and attrs["num_image_tokens"] == 576
+    assert attrs["num_images"] == 5 and attrs["num_queries"] == manifest.num_rows
+    assert attrs["block_size"] == 2 and attrs["num_blocks"] == 3
+    assert attrs["failure_reasons"] == {"1": "missing", "2": "unreadable", "3": "size_mismatch"}
+    assert attrs["created_by"].startswith("lens-seg ")
+    assert len(attrs["identity_hash"]) == 64 and len(attrs["manifest_hash"]) == 64
+
+    n_img, n_q, t = 5, manifest.num_rows, attrs["max_text_len"]
+    layout = {
+        name: (tuple(store.array(name).shape), str(store.array(name).dtype), tuple(store.array(name).chunks))
+        for name in store.array_names()
+    }
+    assert layout == {
+        "blocks/done": ((3,), "uint8", (1,)),
+        "images/failed": ((n_img,), "uint8", (2,)),
+        "images/first_query": ((n_img,), "int64", (n_img,)),
+        "images/input_size": ((n_img, 2), "int32", (2, 2)),
+        "images/mllm_l14": ((n_img, 576, 16), "float16", (1, 576, 16)),
+        "images/original_size": ((n_img, 2), "int32", (2, 2)),
+        "images/sam": ((n_img, 256, 64, 64), "float16", (1, 256, 64, 64)),
+        "queries/failed": ((n_q,), "uint8", (n_q,)),
+        "queries/image_index": ((n_q,), "int64", (n_q,)),
+        "queries/text_l14": ((n_q, t, 16), "float16", (1, t, 16)),
+        "queries/text_len": ((n_q,), "int32", (n_q,)),
+    }
+    # Zarr v3, unsharded, zstd: what makes concurrent per-sample writes safe.
+    features = store.array("images/mllm_l14")
+    assert features.metadata.zarr_format == 3
+    assert features.shards is None
+    assert [type(c).__name__ for c in features.compressors] == ["ZstdCodec"]
+    assert store.location.read_bytes("manifest.parquet")[:4] == b"PAR1"
+
+
+def test_read_query_returns_the_backbone_features(store, manifest):
+    extractor = FakeExtractor()
+    for query in (0, manifest.num_rows - 1):
+        row = manifest.slice(query, 1).to_pylist()[0]
+        question = extractor.question_for(row["text"], row["is_sentence"])
+        expected = extractor.extract([Image.open(row["image_path"])], [[question]])[0]
+        sample = store.read_query(query, LAYER)
+        assert set(sample) == {
+            "image_states",
+            "text_states",
+            "sam_embedding",
+            "original_size",
+            "input_size",
+            "image_index",
+            "query_id",
+        }
+        assert sample["query_id"] == query
+        assert sample["image_states"].dtype == np.float16 and sample["image_states"].shape == (576, 16)
+        assert sample["text_states"].shape == (extractor.num_text_tokens(question), 16)
+        assert sample["sam_embedding"].shape == (256, 64, 64)
+        np.testing.assert_array_equal(sample["image_states"], expected.image_states[LAYER].numpy().astype(np.float16))
+        np.testing.assert_array_equal(sample["text_states"], expected.text_states[0][LAYER].numpy().astype(np.float16))
+        np.testing.assert_array_equal(sample["sam_embedding"], expected.sam_embedding.numpy().astype(np.float16))
+        assert tuple(sample["original_size"]) == (row["height"], row["width"]) == expected.original_size
+        assert tuple(sample["input_size"]) == expected.input_size
+
+
+def test_text_states_are_zero_padded_and_images_shared(store):
+    text = store.array("queries/text_l14")[:]
+    for query, length in enumerate(store.text_len):
+        assert not text[query, length:].any()
+        assert text[query, length - 1].any()
+    image = store.read_image(int(store.image_index[-1]), LAYER)
+    assert image["query_ids"][-1] == store.num_queries - 1
+    np.testing.assert_array_equal(image["image_states"], store.read_query(store.num_queries - 1, LAYER)["image_states"])
+
+
+def test_reader_metadata_and_pickle(store, manifest):
+    assert store.identity == FakeExtractor().identity
+    assert store.layers == (14,) and store.hidden_size == 16
+    assert store.manifest.num_rows == manifest.num_rows
+    assert store.missing_blocks() == [] and store.is_block_done(2)
+    assert list(store.valid_query_ids()) == list(range(store.num_queries))
+    clone = pickle.loads(pickle.dumps(store))  # DataLoader workers reopen by URL
+    np.testing.assert_array_equal(clone.read_query(1, LAYER)["text_states"], store.read_query(1, LAYER)["text_states"])
+    with pytest.raises(StoreError, match="caches layer"):
+        store.read_query(0, 30)
+    assert verify_store(store.url).ok
+
+
+def test_open_refuses_missing_foreign_and_incomplete(store, tmp_path):
+    with pytest.raises(StoreError, match="no feature store at"):
+        FeatureStore.open(tmp_path / "nothing")
+    zarr.open_group(str(tmp_path / "foreign"), mode="w").attrs["x"] = 1
+    with pytest.raises(StoreError, match="not a lens feature store"):
+        FeatureStore.open(tmp_path / "foreign")
+
+    group = open_group(store.location, mode="r+")
+    attrs = dict(group.attrs[ATTRS_KEY])
+    try:
+        group.attrs.put({ATTRS_KEY: {**attrs, "complete": False}})
+        group["blocks/done"][1] = 0
+        with pytest.raises(StoreError) as error:
+            FeatureStore.open(store.url)
+        message = str(error.value)
+        assert "\n" not in message
+        assert message == (
+            f"store {store.url} is incomplete (2/3 blocks): rerun the same `lens-cache build` command to finish it"
+        )
+        partial = FeatureStore.open(store.url, require_complete=False)
+        assert partial.missing_blocks() == [1] and not partial.is_block_done(1)
+        assert not verify_store(store.url).ok
+
+        group.attrs.put({ATTRS_KEY: {**attrs, "format_version": 99}})
+        with pytest.raises(StoreError, match="format version 99"):
+            FeatureStore.open(store.url)
+    finally:
+        group["blocks/done"][1] = 1
+        group.attrs.put({ATTRS_KEY: attrs})
+    assert FeatureStore.open(store.url).complete
+
+
+def test_check_compatible(manifest, store, tmp_path):
+    same_backbone = build_cache(
+        manifest.slice(0, 3), tmp_path / "subset", fake_factory(), spec="testset:val", block_size=2, progress=False
+    )
+    check_compatible([store, same_backbone])  # manifests may differ
+    other = build_cache(
+        manifest,
+        tmp_path / "other",
+        fake_factory(prompt_template="Q: {question} A:"),
+        spec="testset:val",
+        progress=False,
+    )
+    with pytest.raises(StoreError, match=r"different backbones \(prompt_template"):
+        check_compatible([store, other])
+    layers = build_cache(
+        manifest, tmp_path / "layers", fake_factory(layers=(14, 30)), spec="testset:val", progress=False
+    )
+    with pytest.raises(StoreError, match="layers"):
+        check_compatible([store, layers])
+
+
+@pytest.mark.parametrize("url", ["memory://lens-cache-test/store", "file://{tmp}/store"])
+def test_fsspec_urls(manifest, tmp_path, url):
+    url = url.format(tmp=tmp_path)
+    built = build_cache(manifest, url, fake_factory(), spec="testset:val", block_size=2, progress=False)
+    reopened = FeatureStore.open(url)
+    assert reopened.url == url and reopened.complete
+    assert reopened.manifest.num_rows == manifest.num_rows
+    np.testing.assert_array_equal(
+        reopened.read_query(2, LAYER)["text_states"], built.read_query(2, LAYER)["text_states"]
+    )
+    assert verify_store(url).ok
+
+
+def test_bitround_is_smaller_and_close(manifest, store, tmp_path):
+    rounded = build_cache(
+        manifest,
+        tmp_path / "bitround",
+        fake_factory(),
+        spec="testset:val",
+        block_size=2,
+        compression="bitround",
+        progress=False,
+    )
+    assert rounded.attrs["compression"] == "bitround"
+    assert [type(f).__name__ for f in rounded.array("images/sam").filters] == ["BitRound"]
+    for name in ("images/sam", "images/mllm_l14"):
+        assert rounded.location.bytes_under(name) < 0.95 * store.location.bytes_under(name)
+        exact, lossy = store.array(name)[:].astype(np.float32), rounded.array(name)[:].astype(np.float32)
+        # keepbits=7 of float16's 10 mantissa bits: relative error <= 2**-8 (subnormals: absolute)
+        np.testing.assert_allclose(lossy, exact, rtol=2**-7, atol=1e-6)
+        assert not np.array_equal(lossy, exact)
