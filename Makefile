@@ -4,7 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test demo bench-train clean
+.PHONY: setup test demo demo-core reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader clean
+
+# reproduce-table2/3: PRESET=paper needs DATA_ROOT, MLLM, SAM; PRESET=tiny needs nothing (synthetic, CPU).
+PRESET    ?= paper
+DATA_ROOT ?=
+MLLM      ?=
+SAM       ?=
+DEVICE    ?=
+REPRO_ARGS = --preset $(PRESET) --data-root "$(DATA_ROOT)" --mllm "$(MLLM)" --sam "$(SAM)" $(if $(DEVICE),--device $(DEVICE))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +27,32 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
+# The whole pipeline at tiny scale on synthetic data: cache -> train -> eval -> results/demo.md + figures.
 demo: setup
+	$(PY) -m lens_train.reproduce demo
+
+# The LENS core alone on planted synthetic tensors (no cache): a one-minute sanity check of the model.
+demo-core: setup
 	$(PY) -m lens_train.demo_core --out demo
+
+reproduce-table2: setup
+	$(PY) -m lens_train.reproduce table2 $(REPRO_ARGS)
+
+reproduce-table3: setup
+	$(PY) -m lens_train.reproduce table3 $(REPRO_ARGS)
 
 # Stage-2 step at the real dimensions (d=4096 head + SAM ViT-H decoder, bf16); meant for a GPU.
 bench-train: setup
 	$(PY) benchmarks/bench_train_step.py --preset official --batch-size 2 --steps 20
 
+# Stage-1 cache build at the real dimensions (LLaVA-1.5-7B + SAM ViT-H, random weights, bf16) vs a naive
+# per-query baseline and the GPU's FLOP ceiling; needs a GPU.
+# Loader throughput from a Zarr store at d=4096 (fake backbone, real store and loader).
+bench-loader: setup
+	$(PY) benchmarks/bench_loader.py --hidden-size 4096 --images 64 --workers 8 --batch-size 2 --batches 200
+
+bench-cache: setup
+	$(PY) benchmarks/bench_cache.py --scale real --images 32
+
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo work .pytest_cache

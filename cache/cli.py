@@ -98,6 +98,10 @@ def build(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads of the backbones when they run on the CPU (default: half the cores, at least 1)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out first.")] = False,
     limit: Annotated[int | None, typer.Option(help="Cache only the first N images (smoke tests).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of manifest building (class sampling, synthetic data).")] = 0,
@@ -115,21 +119,25 @@ def build(
         if limit is not None:
             table = first_images(table, limit)
         from lens_cache.backbones import build_extractor
+        from lens_cache.backbones._runtime import cpu_threads, resolve_device
 
         factory = functools.partial(build_extractor, mllm=mllm, sam=sam, layers=layer_list, device=device)
-        store = build_cache(
-            table,
-            out,
-            factory,
-            spec=spec,
-            batch_size=batch_size,
-            block_size=block_size,
-            compression=compression,
-            workers=workers,
-            scheduler=scheduler,
-            overwrite=overwrite,
-            progress=not quiet,
-        )
+        # Serial CPU builds: a narrower OpenMP team than the machine (the loader and writer
+        # threads need cores too); dask workers are started single-threaded by their nanny.
+        with cpu_threads(threads, resolve_device(device)):
+            store = build_cache(
+                table,
+                out,
+                factory,
+                spec=spec,
+                batch_size=batch_size,
+                block_size=block_size,
+                compression=compression,
+                workers=workers,
+                scheduler=scheduler,
+                overwrite=overwrite,
+                progress=not quiet,
+            )
         typer.echo(
             f"{store.url}: {store.num_images} images, {store.num_queries} queries, layers {list(store.layers)} "
             f"({time.monotonic() - started:.1f}s)"

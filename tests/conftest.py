@@ -5,7 +5,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on the 2-core CI machine a 2-thread OpenMP team busy-waits against
+# pytest, data-loader and writer threads and makes the tiny models 5-50x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +16,11 @@ def tiny_sam():
     from lens_cache.backbones.sam import build_sam
 
     return build_sam("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_real_run(tmp_path_factory):
+    """A run trained 2 steps on a cache built with the REAL tiny LLaVA + tiny SAM (lens_train.testing_real)."""
+    from lens_train.testing_real import build_tiny_real_run
+
+    return build_tiny_real_run(tmp_path_factory.mktemp("tiny_real_run"))

@@ -1,24 +1,141 @@
-"""Console scripts `lens-train` and `lens-eval` (stage 2). Not built yet: issue 4."""
+"""Console scripts of stage 2: ``lens-train`` (train from feature stores) and ``lens-eval``.
+
+Heavy imports happen inside the commands, so ``--help`` answers at once. A mistake in
+what was asked (a store of another backbone, a layer the store lacks, a preset of the
+wrong size, ...) prints one line on stderr and exits 2; a NaN/inf loss exits 1 after
+saying which checkpoint was kept. ``LENS_DEBUG=1`` shows tracebacks instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-train_app = typer.Typer(add_completion=False, help="Train LENS from feature caches (stage 2).")
-eval_app = typer.Typer(add_completion=False, help="Evaluate a LENS run on a feature cache (gIoU / cIoU).")
+train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                        help="Train LENS from feature caches (stage 2).")
+eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                       help="Evaluate a LENS run on a feature cache (gIoU / cIoU).")
+
+USER_ERROR_EXIT = 2
+TRAINING_FAILED_EXIT = 1
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from lens_cache.store import StoreError
+    from lens_manifests import ManifestError
+
+    from .errors import UserError
+
+    return (UserError, StoreError, ManifestError, FileNotFoundError, ValueError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Expected problems as one line on stderr: exit 2 (user mistake) or 1 (training diverged)."""
+    from .errors import NonFiniteLossError
+
+    try:
+        yield
+    except Exception as error:
+        if os.environ.get("LENS_DEBUG"):
+            raise
+        if isinstance(error, NonFiniteLossError):
+            typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+            raise typer.Exit(TRAINING_FAILED_EXIT) from None
+        if not isinstance(error, _user_error_types()):
+            raise
+        typer.echo(f"error: {' '.join(str(error).split()) or type(error).__name__}", err=True)
+        raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
 
 
 @train_app.command()
-def train() -> None:
-    """Not built yet."""
-    typer.echo("lens-train is not built yet (stage 2, issue 4); `make demo` trains the core on synthetic tensors.", err=True)
-    sys.exit(2)
+def train(
+    cache: Annotated[list[str], typer.Option("--cache", help="Feature store (repeat for several; same backbone).")],
+    mix: Annotated[str | None, typer.Option(help="Task ratio semantic:referring:reasoning, e.g. 9:3:1 [preset's].")] = None,
+    preset: Annotated[str | None, typer.Option(help="paper, official, tiny or a preset .json [official; the run's on --resume].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder [runs/<preset>-<time>].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps [preset's].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per micro-batch [preset's].")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step [preset's].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [preset's].")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [preset's].")] = None,
+    layer: Annotated[int, typer.Option(help="Cached MLLM layer to read.")] = 14,
+    keypoint_description: Annotated[bool | None, typer.Option(
+        "--keypoint-description/--no-keypoint-description", help="Table 2 ablation: keypoint descriptions on/off.")] = None,
+    global_description: Annotated[bool | None, typer.Option(
+        "--global-description/--no-global-description", help="Table 2 ablation: global description on/off.")] = None,
+    attn_loss: Annotated[bool | None, typer.Option(
+        "--attn-loss/--no-attn-loss", help="Table 2 ablation: --no-attn-loss sets the L_attn weight to 0.")] = None,
+    heatmap_from: Annotated[str | None, typer.Option(help="Heatmap from the start-of-answer token (last) or all text tokens (mean).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Fixes init, sample order and dropout [0].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available].")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes [preset's].")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Progress line every N steps [preset's].")] = None,
+    ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end) [preset's].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out exactly.")] = False,
+    warm_start: Annotated[bool | None, typer.Option(
+        "--warm-start/--no-warm-start", help="Initialise the head from the MLLM's layers 14-15 if the store has them [preset's].")] = None,
+    sam: Annotated[str | None, typer.Option(help="vit_h:PATH of the SAM a real-SAM store was cached with (tiny: not needed).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
+) -> None:
+    """Train the head, keypoint descriptor and SAM's mask decoder from cached features."""
+    with user_errors():
+        import time
+
+        from .data import parse_mix
+        from .errors import UserError
+        from .trainer import TrainRequest
+        from .trainer import train as run_training
+
+        if heatmap_from is not None and heatmap_from not in ("last", "mean"):
+            raise UserError(f"--heatmap-from takes last or mean, got {heatmap_from!r}")
+        if out is None:
+            if resume:
+                raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+            name = Path(preset).stem if preset else "official"
+            out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        model_overrides = _given(heatmap_from=heatmap_from, use_keypoint_description=keypoint_description,
+                                 use_global_description=global_description)
+        train_overrides = _given(
+            steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+            mix=parse_mix(mix) if mix is not None else None, seed=seed, num_workers=workers, log_every=log_every,
+            ckpt_every=ckpt_every, warm_start=warm_start,
+            attn_weight=(0.0 if attn_loss is False else None),
+        )
+        request = TrainRequest(
+            caches=tuple(cache), out=out, preset=preset, model_overrides=model_overrides,
+            train_overrides=train_overrides, layer=layer, device=device, resume=resume, sam=sam, quiet=quiet,
+            cli={"argv": sys.argv[1:]},
+        )
+        run_training(request)
 
 
 @eval_app.command()
-def evaluate() -> None:
-    """Not built yet."""
-    typer.echo("lens-eval is not built yet (stage 2, issue 4).", err=True)
-    sys.exit(2)
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="Run folder written by lens-train.")],
+    cache: Annotated[str, typer.Option(help="Feature store to evaluate on (the run's backbone).")],
+    threshold: Annotated[float | None, typer.Option(help="Mask = sigmoid(logit) > threshold [preset's].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [RUN_DIR/eval-<store>].")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N queries.")] = None,
+    figures: Annotated[int, typer.Option(help="Rows of overlays.png (0 = none).")] = 8,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Queries per forward pass.")] = 4,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    sam: Annotated[str | None, typer.Option(help="SAM checkpoint if it moved since training (vit_h:PATH).")] = None,
+) -> None:
+    """gIoU / cIoU (overall, short and long queries), per-query IoU and overlay figures."""
+    with user_errors():
+        from .evaluate import evaluate as run_evaluation
+
+        run_evaluation(checkpoint, cache, threshold=threshold, out=out, limit=limit, figures=figures,
+                       device=device, batch_size=batch_size, num_workers=workers, sam=sam)

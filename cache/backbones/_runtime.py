@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
 
@@ -30,3 +34,38 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (JSON-friendly, for identities)."""
     return str(dtype).removeprefix("torch.")
+
+
+def default_cpu_threads() -> int:
+    """Intra-op threads for backbones on the CPU: half the usable cores, at least one.
+
+    A cache build decodes images and compresses chunks in threads of its own while the
+    backbones run; an OpenMP team as wide as the machine then busy-waits against them
+    (and against any other process). On the 2-core machine this made the tiny build
+    1.5-5x slower than with one thread (see ``BENCHMARKS.md``).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None, device: torch.device) -> Iterator[int]:
+    """Run the body with ``torch.set_num_threads(threads)`` when ``device`` is the CPU; restored after.
+
+    ``None`` means :func:`default_cpu_threads`. On a GPU nothing changes (yields the current count).
+    """
+    previous = torch.get_num_threads()
+    if device.type != "cpu":
+        yield previous
+        return
+    wanted = default_cpu_threads() if threads is None else int(threads)
+    if wanted < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(previous)

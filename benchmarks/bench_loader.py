@@ -1,0 +1,90 @@
+"""Stage-2 loader throughput: samples/s and MB/s that the DataLoader delivers from a Zarr store.
+
+    python benchmarks/bench_loader.py --store STORE --layer 14 --workers 8 --batch-size 2 --batches 200
+    python benchmarks/bench_loader.py --hidden-size 4096 --images 64        # builds a store of that width first
+
+Without ``--store`` it writes a store at the given width with stage 1's deterministic fake
+backbone (real code path of ``lens_cache.build``; 576 image tokens, 256x64x64 SAM
+embedding, float16, the default compression) and reads it back with the training
+loader (``lens_train.data``: task-mixing sampler, workers, pinned memory on CUDA). The
+number to compare with is the training step rate of ``make bench-train`` times its batch:
+the loader keeps the GPU busy when it delivers more samples/s than the step consumes.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def build_fake_store(out: Path, hidden_size: int, images: int) -> str:
+    from lens_manifests import build_manifest, write_synthetic
+
+    from lens_cache.build import first_images
+    from lens_train.testing import build_store
+
+    root = out / "data"  # three sets (semantic, referring, reasoning) of images // 3 + 1 each
+    write_synthetic(root, num_train_images=images // 3 + 1, num_val_images=1, num_test_images=1)
+    manifest = first_images(build_manifest("synthetic:train", root), images)
+    store = build_store(manifest, out / "store", spec="synthetic:train", block_size=16, hidden_size=hidden_size)
+    return store.url
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", default=None, help="existing store (else one is built)")
+    parser.add_argument("--hidden-size", type=int, default=4096, help="width of the built store")
+    parser.add_argument("--images", type=int, default=64, help="images of the built store")
+    parser.add_argument("--layer", type=int, default=14)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--device", default=None, help="copy batches to this device (cuda when available)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from lens_train.data import MixedBatchSampler, QueryDataset, make_loader
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        url = args.store or build_fake_store(Path(tmp), args.hidden_size, args.images)
+        build_s = time.perf_counter() - started
+        dataset = QueryDataset(url, args.layer)
+        sampler = MixedBatchSampler(dataset.tasks, {"semantic": 9, "referring": 3, "reasoning": 1},
+                                    batch_size=args.batch_size, seed=0, end_step=args.batches)
+        loader = make_loader(dataset, sampler, num_workers=args.workers, device=device, seed=0)
+        batches = iter(loader)
+        first = next(batches).to(device)  # worker start-up is not throughput
+        nbytes = sum(t.numel() * 2 for t in (first.image_states, first.text_states, first.sam_embeddings))
+        count, samples = 1, len(first)
+        started = time.perf_counter()
+        for batch in batches:
+            batch = batch.to(device)
+            count, samples = count + 1, samples + len(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        timed = samples - len(first)
+        result = {
+            "store": args.store or f"built: d={args.hidden_size}, {args.images} images ({build_s:.1f} s)",
+            "hidden_size": int(dataset.store.hidden_size),
+            "device": str(device),
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "batches": count,
+            "samples_per_s": timed / seconds if seconds > 0 else None,
+            "feature_mb_per_s": timed * nbytes / len(first) / seconds / 1e6 if seconds > 0 else None,
+            "feature_mb_per_sample": nbytes / len(first) / 1e6,
+        }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

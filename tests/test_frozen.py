@@ -1,0 +1,81 @@
+"""The frozen guarantee: caching, training and attaching LENS never change the MLLM.
+
+Checked on the real tiny LLaVA of ``tiny_real_run``: an exact checksum of every
+parameter and buffer (before the cache build, after it, after training, after attaching
+LENS and segmenting) and the greedy answers to fixed prompts (before LENS existed vs.
+with LENS attached, after segmentations).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lens_train.agent import LensAgent
+from lens_train.frozen import mllm_checksum, parameters_requiring_grad
+from lens_train.segment import Segmenter, segment_image
+from lens_train.testing_real import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS, probe_answers, single_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny models run ~20x faster on one thread than on two busy cores (see single_thread)."""
+    with single_thread():
+        yield
+
+
+def test_checksum_sees_every_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    reference = mllm_checksum(model)
+    assert reference == mllm_checksum(copy.deepcopy(model)) and len(reference) == 64
+
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = nudged[0].weight
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(1.0))  # one ulp
+    assert mllm_checksum(nudged) != reference
+
+    buffer = copy.deepcopy(model)
+    buffer[1].running_mean[0] = 0.5
+    assert mllm_checksum(buffer) != reference
+
+    assert mllm_checksum(copy.deepcopy(model).to(torch.bfloat16)) != reference  # bf16 hashes too
+    assert parameters_requiring_grad(model) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+def test_caching_and_training_leave_the_mllm_untouched(tiny_real_run):
+    checksums = tiny_real_run.checksums
+    assert checksums["initial"] == checksums["after_cache"] == checksums["after_train"]
+    assert mllm_checksum(tiny_real_run.extractor.mllm.model) == checksums["initial"]
+
+
+def test_attaching_lens_and_segmenting_leave_the_mllm_untouched(tiny_real_run):
+    extractor = tiny_real_run.extractor
+    model = extractor.mllm.model
+    image = Image.open(tiny_real_run.image_path(0)).convert("RGB")
+
+    # Attach LENS to the MLLM, segment (one-shot and through the agent, follow-up included).
+    text, is_sentence = tiny_real_run.query(0)
+    segment_image(image, text, run_dir=tiny_real_run.run_dir, extractor=extractor, is_sentence=is_sentence)
+    segmenter = Segmenter(tiny_real_run.run_dir, extractor=extractor, device="cpu")
+    intents = iter(["segmentation", "followup", *["dialogue"] * len(PROBE_PROMPTS)])
+    agent = LensAgent(segmenter, router=lambda *args: next(intents), max_new_tokens=PROBE_MAX_NEW_TOKENS)
+    assert agent.step("Segment the hexagons.", image=image).kind == "segmentation"
+    assert agent.step("What colour is it?").kind == "followup"
+
+    assert mllm_checksum(model) == tiny_real_run.checksums["initial"]
+    assert parameters_requiring_grad(model) == [] and not model.training
+    assert parameters_requiring_grad(extractor.sam.sam) == []
+
+    # Greedy answers: the same as before LENS existed, whether asked directly or through the agent.
+    assert probe_answers(extractor.mllm, tiny_real_run.image_path(0)) == tiny_real_run.probe_answers
+    through_agent = []
+    for with_image, prompt in PROBE_PROMPTS:
+        agent.image = image if with_image else None
+        through_agent.append(agent.step(prompt).text)
+    assert through_agent == tiny_real_run.probe_answers

@@ -1,0 +1,74 @@
+"""make reproduce-table2/3 at tiny scale: the whole pipeline, the table layout, skipping finished stages."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lens_train import reproduce
+from lens_train.errors import UserError
+
+
+def _settings(tmp_path, **kwargs) -> reproduce.Settings:
+    return reproduce.Settings(preset="tiny", work=tmp_path / "work", results=tmp_path / "results", device="cpu",
+                              steps=1, tiny_images=2, quiet=True, **kwargs)
+
+
+def test_real_preset_names_every_missing_input(tmp_path):
+    settings = reproduce.Settings(preset="paper", work=tmp_path, results=tmp_path, data_root=tmp_path / "nope")
+    with pytest.raises(UserError) as error:
+        reproduce.check_inputs(settings)
+    message = str(error.value)
+    assert "DATA_ROOT" in message and "not a folder" in message and "MLLM=" in message and "SAM=" in message
+    assert reproduce.main(["table2", "--preset", "paper", "--work", str(tmp_path), "--quiet"]) == 2
+
+
+def test_table2_tiny_end_to_end_and_skips_what_is_done(tmp_path, monkeypatch):
+    settings = _settings(tmp_path)
+    path = reproduce.reproduce_table2(settings)
+    text = path.read_text()
+    assert path.name == "table2-tiny.md" and "Tiny scale" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(reproduce.TABLE2_ROWS)  # header + LENS + four ablations
+    for label, name in zip(reproduce.TABLE2_ROWS.values(), reproduce.TABLE2_ROWS):
+        row = next(r for r in rows if r.startswith(f"| {label} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert len(cells) == 8
+        paper = [v for column in ("val", "short", "long", "test") for v in reproduce.PAPER_TABLE2[name][column]]
+        for cell, expected in zip(cells, paper):
+            match = re.fullmatch(r"(—|\d+\.\d) \((\d+\.\d)\)", cell)
+            assert match and float(match.group(2)) == expected, cell
+    # Ours come from the runs' metrics.json files: the LENS row's first cell is its val gIoU.
+    run = settings.work / "runs" / "table2-tiny-lens"
+    val = json.loads((run / "eval-synthetic-reason-val" / "metrics.json").read_text())
+    lens_row = next(r for r in rows if r.startswith("| LENS-7B |"))
+    assert lens_row.split("|")[2].strip().startswith(f"{100 * val['giou']:.1f} ")
+    # Every ablation is its own run with its own switch.
+    layer30 = json.loads((settings.work / "runs" / "table2-tiny-layer30" / "config.json").read_text())
+    no_kp = json.loads((settings.work / "runs" / "table2-tiny-no_keypoint_description" / "config.json").read_text())
+    no_attn = json.loads((settings.work / "runs" / "table2-tiny-no_attn_loss" / "config.json").read_text())
+    assert layer30["layer"] == 30 and not no_kp["model"]["use_keypoint_description"]
+    assert no_attn["train"]["attn_weight"] == 0.0
+
+    # A second invocation finds every stage complete: nothing is built, trained or evaluated again.
+    def fail(*args, **kwargs):
+        raise AssertionError("a complete stage was run again")
+
+    import lens_cache.build
+    import lens_train.evaluate
+    import lens_train.trainer
+
+    monkeypatch.setattr(lens_cache.build, "build_cache", fail)
+    monkeypatch.setattr(lens_train.trainer, "train", fail)
+    monkeypatch.setattr(lens_train.evaluate, "evaluate", fail)
+    assert reproduce.reproduce_table2(settings).read_text().splitlines()[4:] == text.splitlines()[4:]
+
+    # Table 3 reuses the LENS run and adds the referring stores.
+    monkeypatch.undo()
+    table3 = reproduce.reproduce_table3(settings).read_text()
+    row = next(line for line in table3.splitlines() if line.startswith("| LENS (ours) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert len(cells) == len(reproduce.PAPER_TABLE3) + 1
+    assert all(re.fullmatch(r"\d+\.\d", c) for c in cells[:3]) and cells[3:8] == ["—"] * 5

@@ -1,0 +1,133 @@
+"""lens-eval: metrics against an independent computation, output files, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lens_train.cli import eval_app
+from lens_train.trainer import TrainRequest, train
+
+FAST = {"batch_size": 2, "grad_accum": 1, "num_workers": 0, "log_every": 1, "warmup_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step tiny run on a fake-backbone store, and stores to evaluate it on."""
+    from lens_manifests import build_manifest
+
+    from lens_train.testing import build_store, small_synthetic
+
+    root = small_synthetic(tmp_path_factory.mktemp("synthetic"), images=2)
+    out = tmp_path_factory.mktemp("stores")
+    train_store = build_store(build_manifest("synthetic:train", root), out / "train", spec="synthetic:train")
+    val_store = build_store(build_manifest("synthetic:val", root), out / "val", spec="synthetic:val")
+    other = build_store(build_manifest("synthetic:val", root), out / "other", spec="synthetic:val", mllm="another-mllm")
+    run = tmp_path_factory.mktemp("runs") / "run"
+    train(TrainRequest(caches=(train_store.url,), out=run, preset="tiny", train_overrides={**FAST, "steps": 2},
+                       device="cpu", quiet=True))
+    return {"run": run, "val": val_store, "other": other.url}
+
+
+def test_metrics_match_an_independent_computation(trained, tmp_path):
+    from lens_manifests import decode_target
+
+    from lens_train.data import QueryDataset, collate
+    from lens_train.evaluate import evaluate, load_run, predict
+
+    out = tmp_path / "eval"
+    metrics = evaluate(trained["run"], trained["val"].url, out=out, figures=3, log=lambda line: None)
+
+    # Recompute every query's mask with the loaded model, one query at a time, and the IoUs by hand.
+    run = load_run(trained["run"])
+    dataset = QueryDataset(trained["val"].url, 14)
+    manifest = trained["val"].manifest
+    inters, unions, sentence, whole = [], [], [], []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        _, logits = predict(run.model, collate([item]).to("cpu"))
+        pred = torch.sigmoid(logits[0]).numpy() > 0.5
+        gt = decode_target(manifest, item["query_id"])
+        keep = gt != 255
+        inters.append(int((pred & (gt == 1) & keep).sum()))
+        unions.append(int(((pred | (gt == 1)) & keep).sum()))
+        sentence.append(item["is_sentence"])
+        whole.append(float((gt == 1).sum()) / max(1, int(keep.sum())))
+    ious = [1.0 if u == 0 else i / u for i, u in zip(inters, unions)]
+    assert metrics["num_queries"] == len(dataset)
+    assert metrics["giou"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+    assert metrics["ciou"] == pytest.approx(sum(inters) / sum(unions), abs=1e-6)
+    sentence = np.asarray(sentence)
+    assert metrics["long"]["num_queries"] == int(sentence.sum())
+    assert metrics["short"]["num_queries"] == int((~sentence).sum())
+    if sentence.any():
+        assert metrics["long"]["giou"] == pytest.approx(float(np.mean(np.asarray(ious)[sentence])), abs=1e-6)
+
+    assert metrics["baselines"]["whole_image"]["giou"] == pytest.approx(float(np.mean(whole)), abs=1e-6)
+    assert 0.0 <= metrics["baselines"]["heatmap"]["giou"] <= 1.0
+
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["giou"] == pytest.approx(metrics["giou"]) and {"ciou", "short", "long"} <= set(on_disk)
+    table = pq.read_table(out / "per_query.parquet").to_pydict()
+    assert table["inter"] == inters and table["union"] == unions
+    assert table["iou_whole_image"] == pytest.approx(whole, abs=1e-9)
+    assert (out / "overlays.png").stat().st_size > 0
+
+
+def test_threshold_changes_the_masks(trained, tmp_path):
+    from lens_train.evaluate import evaluate
+
+    low = evaluate(trained["run"], trained["val"].url, out=tmp_path / "low", threshold=0.01, figures=0, limit=6,
+                   log=lambda line: None)
+    high = evaluate(trained["run"], trained["val"].url, out=tmp_path / "high", threshold=0.99, figures=0, limit=6,
+                    log=lambda line: None)
+    low_union = pq.read_table(tmp_path / "low" / "per_query.parquet").column("union").to_pylist()
+    high_union = pq.read_table(tmp_path / "high" / "per_query.parquet").column("union").to_pylist()
+    # A lower threshold predicts a superset, so every union is at least as large.
+    assert all(a >= b for a, b in zip(low_union, high_union))
+    assert low["num_queries"] == high["num_queries"] == 6
+
+
+def _eval_error(args: list[str]) -> str:
+    result = CliRunner().invoke(eval_app, [*args, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_refuses_a_store_of_another_backbone(trained):
+    line = _eval_error(["--checkpoint", str(trained["run"]), "--cache", trained["other"]])
+    assert "another backbone" in line and "another-mllm" in line
+
+
+def test_refuses_a_checkpoint_of_another_preset(trained, tmp_path):
+    # The weights of this run, under a config.json that says the head is wider: they do not fit.
+    run = tmp_path / "mismatch"
+    shutil.copytree(trained["run"], run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["mlp_size"] = 2 * config["model"]["mlp_size"]
+    (run / "config.json").write_text(json.dumps(config))
+    line = _eval_error(["--checkpoint", str(run), "--cache", trained["val"].url])
+    assert "model.safetensors" in line and "mlp" in line
+
+
+def test_refuses_a_folder_that_is_not_a_run(trained, tmp_path):
+    line = _eval_error(["--checkpoint", str(tmp_path), "--cache", trained["val"].url])
+    assert "not a lens-train run" in line
+
+
+def test_cli_writes_the_outputs(trained, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(eval_app, ["--checkpoint", str(trained["run"]), "--cache", trained["val"].url,
+                                           "--out", str(out), "--limit", "4", "--figures", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "gIoU" in result.output
+    assert {p.name for p in Path(out).iterdir()} >= {"metrics.json", "per_query.parquet", "overlays.png"}
