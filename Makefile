@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test demo demo-core reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader clean
+.PHONY: setup test demo demo-core reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
 
 # reproduce-table2/3: PRESET=paper needs DATA_ROOT, MLLM, SAM; PRESET=tiny needs nothing (synthetic, CPU).
 PRESET    ?= paper
@@ -45,14 +45,22 @@ reproduce-table3: setup
 bench-train: setup
 	$(PY) benchmarks/bench_train_step.py --preset official --batch-size 2 --steps 20
 
-# Stage-1 cache build at the real dimensions (LLaVA-1.5-7B + SAM ViT-H, random weights, bf16) vs a naive
-# per-query baseline and the GPU's FLOP ceiling; needs a GPU.
 # Loader throughput from a Zarr store at d=4096 (fake backbone, real store and loader).
 bench-loader: setup
 	$(PY) benchmarks/bench_loader.py --hidden-size 4096 --images 64 --workers 8 --batch-size 2 --batches 200
 
+# Stage-1 cache build at the real dimensions (LLaVA-1.5-7B + SAM ViT-H, random weights, bf16) vs a naive
+# per-query baseline and the GPU's FLOP ceiling; needs a GPU.
 bench-cache: setup
 	$(PY) benchmarks/bench_cache.py --scale real --images 32
+
+# Diagnostics (README, "What learns on CPU"): patch colour recoverable from the cached features, by layer;
+# whether the head alone learns grounding from the demo's stores (run `make demo` first).
+probe-features: setup
+	$(PY) benchmarks/probe_features.py $(if $(MLLM),--mllm "$(MLLM)") $(if $(SAM),--sam "$(SAM)")
+
+probe-grounding: setup
+	$(PY) benchmarks/probe_grounding.py
 
 clean:
 	rm -rf demo work .pytest_cache

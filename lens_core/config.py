@@ -26,6 +26,9 @@ class LensConfig:
         grid_size: side of the image-token grid (24 -> 576 tokens).
         heatmap_from: ``last`` = start-of-answer token's attention (official code),
             ``mean`` = average over all text tokens (paper, eq. 1).
+        detach_peak: divide the map by its detached peak (official code). False lets the
+            gradient through the peak too, so L_attn's gradient is that of the normalised map;
+            from a random head the detached form flattens the map (README, *What learns on CPU*).
         max_keypoints: m, the most keypoints NMS keeps (16).
         nms_radius: Euclidean suppression radius in grid cells (4).
         keypoint_min_ratio: a keypoint is valid if its score >= this x the peak (0.4).
@@ -48,6 +51,7 @@ class LensConfig:
     rope_theta: float = 10000.0
     grid_size: int = 24
     heatmap_from: HeatmapFrom = "last"
+    detach_peak: bool = True
     max_keypoints: int = 16
     nms_radius: float = 4.0
     keypoint_min_ratio: float = 0.4

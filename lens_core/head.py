@@ -130,6 +130,24 @@ class DecoderLayer(nn.Module):
         return x, probs
 
 
+def peak_normalize(grounding: torch.Tensor, *, detach_peak: bool = True) -> torch.Tensor:
+    """Divide each map by its peak and clamp into (0, 1), as the official code does.
+
+    Args:
+        grounding: (B, L_i) non-negative attention mass per image token.
+        detach_peak: True (official) fixes the divisor in the backward pass, so the map's
+            shape is trained while its scale is not. Its gradient is then not that of the
+            normalised map: lowering the top cells also lowers the divisor, which the detached
+            gradient ignores, and from a random head it drives the map flat. False gives
+            the exact gradient of the scale-free map.
+    Returns:
+        (B, L_i) in [1e-6, 1 - 1e-6]; the peak cell is 1 - 1e-6.
+    """
+    peak = grounding.detach() if detach_peak else grounding
+    peak = peak.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    return (grounding / peak).clamp(1e-6, 1 - 1e-6)
+
+
 @dataclass
 class HeadOutput:
     """What the head hands to the keypoint and descriptor stages.
@@ -212,10 +230,7 @@ class SegmentationHead(nn.Module):
         else:
             select = (rows[None, :] < text_lengths[:, None]).float() / text_lengths[:, None].float()
         grounding = torch.einsum("bt,bti->bi", select, text_to_image)  # (B, L_i)
-        # Peak normalisation (official code): the detached peak keeps the map's shape trainable
-        # while its scale is fixed, so BCE against a 0/1 mask is meaningful.
-        peak = grounding.detach().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        heatmap = (grounding / peak).clamp(1e-6, 1 - 1e-6).view(batch, cfg.grid_size, cfg.grid_size)
+        heatmap = peak_normalize(grounding, detach_peak=cfg.detach_peak).view(batch, cfg.grid_size, cfg.grid_size)
 
         x, _ = self.layers[1](x, cos, sin)
         image_features = x[:, :num_image].transpose(1, 2).reshape(batch, cfg.hidden_size, cfg.grid_size, cfg.grid_size)

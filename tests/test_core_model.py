@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from lens_core import LensConfig, build_lens
 from lens_core.descriptor import KeypointDescriptor
-from lens_core.head import SegmentationHead
+from lens_core.head import SegmentationHead, peak_normalize
+from lens_core.losses import attention_loss
 from lens_train.presets import load_preset
 
 TINY = load_preset("tiny").model
@@ -81,6 +82,42 @@ def test_heatmap_modes_and_right_padding_invariance():
     mean_cfg = LensConfig.from_dict({**TINY.to_dict(), "heatmap_from": "mean"})
     mean = SegmentationHead(config=mean_cfg).eval()(image, text, torch.tensor([6])).heatmap
     assert not torch.allclose(last, mean)
+
+
+def test_peak_normalize_gradient_detached_vs_exact():
+    """Undetached, the normalised map is scale-free, so by Euler's identity the gradient of any
+    loss of it is orthogonal to the grounding itself; the official detached form is not (it
+    pushes the whole map down), which is what flattens a randomly initialised head."""
+    torch.manual_seed(0)
+    grounding = torch.rand(2, 36) * 0.02 + 0.001
+    gts = [torch.zeros(6, 6, dtype=torch.uint8) for _ in range(2)]
+    gts[0][1:3, 1:4] = 1
+    gts[1][3:6, 0:2] = 1
+    dots = {}
+    for detach in (True, False):
+        g = grounding.clone().requires_grad_(True)
+        heatmap = peak_normalize(g, detach_peak=detach)
+        assert heatmap.amax(dim=1).tolist() == pytest.approx([1 - 1e-6] * 2, abs=1e-7)
+        # the forward pass is the same either way: g / max(g), clamped into (0, 1)
+        torch.testing.assert_close(heatmap, (grounding / grounding.amax(1, keepdim=True)).clamp(1e-6, 1 - 1e-6))
+        attention_loss(heatmap.view(2, 6, 6), gts, [(1024, 1024)] * 2, size=6).backward()
+        dots[detach] = (g.grad * grounding).sum(dim=1) / (g.grad.norm(dim=1) * grounding.norm(dim=1))
+    assert dots[False].abs().max().item() < 1e-4
+    assert (dots[True] > 0.1).all()  # a descent step scales the whole map down
+
+
+def test_detach_peak_switch_reaches_the_head():
+    image, text, _, _ = make_inputs(batch=2, text_len=6)
+    grads = {}
+    for detach in (True, False):
+        cfg = LensConfig.from_dict({**TINY.to_dict(), "detach_peak": detach})
+        torch.manual_seed(0)
+        head = SegmentationHead(config=cfg)
+        out = head(image, text, torch.tensor([6, 4]))
+        out.heatmap.square().sum().backward()
+        grads[detach] = (out.heatmap.detach(), head.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    assert not torch.allclose(grads[True][1], grads[False][1])
 
 
 def test_real_dimension_shapes_on_meta_device():

@@ -131,7 +131,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(stores, tmp_path, mon
     run = tmp_path / "nan"
     result = CliRunner().invoke(train_app, [
         "--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "6", "--batch-size", "1",
-        "--grad-accum", "2", "--workers", "0", "--ckpt-every", "2", "--device", "cpu", "--quiet"])
+        "--grad-accum", "2", "--workers", "0", "--ckpt-every", "2", "--device", "cpu", "--quiet", "--no-detach-peak"])
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "loss is nan at step 4" in lines[0] and "(step 2) is kept" in lines[0]
@@ -140,6 +140,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(stores, tmp_path, mon
     from lens_train.trainer import build_model, configs_from_run, read_run_config
 
     model_config, _ = configs_from_run(read_run_config(run))
+    assert model_config.detach_peak is False  # the CLI's model override is recorded in the run
     model = build_model(model_config, "tiny", seed=0)
     load_checkpoint(run, model)  # the kept checkpoint loads (weights_only) ...
     assert all(torch.isfinite(p).all() for p in model.trainable_parameters())  # ... and is finite

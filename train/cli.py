@@ -77,6 +77,8 @@ def train(
     attn_loss: Annotated[bool | None, typer.Option(
         "--attn-loss/--no-attn-loss", help="Table 2 ablation: --no-attn-loss sets the L_attn weight to 0.")] = None,
     heatmap_from: Annotated[str | None, typer.Option(help="Heatmap from the start-of-answer token (last) or all text tokens (mean).")] = None,
+    detach_peak: Annotated[bool | None, typer.Option(
+        "--detach-peak/--no-detach-peak", help="Divide the heatmap by its detached peak (official) or let the gradient through it [preset's].")] = None,
     seed: Annotated[int | None, typer.Option(help="Fixes init, sample order and dropout [0].")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available].")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes [preset's].")] = None,
@@ -104,7 +106,8 @@ def train(
                 raise UserError("--resume needs --out RUN_DIR (the run to continue)")
             name = Path(preset).stem if preset else "official"
             out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        model_overrides = _given(heatmap_from=heatmap_from, use_keypoint_description=keypoint_description,
+        model_overrides = _given(heatmap_from=heatmap_from, detach_peak=detach_peak,
+                                 use_keypoint_description=keypoint_description,
                                  use_global_description=global_description)
         train_overrides = _given(
             steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,

@@ -1,0 +1,114 @@
+"""Can the head learn grounding from a cache? Train the head alone on L_attn and watch the heatmap.
+
+A diagnostic, not a benchmark of speed: it isolates layer 1's grounding map from SAM's mask
+decoder (which dominates a full step's cost), so thousands of samples fit in a few CPU minutes.
+Every ``--eval-every`` steps it prints, on the training store and on a held-out store:
+
+- ``L_attn``: the attention BCE of the trained objective (lens_core.losses.attention_loss);
+- ``iou24``: IoU of the map thresholded at 0.5 with the target on the 24x24 padded frame;
+- ``peak_hit``: how often the map's peak cell lies on the target, against ``chance``
+  (the mean target fraction of the frame: where a random peak would land).
+
+    python benchmarks/probe_grounding.py                       # the demo's stores (make demo first)
+    python benchmarks/probe_grounding.py --no-detach-peak --heatmap-from mean --lr 1e-3
+
+Defaults read ``work/demo/stores/synthetic-{train,val}-L14`` (what ``make demo`` writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from lens_core.geometry import mask_to_padded_frame
+from lens_core.losses import attention_loss
+from lens_train.data import QueryDataset, collate
+from lens_train.presets import load_preset
+from lens_train.trainer import build_model
+
+
+def _frame_target(batch, k: int, grid: int) -> torch.Tensor:
+    """(grid, grid) bool: query k's target on the padded frame."""
+    size = tuple(int(v) for v in batch.input_sizes[k].tolist())
+    return mask_to_padded_frame((batch.gts[k] == 1).float(), size, grid) > 0.5
+
+
+@torch.no_grad()
+def score(head: torch.nn.Module, items: list, grid: int, batch_size: int = 16) -> dict[str, float]:
+    losses, ious, hits, fractions = [], [], [], []
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start:start + batch_size])
+        heatmap = head(batch.image_states.float(), batch.text_states.float(), batch.text_lengths).heatmap
+        sizes = [tuple(int(v) for v in s) for s in batch.input_sizes.tolist()]
+        losses.append(float(attention_loss(heatmap, batch.gts, sizes)) * len(batch))
+        for k in range(len(batch)):
+            target = _frame_target(batch, k, grid)
+            pred = heatmap[k] > 0.5
+            union = int((target | pred).sum())
+            ious.append(int((target & pred).sum()) / union if union else 1.0)
+            hits.append(bool(target.flatten()[heatmap[k].flatten().argmax()]))
+            fractions.append(float(target.float().mean()))
+    n = len(items)
+    return {"L_attn": round(sum(losses) / n, 4), "iou24": round(sum(ious) / n, 4),
+            "peak_hit": round(sum(hits) / n, 4), "chance": round(sum(fractions) / n, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", default="work/demo/stores/synthetic-train-L14")
+    parser.add_argument("--val", default="work/demo/stores/synthetic-val-L14")
+    parser.add_argument("--layer", type=int, default=14)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--heatmap-from", choices=("last", "mean"), default=None)
+    parser.add_argument("--detach-peak", action=argparse.BooleanOptionalAction, default=None,
+                        help="divide by the detached peak (official; the preset's default) or not")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 cores)")
+    args = parser.parse_args()
+
+    for url in (args.train, args.val):
+        if "://" not in url and not Path(url).is_dir():
+            parser.error(f"no feature store at {url}: run `make demo` first (it writes the default stores) "
+                         "or pass --train/--val")
+    torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in (("heatmap_from", args.heatmap_from), ("detach_peak", args.detach_peak)) if v is not None}
+    preset = load_preset(args.preset, model_overrides=overrides)
+    head = build_model(preset.model, "tiny", seed=args.seed).head
+    grid = preset.model.grid_size
+    train_set, val_set = QueryDataset(args.train, args.layer), QueryDataset(args.val, args.layer)
+    train_items = [train_set[i] for i in range(len(train_set))]
+    val_items = [val_set[i] for i in range(len(val_set))]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(args.seed)
+    print(f"head only, L_attn only: heatmap_from={preset.model.heatmap_from} detach_peak={preset.model.detach_peak} "
+          f"lr={args.lr} {args.steps} steps x {args.batch_size}; {len(train_items)} train / {len(val_items)} "
+          "held-out queries", flush=True)
+    start = time.perf_counter()
+    for step in range(args.steps + 1):
+        if step % args.eval_every == 0 or step == args.steps:
+            row = {"step": step, "train": score(head, train_items, grid), "held_out": score(head, val_items, grid),
+                   "seconds": round(time.perf_counter() - start, 1)}
+            print(json.dumps(row), flush=True)
+        if step == args.steps:
+            break
+        batch = collate(rng.sample(train_items, min(args.batch_size, len(train_items))))
+        heatmap = head(batch.image_states.float(), batch.text_states.float(), batch.text_lengths).heatmap
+        sizes = [tuple(int(v) for v in s) for s in batch.input_sizes.tolist()]
+        loss = attention_loss(heatmap, batch.gts, sizes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+
+
+if __name__ == "__main__":
+    main()
