@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from lens_core.geometry import mask_to_padded_frame
+from lens_core.head import SegmentationHead
 from lens_core.losses import attention_loss
 from lens_train.data import QueryDataset, collate
 from lens_train.presets import load_preset
-from lens_train.trainer import build_model
 
 
 def _frame_target(batch, k: int, grid: int) -> torch.Tensor:
@@ -82,7 +82,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("heatmap_from", args.heatmap_from), ("detach_peak", args.detach_peak)) if v is not None}
     preset = load_preset(args.preset, model_overrides=overrides)
-    head = build_model(preset.model, "tiny", seed=args.seed).head
+    torch.manual_seed(args.seed)  # the head is the first module build_lens makes: same init as lens-train's
+    head = SegmentationHead(config=preset.model)
     grid = preset.model.grid_size
     train_set, val_set = QueryDataset(args.train, args.layer), QueryDataset(args.val, args.layer)
     train_items = [train_set[i] for i in range(len(train_set))]

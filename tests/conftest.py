@@ -24,3 +24,11 @@ def tiny_real_run(tmp_path_factory):
     from lens_train.testing_real import build_tiny_real_run
 
     return build_tiny_real_run(tmp_path_factory.mktemp("tiny_real_run"))
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_real_run):
+    """A Segmenter of the tiny real run, attached to the very extractor that built its cache."""
+    from lens_train.segment import Segmenter
+
+    return Segmenter(tiny_real_run.run_dir, extractor=tiny_real_run.extractor, device="cpu")

@@ -24,20 +24,6 @@ from lens_train.agent import (
     router_prompt,
     side_by_side,
 )
-from lens_train.segment import Segmenter
-from lens_train.testing_real import single_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny models run ~20x faster on one thread than on two busy cores (see single_thread)."""
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_real_run):
-    return Segmenter(tiny_real_run.run_dir, extractor=tiny_real_run.extractor, device="cpu")
 
 
 @pytest.fixture()

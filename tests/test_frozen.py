@@ -18,14 +18,7 @@ from torch import nn
 from lens_train.agent import LensAgent
 from lens_train.frozen import mllm_checksum, parameters_requiring_grad
 from lens_train.segment import Segmenter, segment_image
-from lens_train.testing_real import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS, probe_answers, single_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny models run ~20x faster on one thread than on two busy cores (see single_thread)."""
-    with single_thread():
-        yield
+from lens_train.testing_real import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS, probe_answers
 
 
 def test_checksum_sees_every_change():

@@ -51,7 +51,7 @@ def test_grounding_probe_scores_a_planted_map(monkeypatch):
             self.hit = hit
 
         def forward(self, image_states, text_states, text_lengths):
-            maps = torch.full((self.batch.gts.__len__(), 4, 4), 0.1)
+            maps = torch.full((len(self.batch.gts), 4, 4), 0.1)
             for k in range(len(maps)):
                 target = probe._frame_target(self.batch, k, 4)
                 cells = target.nonzero() if self.hit else (~target).nonzero()

@@ -15,21 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lens_train.errors import UserError
-from lens_train.segment import Segmenter, app, check_backbone, overlay_image, segment_image
-from lens_train.testing_real import single_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny models run ~20x faster on one thread than on two busy cores (see single_thread)."""
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_real_run):
-    """The run attached to the very extractor that built its cache."""
-    return Segmenter(tiny_real_run.run_dir, extractor=tiny_real_run.extractor, device="cpu")
+from lens_train.segment import app, check_backbone, overlay_image, segment_image
 
 
 def _cached(tiny_real_run, item: int):

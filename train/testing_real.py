@@ -13,8 +13,6 @@ build and after training, so tests can compare them with later states.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,22 +64,6 @@ class TinyRealRun:
         return self.manifest.column("text")[row].as_py(), bool(self.manifest.column("is_sentence")[row].as_py())
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block (the previous setting is restored).
-
-    The tiny models' matrices (width 64) are far too small to split: on a busy 2-core
-    machine, two OpenMP threads made a 620 x 64 linear ~50x slower than one (threads
-    spin-wait for a core), and the whole tiny forward ~20x slower.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def probe_answers(mllm: Any, image_path: str) -> list[str]:
     """Greedy answers of the MLLM adapter to :data:`PROBE_PROMPTS` (the image of ``image_path`` where asked)."""
     from PIL import Image
@@ -94,7 +76,10 @@ def probe_answers(mllm: Any, image_path: str) -> list[str]:
 
 def build_tiny_real_run(workdir: str | Path) -> TinyRealRun:
     """Synthetic data -> cache with the real tiny backbones -> 2 training steps on CPU, under ``workdir``."""
-    with single_thread():
+    from lens_cache.backbones._runtime import cpu_threads
+
+    # One thread: the width-64 tiny models are far too small to split across busy cores.
+    with cpu_threads(1, torch.device("cpu")):
         return _build_tiny_real_run(Path(workdir))
 
 
