@@ -4,15 +4,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test demo demo-core reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
+.PHONY: setup test demo demo-core pretrain-toy reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
 
-# reproduce-table2/3: PRESET=paper needs DATA_ROOT, MLLM, SAM; PRESET=tiny needs nothing (synthetic, CPU).
+# reproduce-table2/3: PRESET=paper needs DATA_ROOT, MLLM, SAM; PRESET=toy (and tiny) need nothing
+# (synthetic data, the shipped toy backbones, CPU). SEEDS=0,1,2 repeats Table 2's runs per seed.
 PRESET    ?= paper
+SEEDS     ?= 0
 DATA_ROOT ?=
 MLLM      ?=
 SAM       ?=
 DEVICE    ?=
-REPRO_ARGS = --preset $(PRESET) --data-root "$(DATA_ROOT)" --mllm "$(MLLM)" --sam "$(SAM)" $(if $(DEVICE),--device $(DEVICE))
+REPRO_ARGS = --preset $(PRESET) --data-root "$(DATA_ROOT)" --mllm "$(MLLM)" --sam "$(SAM)" --seeds $(SEEDS) $(if $(DEVICE),--device $(DEVICE))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +29,18 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
-# The whole pipeline at tiny scale on synthetic data: cache -> train -> eval -> results/demo.md + figures.
+# The whole pipeline on the synthetic world with the shipped toy backbones: cache -> train -> eval on
+# held-out synthetic:val -> results/demo.md + figures.
 demo: setup
 	$(PY) -m lens_train.reproduce demo
+
+# Remake the shipped toy backbones (cache/toy/weights): SAM, then LLaVA's three stages, then export.
+# Resumable: rerun after a kill. TOY_WORK keeps checkpoints and logs.
+TOY_WORK ?= toy_work
+pretrain-toy: setup
+	$(VENV)/bin/lens-toy pretrain-sam --work $(TOY_WORK)
+	$(VENV)/bin/lens-toy pretrain-llava --work $(TOY_WORK)
+	$(VENV)/bin/lens-toy export --work $(TOY_WORK) --command "make pretrain-toy"
 
 # The LENS core alone on planted synthetic tensors (no cache): a one-minute sanity check of the model.
 demo-core: setup

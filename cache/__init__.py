@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lens_cache.build import build_cache
     from lens_cache.export import export_hdf5
-    from lens_cache.store import FeatureStore, StoreError, check_compatible, verify_store
+    from lens_cache.store import DamagedStoreError, FeatureStore, StoreError, check_compatible, verify_store
 
 _LAZY = {
     "FeatureStore": "lens_cache.store",
     "StoreError": "lens_cache.store",
+    "DamagedStoreError": "lens_cache.store",
     "check_compatible": "lens_cache.store",
     "verify_store": "lens_cache.store",
     "build_cache": "lens_cache.build",

@@ -7,12 +7,25 @@ killed at any point is finished by rerunning the same command: finished blocks
 are skipped, unfinished ones are redone from scratch, and no reader ever takes a
 half-written sample as finished.
 
+Before the first block, the head's warm start is written beside the features: the
+MLLM's decoder layers k and k+1 for the store's first layer k (:func:`warm_start_file`),
+its sha256 recorded in the store's identity.
+
 Serial (``workers=0``) the parent runs every block itself; otherwise the blocks go
 to dask.distributed workers (see :mod:`lens_cache.distributed`).
+
+The writer of a block also records the crc32 of every sample it writes, with the
+block's sizes and before its flag (:mod:`lens_cache.store`). A build over an existing
+store first reads back and checks every sample of its finished blocks
+(:func:`repair_damage`): a damaged block loses its flag and is recomputed, a damaged
+index array or manifest file is rewritten, so rerunning the build command repairs a
+store exactly where it is damaged. The parent holds the store's writer lock
+(:mod:`lens_cache.locks`) for the whole build: a second build of the same store is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,28 +37,47 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-from lens_cache.backbones.base import FeatureExtractor, ImageFeatures
+from lens_cache.backbones.base import FeatureExtractor, ImageFeatures, NoDecoderLayers
+from lens_cache.errors import UsageError
+from lens_cache.locks import exclusive
 from lens_cache.progress import Progress
 from lens_cache.store import (
     ATTRS_KEY,
-    SAM_EMBEDDING_SHAPE,
+    BITROUND_KEEPBITS,
+    BLOCK_CHECKSUM_ARRAY,
+    INDEX_ARRAYS,
+    MANIFEST_FILE,
+    WARM_START_FILE,
+    DamagedStoreError,
     FeatureStore,
     ImagePlan,
     StoreDescription,
     StoreError,
     StoreLocation,
+    block_checksum,
     check_filled,
+    checksum_array_name,
     create_store,
     describe_differences,
     feature_codecs,
     identity_hash,
     image_array_name,
+    index_arrays,
     manifest_hash,
+    manifest_to_parquet_bytes,
+    normalise_json,
     open_group,
     plan_images,
     quiet_numcodecs,
+    sam_embedding_shape,
+    sample_arrays,
+    sample_checksum,
+    scan_store,
     store_state,
+    stored_checksums,
+    stored_sam_channels,
     text_array_name,
+    unfilled_blocks,
 )
 from PIL import Image
 
@@ -110,6 +142,7 @@ class BlockResult:
 class ExtractorInfo:
     """What the parent needs from the extractor before creating the store.
 
+    ``identity`` is the extractor's plus ``warm_start`` (see :func:`warm_start_file`);
     ``questions``/``text_len`` have one entry per manifest row.
     """
 
@@ -117,20 +150,23 @@ class ExtractorInfo:
     layers: tuple[int, ...]
     hidden_size: int
     num_image_tokens: int
+    sam_channels: int
     questions: list[str]
     text_len: np.ndarray
 
 
 def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
-    """The extractor's identity and sizes, and every row's question and L_t."""
+    """The extractor's identity (with its warm-start record) and sizes, and every row's question and L_t."""
     questions = [
         extractor.question_for(text, bool(sentence)) for text, sentence in zip(texts, is_sentence, strict=True)
     ]
+    warm_start, _ = warm_start_file(extractor)
     return ExtractorInfo(
-        identity=dict(extractor.identity),
+        identity={**extractor.identity, "warm_start": warm_start},
         layers=tuple(int(layer) for layer in extractor.layers),
         hidden_size=int(extractor.hidden_size),
         num_image_tokens=int(extractor.num_image_tokens),
+        sam_channels=int(extractor.sam_channels),
         questions=questions,
         text_len=np.asarray([extractor.num_text_tokens(q) for q in questions], dtype=np.int32),
     )
@@ -164,7 +200,7 @@ def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: 
 def first_images(manifest: pa.Table, count: int) -> pa.Table:
     """The rows of the first ``count`` images (``--limit``; query_id stays the row index)."""
     if count < 1:
-        raise ValueError(f"--limit must be >= 1, got {count}")
+        raise UsageError(f"--limit must be >= 1, got {count}")
     plan = plan_images(manifest, block_size=1)
     if count >= plan.num_images:
         return manifest
@@ -254,7 +290,9 @@ class StoreWriter:
     """A store opened ``r+`` by one worker; writes whole chunks only.
 
     Writes cover whole chunks (a full padded text row, a whole block of sizes), so
-    zarr never reads a chunk back to merge a partial update.
+    zarr never reads a chunk back to merge a partial update. Every sample's checksum is
+    taken from the bytes it writes (bit-rounded first for a ``bitround`` store, so that
+    the checksum is of what reads back; the store's filter leaves rounded values as they are).
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -265,33 +303,68 @@ class StoreWriter:
         self.hidden_size = int(attrs["hidden_size"])
         self.num_image_tokens = int(attrs["num_image_tokens"])
         self.max_text_len = int(attrs["max_text_len"])
+        self.sam_shape = sam_embedding_shape(stored_sam_channels(attrs))
+        self.checksums = stored_checksums(attrs)  # None: a version-1 store (no checksums)
+        self._bitround = None
+        if attrs["compression"] == "bitround":
+            from numcodecs import BitRound
+
+            self._bitround = BitRound(keepbits=BITROUND_KEEPBITS)
         with quiet_numcodecs():
             self.arrays = {name: self.group[name] for name in self._array_names()}
 
     def _array_names(self) -> list[str]:
-        names = ["images/sam", "images/original_size", "images/input_size", "images/failed", "blocks/done"]
-        for layer in self.layers:
-            names += [image_array_name(layer), text_array_name(layer)]
+        names = ["images/original_size", "images/input_size", "images/failed", "blocks/done"]
+        names += sample_arrays(self.layers)
+        if self.checksums is not None:
+            names += [checksum_array_name(name) for name in sample_arrays(self.layers)] + [BLOCK_CHECKSUM_ARRAY]
         return names
 
-    def write_batch(self, image_start: int, query_start: int, arrays: dict[str, np.ndarray]) -> None:
+    def write_batch(self, image_start: int, query_start: int, arrays: dict[str, np.ndarray]) -> dict[str, list[int]]:
         """Write one batch: per-image arrays from ``image_start``, per-query from ``query_start``.
 
         Failed images are all-zero rows: zarr stores no chunk for them (and deletes
         any stale chunk an interrupted earlier run left).
+
+        Returns:
+            array name -> the checksum of each row written.
         """
+        checksums = {}
         for name, values in arrays.items():
+            if self._bitround is not None:
+                values = self._bitround.decode(self._bitround.encode(values)).reshape(values.shape)
             start = query_start if name.startswith("queries/") else image_start
             self.arrays[name][start : start + len(values)] = values
+            checksums[name] = [sample_checksum(row) for row in values]
+        return checksums
 
     def finish_block(
-        self, job: BlockJob, original_size: np.ndarray, input_size: np.ndarray, failed: np.ndarray
+        self,
+        job: BlockJob,
+        original_size: np.ndarray,
+        input_size: np.ndarray,
+        failed: np.ndarray,
+        checksums: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Write the block's sizes and failure codes, then (last) its done flag."""
+        """Write the block's sizes, failure codes and checksums, then (last) its done flag.
+
+        ``checksums``: array name -> one per image (image arrays) or per query (text arrays) of the block.
+        """
         images = slice(job.image_start, job.image_start + job.num_images)
         self.arrays["images/original_size"][images] = original_size
         self.arrays["images/input_size"][images] = input_size
         self.arrays["images/failed"][images] = failed
+        if self.checksums is not None:
+            if checksums is None or set(checksums) != set(sample_arrays(self.layers)):
+                raise RuntimeError(f"block {job.block}: the checksums of every sample array are needed")
+            for name, values in checksums.items():
+                if name.startswith("queries/"):  # the block's row, padded: one whole chunk
+                    row = np.zeros(self.checksums["block_queries"], dtype=np.uint32)
+                    row[: len(values)] = values
+                    self.arrays[checksum_array_name(name)][job.block] = row
+                else:
+                    self.arrays[checksum_array_name(name)][images] = np.asarray(values, dtype=np.uint32)
+            self.arrays[BLOCK_CHECKSUM_ARRAY][job.block] = block_checksum(original_size, input_size, failed)
         self.arrays["blocks/done"][job.block] = 1
 
 
@@ -312,14 +385,14 @@ def pack_batch(
     """
     d, tokens, max_len = writer.hidden_size, writer.num_image_tokens, writer.max_text_len
     q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
-    arrays = {"images/sam": np.zeros((len(images), *SAM_EMBEDDING_SHAPE), dtype=np.float16)}
+    arrays = {"images/sam": np.zeros((len(images), *writer.sam_shape), dtype=np.float16)}
     for layer in writer.layers:
         arrays[image_array_name(layer)] = np.zeros((len(images), tokens, d), dtype=np.float16)
         arrays[text_array_name(layer)] = np.zeros((q_stop - q_start, max_len, d), dtype=np.float16)
     for i, feature in features.items():
         row = i - images.start
         where = f"image {job.image_start + i} ({job.image_paths[i]})"
-        arrays["images/sam"][row] = to_float16(feature.sam_embedding, SAM_EMBEDDING_SHAPE, f"sam_embedding of {where}")
+        arrays["images/sam"][row] = to_float16(feature.sam_embedding, writer.sam_shape, f"sam_embedding of {where}")
         if len(feature.text_states) != len(job.questions[i]):
             raise RuntimeError(
                 f"backbone returned {len(feature.text_states)} text states for {len(job.questions[i])} questions "
@@ -361,11 +434,23 @@ def run_block(
     failed = np.zeros(job.num_images, dtype=np.uint8)
     failures: list[tuple[int, int, str]] = []
     query_offsets = np.concatenate([[0], np.cumsum([len(q) for q in job.questions])]).astype(np.int64)
+    checksums = {
+        name: np.zeros(job.num_queries if name.startswith("queries/") else job.num_images, dtype=np.uint32)
+        for name in sample_arrays(writer.layers)
+    }
+
+    def collect(write: Future, images: range) -> None:
+        """Wait for a batch's write and keep the checksums of what it wrote (block-local rows)."""
+        for name, values in write.result().items():
+            if name.startswith("queries/"):
+                checksums[name][int(query_offsets[images.start]) : int(query_offsets[images.stop])] = values
+            else:
+                checksums[name][images.start : images.stop] = values
 
     with ThreadPoolExecutor(LOADER_THREADS) as loader, ThreadPoolExecutor(1) as write_pool:
         sources = list(zip(job.image_paths, job.image_sizes, strict=True))
         loaded = prefetched(loader, load_image, sources, PREFETCH_IMAGES)
-        pending_write: Future | None = None
+        pending_write: tuple[Future, range] | None = None
         for batch_start in range(0, job.num_images, batch_size):
             images = range(batch_start, min(batch_start + batch_size, job.num_images))
             batch = {i: next(loaded) for i in images}
@@ -385,16 +470,17 @@ def run_block(
                 input_size[i] = feature.input_size
             arrays = pack_batch(writer, job, images, features, query_offsets)
             if pending_write is not None:
-                pending_write.result()
+                collect(*pending_write)
             q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
-            pending_write = write_pool.submit(
-                writer.write_batch, job.image_start + images.start, job.query_start + q_start, arrays
+            pending_write = (
+                write_pool.submit(writer.write_batch, job.image_start + images.start, job.query_start + q_start, arrays),
+                images,
             )
             if on_batch is not None:
                 on_batch(len(images), q_stop - q_start)
         if pending_write is not None:
-            pending_write.result()
-    writer.finish_block(job, original_size, input_size, failed)
+            collect(*pending_write)
+    writer.finish_block(job, original_size, input_size, failed, checksums)
     return BlockResult(
         block=job.block,
         num_images=job.num_images,
@@ -402,6 +488,55 @@ def run_block(
         failures=tuple(failures),
         seconds=time.monotonic() - started,
     )
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def warm_start_layers(layer: int) -> tuple[int, int]:
+    """The MLLM's decoder layers (0-based) that warm-start a head reading ``hidden_states[layer]``.
+
+    Decoder layer ``layer`` is the one that reads ``hidden_states[layer]`` (paper 3.1: layers
+    14 and 15 for layer-14 features), so an untrained head's first layer computes what the
+    MLLM computes next.
+    """
+    return layer, layer + 1
+
+
+def warm_start_file(extractor: FeatureExtractor) -> tuple[dict, bytes | None]:
+    """The warm-start record and file of a store cached by ``extractor``, for its first (main) layer.
+
+    Returns:
+        ``{"file", "layers": [k, k + 1], "sha256", "head": sizes}`` and the safetensors bytes
+        (keys ``layers.0.<name>``, ``layers.1.<name>``), or ``{"layers": None, "reason": why}``
+        and None when the MLLM has no such layers (``k`` is its last layer, or it exposes none).
+    """
+    from safetensors.torch import save
+
+    layers = warm_start_layers(extractor.layers[0])
+    try:
+        head, state_dicts = extractor.decoder_layers(layers)
+    except NoDecoderLayers as why:
+        return {"layers": None, "reason": f"no warm start for layer {layers[0]}: {why}"}, None
+    tensors = {f"layers.{i}.{name}": t.contiguous() for i, state in enumerate(state_dicts) for name, t in state.items()}
+    data = save(tensors)
+    record = {"file": WARM_START_FILE, "layers": list(layers), "sha256": hashlib.sha256(data).hexdigest(), "head": head}
+    return record, data
+
+
+def write_warm_start(extractor: FeatureExtractor, location: StoreLocation, record: dict) -> None:
+    """Write the warm-start file that ``record`` (the store's ``identity["warm_start"]``) describes.
+
+    Written atomically (temporary name + rename where local); nothing when the record holds none.
+
+    Raises:
+        RuntimeError: the extractor's layers are not the ones the record was made from.
+    """
+    ours, data = warm_start_file(extractor)
+    if normalise_json(ours) != normalise_json(record):
+        raise RuntimeError(f"the backbone's warm start {ours} is not the one the store records ({record})")
+    if data is not None:
+        location.write_bytes(WARM_START_FILE, data)
 
 
 # ----------------------------------------------------------------------------- runners
@@ -428,6 +563,9 @@ class SerialRunner:
 
     def describe(self, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
         return describe_extractor(self.extractor, texts, is_sentence)
+
+    def write_warm_start(self, url: str, storage_options: dict, record: dict) -> None:
+        write_warm_start(self.extractor, StoreLocation(url, storage_options), record)
 
     def run(
         self, jobs: Sequence[BlockJob], *, url: str, storage_options: dict, batch_size: int, progress: Progress
@@ -493,11 +631,75 @@ def refuse_if_different(existing: FeatureStore, wanted: StoreDescription) -> Non
         raise StoreError(f"store {existing.url} was built with " + "; ".join(differences) + f": {hint}")
 
 
+def repair_damage(
+    store: FeatureStore, *, manifest: pa.Table, plan: ImagePlan, text_len: np.ndarray, progress: bool
+) -> FeatureStore:
+    """Check an existing store before building on it, and make this build redo what is damaged.
+
+    The manifest file and the index arrays are rewritten if they are not what the store
+    recorded (the build has both). Every sample of every finished block is read back and
+    checked (:func:`~lens_cache.store.scan_store`); a block with a damaged or missing
+    sample loses its done flag, so the build recomputes exactly those blocks. A complete
+    store that needs any repair (or whose warm-start file or ``queries/failed`` is
+    damaged) is first marked incomplete (one metadata write), so a reader never takes a
+    store under repair as finished.
+
+    Returns:
+        The store, reopened if anything was repaired.
+    """
+    location = store.location
+    group = open_group(location, mode="r+")
+    repaired: list[str] = []
+    try:
+        store.manifest  # noqa: B018 - checks the stored file against the recorded hash
+    except DamagedStoreError:
+        location.write_bytes(MANIFEST_FILE, manifest_to_parquet_bytes(manifest, spec=store.attrs["spec"]))
+        repaired.append(f"rewrote {MANIFEST_FILE}")
+    if store.checksums is not None:
+        expected = index_arrays(plan, text_len)
+        for name in INDEX_ARRAYS:
+            try:
+                store.checked_index_array(name)
+            except DamagedStoreError:
+                group[name][:] = expected[name]
+                repaired.append(f"rewrote {name}")
+    if repaired:
+        store = FeatureStore.open(store.url, require_complete=False, storage_options=location.storage_options)
+    finished = [int(block) for block in np.flatnonzero(store.done_flags())]
+    if finished:
+        _say(progress, f"checking every sample of the {len(finished)} finished block(s) of {store.url}")
+    damaged = scan_store(store, finished, progress=progress, label="lens-cache check")
+    for block in unfilled_blocks(store):
+        damaged.setdefault(block, ["a sample's chunk is not in storage"])
+    stale = bool(repaired) or bool(damaged)
+    if store.complete and not stale:
+        try:
+            store.warm_start_bytes()
+            failed = store.array("queries/failed")[:]
+            stale = not np.array_equal(failed, store.image_failures[store.image_index])
+        except StoreError:
+            stale = True
+        except Exception:  # queries/failed does not decode: finalize rewrites it  # noqa: BLE001
+            stale = True
+    if not stale:
+        return store
+    if store.complete:
+        attrs = dict(group.attrs[ATTRS_KEY])
+        attrs["complete"] = False
+        group.attrs.put({ATTRS_KEY: attrs})
+    for block, problems in sorted(damaged.items()):
+        group["blocks/done"][block] = 0
+        _say(progress, f"block {block} of {store.url} is damaged ({problems[0]}): recomputing it")
+    for line in repaired:
+        _say(progress, f"{store.url}: {line} (it was damaged)")
+    return FeatureStore.open(store.url, require_complete=False, storage_options=location.storage_options)
+
+
 def finalize_store(store: FeatureStore) -> FeatureStore:
     """Check every block and sample, then mark the store complete (the last write).
 
-    A block whose flag is set but whose samples are missing (storage lost them) is
-    reset, so the next run redoes it.
+    A finished block whose samples are missing (storage lost them) loses its done flag
+    before the error, so the rerun the message asks for redoes it.
     """
     missing = store.missing_blocks()
     if missing:
@@ -507,7 +709,11 @@ def finalize_store(store: FeatureStore) -> FeatureStore:
         )
     problems = check_filled(store)
     if problems:
+        done = open_group(store.location, mode="r+")["blocks/done"]
+        for block in unfilled_blocks(store):
+            done[block] = 0
         raise StoreError(f"store {store.url}: {problems[0]}: rerun the same `lens-cache build` command")
+    store.warm_start_bytes()  # the file is there and is the one recorded (else StoreError)
     group = open_group(store.location, mode="r+")
     failures = store.array("images/failed")[:]
     group["queries/failed"][:] = failures[store.image_index]
@@ -556,14 +762,48 @@ def build_cache(
 
     Raises:
         StoreError: the location holds something else or a store of another build.
-        ValueError: bad arguments or a manifest that breaks the manifest contract.
+        LockHeldError: another build is writing this store.
+        UsageError / ManifestError (ValueErrors): bad arguments or a manifest that breaks
+            the manifest contract.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise UsageError(f"workers must be >= 0, got {workers}")
     location = StoreLocation(str(out_url), dict(storage_options or {}))
-    if (block_size is None or compression is None) and not overwrite and store_state(location) == "lens":
+    # The parent holds the lock for the whole build (dask workers write their blocks under it).
+    with exclusive(location.url, command="lens-cache build", log=lambda line: _say(progress, line)):
+        return _build_cache(
+            manifest,
+            location,
+            extractor_factory,
+            spec=spec,
+            batch_size=batch_size,
+            block_size=block_size,
+            compression=compression,
+            workers=workers,
+            scheduler=scheduler,
+            overwrite=overwrite,
+            progress=progress,
+        )
+
+
+def _build_cache(
+    manifest: pa.Table,
+    location: StoreLocation,
+    extractor_factory: ExtractorFactory,
+    *,
+    spec: str,
+    batch_size: int,
+    block_size: int | None,
+    compression: str | None,
+    workers: int,
+    scheduler: str | None,
+    overwrite: bool,
+    progress: bool,
+) -> FeatureStore:
+    existed = not overwrite and store_state(location) == "lens"
+    if (block_size is None or compression is None) and existed:
         existing = FeatureStore.open(location.url, require_complete=False, storage_options=location.storage_options)
         block_size = existing.block_size if block_size is None else block_size
         compression = existing.compression if compression is None else compression
@@ -577,7 +817,7 @@ def build_cache(
         from lens_cache.distributed import DaskRunner
 
         if location.url.startswith("memory://"):
-            raise ValueError("a memory:// store lives in one process: build it with workers=0")
+            raise UsageError("a memory:// store lives in one process: build it with workers=0")
         if location.is_local:  # workers may run in another directory
             location = StoreLocation(str(location.local_path), location.storage_options)
 
@@ -592,6 +832,7 @@ def build_cache(
             layers=info.layers,
             hidden_size=info.hidden_size,
             num_image_tokens=info.num_image_tokens,
+            sam_channels=info.sam_channels,
             spec=spec,
             manifest_hash=digest,
             block_size=block_size,
@@ -600,13 +841,18 @@ def build_cache(
         store = prepare_store(
             location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite
         )
+        if existed:  # resume or rerun: first find what of the store is damaged, to redo it
+            store = repair_damage(store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress)
         if store.complete:
             _say(
                 progress,
-                f"store {location.url} is already complete ({store.num_images} images, {store.num_queries} queries)",
+                f"store {location.url} is already complete ({store.num_images} images, {store.num_queries} queries; "
+                "every sample checked)",
             )
             return store
 
+        # Before any block: a resumed build rewrites the same bytes.
+        runner.write_warm_start(location.url, location.storage_options, info.identity["warm_start"])
         pending = store.missing_blocks()
         done_images = plan.num_images - sum(len(plan.image_range(b)) for b in pending)
         done_queries = plan.num_queries - sum(len(plan.query_range(b)) for b in pending)

@@ -1,9 +1,11 @@
 """``lens-cache``: build, inspect, verify and export feature stores (stage 1).
 
 Heavy imports (torch, zarr, dask, the backbones) happen inside the commands, so
-``lens-cache --help`` answers at once. Expected problems (missing data, missing
-checkpoint, a store of another build, ...) print one line on stderr and exit
-with code 2; set ``LENS_DEBUG=1`` to get the traceback instead.
+``lens-cache --help`` answers at once. User errors (missing data, missing
+checkpoint, a store of another build, a damaged store, a store another build is
+writing, ...: ``lens_cache.errors.UserError`` and ``lens_manifests.ManifestError``)
+print one line on stderr and exit with code 2; set ``LENS_DEBUG=1`` to get the
+traceback instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -30,38 +32,38 @@ app = typer.Typer(
 USER_ERROR_EXIT = 2
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from lens_cache.store import StoreError
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's to fix (StoreError, LockHeldError, ... are UserErrors)."""
+    from lens_cache.errors import UserError
+    from lens_manifests import ManifestError
 
-    errors: tuple[type[BaseException], ...] = (StoreError, FileNotFoundError, ValueError)
-    try:
-        from lens_manifests import ManifestError
-    except ImportError:  # pragma: no cover - manifests are part of the project
-        return errors
-    return (*errors, ManifestError)
+    return (UserError, ManifestError)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn our expected errors into one line on stderr and exit code 2."""
+    """Turn user errors into one line on stderr and exit code 2; anything else keeps its traceback."""
     try:
         yield
     except Exception as error:
-        if os.environ.get("LENS_DEBUG") or not isinstance(error, _expected_errors()):
+        if os.environ.get("LENS_DEBUG") or not isinstance(error, user_error_types()):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        typer.echo(f"error: {message}", err=True)
+        from lens_cache.errors import one_line
+
+        typer.echo(f"error: {one_line(error)}", err=True)
         raise typer.Exit(USER_ERROR_EXIT) from None
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
     """``"14"`` or ``"14,30"`` -> (14,) / (14, 30)."""
+    from lens_cache.errors import UsageError
+
     try:
         layers = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"--layers takes a comma-separated list of integers (e.g. 14,30), got {text!r}") from None
+        raise UsageError(f"--layers takes a comma-separated list of integers (e.g. 14,30), got {text!r}") from None
     if not layers or min(layers) < 1:
-        raise ValueError(f"--layers takes positive layer numbers (e.g. 14,30), got {text!r}")
+        raise UsageError(f"--layers takes positive layer numbers (e.g. 14,30), got {text!r}")
     return tuple(sorted(set(layers)))
 
 
@@ -78,7 +80,7 @@ def build(
         Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
     ] = None,
     mllm: Annotated[str, typer.Option(help="LLaVA checkpoint folder / HF id, or 'tiny'.")] = "tiny",
-    sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), or 'tiny'.")] = "tiny",
+    sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), 'tiny', or 'toy' (toy:PATH).")] = "tiny",
     layers: Annotated[str, typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index).")] = "14",
     batch_size: Annotated[int, typer.Option(help="Images per backbone call.")] = 4,
     block_size: Annotated[
@@ -152,7 +154,9 @@ def _load_manifest(split: str | None, data_root: Path | None, manifest: Path | N
         recorded = (table.schema.metadata or {}).get(b"spec")
         return table, split or (recorded.decode() if recorded else manifest.stem)
     if split is None:
-        raise ValueError("give --split SPEC (e.g. refcoco:val) or --manifest FILE.parquet")
+        from lens_cache.errors import UsageError
+
+        raise UsageError("give --split SPEC (e.g. refcoco:val) or --manifest FILE.parquet")
     return build_manifest(split, data_root, seed=seed), split
 
 
@@ -229,12 +233,19 @@ def _human(size: float) -> str:
 
 
 @app.command()
-def verify(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> None:
-    """Check every block, array shape, hash and sample; exit 1 if anything is wrong."""
+def verify(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Structure only (blocks, arrays, hashes, chunk listing): read no values.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
+) -> None:
+    """Read every value back and check it against its checksum, with every block, array and hash;
+    exit 1 if anything is wrong (`lens-cache build` with the same options repairs what is damaged)."""
     with user_errors():
         from lens_cache.store import verify_store
 
-        report = verify_store(store)
+        report = verify_store(store, quick=quick, progress=not quiet)
     for line in report.lines():
         typer.echo(line)
     if not report.ok:

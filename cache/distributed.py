@@ -43,8 +43,11 @@ from lens_cache.build import (
     StoreWriter,
     describe_extractor,
     run_block,
+    write_warm_start,
 )
+from lens_cache.errors import UsageError
 from lens_cache.progress import Progress
+from lens_cache.store import StoreLocation
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -97,6 +100,11 @@ def describe_task(
     return describe_extractor(_worker_extractor(factory, token), texts, is_sentence)
 
 
+def warm_start_task(factory: ExtractorFactory, token: str, url: str, storage_options: dict, record: dict) -> None:
+    """Runs on a worker: write the store's warm-start file (the parent never loads the model)."""
+    write_warm_start(_worker_extractor(factory, token), StoreLocation(url, storage_options), record)
+
+
 def block_task(
     factory: ExtractorFactory, token: str, url: str, storage_options: dict, job: BlockJob, batch_size: int
 ) -> BlockResult:
@@ -119,7 +127,7 @@ class DaskRunner:
 
     def __init__(self, extractor_factory: ExtractorFactory, *, workers: int = 0, scheduler: str | None = None) -> None:
         if not scheduler and workers < 1:
-            raise ValueError("a dask build needs workers >= 1 or a scheduler address")
+            raise UsageError("a dask build needs workers >= 1 or a scheduler address")
         self.extractor_factory = extractor_factory
         self.workers = workers
         self.scheduler = scheduler
@@ -157,6 +165,11 @@ class DaskRunner:
             describe_task, self.extractor_factory, self.token, list(texts), list(is_sentence), pure=False
         )
         return future.result()
+
+    def write_warm_start(self, url: str, storage_options: dict, record: dict) -> None:
+        self._client.submit(
+            warm_start_task, self.extractor_factory, self.token, url, storage_options, record, pure=False
+        ).result()
 
     def run(
         self, jobs: Sequence[BlockJob], *, url: str, storage_options: dict, batch_size: int, progress: Progress

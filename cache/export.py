@@ -3,7 +3,9 @@
 The file mirrors the store: the same array paths (``images/mllm_l14``, ...), dtypes
 and chunk shapes; the ``lens_cache`` attribute as a JSON string on the root; the
 manifest's Parquet bytes as the uint8 dataset ``manifest.parquet``. It is written
-to ``<out>.tmp`` and renamed, so a crash never leaves a file that looks finished.
+to ``<out>.tmp`` and renamed, so a crash never leaves a file that looks finished; the
+writer lock of ``<out>`` (:mod:`lens_cache.locks`) is held meanwhile, so two exports
+never write one file. Every sample is checked against its checksum as it is copied.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from lens_cache.store import MANIFEST_FILE, FeatureStore
+from lens_cache.errors import UsageError
+from lens_cache.locks import exclusive
+from lens_cache.store import MANIFEST_FILE, FeatureStore, sample_arrays
 
 #: samples copied per read/write: bounds memory (a 576x4096 float16 sample is 4.7 MB)
 COPY_ROWS = 64
@@ -39,17 +43,29 @@ def export_hdf5(
 
     Returns:
         ``out_path``.
+
+    Raises:
+        StoreError: the store is missing or unfinished; DamagedStoreError: a sample is damaged.
+        LockHeldError: another export is writing ``out_path``.
     """
     store = FeatureStore.open(store_url, storage_options=storage_options)
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     filters: dict = {}
     if compression == "gzip":
         filters = {"compression": "gzip", "compression_opts": compression_level}
     elif compression == "lzf":
         filters = {"compression": "lzf"}
     elif compression != "none":
-        raise ValueError(f"unknown HDF5 compression {compression!r}: choose gzip, lzf or none")
+        raise UsageError(f"unknown HDF5 compression {compression!r}: choose gzip, lzf or none")
+    with exclusive(out_path, command="lens-cache export"):
+        _write_hdf5(store, out_path, filters)
+    return out_path
+
+
+def _write_hdf5(store: FeatureStore, out_path: Path, filters: dict) -> None:
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    store.manifest  # noqa: B018 - the manifest file is the one the store recorded (else DamagedStoreError)
+    checked = set(sample_arrays(store.layers)) if store.checksums is not None else set()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(tmp, "w") as h5:
         h5.attrs["lens_cache"] = json.dumps(store.attrs, sort_keys=True)
@@ -64,11 +80,14 @@ def export_hdf5(
                 chunks=tuple(min(c, s) for c, s in zip(source.chunks, source.shape, strict=True)),
                 **filters,
             )
+            if name in checked:  # one checked sample at a time
+                for row in range(source.shape[0]):
+                    target[row] = store.read_sample(name, row)
+                continue
             step = max(1, COPY_ROWS // source.chunks[0]) * source.chunks[0]
             for start in range(0, source.shape[0], step):
                 target[start : start + step] = source[start : start + step]
     os.replace(tmp, out_path)
-    return out_path
 
 
 def read_hdf5_attrs(path: str | Path) -> dict:

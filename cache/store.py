@@ -7,12 +7,14 @@ the arrays as ``manifest.parquet``, and a reader refuses a store that is not
 finished or not what it expects.
 
 Layout (``N_img`` images, ``N_q`` queries, ``d`` hidden size, ``T`` = max_text_len,
-``B`` = block_size; "chunk" is the chunk shape)::
+``B`` = block_size, ``C`` = sam_channels: SAM's prompt width, 256 for SAM, 64 for the
+toy SAM; "chunk" is the chunk shape)::
 
     zarr.json                      attrs["lens_cache"]: format_version, identity, ... complete
     manifest.parquet               the manifest (one row per query, query_id == row)
+    warm_start/decoder_layers.safetensors  the MLLM's decoder layers k, k+1 (head warm start)
     images/mllm_l{L}               (N_img, 576, d)      float16  chunk (1, 576, d)
-    images/sam                     (N_img, 256, 64, 64) float16  chunk (1, 256, 64, 64)
+    images/sam                     (N_img, C, 64, 64)   float16  chunk (1, C, 64, 64)
     images/original_size          (N_img, 2)  int32  (h, w)      chunk (B, 2)
     images/input_size             (N_img, 2)  int32  (h, w)      chunk (B, 2)
     images/failed                 (N_img,)    uint8  0 ok, else FAILURE_REASONS code, chunk (B,)
@@ -22,6 +24,22 @@ Layout (``N_img`` images, ``N_q`` queries, ``d`` hidden size, ``T`` = max_text_l
     queries/image_index           (N_q,)      int64  image of each query
     queries/failed                (N_q,)      uint8  copy of images/failed per query (written at completion)
     blocks/done                   (N_blocks,) uint8  1 once block b is written, chunk (1,)
+
+    images/sam_crc32, images/mllm_l{L}_crc32   (N_img,)       uint32  crc32 of each sample, chunk (B,)
+    queries/text_l{L}_crc32       (N_blocks, Q)  uint32  row b: crc32 of block b's queries, chunk (1, Q)
+    blocks/crc32                  (N_blocks,)    uint32  crc32 of block b's sizes and failure codes, chunk (1,)
+
+Integrity (format version 2): every sample's checksum is the crc32 of its float16 bytes
+as written (a text row with its zero padding; after bit-rounding, so it is what reads
+back), computed by the writer of its block and written with the block's sizes, before
+its done flag. ``Q`` (``checksums.block_queries``) is the most queries of any block, so
+the checksums of a block's queries are one chunk owned by the block's writer. The index
+arrays' checksums sit in ``attrs["checksums"]["index"]``. Readers check each sample as
+they read it, and ``manifest.parquet`` against ``manifest_hash`` on first use; a missing
+chunk (zarr would read zeros), a changed one or one that does not decode is a one-line
+:class:`DamagedStoreError` naming the sample and the repair: the same ``lens-cache build``
+command, which recomputes exactly the damaged blocks (:func:`scan_store`). Version-1
+stores carry no checksums: their values are read unchecked.
 
 Why this shape:
 
@@ -33,6 +51,12 @@ Why this shape:
   flag: a reader never takes a half-written sample as finished.
 * Arrays are created once, by the parent; workers open the group ``r+`` and never
   resize anything.
+* The warm-start file is written once, atomically, before any block; its record
+  (layers, sha256, the head sizes it fits) is ``identity["warm_start"]``, so the file
+  is part of what identifies the store, and a reader checks the hash before using it.
+
+Format version 2 added ``sam_channels``, the warm start and the checksums; a version-1
+store reads as ``C = 256`` without a warm start and without checksum checks.
 """
 
 from __future__ import annotations
@@ -41,6 +65,8 @@ import hashlib
 import io
 import json
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -52,11 +78,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from lens_cache.errors import UsageError, UserError
 from zarr.abc.store import Store as ZarrStore
 from zarr.codecs import ZstdCodec
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 ATTRS_KEY = "lens_cache"
 #: Written first at creation and replaced (atomically, in one metadata write) by
 #: ``ATTRS_KEY`` once every array exists: a store killed while being created is
@@ -67,19 +94,45 @@ STORAGE_DTYPE = "float16"
 COMPRESSIONS = ("lossless", "bitround", "none")
 ZSTD_LEVEL = 3
 BITROUND_KEEPBITS = 7
-SAM_EMBEDDING_SHAPE = (256, 64, 64)
+#: SAM's image embedding is (C, 64, 64) whatever the variant; C is its prompt width.
+SAM_EMBEDDING_SIZE = 64
+#: C of the real SAMs, and of every store of format version 1 (which did not record it).
+DEFAULT_SAM_CHANNELS = 256
+#: The MLLM's decoder layers k and k+1 for the head's warm start (``layers.0.*``, ``layers.1.*``).
+WARM_START_FILE = "warm_start/decoder_layers.safetensors"
 #: 1-D bookkeeping arrays written once by the parent: big chunks, few objects.
 INDEX_CHUNK = 1 << 16
 
 #: ``images/failed`` codes: why an image was skipped (0 = loaded fine).
 FAILURE_REASONS = {1: "missing", 2: "unreadable", 3: "size_mismatch"}
+#: Per-sample checksums (format version 2): ``zlib.crc32`` of the sample's bytes as written.
+CHECKSUM_ALGORITHM = "crc32"
+CHECKSUM_SUFFIX = "_crc32"
+BLOCK_CHECKSUM_ARRAY = "blocks/crc32"
+#: Arrays written once by the parent at creation, their checksums in ``attrs["checksums"]["index"]``.
+INDEX_ARRAYS = ("images/first_query", "queries/image_index", "queries/text_len")
+#: Threads that read and check samples in :func:`scan_store` (decoding and crc32 release the GIL).
+SCAN_THREADS = 4
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store is missing, foreign, incomplete, or not the one a build/reader expects.
 
     The message is one line meant for the user (the CLI prints it as is).
     """
+
+
+class DamagedStoreError(StoreError):
+    """A sample (or index array, or the manifest) of a store is not what was written.
+
+    ``detail`` is the short form (``image 3: images/sam: its chunk is missing``) that
+    :func:`scan_store` lists; the message adds the store and the repair.
+    """
+
+    def __init__(self, message: str, *, detail: str = "", block: int | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+        self.block = block
 
 
 # ----------------------------------------------------------------------------- naming
@@ -93,6 +146,48 @@ def image_array_name(layer: int) -> str:
 def text_array_name(layer: int) -> str:
     """Array of the text-token states of ``layer``: (N_q, max_text_len, d)."""
     return f"queries/text_l{layer}"
+
+
+def checksum_array_name(name: str) -> str:
+    """Array of the per-sample checksums of the feature array ``name`` (``images/sam`` -> ``images/sam_crc32``)."""
+    return f"{name}{CHECKSUM_SUFFIX}"
+
+
+def sample_arrays(layers: Sequence[int]) -> list[str]:
+    """The per-sample feature arrays of a store: the SAM embeddings, then image and text states per layer."""
+    names = ["images/sam"]
+    for layer in layers:
+        names += [image_array_name(layer), text_array_name(layer)]
+    return names
+
+
+def sample_checksum(values: np.ndarray) -> int:
+    """crc32 of one sample's little-endian bytes (C order)."""
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    return zlib.crc32(values.data)
+
+
+def block_checksum(original_size: np.ndarray, input_size: np.ndarray, failed: np.ndarray) -> int:
+    """crc32 of a block's (n, 2) int32 sizes and (n,) uint8 failure codes, as written."""
+    crc = 0
+    for values, dtype in ((original_size, "<i4"), (input_size, "<i4"), (failed, "u1")):
+        crc = zlib.crc32(np.ascontiguousarray(values, dtype=dtype).data, crc)
+    return crc
+
+
+def stored_checksums(attrs: dict) -> dict | None:
+    """``attrs["checksums"]`` (algorithm, block_queries, index), or None for a version-1 store."""
+    return attrs.get("checksums")
+
+
+def sam_embedding_shape(channels: int) -> tuple[int, int, int]:
+    """(C, 64, 64): one cached SAM image embedding, C = 256 for SAM, 64 for the toy SAM."""
+    return (channels, SAM_EMBEDDING_SIZE, SAM_EMBEDDING_SIZE)
+
+
+def stored_sam_channels(attrs: dict) -> int:
+    """C of a store's SAM embeddings, from its attributes (format version 1: always 256)."""
+    return int(attrs.get("sam_channels", DEFAULT_SAM_CHANNELS))
 
 
 def canonical_json(value: Any) -> str:
@@ -251,7 +346,7 @@ def feature_codecs(compression: str) -> dict[str, Any]:
             return {"filters": [BitRound(keepbits=BITROUND_KEEPBITS)], "compressors": [ZstdCodec(level=ZSTD_LEVEL)]}
     if compression == "none":
         return {"filters": None, "compressors": None}
-    raise ValueError(f"unknown compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
+    raise UsageError(f"unknown compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -314,26 +409,33 @@ class ImagePlan:
         """One past the last row of ``image``."""
         return int(self.first_query[image + 1]) if image + 1 < self.num_images else self.num_queries
 
+    @property
+    def max_block_queries(self) -> int:
+        """The most queries of any block (the width of the query-checksum arrays)."""
+        return max(len(self.query_range(block)) for block in range(self.num_blocks))
+
 
 def plan_images(manifest: pa.Table, block_size: int) -> ImagePlan:
     """Group the manifest's rows by image, checking the manifest contract.
 
-    Raises ValueError when ``query_id`` is not the row index or an image's rows are
-    not contiguous (both are promises of ``lens_manifests``: a cached row is keyed
-    by its manifest index).
+    Raises ManifestError (a ValueError) when ``query_id`` is not the row index or an
+    image's rows are not contiguous (both are promises of ``lens_manifests``: a cached
+    row is keyed by its manifest index); UsageError for a block size below 1.
     """
+    from lens_manifests import ManifestError
+
     if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+        raise UsageError(f"block_size must be >= 1, got {block_size}")
     if manifest.num_rows == 0:
-        raise ValueError("the manifest has no rows: nothing to cache")
+        raise ManifestError("the manifest has no rows: nothing to cache")
     missing = {"dataset", "split", "image_id", "image_path", "query_id", "text", "is_sentence"} - set(
         manifest.column_names
     )
     if missing:
-        raise ValueError(f"the manifest lacks column(s) {', '.join(sorted(missing))}")
+        raise ManifestError(f"the manifest lacks column(s) {', '.join(sorted(missing))}")
     query_id = manifest.column("query_id").to_numpy()
     if not np.array_equal(query_id, np.arange(manifest.num_rows)):
-        raise ValueError("manifest query_id must equal the row index (0..N-1)")
+        raise ManifestError("manifest query_id must equal the row index (0..N-1)")
     keys = list(
         zip(
             manifest.column("dataset").to_pylist(),
@@ -344,7 +446,7 @@ def plan_images(manifest: pa.Table, block_size: int) -> ImagePlan:
     )
     starts = [0] + [row for row in range(1, len(keys)) if keys[row] != keys[row - 1]]
     if len(starts) != len(set(keys)):
-        raise ValueError("manifest rows are not grouped by image (an image's queries must be contiguous)")
+        raise ManifestError("manifest rows are not grouped by image (an image's queries must be contiguous)")
     first_query = np.asarray(starts, dtype=np.int64)
     counts = np.diff(np.append(first_query, manifest.num_rows))
     image_index = np.repeat(np.arange(len(first_query), dtype=np.int64), counts)
@@ -362,6 +464,7 @@ class StoreDescription:
     layers: tuple[int, ...]
     hidden_size: int
     num_image_tokens: int
+    sam_channels: int
     spec: str
     manifest_hash: str
     block_size: int
@@ -426,10 +529,11 @@ def create_store(
                 fill_value=0,
                 **features,
             )
+        sam_shape = sam_embedding_shape(description.sam_channels)
         group.create_array(
             "images/sam",
-            shape=(num_images, *SAM_EMBEDDING_SHAPE),
-            chunks=(1, *SAM_EMBEDDING_SHAPE),
+            shape=(num_images, *sam_shape),
+            chunks=(1, *sam_shape),
             dtype=STORAGE_DTYPE,
             fill_value=0,
             **features,
@@ -442,6 +546,15 @@ def create_store(
     group.create_array(
         "queries/failed", shape=(num_queries,), chunks=(min(num_queries, INDEX_CHUNK),), dtype="uint8", **small
     )
+    # Checksums, chunked so that each block's are written by the block's writer alone.
+    block_queries = plan.max_block_queries
+    for name in sample_arrays(description.layers):
+        if name.startswith("queries/"):
+            shape, chunks = (plan.num_blocks, block_queries), (1, block_queries)
+        else:
+            shape, chunks = (num_images,), (block,)
+        group.create_array(checksum_array_name(name), shape=shape, chunks=chunks, dtype="uint32", **small)
+    group.create_array(BLOCK_CHECKSUM_ARRAY, shape=(plan.num_blocks,), chunks=(1,), dtype="uint32", **small)
 
     def write_index(name: str, values: np.ndarray) -> None:
         array = group.create_array(
@@ -449,9 +562,9 @@ def create_store(
         )
         array[:] = values
 
-    write_index("images/first_query", plan.first_query.astype(np.int64))
-    write_index("queries/image_index", plan.image_index.astype(np.int64))
-    write_index("queries/text_len", text_len)
+    index = index_arrays(plan, text_len)
+    for name, values in index.items():
+        write_index(name, values)
 
     # Last step of creation, one metadata write: the store now says what it is.
     group.attrs.put(
@@ -465,6 +578,7 @@ def create_store(
                 "layers": list(description.layers),
                 "hidden_size": d,
                 "num_image_tokens": description.num_image_tokens,
+                "sam_channels": description.sam_channels,
                 "num_images": num_images,
                 "num_queries": num_queries,
                 "num_blocks": plan.num_blocks,
@@ -473,12 +587,26 @@ def create_store(
                 "compression": description.compression,
                 "block_size": plan.block_size,
                 "failure_reasons": {str(code): reason for code, reason in FAILURE_REASONS.items()},
+                "checksums": {
+                    "algorithm": CHECKSUM_ALGORITHM,
+                    "block_queries": block_queries,
+                    "index": {name: sample_checksum(values) for name, values in index.items()},
+                },
                 "num_failed_images": None,
                 "created_by": lens_version(),
                 "complete": False,
             }
         }
     )
+
+
+def index_arrays(plan: ImagePlan, text_len: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays the parent writes once at creation (:data:`INDEX_ARRAYS`), as stored."""
+    return {
+        "images/first_query": plan.first_query.astype(np.int64),
+        "queries/image_index": plan.image_index.astype(np.int64),
+        "queries/text_len": np.asarray(text_len, dtype=np.int32),
+    }
 
 
 def store_state(location: StoreLocation) -> str:
@@ -511,6 +639,7 @@ class FeatureStore:
         self._group = group
         self._attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}
+        self._block_checksum_cache: dict[int, dict[str, np.ndarray]] = {}
 
     # -- opening ----------------------------------------------------------------
 
@@ -598,6 +727,11 @@ class FeatureStore:
         return int(self._attrs["num_image_tokens"])
 
     @property
+    def sam_channels(self) -> int:
+        """C of the (C, 64, 64) SAM embeddings: 256 for SAM, 64 for the toy SAM."""
+        return stored_sam_channels(self._attrs)
+
+    @property
     def num_images(self) -> int:
         return int(self._attrs["num_images"])
 
@@ -627,8 +761,70 @@ class FeatureStore:
 
     @cached_property
     def manifest(self) -> pa.Table:
-        """The manifest the store was built from (``manifest.parquet`` beside the arrays)."""
+        """The manifest the store was built from (``manifest.parquet`` beside the arrays).
+
+        Checked against the recorded ``manifest_hash`` on first use.
+
+        Raises:
+            DamagedStoreError: the file is missing, unreadable or not the one the store was built from.
+        """
+        try:
+            table = self.unchecked_manifest()
+            digest = manifest_hash(table)
+        except (OSError, pa.ArrowException) as error:
+            raise DamagedStoreError(
+                f"store {self.url}: {MANIFEST_FILE} is unreadable ({type(error).__name__}: {error}): {self.repair_hint}"
+            ) from None
+        if digest != self.manifest_hash:
+            raise DamagedStoreError(
+                f"store {self.url}: {MANIFEST_FILE} has hash {digest[:12]}, the store was built from "
+                f"{self.manifest_hash[:12]} (the file was changed): {self.repair_hint}"
+            )
+        return table
+
+    def unchecked_manifest(self) -> pa.Table:
+        """``manifest.parquet`` as stored, not checked against the recorded hash (for verify)."""
         return pq.read_table(io.BytesIO(self.location.read_bytes(MANIFEST_FILE)))
+
+    @property
+    def repair_hint(self) -> str:
+        """What repairs a damaged store: the build command, which recomputes only what is damaged."""
+        return (
+            f"repair it by rerunning the `lens-cache build ... --out {self.url}` command that made it "
+            "(it recomputes only the damaged blocks)"
+        )
+
+    @property
+    def warm_start(self) -> dict:
+        """What the store holds for the head's warm start (``identity["warm_start"]``).
+
+        ``{"file", "layers": [k, k + 1], "sha256", "head": {hidden_size, num_heads, mlp_size, ...}}``
+        (``k`` = the store's first layer), or ``{"layers": None, "reason": ...}`` when the
+        build wrote no file.
+        """
+        return self.identity.get("warm_start") or {"layers": None, "reason": "the store predates warm-start export"}
+
+    def warm_start_bytes(self) -> bytes | None:
+        """The warm-start file, checked against the sha256 the store recorded; None when there is none.
+
+        Raises:
+            StoreError: the file is missing, or its bytes are not the ones the store was built with.
+        """
+        record = self.warm_start
+        if record["layers"] is None:
+            return None
+        fix = "rebuild the store (the same `lens-cache build` command with --overwrite)"
+        try:
+            data = self.location.read_bytes(WARM_START_FILE)
+        except FileNotFoundError:
+            raise StoreError(f"store {self.url} lacks {WARM_START_FILE}, which its identity records: {fix}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record["sha256"]:
+            raise StoreError(
+                f"store {self.url}: {WARM_START_FILE} has sha256 {digest[:12]}, the store recorded "
+                f"{record['sha256'][:12]} (the file was changed): {fix}"
+            )
+        return data
 
     def description(self) -> StoreDescription:
         return StoreDescription(
@@ -636,6 +832,7 @@ class FeatureStore:
             layers=self.layers,
             hidden_size=self.hidden_size,
             num_image_tokens=self.num_image_tokens,
+            sam_channels=self.sam_channels,
             spec=self._attrs["spec"],
             manifest_hash=self.manifest_hash,
             block_size=self.block_size,
@@ -665,30 +862,66 @@ class FeatureStore:
     @cached_property
     def text_len(self) -> np.ndarray:
         """(N_q,) int32: L_t of every query."""
-        return self.array("queries/text_len")[:]
+        return self.checked_index_array("queries/text_len")
 
     @cached_property
     def image_index(self) -> np.ndarray:
         """(N_q,) int64: the image of every query."""
-        return self.array("queries/image_index")[:]
+        return self.checked_index_array("queries/image_index")
 
     @cached_property
     def first_query(self) -> np.ndarray:
         """(N_img,) int64: the first query of every image."""
-        return self.array("images/first_query")[:]
+        return self.checked_index_array("images/first_query")
+
+    @property
+    def checksums(self) -> dict | None:
+        """``attrs["checksums"]``; None for a version-1 store (no checksums: values read unchecked)."""
+        return stored_checksums(self._attrs)
+
+    def checked_index_array(self, name: str) -> np.ndarray:
+        """An array written at creation, checked against its recorded checksum."""
+        try:
+            values = self.array(name)[:]
+        except OSError:
+            raise
+        except Exception as error:  # a chunk that does not decode (zstd, reshape, ...)
+            raise DamagedStoreError(
+                f"store {self.url}: {name} does not decode ({type(error).__name__}: {error}): {self.repair_hint}",
+                detail=f"{name}: does not decode ({type(error).__name__}: {error})",
+            ) from None
+        recorded = (self.checksums or {}).get("index", {}).get(name)
+        if recorded is not None and sample_checksum(values) != recorded:
+            raise DamagedStoreError(
+                f"store {self.url}: {name} is damaged (checksum mismatch): {self.repair_hint}",
+                detail=f"{name}: checksum mismatch, its bytes changed",
+            )
+        return values
 
     @cached_property
     def _original_size(self) -> np.ndarray:
-        return self.array("images/original_size")[:]
+        return self._read_whole("images/original_size")
 
     @cached_property
     def _input_size(self) -> np.ndarray:
-        return self.array("images/input_size")[:]
+        return self._read_whole("images/input_size")
 
     @cached_property
     def image_failures(self) -> np.ndarray:
         """(N_img,) uint8: 0 = cached, else a ``FAILURE_REASONS`` code (image skipped)."""
-        return self.array("images/failed")[:]
+        return self._read_whole("images/failed")
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        """A block-chunked bookkeeping array (checked per block by :meth:`block_checksums`)."""
+        try:
+            return self.array(name)[:]
+        except OSError:
+            raise
+        except Exception as error:  # a chunk that does not decode
+            raise DamagedStoreError(
+                f"store {self.url}: {name} does not decode ({type(error).__name__}: {error}): {self.repair_hint}",
+                detail=f"{name}: does not decode",
+            ) from None
 
     def failed_images(self) -> list[dict[str, Any]]:
         """The images the build skipped: image_index, image_id, image_path, reason."""
@@ -696,8 +929,9 @@ class FeatureStore:
         if len(failed) == 0:
             return []
         rows = self.first_query[failed]
-        image_ids = self.manifest.column("image_id").take(rows).to_pylist()
-        paths = self.manifest.column("image_path").take(rows).to_pylist()
+        manifest = self.unchecked_manifest()  # informational: verify reports a changed manifest itself
+        image_ids = manifest.column("image_id").take(rows).to_pylist()
+        paths = manifest.column("image_path").take(rows).to_pylist()
         return [
             {
                 "image_index": int(image),
@@ -730,6 +964,109 @@ class FeatureStore:
     def missing_blocks(self) -> list[int]:
         return [int(block) for block in np.flatnonzero(~self.done_flags())]
 
+    # -- integrity ----------------------------------------------------------------
+
+    def _damaged(self, what: str, block: int, problem: str) -> DamagedStoreError:
+        return DamagedStoreError(
+            f"store {self.url}: {what} is damaged ({problem}): {self.repair_hint}",
+            detail=f"{what}: {problem}",
+            block=block,
+        )
+
+    def chunk_exists(self, name: str, row: int) -> bool:
+        """Whether the chunk holding row ``row`` (first axis) of ``name`` is in storage."""
+        array = self.array(name)
+        key = array.metadata.encode_chunk_key((row // array.chunks[0],) + (0,) * (array.ndim - 1))
+        fs, root = self.location.filesystem()
+        return bool(fs.exists(f"{root}/{name}/{key}"))
+
+    def _read_rows(self, name: str, rows: int | slice, what: str, block: int) -> np.ndarray:
+        """``array(name)[rows]``; a chunk that does not decode is a DamagedStoreError about ``what``."""
+        try:
+            return self.array(name)[rows]
+        except OSError:
+            raise
+        except Exception as error:  # zarr's codecs raise RuntimeError, ValueError, ... for a broken chunk
+            raise self._damaged(what, block, f"{name}: its chunk does not decode ({type(error).__name__}: {error})") from None
+
+    def block_checksums(self, block: int) -> dict[str, np.ndarray] | None:
+        """The recorded checksums of the samples of ``block`` (array name -> one per image / query of
+        the block), after checking the block's sizes and failure codes; None for a version-1 store.
+
+        Raises:
+            DamagedStoreError: the checksums or the block's sizes / failure codes are damaged.
+        """
+        if self.checksums is None:
+            return None
+        cached = self._block_checksum_cache.get(block)
+        if cached is not None:
+            return cached
+        images = self.block_image_range(block)
+        queries = range(int(self.first_query[images.start]), self._query_end(images.stop - 1))
+        what = f"block {block} (images {images.start}-{images.stop - 1})"
+        rows: dict[str, np.ndarray] = {}
+        for name in sample_arrays(self.layers):
+            if name.startswith("queries/"):
+                rows[name] = self._read_rows(checksum_array_name(name), block, what, block)[: len(queries)]
+            else:
+                rows[name] = self._read_rows(checksum_array_name(name), slice(images.start, images.stop), what, block)
+        recorded = int(self._read_rows(BLOCK_CHECKSUM_ARRAY, block, what, block))
+        actual = block_checksum(
+            self._read_rows("images/original_size", slice(images.start, images.stop), what, block),
+            self._read_rows("images/input_size", slice(images.start, images.stop), what, block),
+            self._read_rows("images/failed", slice(images.start, images.stop), what, block),
+        )
+        if actual != recorded:
+            raise self._damaged(what, block, "its image sizes or failure codes changed (checksum mismatch)")
+        self._block_checksum_cache[block] = rows
+        return rows
+
+    def _query_end(self, image: int) -> int:
+        return int(self.first_query[image + 1]) if image + 1 < self.num_images else self.num_queries
+
+    def read_sample(self, name: str, row: int) -> np.ndarray:
+        """Row ``row`` of the per-sample array ``name`` (an image, or a query's padded text row), checked.
+
+        Raises:
+            DamagedStoreError: its chunk is missing, does not decode, or holds other bytes than were written.
+        """
+        if name.startswith("queries/"):
+            image = int(self.image_index[row])
+            what = f"query {row} (image {image})"
+        else:
+            image, what = row, f"image {row}"
+        block = image // self.block_size
+        values = self._read_rows(name, row, what, block)
+        checksums = self.block_checksums(block)
+        if checksums is None:  # format version 1: no checksums
+            return values
+        if name.startswith("queries/"):
+            recorded = int(checksums[name][row - int(self.first_query[block * self.block_size])])
+        else:
+            recorded = int(checksums[name][row - block * self.block_size])
+        if sample_checksum(values) != recorded:
+            if not self.chunk_exists(name, row):
+                raise self._damaged(what, block, f"{name}: its chunk is missing")
+            raise self._damaged(what, block, f"{name}: checksum mismatch, its bytes changed")
+        return values
+
+    def check_block(self, block: int) -> list[str]:
+        """Read every sample of ``block`` and check it; the problems found (empty: intact)."""
+        try:
+            self.block_checksums(block)
+        except DamagedStoreError as error:
+            return [error.detail]
+        problems = []
+        images = self.block_image_range(block)
+        queries = range(int(self.first_query[images.start]), self._query_end(images.stop - 1))
+        for name in sample_arrays(self.layers):
+            for row in queries if name.startswith("queries/") else images:
+                try:
+                    self.read_sample(name, row)
+                except DamagedStoreError as error:
+                    problems.append(error.detail)
+        return problems
+
     # -- reading samples ----------------------------------------------------------
 
     def _check_layer(self, layer: int) -> None:
@@ -752,7 +1089,7 @@ class FeatureStore:
 
         Returns:
             image_states: (576, d) float16, the MLLM's image-token states at ``layer``.
-            sam_embedding: (256, 64, 64) float16.
+            sam_embedding: (C, 64, 64) float16, C = :attr:`sam_channels` (256 for SAM, 64 for the toy SAM).
             original_size: (2,) int (h, w); input_size: (2,) int (h, w) before padding.
             image_index: int; query_ids: (n,) int64, the image's queries.
         """
@@ -761,8 +1098,8 @@ class FeatureStore:
         first = int(self.first_query[image])
         end = int(self.first_query[image + 1]) if image + 1 < self.num_images else self.num_queries
         return {
-            "image_states": self.array(image_array_name(layer))[image],
-            "sam_embedding": self.array("images/sam")[image],
+            "image_states": self.read_sample(image_array_name(layer), image),
+            "sam_embedding": self.read_sample("images/sam", image),
             "original_size": self._original_size[image].astype(np.int64),
             "input_size": self._input_size[image].astype(np.int64),
             "image_index": int(image),
@@ -774,7 +1111,7 @@ class FeatureStore:
 
         Returns:
             image_states: (576, d) float16; text_states: (L_t, d) float16 (the last
-            row is the start-of-answer token); sam_embedding: (256, 64, 64) float16;
+            row is the start-of-answer token); sam_embedding: (C, 64, 64) float16;
             original_size, input_size: (2,) int (h, w); image_index: int; query_id: int.
         """
         if not 0 <= query < self.num_queries:
@@ -782,7 +1119,7 @@ class FeatureStore:
         image = int(self.image_index[query])
         sample = self.read_image(image, layer)
         del sample["query_ids"]
-        sample["text_states"] = self.array(text_array_name(layer))[query, : int(self.text_len[query])]
+        sample["text_states"] = self.read_sample(text_array_name(layer), query)[: int(self.text_len[query])]
         sample["query_id"] = int(query)
         return sample
 
@@ -817,13 +1154,19 @@ def check_compatible(stores: Sequence[FeatureStore]) -> None:
 
 @dataclass
 class VerifyReport:
-    """Result of :func:`verify_store`; ``ok`` is False when any problem was found."""
+    """Result of :func:`verify_store`; ``ok`` is False when any problem was found.
+
+    ``damaged_blocks``: finished blocks with a damaged sample (the build recomputes them);
+    ``notes``: what was not checked (``--quick``, a version-1 store without checksums).
+    """
 
     url: str
     problems: list[str] = field(default_factory=list)
     failed_images: list[dict[str, Any]] = field(default_factory=list)
     blocks_done: int = 0
     num_blocks: int = 0
+    damaged_blocks: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -833,6 +1176,8 @@ class VerifyReport:
         yield f"store {self.url}: blocks {self.blocks_done}/{self.num_blocks} done"
         for failure in self.failed_images:
             yield f"skipped image {failure['image_index']} ({failure['image_id']}, {failure['reason']}): {failure['image_path']}"
+        for note in self.notes:
+            yield f"note: {note}"
         for problem in self.problems:
             yield f"PROBLEM: {problem}"
         yield "OK" if self.ok else f"NOT OK ({len(self.problems)} problem(s))"
@@ -846,7 +1191,8 @@ def expected_arrays(attrs: dict) -> dict[str, tuple[tuple[int, ...], str, tuple[
     for layer in attrs["layers"]:
         arrays[image_array_name(layer)] = ((n_img, tokens, d), STORAGE_DTYPE, (1, tokens, d))
         arrays[text_array_name(layer)] = ((n_q, t, d), STORAGE_DTYPE, (1, t, d))
-    arrays["images/sam"] = ((n_img, *SAM_EMBEDDING_SHAPE), STORAGE_DTYPE, (1, *SAM_EMBEDDING_SHAPE))
+    sam_shape = sam_embedding_shape(stored_sam_channels(attrs))
+    arrays["images/sam"] = ((n_img, *sam_shape), STORAGE_DTYPE, (1, *sam_shape))
     arrays["images/original_size"] = ((n_img, 2), "int32", (block, 2))
     arrays["images/input_size"] = ((n_img, 2), "int32", (block, 2))
     arrays["images/failed"] = ((n_img,), "uint8", (block,))
@@ -855,6 +1201,15 @@ def expected_arrays(attrs: dict) -> dict[str, tuple[tuple[int, ...], str, tuple[
     arrays["queries/image_index"] = ((n_q,), "int64", (min(n_q, INDEX_CHUNK),))
     arrays["queries/failed"] = ((n_q,), "uint8", (min(n_q, INDEX_CHUNK),))
     arrays["blocks/done"] = ((attrs["num_blocks"],), "uint8", (1,))
+    checksums = stored_checksums(attrs)
+    if checksums is not None:
+        width = checksums["block_queries"]
+        for name in sample_arrays(attrs["layers"]):
+            if name.startswith("queries/"):
+                arrays[checksum_array_name(name)] = ((attrs["num_blocks"], width), "uint32", (1, width))
+            else:
+                arrays[checksum_array_name(name)] = ((n_img,), "uint32", (block,))
+        arrays[BLOCK_CHECKSUM_ARRAY] = ((attrs["num_blocks"],), "uint32", (1,))
     return arrays
 
 
@@ -873,7 +1228,28 @@ def stored_chunk_rows(store: FeatureStore, name: str) -> set[int]:
 
 def check_filled(store: FeatureStore) -> list[str]:
     """Problems if any sample of a finished block was not written (STYLE 9)."""
-    problems = []
+    return [
+        f"{name}: {len(missing)} sample(s) of finished blocks were never written (e.g. {sorted(missing)[:5]})"
+        for name, missing in unwritten_samples(store).items()
+    ]
+
+
+def unfilled_blocks(store: FeatureStore) -> list[int]:
+    """The finished blocks with a sample whose chunk is not listed in storage."""
+    blocks: set[int] = set()
+    for name, rows in unwritten_samples(store).items():
+        images = store.image_index[sorted(rows)] if name.startswith("queries/") else np.asarray(sorted(rows))
+        blocks |= {int(image) // store.block_size for image in images}
+    return sorted(blocks)
+
+
+def unwritten_samples(store: FeatureStore) -> dict[str, set[int]]:
+    """Array name -> rows of finished blocks (not skipped images) whose chunk folder is not listed.
+
+    A structural check (one listing per array, no values read): a chunk deleted from a
+    nested chunk folder leaves the folder, so only :func:`scan_store` sees every loss.
+    """
+    found: dict[str, set[int]] = {}
     done = store.done_flags()
     expected_images = {
         image
@@ -888,17 +1264,59 @@ def check_filled(store: FeatureStore) -> list[str]:
     for name, expected in names:
         missing = expected - stored_chunk_rows(store, name)
         if missing:
-            first = sorted(missing)[:5]
-            problems.append(f"{name}: {len(missing)} sample(s) of finished blocks were never written (e.g. {first})")
-    return problems
+            found[name] = missing
+    return found
 
 
-def verify_store(url: str | Path, *, storage_options: dict | None = None) -> VerifyReport:
-    """Check a store end to end without reading the feature values.
+def scan_store(
+    store: FeatureStore, blocks: Sequence[int] | None = None, *, progress: bool = False, label: str = "lens-cache verify"
+) -> dict[int, list[str]]:
+    """Read every sample of ``blocks`` (default: every finished block) and check it against its checksum.
 
-    Every block done; every array present with the shape, dtype and chunks the
-    attributes promise; identity hash == hash(identity); manifest hash == hash of
-    the stored ``manifest.parquet``; every sample of every finished block written.
+    A missing chunk (zarr would read zeros), a chunk that does not decode and one whose
+    bytes changed are all found; so are damaged checksums and block sizes / failure codes.
+    A version-1 store has no checksums: its values are only decoded.
+
+    Returns:
+        block -> its problems (``image 3: images/sam: its chunk is missing``), damaged blocks only.
+    """
+    from lens_cache.progress import Progress
+
+    if blocks is None:
+        blocks = [int(block) for block in np.flatnonzero(store.done_flags())]
+    sizes = {}
+    for block in blocks:
+        images = store.block_image_range(block)
+        sizes[block] = (len(images), store._query_end(images.stop - 1) - int(store.first_query[images.start]))
+    meter = Progress(
+        total_images=sum(n for n, _ in sizes.values()),
+        total_queries=sum(q for _, q in sizes.values()),
+        enabled=progress,
+        label=label,
+    )
+    damaged: dict[int, list[str]] = {}
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:
+        for block, problems in zip(blocks, pool.map(store.check_block, blocks), strict=True):
+            if problems:
+                damaged[int(block)] = problems
+            meter.advance(*sizes[block])
+    meter.close()
+    return damaged
+
+
+def verify_store(
+    url: str | Path, *, storage_options: dict | None = None, quick: bool = False, progress: bool = False
+) -> VerifyReport:
+    """Check a store end to end.
+
+    Always (``quick``): every block done; every array present with the shape, dtype and
+    chunks the attributes promise; identity hash == hash(identity); manifest hash == hash
+    of the stored ``manifest.parquet``; the warm-start file == the recorded sha256; a
+    chunk listed for every sample of every finished block.
+
+    Unless ``quick``: every value read back and checked against its checksum (index
+    arrays, block sizes and failure codes, every sample of every finished block), with a
+    progress line on stderr when ``progress``.
     """
     store = FeatureStore.open(url, require_complete=False, storage_options=storage_options)
     attrs = store.attrs
@@ -912,7 +1330,8 @@ def verify_store(url: str | Path, *, storage_options: dict | None = None) -> Ver
     if identity_hash(attrs["identity"]) != attrs["identity_hash"]:
         report.problems.append("identity_hash does not match the recorded identity")
     try:
-        stored_hash = manifest_hash(store.manifest)
+        manifest = store.unchecked_manifest()
+        stored_hash = manifest_hash(manifest)
     except (OSError, pa.ArrowException) as error:
         report.problems.append(f"{MANIFEST_FILE} unreadable: {error}")
     else:
@@ -920,10 +1339,12 @@ def verify_store(url: str | Path, *, storage_options: dict | None = None) -> Ver
             report.problems.append(
                 f"{MANIFEST_FILE} has hash {stored_hash[:12]}, the attributes say {attrs['manifest_hash'][:12]}"
             )
-        if store.manifest.num_rows != store.num_queries:
-            report.problems.append(
-                f"{MANIFEST_FILE} has {store.manifest.num_rows} rows, the store {store.num_queries} queries"
-            )
+        if manifest.num_rows != store.num_queries:
+            report.problems.append(f"{MANIFEST_FILE} has {manifest.num_rows} rows, the store {store.num_queries} queries")
+    try:
+        store.warm_start_bytes()
+    except StoreError as error:
+        report.problems.append(str(error))
     present = set(store.array_names())
     expected = expected_arrays(attrs)
     for name, (shape, dtype, chunks) in expected.items():
@@ -936,11 +1357,47 @@ def verify_store(url: str | Path, *, storage_options: dict | None = None) -> Ver
                 f"array {name} is {tuple(array.shape)} {array.dtype} chunks {tuple(array.chunks)}, "
                 f"expected {shape} {dtype} chunks {chunks}"
             )
-    if present >= set(expected):
+    if not present >= set(expected):
+        return report
+    index_ok = True
+    for name in INDEX_ARRAYS:
+        try:
+            store.checked_index_array(name)
+        except DamagedStoreError as error:
+            report.problems.append(error.detail)
+            index_ok = False
+    if not index_ok:
+        report.problems.append(f"the store's index arrays are damaged: {store.repair_hint}")
+        return report
+    try:
         report.problems += check_filled(store)
         if store.complete and not np.array_equal(
             store.array("queries/failed")[:], store.image_failures[store.image_index]
         ):
             report.problems.append("queries/failed disagrees with images/failed")
-    report.failed_images = store.failed_images()
+        report.failed_images = store.failed_images()
+    except DamagedStoreError as error:
+        report.problems.append(error.detail)
+    if quick:
+        report.notes.append("--quick: values not read (run without --quick to check every sample)")
+        return report
+    if store.checksums is None:
+        report.notes.append(
+            f"format version {attrs['format_version']} has no checksums: values were decoded, not compared"
+        )
+    damaged = scan_store(store, progress=progress)
+    listed = 0
+    for block, problems in sorted(damaged.items()):
+        for problem in problems:
+            if listed < 20:
+                report.problems.append(f"block {block}: {problem}")
+            listed += 1
+    if listed > 20:
+        report.problems.append(f"... and {listed - 20} more damaged sample(s)")
+    if damaged:
+        report.damaged_blocks = sorted(damaged)
+        report.problems.append(
+            f"{len(damaged)} damaged block(s) {report.damaged_blocks[:10]}{'...' if len(damaged) > 10 else ''}: "
+            f"{store.repair_hint}"
+        )
     return report

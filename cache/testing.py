@@ -1,8 +1,8 @@
 """Test helpers: a deterministic fake backbone and tiny manifests with real image files.
 
 :class:`FakeExtractor` implements :class:`lens_cache.backbones.base.FeatureExtractor`
-with tiny dimensions (d=16 by default, the real 576 image tokens and 256x64x64
-SAM embedding). Its features are computed from the pixels and the question text
+with tiny dimensions (d=16 by default, the real 576 image tokens and a 256x64x64
+SAM embedding, or Cx64x64 with ``sam_channels=C``). Its features are computed from the pixels and the question text
 only, so two builds of the same manifest must agree bit for bit, whichever
 process or worker computed them.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from lens_cache.backbones.base import ImageFeatures
+from lens_cache.backbones.base import ImageFeatures, NoDecoderLayers
 from PIL import Image
 
 FAKE_PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -40,6 +40,7 @@ class FakeExtractor:
         hidden_size: d of the fake MLLM.
         layers: cached layers.
         prompt_template, mllm, sam: recorded in ``identity`` (change one to test refusals).
+        sam_channels: C of the (C, 64, 64) SAM embedding.
         delay_s: sleep per ``extract`` call (to make a build slow enough to kill).
         call_log: file to which each ``extract`` call appends its number of images.
     """
@@ -54,11 +55,13 @@ class FakeExtractor:
         prompt_template: str = FAKE_PROMPT,
         mllm: str = "fake-mllm",
         sam: str = "fake-sam",
+        sam_channels: int = 256,
         delay_s: float = 0.0,
         call_log: str | Path | None = None,
     ) -> None:
         self.hidden_size = hidden_size
         self.layers = tuple(layers)
+        self.sam_channels = sam_channels
         self.prompt_template = prompt_template
         self.delay_s = delay_s
         self.call_log = Path(call_log) if call_log else None
@@ -81,12 +84,12 @@ class FakeExtractor:
         return np.random.default_rng(1000 + layer).standard_normal((rows, self.hidden_size)).astype(np.float32)
 
     def extract(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[ImageFeatures]:
-        """Features for each image: (576, d) image states, (L_t, d) text states, (256, 64, 64) SAM."""
+        """Features for each image: (576, d) image states, (L_t, d) text states, (C, 64, 64) SAM."""
         if len(images) != len(questions):
             raise ValueError("one list of questions per image")
         if self.delay_s:
             time.sleep(self.delay_s)
-        sam_projection = np.random.default_rng(7).standard_normal((256, 3)).astype(np.float32)
+        sam_projection = np.random.default_rng(7).standard_normal((self.sam_channels, 3)).astype(np.float32)
         features = []
         for image, image_questions in zip(images, questions, strict=True):
             rgb = image.convert("RGB")
@@ -118,6 +121,9 @@ class FakeExtractor:
             with open(self.call_log, "a") as log:
                 log.write(f"{len(images)}\n")
         return features
+
+    def decoder_layers(self, indices: Sequence[int]) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+        raise NoDecoderLayers("the fake backbone has no decoder layers")
 
 
 def fake_factory(**kwargs) -> functools.partial:
@@ -189,6 +195,55 @@ def make_test_manifest(
             for name, value in row.items():
                 columns[name].append(value)
     return pa.table(columns, schema=MANIFEST_SCHEMA)
+
+
+#: The ways a chunk file gets damaged that the stores must notice (issue 11).
+DAMAGE_KINDS = ("deleted", "truncated", "flipped")
+
+
+def damage_chunk(path: str | Path, kind: str) -> None:
+    """Damage one chunk file of a store as a disk, a sync tool or a careless hand would.
+
+    ``deleted``: the file is gone (zarr would read the fill value, zeros); ``truncated``:
+    half of it is left; ``flipped``: three bytes (start, middle, end) are inverted.
+    """
+    path = Path(path)
+    if kind == "deleted":
+        path.unlink()
+    elif kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "flipped":
+        data = bytearray(path.read_bytes())
+        for position in (len(data) // 8, len(data) // 2, len(data) - 2):
+            data[position] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        raise ValueError(f"unknown damage {kind!r}: one of {DAMAGE_KINDS}")
+
+
+HOLD_LOCK_SCRIPT = """
+import sys, time
+from lens_cache.locks import WriterLock
+WriterLock(sys.argv[1], command=sys.argv[2]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(target: str | Path, command: str = "lens-cache build"):
+    """A separate process holding the writer lock of ``target`` (kill it to leave a stale lock).
+
+    Returns the ``subprocess.Popen``, once the lock is held.
+    """
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK_SCRIPT, str(target), command], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+    return process
 
 
 def main(argv: Sequence[str] | None = None) -> None:

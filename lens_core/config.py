@@ -34,7 +34,8 @@ class LensConfig:
         keypoint_min_ratio: a keypoint is valid if its score >= this x the peak (0.4).
         neighborhood: p of the p x p neighbourhood sampled per keypoint (3).
         descriptor_heads: heads of the descriptor's cross- and self-attention.
-        prompt_dim: SAM's prompt embedding size (256).
+        prompt_dim: SAM's prompt embedding size C, also the channels of its (C, 64, 64) image
+            embeddings (256 for SAM, 64 for the toy SAM).
         global_only_prob: S1.4 dropout: probability, in training, of using only the
             global description (paper 0.5, official 0.9).
         use_keypoint_description: False = Table 2 "w/o keypoint description"

@@ -4,7 +4,8 @@ For each keypoint, the image features F_i^2 are sampled (bilinearly) at the poin
 its p x p neighbourhood; the start-of-answer token f_s^2 queries those p*p vectors
 (cross-attention) to give the keypoint's description d_i. A self-attention over
 {f_s^2} U {d_i} lets the global description and the local ones regularise each other,
-and a projection maps everything to SAM's prompt size: D in R^{(m+1) x 256}.
+and a projection maps everything to SAM's prompt size: D in R^{(m+1) x C}
+(C = ``prompt_dim``: 256 for SAM, 64 for the toy SAM).
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class Lens(nn.Module):
             image_states: (B, 576, d) MLLM image-token states (layer 14).
             text_states: (B, L_t, d) MLLM text states after the image, right-padded.
             text_lengths: (B,) valid text rows; the last one is the start-of-answer token.
-            sam_embeddings: (B, 256, 64, 64) SAM image embeddings.
+            sam_embeddings: (B, C, 64, 64) SAM image embeddings, C = ``config.prompt_dim``
+                (256 for SAM, 64 for the toy SAM).
             generator: RNG for the training-time global-only dropout (S1.4).
         Returns:
             LensOutput.

@@ -42,11 +42,11 @@ class SamPromptDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            descriptions: (B, T, 256), T = has_global + K (or has_global alone when the
-                keypoint descriptions are off).
+            descriptions: (B, T, C), C = SAM's prompt width (256 for SAM, 64 for the toy SAM),
+                T = has_global + K (or has_global alone when the keypoint descriptions are off).
             points: (B, K, 2) keypoints (x, y) in grid cells.
             keypoint_mask: (B, K) bool, keypoints that prompt SAM.
-            image_embeddings: (B, 256, 64, 64) SAM image embeddings.
+            image_embeddings: (B, C, 64, 64) SAM image embeddings.
             has_global: whether descriptions[:, 0] is the global description.
         Returns:
             low_res_logits (B, 256, 256) and iou_predictions (B,).

@@ -32,3 +32,37 @@ def segmenter(tiny_real_run):
     from lens_train.segment import Segmenter
 
     return Segmenter(tiny_real_run.run_dir, extractor=tiny_real_run.extractor, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toy_sam_file(tmp_path_factory):
+    """A toy SAM checkpoint as ``lens-toy export`` writes one: ``build_toy_sam(seed=1)``'s state dict, safetensors."""
+    from lens_cache.toy.sam import build_toy_sam
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("toy_sam") / "toy_sam.safetensors"
+    save_file(build_toy_sam(seed=1).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_sam_store(tmp_path_factory, toy_sam_file):
+    """A store cached with the real tiny LLaVA (layer 14) and a toy SAM: one image, one query (~3 s).
+
+    Returns a namespace: ``store`` (FeatureStore), ``extractor`` (the LensFeatureExtractor
+    that built it), ``sam`` (the ``toy:PATH`` spec).
+    """
+    from types import SimpleNamespace
+
+    from lens_cache.backbones import build_extractor
+    from lens_cache.build import build_cache
+    from lens_manifests import build_manifest
+    from lens_train.testing import small_synthetic
+
+    root = small_synthetic(tmp_path_factory.mktemp("toy_sam_synthetic"), images=2)
+    manifest = build_manifest("synthetic-reason:val", root).take([0])
+    sam = f"toy:{toy_sam_file}"
+    extractor = build_extractor(mllm="tiny", sam=sam, layers=(14,), device="cpu")
+    store = build_cache(manifest, tmp_path_factory.mktemp("toy_sam_store") / "store", lambda: extractor,
+                        spec="synthetic-reason:val", batch_size=1, progress=False)
+    return SimpleNamespace(store=store, extractor=extractor, sam=sam)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from lens_cache.backbones.geometry import sam_frame
 from lens_cache.backbones.sam import (
     SamCheckpointNotFoundError,
     SamImageEncoder,
+    SamSpec,
     build_sam,
     build_tiny_sam,
     parse_sam_spec,
@@ -119,3 +121,72 @@ def test_sam_identity_hashes_the_file_not_its_path(tmp_path):
     path.write_bytes(b"y" * 10_000_000)  # same size, new content and mtime: recomputed, not served from the cache
     os.utime(path, ns=(before + 10**9, before + 10**9))
     assert sam_identity(f"vit_b:{path}") != ident
+
+
+def test_toy_spec_loads_its_file_strictly_and_hashes_it(tmp_path, toy_sam_file):
+    """toy:PATH is build_toy_sam() with exactly the file's tensors; its identity is the file's sha256."""
+    import lens_cache.toy
+    from lens_cache.toy.sam import build_toy_sam
+    from safetensors.torch import save_file
+
+    shipped = Path(lens_cache.toy.__file__).parent / "weights" / "toy_sam.safetensors"
+    assert parse_sam_spec("toy") == SamSpec("toy", shipped)
+    assert parse_sam_spec(f"toy:{toy_sam_file}") == SamSpec("toy", toy_sam_file)
+    sam, expected = build_sam(f"toy:{toy_sam_file}"), build_toy_sam(seed=1).state_dict()
+    assert sam.prompt_encoder.embed_dim == 64 and sam.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in sam.state_dict().items())
+    truncated = tmp_path / "truncated.safetensors"
+    save_file({k: v for k, v in expected.items() if "iou_prediction_head" not in k}, str(truncated))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_sam(f"toy:{truncated}")
+
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(toy_sam_file, copy)
+    ident = sam_identity(f"toy:{copy}")
+    assert ident == {"variant": "toy", "weights": "sha256:" + hashlib.sha256(toy_sam_file.read_bytes()).hexdigest()}
+    before = copy.stat().st_mtime_ns
+    save_file(build_toy_sam(seed=2).state_dict(), str(copy))  # other weights: another identity
+    os.utime(copy, ns=(before + 10**9, before + 10**9))
+    assert sam_identity(f"toy:{copy}")["weights"] != ident["weights"]
+
+
+def test_missing_toy_weights_is_one_line(tmp_path, monkeypatch):
+    import lens_cache.toy
+
+    monkeypatch.setattr(lens_cache.toy, "WEIGHTS_DIR", tmp_path)  # the shipped file, absent
+    other = tmp_path / "x.safetensors"
+    for spec, path in (("toy", tmp_path / "toy_sam.safetensors"), (f"toy:{other}", other)):
+        with pytest.raises(SamCheckpointNotFoundError) as err:
+            build_sam(spec)
+        assert str(err.value) == (
+            f"toy SAM weights not found at {path}: run `lens-toy export` "
+            "or check out the repository's cache/toy/weights"
+        )
+        with pytest.raises(SamCheckpointNotFoundError):
+            sam_identity(spec)
+
+
+def test_toy_sam_store_is_read_and_trained_on_by_stage_2(toy_sam_store, tmp_path):
+    """A store cached with the toy SAM holds (N, 64, 64, 64) embeddings; lens-train trains on it with prompt_dim 64."""
+    import json
+
+    from lens_cache.store import verify_store
+    from lens_train.errors import UserError
+    from lens_train.trainer import TrainRequest, train
+
+    store = toy_sam_store.store
+    assert store.sam_channels == 64 and store.identity["sam"]["variant"] == "toy"
+    assert store.array("images/sam").shape == (1, 64, 64, 64) and store.array("images/sam").chunks == (1, 64, 64, 64)
+    assert store.read_query(0, 14)["sam_embedding"].shape == (64, 64, 64)
+    assert verify_store(store.url).ok
+
+    fast = {"steps": 2, "batch_size": 1, "grad_accum": 1, "num_workers": 0, "warmup_steps": 1}
+    request = TrainRequest(caches=(store.url,), out=tmp_path / "run", preset="tiny", model_overrides={"prompt_dim": 64},
+                           train_overrides=fast, sam=toy_sam_store.sam, device="cpu", quiet=True)
+    result = train(request)
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["prompt_dim"] == 64 and config["sam"] == toy_sam_store.sam
+    with pytest.raises(UserError, match="64-channel SAM embeddings but preset 'tiny' has prompt_dim 256"):
+        train(TrainRequest(caches=(store.url,), out=tmp_path / "refused", preset="tiny", train_overrides=fast,
+                           sam=toy_sam_store.sam, device="cpu", quiet=True))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,9 +14,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from lens_cache.build import build_cache, first_images
-from lens_cache.store import ATTRS_KEY, PARTIAL_KEY, FeatureStore, StoreError, open_group, verify_store
-from lens_cache.testing import FakeExtractor, fake_factory, make_test_manifest
+from lens_cache.errors import LockHeldError
+from lens_cache.store import (
+    ATTRS_KEY,
+    PARTIAL_KEY,
+    FeatureStore,
+    StoreError,
+    manifest_to_parquet_bytes,
+    open_group,
+    verify_store,
+)
+from lens_cache.testing import FakeExtractor, damage_chunk, fake_factory, make_test_manifest
 
 SPEC = "testset:val"
 
@@ -28,6 +40,11 @@ def assert_stores_identical(a: FeatureStore, b: FeatureStore) -> None:
         x, y = a.array(name)[:], b.array(name)[:]
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert x.tobytes() == y.tobytes(), name
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes): a store, bit for bit."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def count_logged_images(log: Path) -> int:
@@ -202,3 +219,85 @@ def test_dask_local_cluster_equals_serial_build(manifest, reference, tmp_path):
     )
     assert_stores_identical(distributed_store, reference)
     assert verify_store(distributed_store.url).ok
+
+
+def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, reference):
+    """Paper 3.1: the head starts as the MLLM's decoder layers k, k+1 (k = the store's first layer: 14, 15)."""
+    import hashlib
+
+    from lens_cache.backbones import LensFeatureExtractor, LlavaBackbone
+    from lens_cache.build import warm_start_file
+    from lens_cache.store import WARM_START_FILE
+    from safetensors.torch import load
+
+    store, mllm = toy_sam_store.store, toy_sam_store.extractor.mllm
+    record = store.warm_start
+    data = store.location.read_bytes(WARM_START_FILE)
+    assert record == {"file": WARM_START_FILE, "layers": [14, 15], "sha256": hashlib.sha256(data).hexdigest(),
+                      "head": {"hidden_size": 64, "num_heads": 4, "mlp_size": 128, "rms_norm_eps": 1e-6,
+                               "rope_theta": 10000.0}}
+    tensors = load(data)
+    for i, index in enumerate((14, 15)):
+        expected = mllm.decoder_layer_state_dict(index)
+        assert {k.removeprefix(f"layers.{i}.") for k in tensors if k.startswith(f"layers.{i}.")} == set(expected)
+        assert all(torch.equal(tensors[f"layers.{i}.{name}"], value) for name, value in expected.items())
+    assert verify_store(store.url).ok
+
+    # No decoder layer k+1 (k is the MLLM's last layer), or no decoder at all: nothing written, and why.
+    last = LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(31,))
+    assert warm_start_file(LensFeatureExtractor(mllm=last, sam=toy_sam_store.extractor.sam)) == (
+        {"layers": None, "reason": "no warm start for layer 31: the MLLM has no decoder layer 32 (it has 32: 0..31)"},
+        None,
+    )
+    reason = "no warm start for layer 14: the fake backbone has no decoder layers"
+    assert reference.warm_start == {"layers": None, "reason": reason}
+    assert not reference.location.filesystem()[0].exists(f"{reference.location.local_path}/{WARM_START_FILE}")
+
+
+def test_rebuild_repairs_exactly_the_damaged_blocks(manifest, reference, tmp_path):
+    """Issue 11: the build command recomputes the damaged blocks only, and the store is then bit-identical."""
+    out, log = tmp_path / "store", tmp_path / "calls.txt"
+    shutil.copytree(reference.location.local_path, out)
+    damage_chunk(out / "images" / "sam" / "c" / "1" / "0" / "0" / "0", "deleted")  # image 1: block 0
+    query = int(reference.first_query[6])  # image 6's first query: block 3
+    damage_chunk(out / "queries" / "text_l14" / "c" / str(query) / "0" / "0", "truncated")
+    damage_chunk(out / "images" / "mllm_l14" / "c" / "9" / "0" / "0", "flipped")  # image 9: block 4
+    (out / "manifest.parquet").write_bytes(manifest_to_parquet_bytes(first_images(manifest, 3), spec=SPEC))
+    report = verify_store(out)
+    assert not report.ok and report.damaged_blocks == [0, 3, 4]
+
+    repaired = build_cache(manifest, out, fake_factory(call_log=log), spec=SPEC, block_size=2, batch_size=1, progress=False)
+    assert count_logged_images(log) == 6  # blocks 0, 3 and 4, two images each; nothing else recomputed
+    assert repaired.complete and verify_store(out).ok
+    assert tree_bytes(out) == tree_bytes(reference.location.local_path)
+    build_cache(manifest, out, fake_factory(call_log=log), spec=SPEC, block_size=2, batch_size=1, progress=False)
+    assert count_logged_images(log) == 6  # intact and complete: the rerun only checks
+
+
+def test_a_second_build_of_a_store_is_refused_and_a_dead_builds_lock_taken_over(manifest, reference, tmp_path, capsys):
+    """Issue 11: two builds on one store both ran; now the second is refused, naming the first."""
+    manifest_file = tmp_path / "manifest.parquet"
+    pq.write_table(manifest, manifest_file)
+    out = tmp_path / "store"
+    command = [sys.executable, "-m", "lens_cache.testing", "--manifest", str(manifest_file), "--out", str(out)]
+    process = subprocess.Popen([*command, "--block-size", "2", "--delay", "0.25"], stderr=subprocess.PIPE)
+    lock = tmp_path / "store.lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text().strip()):
+        assert process.poll() is None, process.communicate()[1].decode()
+        assert time.monotonic() < deadline, "the first build never took its lock"
+        time.sleep(0.02)
+    try:
+        with pytest.raises(LockHeldError) as error:
+            build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=2, progress=False)
+        holder = f"lens-cache build (pid {process.pid} on {socket.gethostname()}, since "
+        assert str(error.value).startswith(f"{out} is in use by {holder}") and "\n" not in str(error.value)
+        assert str(error.value).endswith(f"wait for it to finish or stop it (two writers would mix their output; lock file {lock})")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert lock.exists()  # a dead process's lock: the next build takes it over and finishes the store
+    finished = build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=2, batch_size=1, progress=True)
+    assert f"took over the lock of lens-cache build (pid {process.pid} on" in capsys.readouterr().err
+    assert not lock.exists()
+    assert_stores_identical(finished, reference)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import pytest
 from lens_cache.cli import app
 from lens_cache.export import export_hdf5, read_hdf5_attrs
 from lens_cache.store import FeatureStore
-from lens_cache.testing import fake_build_extractor, make_test_manifest
+from lens_cache.testing import damage_chunk, fake_build_extractor, make_test_manifest
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -181,3 +183,52 @@ def test_end_to_end_with_the_tiny_backbones(tmp_path):
     assert sample["sam_embedding"].shape == (256, 64, 64)
     assert np.isfinite(sample["text_states"].astype(np.float32)).all()
     assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+
+
+def test_verify_reads_every_value_and_build_repairs(fake_backbones, manifest_file, tmp_path):
+    """`verify` reads every value (progress on stderr), `--quick` only the structure; `build` repairs."""
+    out = tmp_path / "store"
+    build = ["build", "--manifest", str(manifest_file), "--out", str(out), "--block-size", "2", "--quiet"]
+    assert runner.invoke(app, build).exit_code == 0
+    damage_chunk(out / "images" / "mllm_l14" / "c" / "3" / "0" / "0", "flipped")  # image 3: block 1
+
+    result = runner.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "PROBLEM: block 1: image 3: images/mllm_l14: checksum mismatch, its bytes changed" in result.stdout
+    assert "[lens-cache verify] 6/6 images (100.0%)" in result.stderr
+    quick = runner.invoke(app, ["verify", str(out), "--quick"])
+    assert quick.exit_code == 0 and "note: --quick: values not read" in quick.stdout
+
+    result = runner.invoke(app, build[:-1])  # the same command again, with progress
+    assert result.exit_code == 0, result.output
+    assert "block 1 of" in result.stderr and "is damaged (image 3: images/mllm_l14: checksum mismatch" in result.stderr
+    assert runner.invoke(app, ["verify", str(out), "--quiet"]).stdout.strip().endswith("OK")
+
+
+def test_a_writer_lock_held_elsewhere_is_one_line(fake_backbones, manifest_file, tmp_path):
+    """A store or export file another process writes: one line naming it (pid, host), exit 2."""
+    from lens_cache.locks import WriterLock
+
+    out = tmp_path / "store"
+    with WriterLock(out, command="lens-cache build"):  # this process; the command opens the lock file anew
+        line = one_line_error(runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(out)]))
+    assert line.startswith(f"error: {out} is in use by lens-cache build (pid {os.getpid()} on {socket.gethostname()}")
+    assert runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(out), "--quiet"]).exit_code == 0
+    h5 = tmp_path / "store.h5"
+    with WriterLock(h5, command="lens-cache export"):
+        line = one_line_error(runner.invoke(app, ["export", str(out), str(h5)]))
+    assert line.startswith(f"error: {h5} is in use by lens-cache export (pid {os.getpid()}") and not h5.exists()
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), FileNotFoundError(2, "No such file", "/x"), KeyError("k")])
+def test_a_bug_keeps_its_traceback(fake_backbones, manifest_file, tmp_path, monkeypatch, bug):
+    """Only user errors become one line: a ValueError/FileNotFoundError from a bug is not one."""
+    import lens_cache.build
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(lens_cache.build, "build_cache", broken)
+    result = runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1 and result.exception is bug  # typer re-raises: the traceback is printed
+    assert "error: " not in result.stderr

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -10,13 +13,15 @@ import zarr
 from lens_cache.build import build_cache
 from lens_cache.store import (
     ATTRS_KEY,
+    DamagedStoreError,
     FeatureStore,
     StoreError,
     check_compatible,
+    identity_hash,
     open_group,
     verify_store,
 )
-from lens_cache.testing import FakeExtractor, fake_factory, make_test_manifest
+from lens_cache.testing import DAMAGE_KINDS, FakeExtractor, damage_chunk, fake_factory, make_test_manifest
 from PIL import Image
 
 LAYER = 14
@@ -38,19 +43,26 @@ def test_self_description_is_pinned(store, manifest):
     attrs = store.attrs
     assert set(attrs) == {
         "format_version", "identity", "identity_hash", "manifest_hash", "spec", "layers", "hidden_size",
-        "num_image_tokens", "num_images", "num_queries", "num_blocks", "max_text_len", "storage_dtype",
-        "compression", "block_size", "failure_reasons", "num_failed_images", "created_by", "complete",
+        "num_image_tokens", "sam_channels", "num_images", "num_queries", "num_blocks", "max_text_len", "storage_dtype",
+        "compression", "block_size", "failure_reasons", "checksums", "num_failed_images", "created_by", "complete",
     }  # fmt: skip
-    assert attrs["format_version"] == 1
+    assert attrs["format_version"] == 2
     assert attrs["complete"] is True
     assert attrs["storage_dtype"] == "float16"
     assert attrs["compression"] == "lossless"
     assert attrs["layers"] == [14] and attrs["hidden_size"] == 16 and attrs["num_image_tokens"] == 576
+    assert attrs["sam_channels"] == 256  # SAM's prompt width (the toy SAM's is 64: tests/test_backbones_sam.py)
     assert attrs["num_images"] == 5 and attrs["num_queries"] == manifest.num_rows
     assert attrs["block_size"] == 2 and attrs["num_blocks"] == 3
     assert attrs["failure_reasons"] == {"1": "missing", "2": "unreadable", "3": "size_mismatch"}
     assert attrs["created_by"].startswith("lens-seg ")
     assert len(attrs["identity_hash"]) == 64 and len(attrs["manifest_hash"]) == 64
+    # crc32 of what was written; q: the most queries of any block (the width of a block's query checksums)
+    starts = [*store.first_query.tolist(), manifest.num_rows]
+    q = max(starts[min(b + 2, 5)] - starts[b] for b in (0, 2, 4))
+    index = {name: zlib.crc32(store.array(name)[:].data)
+             for name in ("images/first_query", "queries/image_index", "queries/text_len")}
+    assert attrs["checksums"] == {"algorithm": "crc32", "block_queries": q, "index": index}
 
     n_img, n_q, t = 5, manifest.num_rows, attrs["max_text_len"]
     layout = {
@@ -58,16 +70,20 @@ def test_self_description_is_pinned(store, manifest):
         for name in store.array_names()
     }
     assert layout == {
+        "blocks/crc32": ((3,), "uint32", (1,)),
         "blocks/done": ((3,), "uint8", (1,)),
         "images/failed": ((n_img,), "uint8", (2,)),
         "images/first_query": ((n_img,), "int64", (n_img,)),
         "images/input_size": ((n_img, 2), "int32", (2, 2)),
         "images/mllm_l14": ((n_img, 576, 16), "float16", (1, 576, 16)),
+        "images/mllm_l14_crc32": ((n_img,), "uint32", (2,)),
         "images/original_size": ((n_img, 2), "int32", (2, 2)),
         "images/sam": ((n_img, 256, 64, 64), "float16", (1, 256, 64, 64)),
+        "images/sam_crc32": ((n_img,), "uint32", (2,)),
         "queries/failed": ((n_q,), "uint8", (n_q,)),
         "queries/image_index": ((n_q,), "int64", (n_q,)),
         "queries/text_l14": ((n_q, t, 16), "float16", (1, t, 16)),
+        "queries/text_l14_crc32": ((3, q), "uint32", (1, q)),
         "queries/text_len": ((n_q,), "int32", (n_q,)),
     }
     # Zarr v3, unsharded, zstd: what makes concurrent per-sample writes safe.
@@ -116,7 +132,9 @@ def test_text_states_are_zero_padded_and_images_shared(store):
 
 
 def test_reader_metadata_and_pickle(store, manifest):
-    assert store.identity == FakeExtractor().identity
+    # The extractor's identity plus what the store holds for the head's warm start (the fake: nothing).
+    no_warm_start = {"layers": None, "reason": "no warm start for layer 14: the fake backbone has no decoder layers"}
+    assert store.identity == {**FakeExtractor().identity, "warm_start": no_warm_start}
     assert store.layers == (14,) and store.hidden_size == 16
     assert store.manifest.num_rows == manifest.num_rows
     assert store.missing_blocks() == [] and store.is_block_done(2)
@@ -158,6 +176,28 @@ def test_open_refuses_missing_foreign_and_incomplete(store, tmp_path):
         group["blocks/done"][1] = 1
         group.attrs.put({ATTRS_KEY: attrs})
     assert FeatureStore.open(store.url).complete
+
+
+def test_format_version_1_reads_as_256_channels_without_warm_start(store):
+    """Version 1 recorded neither sam_channels nor a warm start: every SAM then had 256 channels."""
+    group = open_group(store.location, mode="r+")
+    attrs = dict(group.attrs[ATTRS_KEY])
+    identity = {key: value for key, value in attrs["identity"].items() if key != "warm_start"}
+    old = {key: value for key, value in attrs.items() if key not in ("sam_channels", "checksums")}
+    old.update(format_version=1, identity=identity, identity_hash=identity_hash(identity))
+    try:
+        group.attrs.put({ATTRS_KEY: old})
+        v1 = FeatureStore.open(store.url)
+        assert v1.sam_channels == 256 and v1.warm_start["layers"] is None and v1.warm_start_bytes() is None
+        # No checksums in version 1: samples read unchecked, without a word.
+        assert v1.checksums is None and v1.block_checksums(0) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_array_equal(v1.read_query(0, LAYER)["sam_embedding"], store.read_query(0, LAYER)["sam_embedding"])
+        report = verify_store(store.url)
+        assert report.ok and report.notes == ["format version 1 has no checksums: values were decoded, not compared"]
+    finally:
+        group.attrs.put({ATTRS_KEY: attrs})
 
 
 def test_check_compatible(manifest, store, tmp_path):
@@ -212,3 +252,68 @@ def test_bitround_is_smaller_and_close(manifest, store, tmp_path):
         # keepbits=7 of float16's 10 mantissa bits: relative error <= 2**-8 (subnormals: absolute)
         np.testing.assert_allclose(lossy, exact, rtol=2**-7, atol=1e-6)
         assert not np.array_equal(lossy, exact)
+    assert verify_store(rounded.url).ok  # the checksums are of the rounded values: what reads back
+
+
+#: What verify and the readers say about image 0's SAM chunk after each kind of damage.
+DAMAGE_FOUND = {
+    "deleted": "its chunk is missing",
+    "truncated": "its chunk does not decode (RuntimeError: Zstd decompression error",
+    "flipped": "checksum mismatch, its bytes changed",
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
+def test_damaged_chunk_is_found_by_verify_and_refused_by_the_reader(store, tmp_path, kind):
+    """Issue 11: a deleted, truncated or byte-flipped chunk passed verify and read as zeros / other values."""
+    copy = tmp_path / "store"
+    shutil.copytree(store.location.local_path, copy)
+    damage_chunk(copy / "images" / "sam" / "c" / "0" / "0" / "0" / "0", kind)  # image 0 (block 0)
+
+    report = verify_store(copy)
+    assert not report.ok and report.damaged_blocks == [0]
+    assert report.problems[0].startswith(f"block 0: image 0: images/sam: {DAMAGE_FOUND[kind]}")
+    assert report.problems[-1] == (
+        f"1 damaged block(s) [0]: repair it by rerunning the `lens-cache build ... --out {copy}` command that made "
+        "it (it recomputes only the damaged blocks)"
+    )
+    quick = verify_store(copy, quick=True)  # --quick: structure only (the chunk's folder is still listed)
+    assert quick.ok and quick.notes[0].startswith("--quick: values not read")
+
+    damaged = FeatureStore.open(copy)
+    with pytest.raises(DamagedStoreError) as error:
+        damaged.read_query(0, LAYER)
+    message = str(error.value)
+    assert "\n" not in message and error.value.block == 0
+    assert message.startswith(f"store {copy}: image 0 is damaged (images/sam: {DAMAGE_FOUND[kind]}")
+    assert message.endswith(f"rerunning the `lens-cache build ... --out {copy}` command that made it (it recomputes only the damaged blocks)")
+    other = int(damaged.first_query[2])  # block 1 is intact and reads as before
+    np.testing.assert_array_equal(damaged.read_query(other, LAYER)["text_states"], store.read_query(other, LAYER)["text_states"])
+
+
+def test_damaged_bookkeeping_and_manifest_are_found(store, tmp_path):
+    """Sizes, failure codes, index arrays and manifest.parquet are checked too, not only the features."""
+    copy = tmp_path / "store"
+    shutil.copytree(store.location.local_path, copy)
+    damage_chunk(copy / "images" / "original_size" / "c" / "1" / "0", "deleted")  # block 1's image sizes
+    zarr.open_array(str(copy / "queries" / "text_len"), mode="r+")[0] = 99  # valid zstd, other values
+    (copy / "manifest.parquet").write_bytes(store.location.read_bytes("manifest.parquet")[:-20] + b"x" * 20)
+
+    report = verify_store(copy)
+    assert not report.ok
+    assert any(p.startswith("manifest.parquet unreadable") for p in report.problems)
+    assert "queries/text_len: checksum mismatch, its bytes changed" in report.problems
+    damaged = FeatureStore.open(copy)
+    with pytest.raises(DamagedStoreError, match=r"manifest.parquet is unreadable .*: repair it by rerunning"):
+        damaged.manifest  # noqa: B018
+    with pytest.raises(DamagedStoreError, match=r"queries/text_len is damaged \(checksum mismatch\)"):
+        damaged.text_len  # noqa: B018
+
+    shutil.rmtree(copy)
+    shutil.copytree(store.location.local_path, copy)
+    damage_chunk(copy / "images" / "original_size" / "c" / "1" / "0", "deleted")
+    report = verify_store(copy)
+    assert report.damaged_blocks == [1]
+    assert "block 1: block 1 (images 2-3): its image sizes or failure codes changed (checksum mismatch)" in report.problems
+    with pytest.raises(DamagedStoreError, match=r"block 1 \(images 2-3\) is damaged"):
+        FeatureStore.open(copy).read_image(2, LAYER)

@@ -72,3 +72,29 @@ def test_table2_tiny_end_to_end_and_skips_what_is_done(tmp_path, monkeypatch):
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert len(cells) == len(reproduce.PAPER_TABLE3) + 1
     assert all(re.fullmatch(r"\d+\.\d", c) for c in cells[:3]) and cells[3:8] == ["—"] * 5
+
+
+def test_table2_over_seeds_reports_mean_sd_and_which_ablations_exceed_noise(tmp_path):
+    import numpy as np
+
+    def metrics(giou):
+        part = {"giou": giou, "ciou": giou}
+        base = {"whole_image": part, "heatmap": part}
+        return {"val": part, "test": {**part, "short": part, "long": part, "baselines": base}}
+
+    lens = [0.60, 0.62, 0.64]
+    results = {name: [metrics(v) for v in lens] for name in reproduce.TABLE2_ROWS}
+    results["layer30"] = [metrics(v) for v in (0.30, 0.31, 0.29)]  # far below: beyond noise
+    results["no_attn_loss"] = [metrics(v) for v in (0.63, 0.59, 0.61)]  # about LENS: within noise
+    settings = reproduce.Settings(preset="toy", work=tmp_path, results=tmp_path, seeds=(0, 1, 2))
+    path = tmp_path / "t.md"
+    reproduce.write_table2(path, results, settings, seconds=1.0)
+    text = path.read_text()
+    sd = np.std(lens, ddof=1) * 100
+    assert f"| LENS-7B | {100 * np.mean(lens):.1f} ± {sd:.1f} (61.4)" in text
+    diff, se = reproduce._difference([0.30, 0.31, 0.29], lens)
+    assert diff == pytest.approx(0.30 - 0.62)
+    assert se == pytest.approx(np.sqrt(np.var([0.30, 0.31, 0.29], ddof=1) / 3 + np.var(lens, ddof=1) / 3))
+    lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert lines["- 14th layer → 30th layer"].endswith("beyond noise")
+    assert lines["- w/o L_attn"].endswith("within noise")

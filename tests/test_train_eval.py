@@ -131,3 +131,24 @@ def test_cli_writes_the_outputs(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert "gIoU" in result.output
     assert {p.name for p in Path(out).iterdir()} >= {"metrics.json", "per_query.parquet", "overlays.png"}
+
+
+@pytest.mark.parametrize("kind", ["deleted", "truncated", "flipped", "manifest"])
+def test_a_damaged_store_is_refused_in_one_line(trained, tmp_path, kind):
+    """Issue 11: a deleted chunk was read as zeros (exit 0, another gIoU); now one line names it and the fix."""
+    from lens_cache.testing import damage_chunk
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(trained["val"].location.local_path, copy)
+    if kind == "manifest":
+        data = (copy / "manifest.parquet").read_bytes()
+        (copy / "manifest.parquet").write_bytes(data[:-20] + b"x" * 20)
+        found = "manifest.parquet is unreadable"
+    else:
+        damage_chunk(copy / "images" / "sam" / "c" / "0" / "0" / "0" / "0", kind)  # the first query's image
+        found = "image 0 is damaged (images/sam: "
+    line = _eval_error(["--checkpoint", str(trained["run"]), "--cache", str(copy), "--figures", "0",
+                        "--out", str(tmp_path / "eval")])
+    assert line.startswith(f"error: store {copy}: ") and found in line
+    assert line.endswith(f"`lens-cache build ... --out {copy}` command that made it (it recomputes only the damaged blocks)")
+    assert not (tmp_path / "eval" / "metrics.json").exists()

@@ -187,3 +187,130 @@ def test_refuses_to_overwrite_or_change_a_run(stores, tmp_path):
     assert "needs the stores" in line
     line = _cli_error(["--cache", stores["train"], "--mix", "1:1", "--preset", "tiny", "--out", str(tmp_path / "m")])
     assert "--mix takes three" in line
+
+
+def test_warm_start_is_loaded_and_the_log_names_the_layers(toy_sam_store, tmp_path):
+    lines: list[str] = []
+    store = toy_sam_store.store
+    train(TrainRequest(caches=(store.url,), out=tmp_path / "warm", preset="tiny", model_overrides={"prompt_dim": 64},
+                       train_overrides={**FAST, "steps": 1, "grad_accum": 1, "warm_start": True}, sam=toy_sam_store.sam,
+                       device="cpu", quiet=True), log=lines.append)
+    assert any(line.startswith("warm start: head layers 0-1 loaded from the MLLM's decoder layers 14 and 15")
+               and "rms_norm_eps (1e-05 vs 1e-06)" in line for line in lines)
+    config = json.loads((tmp_path / "warm" / "config.json").read_text())
+    assert config["warm_start"] == {"requested": True, "used": True, "layers": [14, 15],
+                                    "sha256": store.warm_start["sha256"]}
+
+
+def test_warm_start_that_does_not_fit_or_was_changed_is_refused(toy_sam_store, tmp_path):
+    import shutil
+
+    from lens_cache.store import WARM_START_FILE, FeatureStore, verify_store
+    from lens_core import LensConfig
+    from lens_train.errors import UserError
+    from lens_train.presets import load_preset
+    from lens_train.stores import read_warm_start
+
+    tiny = load_preset("tiny").model
+    store = toy_sam_store.store
+    wider = LensConfig.from_dict({**tiny.to_dict(), "mlp_size": 256})
+    with pytest.raises(UserError) as err:
+        read_warm_start(store, layer=14, config=wider)
+    assert str(err.value) == (f"store {store.url} holds decoder layers of mlp_size 128 (preset: 256): "
+                              "use a preset of the MLLM's sizes or --no-warm-start")
+    note = read_warm_start(store, layer=30, config=tiny)
+    assert note == f"store {store.url} holds the MLLM's decoder layers 14-15, for layer-14 features, not layer 30"
+
+    copy = tmp_path / "store"
+    shutil.copytree(store.location.local_path, copy)
+    path = copy / WARM_START_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    path.write_bytes(bytes(data))
+    tampered = FeatureStore.open(copy)
+    with pytest.raises(UserError, match=r"decoder_layers.safetensors has sha256 \w{12}, the store recorded") as err:
+        read_warm_start(tampered, layer=14, config=tiny)
+    assert "\n" not in str(err.value)
+    assert not verify_store(copy).ok
+    with pytest.raises(UserError, match="the store recorded"):
+        train(TrainRequest(caches=(str(copy),), out=tmp_path / "run", preset="tiny", model_overrides={"prompt_dim": 64},
+                           train_overrides={**FAST, "steps": 1, "warm_start": True}, sam=toy_sam_store.sam,
+                           device="cpu", quiet=True))
+    path.unlink()
+    with pytest.raises(UserError, match="lacks warm_start/decoder_layers.safetensors"):
+        read_warm_start(tampered, layer=14, config=tiny)
+
+
+def _damaged_copy(url: str, tmp_path: Path, kind: str) -> Path:
+    """A copy of a store with every SAM chunk damaged (``kind``), or its manifest.parquet rewritten."""
+    import shutil
+
+    from lens_cache.testing import damage_chunk
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(url, copy)
+    if kind == "manifest":
+        data = (copy / "manifest.parquet").read_bytes()
+        (copy / "manifest.parquet").write_bytes(data[:-20] + b"x" * 20)
+    else:
+        for chunk in (copy / "images" / "sam" / "c").glob("*/0/0/0"):
+            damage_chunk(chunk, kind)
+    return copy
+
+
+#: What the one-line refusal says about each damage (the sample, then how to repair).
+DAMAGE_FOUND = {
+    "deleted": "is damaged (images/sam: its chunk is missing)",
+    "truncated": "is damaged (images/sam: its chunk does not decode (RuntimeError: Zstd decompression error",
+    "flipped": "is damaged (images/sam: ",  # checksum mismatch, or a zstd frame that no longer decodes
+    "manifest": "manifest.parquet is unreadable",
+}
+
+
+@pytest.mark.parametrize("kind", ["deleted", "truncated", "flipped", "manifest"])
+def test_a_damaged_store_is_refused_in_one_line(stores, tmp_path, kind):
+    """Issue 11: with every SAM chunk deleted lens-train trained on zeros; now it names the sample and the fix."""
+    copy = _damaged_copy(stores["train"], tmp_path, kind)
+    line = _cli_error(["--cache", str(copy), "--preset", "tiny", "--out", str(tmp_path / "run"), "--steps", "1",
+                       "--batch-size", "1", "--grad-accum", "1", "--workers", "0"])
+    assert line.startswith(f"error: store {copy}: ") and DAMAGE_FOUND[kind] in line
+    if kind != "manifest":
+        assert "image " in line.split(DAMAGE_FOUND[kind])[0]  # names the sample
+    assert line.endswith(f"repair it by rerunning the `lens-cache build ... --out {copy}` command that made it "
+                         "(it recomputes only the damaged blocks)")
+
+
+def test_two_runs_on_one_out_folder(stores, tmp_path):
+    """Issue 11: two runs on one --out both ran and mixed their metrics; now the second is refused."""
+    import signal
+    import socket
+
+    from lens_cache.testing import hold_lock
+
+    run = tmp_path / "run"
+    holder = hold_lock(run, "lens-train")
+    try:
+        line = _cli_error(["--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1"])
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert line.startswith(f"error: {run} is in use by lens-train (pid {holder.pid} on {socket.gethostname()}, since ")
+    assert not run.exists()
+
+    # The holder died holding the lock: the next run takes it over (and says so), then removes it.
+    lines: list[str] = []
+    train(_request(stores, run, steps=1), log=lines.append)
+    assert any(line.startswith(f"took over the lock of lens-train (pid {holder.pid} on") for line in lines)
+    assert checkpoint_step(run) == 1 and not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), FileNotFoundError(2, "No such file", "/x")])
+def test_a_bug_keeps_its_traceback(stores, tmp_path, monkeypatch, bug):
+    """Only user errors are one line; any other exception (a bug) reaches the user with its traceback."""
+    def broken(request):
+        raise bug
+
+    monkeypatch.setattr(trainer_module, "train", broken)
+    result = CliRunner().invoke(train_app, ["--cache", stores["train"], "--preset", "tiny", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and result.exception is bug
+    assert "error: " not in result.stderr

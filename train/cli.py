@@ -2,8 +2,10 @@
 
 Heavy imports happen inside the commands, so ``--help`` answers at once. A mistake in
 what was asked (a store of another backbone, a layer the store lacks, a preset of the
-wrong size, ...) prints one line on stderr and exits 2; a NaN/inf loss exits 1 after
-saying which checkpoint was kept. ``LENS_DEBUG=1`` shows tracebacks instead.
+wrong size, a damaged store, a run folder another run is writing, ...: a
+``lens_cache.errors.UserError`` or ``lens_manifests.ManifestError``) prints one line on
+stderr and exits 2; a NaN/inf loss exits 1 after saying which checkpoint was kept. Any
+other exception is a bug and keeps its traceback. ``LENS_DEBUG=1`` shows tracebacks always.
 """
 
 from __future__ import annotations
@@ -27,17 +29,16 @@ TRAINING_FAILED_EXIT = 1
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from lens_cache.store import StoreError
-    from lens_manifests import ManifestError
+    from lens_cache.cli import user_error_types
 
-    from .errors import UserError
-
-    return (UserError, StoreError, ManifestError, FileNotFoundError, ValueError)
+    return user_error_types()  # lens_cache.errors.UserError (StoreError, lens_train's UserError, ...), ManifestError
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Expected problems as one line on stderr: exit 2 (user mistake) or 1 (training diverged)."""
+    from lens_cache.errors import one_line
+
     from .errors import NonFiniteLossError
 
     try:
@@ -46,11 +47,11 @@ def user_errors() -> Iterator[None]:
         if os.environ.get("LENS_DEBUG"):
             raise
         if isinstance(error, NonFiniteLossError):
-            typer.echo(f"error: {' '.join(str(error).split())}", err=True)
+            typer.echo(f"error: {one_line(error)}", err=True)
             raise typer.Exit(TRAINING_FAILED_EXIT) from None
         if not isinstance(error, _user_error_types()):
             raise
-        typer.echo(f"error: {' '.join(str(error).split()) or type(error).__name__}", err=True)
+        typer.echo(f"error: {one_line(error)}", err=True)
         raise typer.Exit(USER_ERROR_EXIT) from None
 
 
@@ -69,7 +70,7 @@ def train(
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step [preset's].")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate [preset's].")] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps [preset's].")] = None,
-    layer: Annotated[int, typer.Option(help="Cached MLLM layer to read.")] = 14,
+    layer: Annotated[int | None, typer.Option(help="Cached MLLM layer to read [preset's main layer].")] = None,
     keypoint_description: Annotated[bool | None, typer.Option(
         "--keypoint-description/--no-keypoint-description", help="Table 2 ablation: keypoint descriptions on/off.")] = None,
     global_description: Annotated[bool | None, typer.Option(
@@ -86,8 +87,8 @@ def train(
     ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (and at the end) [preset's].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out exactly.")] = False,
     warm_start: Annotated[bool | None, typer.Option(
-        "--warm-start/--no-warm-start", help="Initialise the head from the MLLM's layers 14-15 if the store has them [preset's].")] = None,
-    sam: Annotated[str | None, typer.Option(help="vit_h:PATH of the SAM a real-SAM store was cached with (tiny: not needed).")] = None,
+        "--warm-start/--no-warm-start", help="Initialise the head from the MLLM's decoder layers k, k+1 (k = --layer) if the store has them [preset's].")] = None,
+    sam: Annotated[str | None, typer.Option(help="vit_h:PATH (or toy:PATH) of the SAM a real-SAM store was cached with (tiny, shipped toy: not needed).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
 ) -> None:
     """Train the head, keypoint descriptor and SAM's mask decoder from cached features."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -49,12 +51,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+            raise UsageError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.steps < 1:
-            raise ValueError("batch_size, grad_accum and steps must be >= 1")
+            raise UsageError("batch_size, grad_accum and steps must be >= 1")
         unknown = set(self.mix) - {"semantic", "referring", "reasoning"}
         if unknown:
-            raise ValueError(f"unknown task(s) in mix: {sorted(unknown)}; tasks are semantic, referring, reasoning")
+            raise UsageError(f"unknown task(s) in mix: {sorted(unknown)}; tasks are semantic, referring, reasoning")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,5 +66,5 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+            raise UsageError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
+from .errors import UsageError
+
 TASKS = ("semantic", "referring", "reasoning")
 
 # Independent random streams derived from the one seed (numpy SeedSequence entropy words).
@@ -58,7 +60,7 @@ class QueryDataset(Dataset):
         self.storage_options = dict(storage_options or {})
         store = FeatureStore.open(self.url, storage_options=self.storage_options)
         if self.layer not in store.layers:
-            raise ValueError(f"store {self.url} caches layer(s) {list(store.layers)}, not {self.layer}: use --layer "
+            raise UsageError(f"store {self.url} caches layer(s) {list(store.layers)}, not {self.layer}: use --layer "
                              f"{store.layers[0]}")
         self.query_ids = store.valid_query_ids()
         # Only the manifest columns a sample needs, as plain arrays (small, cheap to pickle).
@@ -114,7 +116,8 @@ class QueryDataset(Dataset):
         """One query.
 
         Returns:
-            image_states (576, d) f16; text_states (L_t, d) f16; sam_embedding (256, 64, 64) f16;
+            image_states (576, d) f16; text_states (L_t, d) f16; sam_embedding (C, 64, 64) f16
+            (C = the store's ``sam_channels``: 256 for SAM, 64 for the toy SAM);
             gt (H, W) uint8 0/1/255 at the original size; original_size, input_size (2,) int64 (h, w);
             query_id, store_index: int; task, dataset: str; is_sentence: bool.
         """
@@ -150,7 +153,7 @@ class Batch:
         image_states: (B, 576, d) float16 (or the device dtype after :meth:`to`).
         text_states: (B, L_max, d), right-padded with zeros.
         text_lengths: (B,) int64, valid rows of ``text_states``.
-        sam_embeddings: (B, 256, 64, 64).
+        sam_embeddings: (B, C, 64, 64), C = 256 for SAM, 64 for the toy SAM.
         gts: B uint8 tensors (H_b, W_b), 0/1/255, at the original sizes.
         original_sizes, input_sizes: (B, 2) int64 (h, w).
         query_ids, store_indices: (B,) int64.
@@ -245,7 +248,7 @@ def parse_mix(text: str) -> dict[str, float]:
     except ValueError:
         values = []
     if len(values) != len(TASKS) or any(v < 0 for v in values) or not sum(values) > 0:
-        raise ValueError(f"--mix takes three non-negative weights semantic:referring:reasoning (e.g. 9:3:1), got {text!r}")
+        raise UsageError(f"--mix takes three non-negative weights semantic:referring:reasoning (e.g. 9:3:1), got {text!r}")
     return dict(zip(TASKS, values))
 
 
@@ -257,12 +260,12 @@ def task_probabilities(mix: Mapping[str, float], present: Sequence[str]) -> dict
     """
     unknown = set(mix) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown task(s) in the mix: {sorted(unknown)}; tasks are {', '.join(TASKS)}")
+        raise UsageError(f"unknown task(s) in the mix: {sorted(unknown)}; tasks are {', '.join(TASKS)}")
     weights = {task: float(mix.get(task, 0.0)) for task in TASKS if task in set(present)}
     total = sum(weights.values())
     if not total > 0:
         ratio = ":".join(f"{mix.get(t, 0):g}" for t in TASKS)
-        raise ValueError(
+        raise UsageError(
             f"the stores hold only {', '.join(sorted(set(present)))} queries, which the mix {ratio} "
             "(semantic:referring:reasoning) gives no weight: change --mix"
         )

@@ -3,9 +3,9 @@
 ``make reproduce-table2`` / ``make reproduce-table3`` / ``make demo`` call this module::
 
     python -m lens_train.reproduce table2 --preset paper --data-root DIR --mllm PATH --sam vit_h:PATH
-    python -m lens_train.reproduce table2 --preset tiny        # synthetic data, tiny backbones, CPU
-    python -m lens_train.reproduce table3 --preset tiny
-    python -m lens_train.reproduce demo
+    python -m lens_train.reproduce table2 --preset toy         # synthetic data, toy backbones, CPU
+    python -m lens_train.reproduce table3 --preset toy
+    python -m lens_train.reproduce demo                        # --preset toy (default) or tiny
 
 Each stage writes a self-describing output with a completion marker (a complete store,
 a run's final checkpoint, an evaluation's ``metrics.json``), and a stage whose output is
@@ -13,10 +13,10 @@ already complete is skipped, so an interrupted reproduction is continued by runn
 same command again. Everything a table needs is declared in :class:`Plan` (which stores,
 which runs, which evaluations); the stages only execute it.
 
-At ``--preset tiny`` the datasets are replaced by their synthetic counterparts written in
-the same formats (``synthetic:train`` for the training mix, ``synthetic-reason`` for
-ReasonSeg, ``synthetic-refer`` for RefCOCO); the numbers are then a check of the
-pipeline, not of the method, and the table says so.
+At the synthetic presets (``toy``: the project's pretrained toy backbones; ``tiny``: random
+tiny ones, a pipeline check only) the datasets are replaced by their synthetic counterparts
+written in the same formats (``synthetic:train`` for the training mix, ``synthetic-reason``
+for ReasonSeg, ``synthetic-refer`` for RefCOCO), and the table says so.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ TINY_SPECS: dict[str, str | None] = {
     "refcoco:testA": "synthetic-refer:testA",
     "refcoco:testB": "synthetic-refer:testB",
 }
-TRAIN_LAYERS = (14, 30)  # Table 2 trains on layer 30 too; one store holds both
 #: Steps of each of the five tiny-table runs when --steps is not given (the CPU budget: minutes).
 TINY_TABLE_STEPS = 60
+#: Synthetic images per split and set of `make demo`.
+DEMO_IMAGES = 48
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,14 @@ class RunSpec:
     """One training run: its name and the lens-train options that make it an ablation."""
 
     name: str
-    layer: int = 14
+    layer: str = "main"  # the preset's "main" or "late" layer
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 TABLE2_RUNS = (
     RunSpec("lens"),
-    RunSpec("layer30", layer=30),
+    RunSpec("layer30", layer="late"),
     RunSpec("no_keypoint_description", model_overrides={"use_keypoint_description": False}),
     RunSpec("no_global_description", model_overrides={"use_global_description": False}),
     RunSpec("no_attn_loss", train_overrides={"attn_weight": 0.0}),
@@ -108,12 +109,25 @@ class Settings:
     sam: str | None = None
     device: str | None = None
     steps: int | None = None  # override of the preset's steps (tiny tables: TINY_TABLE_STEPS)
-    tiny_images: int = 16  # synthetic images per split and set at --preset tiny
+    tiny_images: int = 16  # synthetic images per split and set at the synthetic presets
+    seeds: tuple[int, ...] = (0,)  # Table 2: one set of five runs per seed (noise between seeds)
     quiet: bool = False
 
     @property
-    def tiny(self) -> bool:
-        return self.preset == "tiny"
+    def synthetic(self) -> bool:
+        """True for presets that run on the synthetic world (``toy``, ``tiny``)."""
+        return self.loaded.synthetic is not None
+
+    @property
+    def loaded(self):
+        from .presets import load_preset
+
+        return load_preset(self.preset)
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        """(main, late) MLLM layers of the preset: one store holds both (Table 2 trains on both)."""
+        return self.loaded.main_layer, self.loaded.late_layer
 
     def say(self, line: str) -> None:
         if not self.quiet:
@@ -122,10 +136,12 @@ class Settings:
 
 def check_inputs(settings: Settings) -> None:
     """Every missing input in one message (real presets need data, an MLLM and a SAM)."""
-    if settings.tiny:
-        if settings.mllm not in (None, "", "tiny") or settings.sam not in (None, "", "tiny"):
-            raise UserError("PRESET=tiny runs the tiny backbones on synthetic data: leave MLLM and SAM unset")
-        settings.mllm, settings.sam, settings.data_root = "tiny", "tiny", None
+    if settings.synthetic:
+        backbones = settings.loaded.synthetic
+        if settings.mllm not in (None, "", backbones["mllm"]) or settings.sam not in (None, "", backbones["sam"]):
+            raise UserError(f"PRESET={settings.preset} runs its own backbones ({backbones['mllm']} MLLM, "
+                            f"{backbones['sam']} SAM) on synthetic data: leave MLLM and SAM unset")
+        settings.mllm, settings.sam, settings.data_root = backbones["mllm"], backbones["sam"], None
         return
     missing = []
     if not settings.data_root:
@@ -138,14 +154,14 @@ def check_inputs(settings: Settings) -> None:
         missing.append("SAM=vit_h:<path to sam_vit_h_4b8939.pth>")
     if missing:
         raise UserError(f"preset {settings.preset} needs " + ", ".join(missing)
-                        + " (or PRESET=tiny to run the pipeline on synthetic data)")
+                        + " (or PRESET=toy to run it on synthetic data with the toy backbones)")
 
 
 # ----------------------------------------------------------------------------- stages
 
 
 def synthetic_root(settings: Settings) -> Path:
-    """The synthetic dataset of a tiny reproduction (written once; idempotent)."""
+    """The synthetic dataset of a synthetic-preset reproduction (written once; idempotent)."""
     from lens_manifests import write_synthetic
 
     root = settings.work / "data" / f"synthetic-{settings.tiny_images}"
@@ -169,7 +185,7 @@ def build_store(settings: Settings, spec: str, layers: tuple[int, ...]) -> str:
     from lens_cache.store import FeatureStore, StoreError
     from lens_manifests import build_manifest, manifest_hash
 
-    data_root = synthetic_root(settings) if settings.tiny else settings.data_root
+    data_root = synthetic_root(settings) if settings.synthetic else settings.data_root
     manifest = build_manifest(spec, data_root)
     url = str(store_path(settings, spec, layers))
     try:
@@ -187,24 +203,29 @@ def build_store(settings: Settings, spec: str, layers: tuple[int, ...]) -> str:
     return url
 
 
-def train_run(settings: Settings, run: RunSpec, caches: list[str], prefix: str) -> Path:
-    """A finished run of ``run`` (trained, resumed, or skipped if its last checkpoint exists)."""
+def train_run(settings: Settings, run: RunSpec, caches: list[str], prefix: str, seed: int = 0) -> Path:
+    """A finished run of ``run`` (trained, resumed, or skipped if its last checkpoint exists).
+
+    Seed 0 is the run ``PREFIX-NAME``; another seed is ``PREFIX-seedS-NAME``.
+    """
     from .checkpoint import checkpoint_step
     from .presets import load_preset
     from .trainer import TrainRequest, train
 
-    out = settings.work / "runs" / f"{prefix}-{run.name}"
+    out = settings.work / "runs" / (f"{prefix}-{run.name}" if seed == 0 else f"{prefix}-seed{seed}-{run.name}")
     overrides = dict(run.train_overrides)
     if settings.steps is not None:
         overrides["steps"] = settings.steps
+    if seed != 0:
+        overrides["seed"] = seed
     steps = load_preset(settings.preset, train_overrides=overrides).train.steps
     if checkpoint_step(out) == steps:
         settings.say(f"run {out} complete ({steps} steps), skipped")
         return out
     settings.say(f"training {run.name} -> {out}")
     train(TrainRequest(caches=tuple(caches), out=out, preset=settings.preset, model_overrides=dict(run.model_overrides),
-                       train_overrides=overrides, layer=run.layer, device=settings.device,
-                       resume=checkpoint_step(out) is not None, sam=None if settings.tiny else settings.sam,
+                       train_overrides=overrides, layer=settings.layers[run.layer == "late"], device=settings.device,
+                       resume=checkpoint_step(out) is not None, sam=None if settings.synthetic else settings.sam,
                        quiet=settings.quiet, cli={"reproduce": run.name}))
     return out
 
@@ -220,17 +241,17 @@ def evaluate_run(settings: Settings, run_dir: Path, cache: str, spec: str) -> di
         metrics = json.loads(path.read_text())
         if metrics.get("step") == checkpoint_step(run_dir) and metrics.get("store") == cache:
             return metrics
-    return evaluate(run_dir, cache, out=out, device=settings.device, sam=None if settings.tiny else settings.sam,
+    return evaluate(run_dir, cache, out=out, device=settings.device, sam=None if settings.synthetic else settings.sam,
                     log=settings.say if not settings.quiet else (lambda line: None))
 
 
 def training_stores(settings: Settings) -> list[str]:
-    specs = ("synthetic:train",) if settings.tiny else REAL_TRAIN_SPECS
-    return [build_store(settings, spec, TRAIN_LAYERS) for spec in specs]
+    specs = ("synthetic:train",) if settings.synthetic else REAL_TRAIN_SPECS
+    return [build_store(settings, spec, settings.layers) for spec in specs]
 
 
 def eval_spec(settings: Settings, spec: str) -> str | None:
-    return TINY_SPECS.get(spec) if settings.tiny else spec
+    return TINY_SPECS.get(spec) if settings.synthetic else spec
 
 
 # ----------------------------------------------------------------------------- tables
@@ -245,15 +266,16 @@ def reproduce_table2(settings: Settings) -> Path:
     check_inputs(settings)
     started = time.perf_counter()
     caches = training_stores(settings)
-    evals = {split: build_store(settings, eval_spec(settings, f"reasonseg:{split}"), TRAIN_LAYERS)
+    evals = {split: build_store(settings, eval_spec(settings, f"reasonseg:{split}"), settings.layers)
              for split in ("val", "test")}
-    results: dict[str, dict[str, Any]] = {}
-    for run in TABLE2_RUNS:
-        run_dir = train_run(settings, run, caches, prefix=f"table2-{settings.preset}")
-        results[run.name] = {
-            split: evaluate_run(settings, run_dir, evals[split], eval_spec(settings, f"reasonseg:{split}"))
-            for split in evals
-        }
+    results: dict[str, list[dict[str, Any]]] = {}
+    for seed in settings.seeds:
+        for run in TABLE2_RUNS:
+            run_dir = train_run(settings, run, caches, prefix=f"table2-{settings.preset}", seed=seed)
+            results.setdefault(run.name, []).append({
+                split: evaluate_run(settings, run_dir, evals[split], eval_spec(settings, f"reasonseg:{split}"))
+                for split in evals
+            })
     path = settings.results / ("table2.md" if settings.preset == "paper" else f"table2-{settings.preset}.md")
     write_table2(path, results, settings, seconds=time.perf_counter() - started)
     settings.say(f"wrote {path}")
@@ -271,8 +293,11 @@ def table2_cells(metrics: dict[str, dict[str, Any]]) -> dict[str, tuple[float | 
     }
 
 
-def write_table2(path: Path, results: dict[str, dict[str, Any]], settings: Settings, *, seconds: float) -> None:
+def write_table2(path: Path, results: dict[str, list[dict[str, Any]]], settings: Settings, *, seconds: float) -> None:
+    """The table; with several seeds each cell is mean ± sd over seeds, and a note says which
+    ablation differs from LENS by more than seed noise."""
     columns = ("val", "short", "long", "test")
+    seeds = len(results["lens"])
     lines = [
         f"# Table 2 (ReasonSeg), preset `{settings.preset}`",
         "",
@@ -283,21 +308,53 @@ def write_table2(path: Path, results: dict[str, dict[str, Any]], settings: Setti
         "| --- | " + " | ".join(["---:"] * 8) + " |",
     ]
     for name, label in TABLE2_ROWS.items():
-        ours = table2_cells(results[name])
+        per_seed = [table2_cells(metrics) for metrics in results[name]]
         paper = PAPER_TABLE2[name]
         cells = []
         for column in columns:
             for k in (0, 1):
-                cells.append(f"{_pct(ours[column][k])} ({paper[column][k]:.1f})")
+                cells.append(f"{_mean_sd([cell[column][k] for cell in per_seed])} ({paper[column][k]:.1f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    baseline = results["lens"]["test"]["baselines"]
+    baseline = results["lens"][0]["test"]["baselines"]
     lines += [
         "",
-        "Each cell: ours (paper). Trivial baselines on test, gIoU / cIoU: whole image "
+        ("Each cell: ours (paper)." if seeds == 1 else f"Each cell: ours, mean ± sd over {seeds} seeds "
+         f"({', '.join(map(str, settings.seeds))}) (paper).") + " Trivial baselines on test, gIoU / cIoU: whole image "
         f"{_pct(baseline['whole_image']['giou'])} / {_pct(baseline['whole_image']['ciou'])}; heatmap alone "
         f"{_pct(baseline['heatmap']['giou'])} / {_pct(baseline['heatmap']['ciou'])}.",
     ]
+    if seeds > 1:
+        lines += ["", "Test overall gIoU, ablation minus LENS (difference of means; beyond noise when larger "
+                  "than twice its standard error over seeds):", ""]
+        lens = [table2_cells(m)["test"][0] for m in results["lens"]]
+        for name, label in list(TABLE2_ROWS.items())[1:]:
+            other = [table2_cells(m)["test"][0] for m in results[name]]
+            diff, se = _difference(other, lens)
+            verdict = "beyond noise" if abs(diff) > 2 * se else "within noise"
+            lines.append(f"- {label}: {100 * diff:+.1f} (SE {100 * se:.1f}): {verdict}")
     _write_text(path, "\n".join(lines) + "\n")
+
+
+def _mean_sd(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "—"
+    if len(values) == 1:
+        return _pct(present[0])
+    mean = sum(present) / len(present)
+    sd = (sum((v - mean) ** 2 for v in present) / max(1, len(present) - 1)) ** 0.5
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def _difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean(a) - mean(b), its standard error) for two independent samples over seeds."""
+
+    def mean_var(x: list[float]) -> tuple[float, float]:
+        m = sum(x) / len(x)
+        return m, sum((v - m) ** 2 for v in x) / max(1, len(x) - 1)
+
+    (ma, va), (mb, vb) = mean_var(a), mean_var(b)
+    return ma - mb, (va / len(a) + vb / len(b)) ** 0.5
 
 
 def reproduce_table3(settings: Settings) -> Path:
@@ -312,7 +369,7 @@ def reproduce_table3(settings: Settings) -> Path:
         if actual is None:
             ours[spec] = None
             continue
-        cache = build_store(settings, actual, (14,))
+        cache = build_store(settings, actual, settings.layers[:1])
         ours[spec] = evaluate_run(settings, run_dir, cache, actual)["ciou"]
     path = settings.results / ("table3.md" if settings.preset == "paper" else f"table3-{settings.preset}.md")
     present = [v for v in ours.values() if v is not None]
@@ -328,8 +385,8 @@ def reproduce_table3(settings: Settings) -> Path:
         "| LENS-7B (paper) | " + " | ".join(f"{v:.1f}" for v in PAPER_TABLE3.values()) + f" | {PAPER_TABLE3_MEAN:.1f} |",
         "| LENS (ours) | " + " | ".join(_pct(ours[s]) for s in PAPER_TABLE3) + f" | {_pct(mean)} |",
     ]
-    if settings.tiny:
-        lines += ["", "At `tiny` the synthetic REFER set stands in for RefCOCO; RefCOCO+ and RefCOCOg have no "
+    if settings.synthetic:
+        lines += ["", f"At `{settings.preset}` the synthetic REFER set stands in for RefCOCO; RefCOCO+ and RefCOCOg have no "
                   "stand-in (—). The mean is over the filled cells."]
     _write_text(path, "\n".join(lines) + "\n")
     settings.say(f"wrote {path}")
@@ -344,9 +401,12 @@ def _provenance(settings: Settings, seconds: float) -> str:
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     note = (f"Made by `python -m lens_train.reproduce` on {time.strftime('%Y-%m-%d')} ({platform.node()}, {device}, "
             f"{seconds / 60:.1f} min for the stages that ran). Backbones: MLLM `{settings.mllm}`, SAM `{settings.sam}`.")
-    if settings.tiny:
+    if settings.preset == "tiny":
         note += (" **Tiny scale:** random-weight tiny backbones and synthetic data in the real formats; these "
                  "numbers test the pipeline, they are not comparable with the paper's.")
+    elif settings.synthetic:
+        note += (" **Toy world:** the project's toy backbones (pretrained on synthetic scenes, never on these "
+                 "images) and synthetic data in the real formats; not comparable with the paper's numbers.")
     return note
 
 
@@ -361,17 +421,21 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def demo(settings: Settings) -> Path:
-    """The whole pipeline at tiny scale: synthetic data -> cache -> train -> eval -> table + figures."""
-    settings.preset, settings.mllm, settings.sam = "tiny", "tiny", "tiny"
+    """The whole pipeline on the synthetic world: data -> cache -> train -> eval -> table + figures.
+
+    Scored on ``synthetic:val``, whose images neither the backbones' pretraining nor LENS's
+    training saw.
+    """
+    check_inputs(settings)
     started = time.perf_counter()
-    train_cache = build_store(settings, "synthetic:train", (14,))
-    val_cache = build_store(settings, "synthetic:val", (14,))
+    train_cache = build_store(settings, "synthetic:train", settings.layers[:1])
+    val_cache = build_store(settings, "synthetic:val", settings.layers[:1])
     run_dir = train_run(settings, RunSpec("lens"), [train_cache], prefix="demo")
     metrics = evaluate_run(settings, run_dir, val_cache, "synthetic:val")
     eval_dir = run_dir / "eval-synthetic-val"
     base = metrics["baselines"]
     lines = [
-        "# LENS demo (tiny scale)",
+        f"# LENS demo (preset `{settings.preset}`)",
         "",
         _provenance(settings, time.perf_counter() - started),
         "",
@@ -400,7 +464,8 @@ def demo(settings: Settings) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lens_train.reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("table2", "table3", "demo"))
-    parser.add_argument("--preset", default="paper", help="paper, official or tiny (synthetic data, CPU)")
+    parser.add_argument("--preset", default=None,
+                        help="paper, official, toy or tiny (the last two: synthetic data, CPU) [paper; demo: toy]")
     parser.add_argument("--data-root", default=None, help="LISA-style dataset folder (DATA_ROOT)")
     parser.add_argument("--mllm", default=None, help="LLaVA-1.5 folder or HF id (MLLM)")
     parser.add_argument("--sam", default=None, help="vit_h:PATH (SAM)")
@@ -408,16 +473,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="results", help="where the tables go [results]")
     parser.add_argument("--device", default=None, help="cpu or cuda [cuda when available]")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
-    parser.add_argument("--tiny-images", type=int, default=16, help="synthetic images per split and set (tiny)")
+    parser.add_argument("--tiny-images", type=int, default=None,
+                        help="synthetic images per split and set (toy/tiny) [16; demo: 48]")
+    parser.add_argument("--seeds", default="0", help="Table 2: comma-separated training seeds [0]")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    preset = "tiny" if args.what == "demo" else args.preset
+    preset = args.preset or ("toy" if args.what == "demo" else "paper")
     if args.steps is None and preset == "tiny" and args.what != "demo":
         args.steps = TINY_TABLE_STEPS
-    settings = Settings(preset=preset, work=Path(args.work or f"work/{'demo' if args.what == 'demo' else preset}"),
+    if args.tiny_images is None:
+        args.tiny_images = DEMO_IMAGES if args.what == "demo" else 16
+    work = args.work or (f"work/demo-{preset}" if args.what == "demo" else f"work/{preset}")
+    settings = Settings(preset=preset, work=Path(work),
                         results=Path(args.results), data_root=Path(args.data_root) if args.data_root else None,
                         mllm=args.mllm or None, sam=args.sam or None, device=args.device, steps=args.steps,
-                        tiny_images=args.tiny_images, quiet=args.quiet)
+                        tiny_images=args.tiny_images, quiet=args.quiet,
+                        seeds=tuple(int(v) for v in args.seeds.split(",") if v.strip()))
     from lens_cache.store import StoreError
     from lens_manifests import ManifestError
 

@@ -17,10 +17,11 @@ backbone (``tests/test_segment.py`` checks it).
 
 The backbone must be the one the run's cache was built with. The live extractor's
 identity is compared with the identity recorded in the run's ``config.json`` using the
-store's own hash (``lens_cache.store.identity_hash``); two fields are left out of the
+store's own hash (``lens_cache.store.identity_hash``); three fields are left out of the
 comparison because they do not change a single feature value: ``layers`` (which layers
-the store *kept*; live, only the run's layer is computed) and ``name_or_path`` (where
-the checkpoint lies; ``config_hash`` and ``weights_fingerprint`` say what it is).
+the store *kept*; live, only the run's layer is computed), ``name_or_path`` (where
+the checkpoint lies; ``config_hash`` and ``weights_fingerprint`` say what it is) and
+``warm_start`` (what the store holds beside the features for the head's initialisation).
 
 Usage::
 
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from .evaluate import LoadedRun
 
 #: Identity fields that do not change any feature value (see the module docstring).
-IDENTITY_FIELDS_NOT_COMPARED = ("layers", "name_or_path")
+IDENTITY_FIELDS_NOT_COMPARED = ("layers", "name_or_path", "warm_start")
 #: Colour of the predicted region in overlays (RGB).
 MASK_COLOUR = (30, 220, 60)
 
@@ -177,7 +178,7 @@ class SegmentResult:
 # ----------------------------------------------------------------------------- the segmenter
 
 
-def features_to_batch(features: "ImageFeatures", layer: int) -> "Batch":
+def features_to_batch(features: "ImageFeatures", layer: int, sam_channels: int) -> "Batch":
     """A batch of one query from live features, exactly as a cached query would come out of the loader.
 
     Each tensor goes through the cache builder's float16 conversion (the run was trained
@@ -187,13 +188,15 @@ def features_to_batch(features: "ImageFeatures", layer: int) -> "Batch":
     Args:
         features: ``extract_one`` output (one image, one question).
         layer: the run's MLLM layer.
+        sam_channels: C of the SAM embeddings the run was trained on (its ``prompt_dim``:
+            256 for SAM, 64 for the toy SAM).
     Returns:
         Batch with image_states (1, 576, d), text_states (1, L_t, d), sam_embeddings
-        (1, 256, 64, 64), all float16 on the CPU.
+        (1, C, 64, 64), all float16 on the CPU.
     """
     import torch
     from lens_cache.build import to_float16
-    from lens_cache.store import SAM_EMBEDDING_SHAPE
+    from lens_cache.store import sam_embedding_shape
 
     from .data import collate
 
@@ -204,7 +207,9 @@ def features_to_batch(features: "ImageFeatures", layer: int) -> "Batch":
     sample = {
         "image_states": torch.from_numpy(to_float16(image_states, tuple(image_states.shape), "live image states")),
         "text_states": torch.from_numpy(to_float16(text_states, tuple(text_states.shape), "live text states")),
-        "sam_embedding": torch.from_numpy(to_float16(features.sam_embedding, SAM_EMBEDDING_SHAPE, "live SAM embedding")),
+        "sam_embedding": torch.from_numpy(
+            to_float16(features.sam_embedding, sam_embedding_shape(sam_channels), "live SAM embedding")
+        ),
         "gt": torch.zeros((0, 0), dtype=torch.uint8),
         # The store keeps sizes as int32 and hands them out as int64: same values here.
         "original_size": torch.tensor(features.original_size, dtype=torch.int64),
@@ -299,7 +304,8 @@ class Segmenter:
 
     def features(self, image: Image.Image, question: str) -> "Batch":
         """The batch of one live query (see :func:`features_to_batch`)."""
-        return features_to_batch(self.extractor.extract_one(image, question), self.layer)
+        features = self.extractor.extract_one(image, question)
+        return features_to_batch(features, self.layer, self.run.model.config.prompt_dim)
 
     def segment(
         self,

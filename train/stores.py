@@ -1,41 +1,46 @@
 """Opening the feature stores a run reads, and everything stage 2 derives from them.
 
 Each check turns a mistake into one line that says what to do: stores of different
-backbones, a layer the store does not hold, a preset whose hidden size is not the
-store's, an unfinished store (``FeatureStore.open``), and the SAM whose mask decoder
-belongs to the cached image embeddings.
+backbones, a layer the store does not hold, a preset whose hidden size or prompt width
+is not the store's, an unfinished store (``FeatureStore.open``), the SAM whose mask
+decoder belongs to the cached image embeddings, and a warm start that does not fit the
+head or is not the file the store was built with.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lens_core import LensConfig
+
 from .errors import UserError
 from .presets import available_presets, load_preset
 
-#: Where a store may hold the MLLM's decoder layers 14-15 for the head's warm start
-#: (safetensors, keys ``layers.0.<LlamaDecoderLayer name>`` and ``layers.1.<...>``).
-#: Stage 1 does not write it yet; when it is absent the head starts from random init.
-WARM_START_FILE = "warm_start/decoder_layers.safetensors"
+#: Head sizes that must equal the store's warm-start layers' (else they cannot be loaded).
+WARM_START_SHAPE_FIELDS = ("hidden_size", "num_heads", "mlp_size")
 
 
-def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, preset_name: str):
+def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim: int, preset_name: str):
     """Open complete stores that can be trained on together with a preset.
 
     Raises:
-        StoreError: a store is missing, foreign, unfinished, or the stores were cached
-            with different backbones (the message names the settings that differ).
-        UserError: ``layer`` is not cached, or the preset's hidden size is not the store's.
+        StoreError: a store is missing, foreign, unfinished, its manifest file was changed
+            (DamagedStoreError), or the stores were cached with different backbones (the
+            message names the settings that differ).
+        UserError: ``layer`` is not cached, or the preset's hidden size / prompt width is
+            not the store's (``prompt_dim`` must be the C of its (C, 64, 64) SAM embeddings).
     """
     from lens_cache.store import FeatureStore, check_compatible
 
     if not urls:
         raise UserError("give at least one --cache STORE")
     stores = [FeatureStore.open(url) for url in urls]
+    for store in stores:
+        store.manifest  # noqa: B018 - manifest.parquet is the one the store recorded (else DamagedStoreError)
     check_compatible(stores)
     reference = stores[0]
     if layer not in reference.layers:
@@ -45,6 +50,11 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, preset_nam
         raise UserError(
             f"store {reference.url} was built with d={reference.hidden_size} ({backbone_name(reference.identity)} "
             f"backbone) but preset {preset_name!r} expects {hidden_size}: {preset_hint(reference.hidden_size)}"
+        )
+    if reference.sam_channels != prompt_dim:
+        raise UserError(
+            f"store {reference.url} holds {reference.sam_channels}-channel SAM embeddings but preset "
+            f"{preset_name!r} has prompt_dim {prompt_dim}: give a preset with model.prompt_dim {reference.sam_channels}"
         )
     return stores
 
@@ -82,11 +92,12 @@ def resolve_sam_spec(identity: dict, sam: str | None) -> str:
 
     A tiny SAM is rebuilt from code. A real SAM's checkpoint path is not part of the
     identity (moving a file does not change a cache), so ``sam`` must name it and its
-    weights must hash to what the store recorded.
+    weights must hash to what the store recorded. A toy SAM store defaults to the shipped
+    toy weights (``toy``), under the same check.
 
     Args:
         identity: the store's identity; ``identity["sam"]`` holds ``variant`` and ``weights``.
-        sam: ``--sam`` (``vit_h:PATH``), or None.
+        sam: ``--sam`` (``vit_h:PATH``, ``toy:PATH``), or None.
     Raises:
         UserError: no SAM given for a real-SAM store, or the given one is another SAM.
     """
@@ -100,6 +111,8 @@ def resolve_sam_spec(identity: dict, sam: str | None) -> str:
         if sam not in (None, "tiny"):
             raise UserError(f"the store was cached with the tiny SAM, not {sam}: drop --sam")
         return "tiny"
+    if sam is None and variant == "toy":
+        sam = "toy"
     if sam is None:
         raise UserError(
             f"the store was cached with SAM {variant} (weights {str(recorded.get('weights'))[:19]}...): "
@@ -117,19 +130,58 @@ def resolve_sam_spec(identity: dict, sam: str | None) -> str:
     return sam
 
 
-def read_warm_start(store) -> list[dict[str, torch.Tensor]] | None:
-    """The MLLM's decoder layers 14-15 (two ``LlamaDecoderLayer`` state dicts) if the store holds them."""
+@dataclass(frozen=True)
+class WarmStart:
+    """The head's warm start as a store holds it.
+
+    Attributes:
+        layers: the MLLM's decoder layers (0-based), ``(k, k + 1)`` for layer-k features.
+        state_dicts: their two ``LlamaDecoderLayer`` state dicts, for ``SegmentationHead.load_decoder_layers``.
+        notes: head settings that differ from the MLLM's (the head loads, but is not exactly those layers).
+    """
+
+    layers: tuple[int, int]
+    state_dicts: list[dict[str, torch.Tensor]]
+    notes: tuple[str, ...] = ()
+
+
+def read_warm_start(store, *, layer: int, config: LensConfig) -> WarmStart | str:
+    """The MLLM's decoder layers k, k+1 a store holds for a head reading its layer ``layer``.
+
+    Returns:
+        the :class:`WarmStart`, or why there is none to use (one line for the log): the
+        store holds none, or holds the layers for another layer than ``layer``.
+    Raises:
+        UserError: the layers do not fit ``config`` (hidden size, heads, MLP size), or the
+            file is missing or not the one the store recorded (its sha256 differs).
+    """
     from safetensors.torch import load
 
+    from lens_cache.store import WARM_START_FILE, StoreError
+
+    record = store.warm_start
+    if record["layers"] is None:
+        return f"store {store.url} holds no decoder-layer weights ({record['reason']})"
+    first, second = record["layers"]
+    if first != layer:
+        return (f"store {store.url} holds the MLLM's decoder layers {first}-{second}, for layer-{first} features, "
+                f"not layer {layer}")
+    head = record["head"]
+    wrong = [f"{key} {head[key]} (preset: {getattr(config, key)})" for key in WARM_START_SHAPE_FIELDS
+             if head[key] != getattr(config, key)]
+    if wrong:
+        raise UserError(f"store {store.url} holds decoder layers of " + ", ".join(wrong)
+                        + ": use a preset of the MLLM's sizes or --no-warm-start")
+    notes = tuple(f"{key} ({getattr(config, key)} vs {value})" for key, value in head.items()
+                  if key not in WARM_START_SHAPE_FIELDS and getattr(config, key) != value)
     try:
-        raw = store.location.read_bytes(WARM_START_FILE)
-    except (FileNotFoundError, OSError):
-        return None
-    tensors = load(io.BytesIO(raw).getvalue())
+        data = store.warm_start_bytes()
+    except StoreError as error:
+        raise UserError(str(error)) from None
     layers: list[dict[str, torch.Tensor]] = [{}, {}]
-    for key, value in tensors.items():
+    for key, value in load(data).items():
         prefix, _, name = key.partition(".")[2].partition(".")
         if not key.startswith("layers.") or prefix not in ("0", "1"):
             raise UserError(f"{store.url}/{WARM_START_FILE}: unexpected key {key!r} (want layers.0.* and layers.1.*)")
         layers[int(prefix)][name] = value
-    return layers
+    return WarmStart(layers=(first, second), state_dicts=layers, notes=notes)

@@ -19,22 +19,52 @@ TINY_SAM_IDENTITY = {"variant": "tiny", "weights": "tiny-seed0", "compute_dtype"
 
 
 def fake_tiny_extractor(
-    *, hidden_size: int = 64, mllm: str = "fake-mllm", prompt_template: str | None = None, grounded: bool = False
+    *, hidden_size: int = 64, mllm: str = "fake-mllm", prompt_template: str | None = None, grounded: bool = False,
+    sam: str | None = None,
 ):
     """A ``lens_cache.testing.FakeExtractor`` of width ``hidden_size`` whose identity names the tiny SAM.
 
     ``grounded=True`` replaces the per-question noise of the text states with a sum of
     fixed per-word vectors, so the same word means the same thing in every query (as in a
     trained MLLM) and a colour word can be matched with the image tokens' colours.
+    ``sam="toy"`` (any SAM spec) replaces the fake SAM embedding by that SAM's real one:
+    planted MLLM features with a real SAM isolate the downstream half of LENS.
     """
     from lens_cache.testing import FAKE_PROMPT, FakeExtractor
 
     cls = _grounded_class() if grounded else FakeExtractor
+    if sam is not None:
+        cls = _real_sam_class(cls)
     extractor = cls(hidden_size=hidden_size, mllm=mllm, prompt_template=prompt_template or FAKE_PROMPT)
     extractor.identity["sam"] = dict(TINY_SAM_IDENTITY)
+    if sam is not None:
+        extractor.attach_sam(sam)
     if grounded:
         extractor.identity["mllm"]["text"] = "bag-of-words"
     return extractor
+
+
+def _real_sam_class(base):
+    class RealSamExtractor(base):
+        """The fake MLLM features with a real SAM's image embeddings."""
+
+        def attach_sam(self, spec: str) -> None:
+            from lens_cache.backbones.sam import SamImageEncoder
+
+            self.sam_encoder = SamImageEncoder.from_spec(spec, device="cpu", dtype="float32")
+            self.sam_channels = self.sam_encoder.channels
+            self.identity["sam"] = dict(self.sam_encoder.identity)
+
+        def extract(self, images, questions):
+            from lens_cache.backbones.geometry import sam_frame
+
+            features = super().extract(images, questions)
+            embeddings = self.sam_encoder.embed([sam_frame(image) for image in images])
+            for feature, embedding in zip(features, embeddings):
+                feature.sam_embedding = embedding
+            return features
+
+    return RealSamExtractor
 
 
 def _word_vector(word: str, dim: int):

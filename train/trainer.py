@@ -61,7 +61,7 @@ class TrainRequest:
         preset: preset name or JSON path; None = ``official`` (or the run's own on resume).
         model_overrides, train_overrides: LensConfig / TrainConfig fields set on the command
             line (only those given: on resume they must match the run's).
-        layer: cached MLLM layer to read.
+        layer: cached MLLM layer to read [the preset's main layer: 14, or 3 for ``toy``].
         device: ``cpu`` / ``cuda`` / None (CUDA when available).
         resume: continue the checkpoint in ``out`` (start fresh if it holds none).
         sam: ``vit_h:PATH`` of the SAM a real-SAM store was cached with (tiny needs none).
@@ -74,7 +74,7 @@ class TrainRequest:
     preset: str | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
-    layer: int = 14
+    layer: int | None = None
     device: str | None = None
     resume: bool = False
     sam: str | None = None
@@ -235,15 +235,20 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
         _check_overrides("training", recorded["train"], request.train_overrides, run_dir)
         model_config, train_config = configs_from_run(recorded)
         preset = Preset(recorded["preset"], recorded.get("preset_description", ""), model_config, train_config)
-        if request.layer != recorded["layer"]:
+        if request.layer is not None and request.layer != recorded["layer"]:
             raise UserError(f"--resume: {run_dir} was trained on layer {recorded['layer']}, not --layer {request.layer}")
+        layer = int(recorded["layer"])
     else:
-        preset = load_preset(request.preset or DEFAULT_PRESET, model_overrides=request.model_overrides,
-                             train_overrides=request.train_overrides)
+        try:
+            preset = load_preset(request.preset or DEFAULT_PRESET, model_overrides=request.model_overrides,
+                                 train_overrides=request.train_overrides)
+        except ValueError as error:  # an unknown preset, a preset file or override that does not validate
+            raise UserError(str(error)) from None
         model_config, train_config = preset.model, preset.train
+        layer = request.layer if request.layer is not None else preset.main_layer
 
-    stores = open_stores(request.caches, layer=request.layer, hidden_size=model_config.hidden_size,
-                         preset_name=preset.name)
+    stores = open_stores(request.caches, layer=layer, hidden_size=model_config.hidden_size,
+                         prompt_dim=model_config.prompt_dim, preset_name=preset.name)
     if resuming:
         trained = [(s["identity_hash"], s["manifest_hash"]) for s in recorded["stores"]]
         given = [(s.identity_hash, s.manifest_hash) for s in stores]
@@ -261,7 +266,7 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
         "preset_description": preset.description,
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
-        "layer": request.layer,
+        "layer": layer,
         "sam": sam_spec,
         "identity_hash": stores[0].identity_hash,
         "stores": [describe_store(s) for s in stores],
@@ -296,18 +301,26 @@ def build_model(model_config: LensConfig, sam_spec: str, *, seed: int) -> Lens:
 
 
 def apply_warm_start(model: Lens, setup: RunSetup, log: Callable[[str], None]) -> dict[str, Any]:
-    """Load the MLLM's layers 14-15 into the head when asked and available; say what happened."""
+    """Load the MLLM's decoder layers k, k+1 (k = the run's layer) into the head when asked and
+    available; say what happened (a store without them is a note, not an error).
+
+    Raises:
+        UserError: the store's layers do not fit the head, or are not the file it recorded.
+    """
     if not setup.train_config.warm_start:
         return {"requested": False, "used": False}
-    layers = read_warm_start(setup.stores[0])
-    if layers is None:
-        note = (f"warm start unavailable: store {setup.stores[0].url} holds no decoder-layer weights "
-                "(stage 1 does not export them yet); the head starts from random init")
+    store = setup.stores[0]
+    warm = read_warm_start(store, layer=setup.config["layer"], config=setup.model_config)
+    if isinstance(warm, str):
+        note = f"warm start unavailable: {warm}; the head starts from random init"
         log(note)
         return {"requested": True, "used": False, "note": note}
-    model.head.load_decoder_layers(layers)
-    log(f"warm start: head initialised from the MLLM's decoder layers stored in {setup.stores[0].url}")
-    return {"requested": True, "used": True}
+    model.head.load_decoder_layers(warm.state_dicts)
+    first, second = warm.layers
+    differs = f"; the preset differs from the MLLM in {', '.join(warm.notes)}" if warm.notes else ""
+    log(f"warm start: head layers 0-1 loaded from the MLLM's decoder layers {first} and {second} "
+        f"(sha256 {store.warm_start['sha256'][:12]}, store {store.url}){differs}")
+    return {"requested": True, "used": True, "layers": [first, second], "sha256": store.warm_start["sha256"]}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -319,13 +332,19 @@ def train(request: TrainRequest, *, log: Callable[[str], None] | None = None) ->
     On the CPU the loop runs with half the cores as torch threads (the data loader and
     the metrics writer need the rest; a full-width OpenMP team busy-waits against them).
 
+    The run folder is locked for the whole run (``RUN_DIR.lock`` beside it, see
+    :mod:`lens_cache.locks`): a second run on the same ``--out`` is refused, naming the first.
+
     Raises:
-        StoreError / UserError: a store or option problem (one-line message).
+        StoreError / UserError: a store or option problem (one-line message); DamagedStoreError:
+            a sample of a store is damaged; LockHeldError: another run is writing ``request.out``.
         NonFiniteLossError: the loss or gradient became NaN/inf; the last good checkpoint stays.
     """
     from lens_cache.backbones._runtime import cpu_threads
+    from lens_cache.locks import exclusive
 
-    with cpu_threads(None, resolve_device(request.device)):
+    say = log or ((lambda line: None) if request.quiet else (lambda line: print(line, flush=True)))
+    with exclusive(request.out, command="lens-train", log=say), cpu_threads(None, resolve_device(request.device)):
         return _train(request, log=log)
 
 
@@ -355,7 +374,7 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
         rows = []
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
-    datasets = [QueryDataset(s.url, request.layer, store_index=i) for i, s in enumerate(setup.stores)]
+    datasets = [QueryDataset(s.url, setup.config["layer"], store_index=i) for i, s in enumerate(setup.stores)]
     dataset, tasks = concat_datasets(datasets)
     sampler = MixedBatchSampler(tasks, train_cfg.mix, batch_size=train_cfg.batch_size, grad_accum=train_cfg.grad_accum,
                                 seed=train_cfg.seed, start_step=setup.start_step, end_step=train_cfg.steps)

@@ -3,7 +3,8 @@
 MLLMs are found through two registries, so another family (LLaVA-NeXT, Qwen2-VL) is
 one new adapter and one ``register_mllm_adapter`` call, with nothing else touched:
 
-- presets built in code, by name (``"tiny"``);
+- presets by name: ``"tiny"`` (random, built in code) and ``"toy"`` (the project's
+  pretrained toy LLaVA, shipped in ``cache/toy/weights``);
 - adapters by the checkpoint's ``config.model_type`` (``"llava"``), for local folders
   or names in the offline Hugging Face cache.
 
@@ -66,8 +67,14 @@ def _llava_tiny(**kwargs: Any) -> "MllmBackbone":
     return LlavaBackbone.tiny(**kwargs)
 
 
+def _llava_toy(**kwargs: Any) -> "MllmBackbone":
+    from .llava import LlavaBackbone
+
+    return LlavaBackbone.toy(**kwargs)
+
+
 MLLM_ADAPTERS: dict[str, MllmLoader] = {"llava": _llava_from_pretrained}
-MLLM_PRESETS: dict[str, MllmPreset] = {"tiny": _llava_tiny}
+MLLM_PRESETS: dict[str, MllmPreset] = {"tiny": _llava_tiny, "toy": _llava_toy}
 
 
 def register_mllm_adapter(model_type: str, loader: MllmLoader) -> None:
@@ -115,8 +122,8 @@ def build_extractor(
     """The FeatureExtractor of stage 1: MLLM ``mllm`` + SAM ``sam`` on one device.
 
     Args:
-        mllm: ``"tiny"`` or a llava-hf folder / HF-cache name.
-        sam: ``"tiny"`` or ``vit_h:PATH`` (``vit_l:``, ``vit_b:``).
+        mllm: ``"toy"``, ``"tiny"`` or a llava-hf folder / HF-cache name.
+        sam: ``"toy"``, ``"tiny"`` or ``vit_h:PATH`` (``vit_l:``, ``vit_b:``).
         layers: cached MLLM layers (``hidden_states`` indices), e.g. ``(14,)`` or ``(14, 30)``.
         device: default CUDA when available, else CPU.
         dtype: compute dtype of both models; default bfloat16 on CUDA, float32 on CPU.

@@ -8,12 +8,17 @@ from collections.abc import Iterator
 
 import torch
 
+from lens_cache.errors import UsageError
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` -> the first CUDA device when there is one, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+        raise UsageError(f"--device takes cpu, cuda or cuda:N, got {device!r}") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -27,7 +32,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use e.g. 'bfloat16', 'float16' or 'float32'")
+        raise UsageError(f"unknown dtype {dtype!r}: use e.g. 'bfloat16', 'float16' or 'float32'")
     return resolved
 
 
@@ -63,7 +68,7 @@ def cpu_threads(threads: int | None, device: torch.device) -> Iterator[int]:
         return
     wanted = default_cpu_threads() if threads is None else int(threads)
     if wanted < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+        raise UsageError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(wanted)
     try:
         yield wanted

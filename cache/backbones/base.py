@@ -24,7 +24,8 @@ class ImageFeatures:
         text_states: one entry per question, layer -> (L_t, d) float tensor, the
             states of the tokens after the image (``"\\n{question} ASSISTANT:"``);
             the last row is the start-of-answer token.
-        sam_embedding: (256, 64, 64) float tensor, SAM's image embedding.
+        sam_embedding: (C, 64, 64) float tensor, SAM's image embedding; C = ``sam_channels``
+            of the extractor (256 for SAM, 64 for the toy SAM).
         original_size: (h, w) of the image as loaded.
         input_size: (h, w) after resizing the longest side to 1024 (before padding).
     """
@@ -36,6 +37,10 @@ class ImageFeatures:
     input_size: tuple[int, int]
 
 
+class NoDecoderLayers(LookupError):
+    """The backbone cannot hand out the decoder layers asked for (the message says why, in one line)."""
+
+
 class FeatureExtractor(Protocol):
     """What the cache builder needs from a backbone pair."""
 
@@ -45,6 +50,7 @@ class FeatureExtractor(Protocol):
     layers: tuple[int, ...]
     hidden_size: int
     num_image_tokens: int  # 576 for LLaVA-1.5
+    sam_channels: int  # C of the (C, 64, 64) SAM embedding: SAM's prompt width (256; the toy SAM's 64)
 
     def question_for(self, text: str, is_sentence: bool) -> str:
         """The question put to the MLLM for a manifest row (the prompt rule)."""
@@ -57,4 +63,14 @@ class FeatureExtractor(Protocol):
 
         The image prefix is run once per image and reused (KV cache) for all its
         questions; the forward stops after the deepest cached layer.
+        """
+
+    def decoder_layers(self, indices: Sequence[int]) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+        """The MLLM's decoder layers ``indices`` (0-based), for the LENS head's warm start.
+
+        Returns:
+            the head sizes they fit, as ``LensConfig`` fields (hidden_size, num_heads,
+            mlp_size, rms_norm_eps, rope_theta), and one ``LlamaDecoderLayer`` state dict per index.
+        Raises:
+            NoDecoderLayers: the MLLM has no such layer, or exposes none.
         """

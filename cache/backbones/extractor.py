@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from PIL import Image
 
-from .base import ImageFeatures
+from .base import ImageFeatures, NoDecoderLayers
 from .geometry import IMAGE_GEOMETRY, sam_frame
 from .mllm import MllmBackbone
 from .sam import SamImageEncoder
@@ -31,6 +32,7 @@ class LensFeatureExtractor:
         self.layers = tuple(mllm.layers)
         self.hidden_size = int(mllm.hidden_size)
         self.num_image_tokens = int(mllm.num_image_tokens)
+        self.sam_channels = sam.channels
         self.identity: dict = {
             **mllm.identity,
             "dtype": storage_dtype,
@@ -49,7 +51,7 @@ class LensFeatureExtractor:
 
         Returns:
             one :class:`ImageFeatures` per image: layer -> (L_i, d) image states, per
-            question layer -> (L_t, d) text states, the (256, 64, 64) SAM embedding,
+            question layer -> (L_t, d) text states, the (C, 64, 64) SAM embedding,
             original and resized sizes; float32 on the CPU.
         """
         if len(images) != len(questions):
@@ -71,3 +73,11 @@ class LensFeatureExtractor:
     def extract_one(self, image: Image.Image, question: str) -> ImageFeatures:
         """Features of one image and one question (interactive segmentation)."""
         return self.extract([image], [[question]])[0]
+
+    def decoder_layers(self, indices: Sequence[int]) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+        """The MLLM's head sizes and decoder layers ``indices`` (see ``FeatureExtractor``)."""
+        count = self.mllm.num_hidden_layers
+        for index in indices:
+            if not 0 <= index < count:
+                raise NoDecoderLayers(f"the MLLM has no decoder layer {index} (it has {count}: 0..{count - 1})")
+        return dict(self.mllm.head_sizes), [self.mllm.decoder_layer_state_dict(index) for index in indices]

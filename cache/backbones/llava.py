@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration, PretrainedConfig
+
+from lens_cache.errors import UsageError
 
 from ._runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import sam_frame
@@ -51,6 +54,14 @@ _VOLATILE_CONFIG_KEYS = frozenset(
      "_attn_implementation_autoset", "_commit_hash", "architectures", "output_hidden_states",
      "output_attentions", "return_dict", "use_cache"}
 )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _StopForward(Exception):
@@ -137,9 +148,9 @@ class LlavaBackbone:
         self.num_hidden_layers = int(text_config.num_hidden_layers)
         self.layers = tuple(sorted({int(k) for k in layers}))
         if not self.layers or self.layers[0] < 1 or self.layers[-1] > self.num_hidden_layers:
-            raise ValueError(f"layers must lie in 1..{self.num_hidden_layers} (hidden_states indices), got {tuple(layers)}")
+            raise UsageError(f"--layers must lie in 1..{self.num_hidden_layers} (hidden_states indices), got {tuple(layers)}")
         if prompt_template.count(_IMAGE_PLACEHOLDER) != 1 or prompt_template.count("{question}") != 1:
-            raise ValueError("prompt_template must contain '<image>' and '{question}' exactly once each")
+            raise UsageError("prompt_template must contain '<image>' and '{question}' exactly once each")
         self.prompt_template = prompt_template
         self.question_template = question_template
         self.hidden_size = int(text_config.hidden_size)
@@ -219,6 +230,35 @@ class LlavaBackbone:
         model.to(device=dev, dtype=resolve_dtype(dtype, dev))
         return cls(model, processor, name_or_path="tiny", layers=layers, **kwargs)
 
+    @classmethod
+    def toy(
+        cls,
+        *,
+        layers: Sequence[int] = (3,),
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        folder: str | Path | None = None,
+        **kwargs: Any,
+    ) -> "LlavaBackbone":
+        """The project's toy LLaVA (``lens_cache.toy``), loaded from its shipped llava-hf folder.
+
+        Loaded by :meth:`from_pretrained` like any checkpoint; its identity names it ``toy``
+        (not the folder's path) and adds the sha256 of its weights file.
+        """
+        from lens_cache.toy import TOY_LLAVA_DIR, WEIGHTS_DIR
+
+        path = Path(folder) if folder is not None else WEIGHTS_DIR / TOY_LLAVA_DIR
+        if not (path / "model.safetensors").is_file():
+            from .mllm import MllmCheckpointNotFoundError
+
+            raise MllmCheckpointNotFoundError(
+                f"toy LLaVA weights not found in {path}: check out the repository's cache/toy/weights "
+                "or remake them with `lens-toy pretrain-llava` + `lens-toy export`")
+        backbone = cls.from_pretrained(str(path), layers=layers, device=device, dtype=dtype, **kwargs)
+        backbone.identity["name_or_path"] = "toy"
+        backbone.identity["weights_sha256"] = _sha256_file(path / "model.safetensors")
+        return backbone
+
     # ------------------------------------------------------------------ prompt
 
     def question_for(self, text: str, is_sentence: bool) -> str:
@@ -245,7 +285,7 @@ class LlavaBackbone:
         ids = self.processor.tokenizer(text, add_special_tokens=True)["input_ids"]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(positions) != 1:
-            raise ValueError(f"expected one image token in the prompt, found {len(positions)} (in the question?): {question!r}")
+            raise UsageError(f"expected one image token in the prompt, found {len(positions)} (in the question?): {question!r}")
         at = positions[0]
         return ids[:at] + [self.image_token_id] * self.num_image_tokens, ids[at + 1 :]
 
@@ -406,6 +446,19 @@ class LlavaBackbone:
     def text_config(self) -> PretrainedConfig:
         """The decoder's config (heads, MLP size, RMSNorm eps, RoPE), for building a matching head."""
         return self.model.config.text_config
+
+    @property
+    def head_sizes(self) -> dict:
+        """The ``LensConfig`` fields of a head made of this decoder's layers (see ``MllmBackbone``)."""
+        config = self.text_config
+        rope = getattr(config, "rope_parameters", None) or {}
+        return {
+            "hidden_size": int(config.hidden_size),
+            "num_heads": int(config.num_attention_heads),
+            "mlp_size": int(config.intermediate_size),
+            "rms_norm_eps": float(config.rms_norm_eps),
+            "rope_theta": float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        }
 
     def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """CPU copy of ``language_model.layers[index]`` 's weights (LlamaDecoderLayer names).

@@ -16,12 +16,14 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, PretrainedConfig
 
+from lens_cache.errors import UserError
 
-class MllmCheckpointNotFoundError(FileNotFoundError):
+
+class MllmCheckpointNotFoundError(FileNotFoundError, UserError):
     """No MLLM checkpoint at the given path or in the offline HF cache (message is one line)."""
 
 
-class UnsupportedMllmError(ValueError):
+class UnsupportedMllmError(ValueError, UserError):
     """The checkpoint exists but no registered adapter handles its model type."""
 
 
@@ -71,6 +73,10 @@ class MllmBackbone(Protocol):
     layers: tuple[int, ...]
     hidden_size: int
     num_image_tokens: int
+    num_hidden_layers: int
+    #: The ``LensConfig`` fields of a head made of its decoder layers: hidden_size,
+    #: num_heads, mlp_size, rms_norm_eps, rope_theta.
+    head_sizes: dict
 
     def question_for(self, text: str, is_sentence: bool) -> str:
         """The question put to the MLLM for a manifest row."""

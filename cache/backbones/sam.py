@@ -4,6 +4,9 @@ A SAM spec is a string:
 
 - ``tiny``: a tiny SAM built in code with the real ``segment_anything`` classes,
   deterministic from seed 0 (its image encoder still outputs 256 x 64 x 64);
+- ``toy``: the project's pretrained toy SAM (``lens_cache.toy.sam``: prompt width 64, so
+  64 x 64 x 64 embeddings), its weights loaded strictly from the shipped
+  ``cache/toy/weights/toy_sam.safetensors``; ``toy:PATH`` loads another toy checkpoint;
 - ``vit_h:PATH`` / ``vit_l:PATH`` / ``vit_b:PATH``: the real architecture from
   ``sam_model_registry`` with the checkpoint at PATH loaded strictly.  A bare PATH whose
   file name names the variant (``sam_vit_h_4b8939.pth``) is accepted too.
@@ -26,10 +29,14 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from lens_cache.errors import UsageError, UserError
+
 from ._runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import SAM_IMAGE_SIZE, SamFrame
 
 SAM_VARIANTS = ("vit_h", "vit_l", "vit_b")
+#: The toy SAM's variant name: its architecture is ``lens_cache.toy.sam.build_toy_sam``.
+TOY_VARIANT = "toy"
 TINY_SAM_SEED = 0
 
 # SAM's fixed prompt geometry (as in segment_anything/build_sam.py): every variant
@@ -39,30 +46,37 @@ _PATCH_SIZE = 16
 _EMBEDDING_SIZE = SAM_IMAGE_SIZE // _PATCH_SIZE  # 64
 
 
-class SamCheckpointNotFoundError(FileNotFoundError):
+class SamCheckpointNotFoundError(FileNotFoundError, UserError):
     """The SAM checkpoint named by a spec does not exist (message is one line)."""
 
 
 @dataclass(frozen=True)
 class SamSpec:
-    """A parsed SAM spec: ``variant`` is ``tiny`` or one of :data:`SAM_VARIANTS`."""
+    """A parsed SAM spec: ``variant`` is ``tiny``, ``toy`` or one of :data:`SAM_VARIANTS`."""
 
     variant: str
     checkpoint: Path | None = None
 
 
 def parse_sam_spec(spec: str) -> SamSpec:
-    """``"tiny"`` / ``"vit_h:PATH"`` / a bare checkpoint path naming its variant -> :class:`SamSpec`."""
+    """``"tiny"`` / ``"toy"`` / ``"VARIANT:PATH"`` / a bare checkpoint path naming its variant -> :class:`SamSpec`."""
     if spec == "tiny":
         return SamSpec("tiny")
+    if spec == TOY_VARIANT:
+        from lens_cache.toy import TOY_SAM_FILE, WEIGHTS_DIR
+
+        return SamSpec(TOY_VARIANT, WEIGHTS_DIR / TOY_SAM_FILE)
     variant, sep, path = spec.partition(":")
-    if sep and variant in SAM_VARIANTS and path:
+    if sep and variant in (*SAM_VARIANTS, TOY_VARIANT) and path:
         return SamSpec(variant, Path(path).expanduser())
     # A bare path: the official file names carry the variant (sam_vit_h_4b8939.pth).
     named = [v for v in SAM_VARIANTS if v in Path(spec).name]
     if len(named) == 1:
         return SamSpec(named[0], Path(spec).expanduser())
-    raise ValueError(f"bad SAM spec {spec!r}: use 'tiny' or VARIANT:PATH with VARIANT in {', '.join(SAM_VARIANTS)}")
+    raise UsageError(
+        f"bad SAM spec {spec!r}: use 'tiny', 'toy' or VARIANT:PATH with VARIANT in "
+        f"{', '.join((*SAM_VARIANTS, TOY_VARIANT))}"
+    )
 
 
 def build_tiny_sam(seed: int = TINY_SAM_SEED) -> Sam:
@@ -116,15 +130,25 @@ def build_sam(spec: str) -> Sam:
     if parsed.variant == "tiny":
         return build_tiny_sam()
     path = _existing_checkpoint(parsed)
-    sam = sam_model_registry[parsed.variant](checkpoint=None)
-    # weights_only: a checkpoint from disk is data, never code; strict: no silently dropped keys.
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    sam.load_state_dict(state_dict, strict=True)
+    if parsed.variant == TOY_VARIANT:
+        from safetensors.torch import load_file
+
+        from lens_cache.toy.sam import build_toy_sam
+
+        sam, state_dict = build_toy_sam(), load_file(str(path))
+    else:
+        sam = sam_model_registry[parsed.variant](checkpoint=None)
+        # weights_only: a checkpoint from disk is data, never code.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    sam.load_state_dict(state_dict, strict=True)  # strict: no silently dropped keys
     return sam
 
 
 def sam_identity(spec: str) -> dict:
     """What identifies a SAM in a cache: variant + weights (``sha256:<hex>`` of the file, or ``tiny-seed0``).
+
+    The embedding's channel count is not part of it (the weights fix it); stores record it
+    as ``sam_channels``.
 
     The path itself is left out on purpose: moving a checkpoint does not change a cache.
     """
@@ -138,12 +162,17 @@ def sam_identity(spec: str) -> dict:
 
 def _existing_checkpoint(parsed: SamSpec) -> Path:
     assert parsed.checkpoint is not None
-    if not parsed.checkpoint.is_file():
+    if parsed.checkpoint.is_file():
+        return parsed.checkpoint
+    if parsed.variant == TOY_VARIANT:
         raise SamCheckpointNotFoundError(
-            f"SAM checkpoint not found at {parsed.checkpoint}: pass --sam {parsed.variant}:PATH "
-            f"to a local sam_{parsed.variant}_*.pth or 'tiny'"
+            f"toy SAM weights not found at {parsed.checkpoint}: run `lens-toy export` "
+            "or check out the repository's cache/toy/weights"
         )
-    return parsed.checkpoint
+    raise SamCheckpointNotFoundError(
+        f"SAM checkpoint not found at {parsed.checkpoint}: pass --sam {parsed.variant}:PATH "
+        f"to a local sam_{parsed.variant}_*.pth or 'tiny'"
+    )
 
 
 @lru_cache(maxsize=32)
@@ -157,7 +186,9 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 class SamImageEncoder:
-    """SAM's frozen image encoder: :class:`SamFrame` s -> 256 x 64 x 64 embeddings.
+    """SAM's frozen image encoder: :class:`SamFrame` s -> C x 64 x 64 embeddings.
+
+    C (:attr:`channels`) is SAM's prompt width: 256 for SAM, 64 for the toy SAM.
 
     Normalisation and padding are SAM's own (``Sam.preprocess``, in float32); only the
     ViT runs in ``dtype``. The model handed in is frozen (eval, no grads) and moved to
@@ -170,6 +201,7 @@ class SamImageEncoder:
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
+        self.channels = int(sam.prompt_encoder.embed_dim)
         # Only the ViT changes dtype: pixel_mean/std stay float32 so that normalisation is exact.
         self.sam.to(device)
         self.sam.image_encoder.to(dtype)
@@ -188,7 +220,7 @@ class SamImageEncoder:
         """Image embeddings of a batch of frames.
 
         Returns:
-            (B, 256, 64, 64) float32 on the CPU.
+            (B, C, 64, 64) float32 on the CPU.
         """
         out: list[torch.Tensor] = []
         for start in range(0, len(frames), self.batch_size):
@@ -197,5 +229,5 @@ class SamImageEncoder:
             pixels = torch.stack([self.sam.preprocess(f.sam_pixels().to(self.device)) for f in chunk])
             out.append(self.sam.image_encoder(pixels.to(self.dtype)).float().cpu())
         if not out:
-            return torch.empty(0, _PROMPT_DIM, _EMBEDDING_SIZE, _EMBEDDING_SIZE)
+            return torch.empty(0, self.channels, _EMBEDDING_SIZE, _EMBEDDING_SIZE)
         return torch.cat(out)

@@ -67,14 +67,15 @@ _PUNCTUATION = tuple(".,:;?!'\"()-/")
 _DIGITS = tuple("0123456789")
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(extra_words: tuple[str, ...] | list[str] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a fixed vocabulary, built locally (deterministic).
 
     Lower-cases its input, splits on whitespace, punctuation and single digits, maps
     unknown words to ``<unk>`` and prepends ``<s>`` like LLaMA's tokenizer. ``<image>``
     is a special token, so the processor's run of 576 ``<image>`` s becomes 576 ids.
+    ``extra_words`` extend the vocabulary (the toy LLaVA adds its world's words).
     """
-    words = sorted({w for w in _WORDS.split() if w.isalpha()})
+    words = sorted({w for w in (*_WORDS.split(), *extra_words) if w.isalpha()})
     vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *_PUNCTUATION, *_DIGITS, *words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
