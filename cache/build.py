@@ -21,6 +21,11 @@ store first reads back and checks every sample of its finished blocks
 index array or manifest file is rewritten, so rerunning the build command repairs a
 store exactly where it is damaged. The parent holds the store's writer lock
 (:mod:`lens_cache.locks`) for the whole build: a second build of the same store is refused.
+
+One bad sample never stops a build: an image that is missing, unreadable, of another size
+than the manifest says or too thin for SAM's frame, and a query whose text the backbone
+refuses (:class:`~lens_cache.errors.BadSampleError`), are skipped, said on stderr and kept
+in the store's failure list (:mod:`lens_cache.store`); the rest is built.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 from lens_cache.backbones.base import FeatureExtractor, ImageFeatures, NoDecoderLayers
-from lens_cache.errors import UsageError
+from lens_cache.backbones.geometry import frame_problem
+from lens_cache.errors import BadSampleError, UsageError
 from lens_cache.locks import exclusive
 from lens_cache.progress import Progress
 from lens_cache.store import (
     ATTRS_KEY,
+    BAD_TEXT,
     BITROUND_KEEPBITS,
     BLOCK_CHECKSUM_ARRAY,
     INDEX_ARRAYS,
@@ -103,8 +110,10 @@ class BlockJob:
         image_paths: path or fsspec URL of each image of the block.
         image_sizes: (h, w) of each image according to the manifest.
         query_start: index of the block's first query.
-        questions: per image, the questions put to the MLLM.
-        text_len: per query of the block, L_t promised by tokenisation.
+        questions: per image, the questions put to the MLLM (its usable queries only).
+        query_rows: per image, the block-local query of each of its questions.
+        image_queries: per image, how many queries it has (usable or not).
+        text_len: per query of the block, L_t promised by tokenisation (0: text refused, skipped).
     """
 
     block: int
@@ -113,6 +122,8 @@ class BlockJob:
     image_sizes: tuple[tuple[int, int], ...]
     query_start: int
     questions: tuple[tuple[str, ...], ...]
+    query_rows: tuple[tuple[int, ...], ...]
+    image_queries: tuple[int, ...]
     text_len: tuple[int, ...]
 
     @property
@@ -143,7 +154,8 @@ class ExtractorInfo:
     """What the parent needs from the extractor before creating the store.
 
     ``identity`` is the extractor's plus ``warm_start`` (see :func:`warm_start_file`);
-    ``questions``/``text_len`` have one entry per manifest row.
+    ``questions``/``text_len`` have one entry per manifest row; a row whose text the
+    backbone refused has ``text_len`` 0 and its reason in ``text_failures``.
     """
 
     identity: dict
@@ -153,6 +165,7 @@ class ExtractorInfo:
     sam_channels: int
     questions: list[str]
     text_len: np.ndarray
+    text_failures: dict[int, str]
 
 
 def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
@@ -160,6 +173,7 @@ def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sen
     questions = [
         extractor.question_for(text, bool(sentence)) for text, sentence in zip(texts, is_sentence, strict=True)
     ]
+    text_len, failures = text_lengths(extractor, questions)
     warm_start, _ = warm_start_file(extractor)
     return ExtractorInfo(
         identity={**extractor.identity, "warm_start": warm_start},
@@ -168,8 +182,21 @@ def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sen
         num_image_tokens=int(extractor.num_image_tokens),
         sam_channels=int(extractor.sam_channels),
         questions=questions,
-        text_len=np.asarray([extractor.num_text_tokens(q) for q in questions], dtype=np.int32),
+        text_len=text_len,
+        text_failures=failures,
     )
+
+
+def text_lengths(extractor: FeatureExtractor, questions: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """L_t of every question, 0 for one the backbone refuses (:class:`BadSampleError`), with its reason."""
+    lengths = np.zeros(len(questions), dtype=np.int32)
+    failures: dict[int, str] = {}
+    for row, question in enumerate(questions):
+        try:
+            lengths[row] = extractor.num_text_tokens(question)
+        except BadSampleError as error:
+            failures[row] = str(error)
+    return lengths, failures
 
 
 def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: Iterable[int]) -> list[BlockJob]:
@@ -181,6 +208,10 @@ def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: 
         images = plan.image_range(block)
         rows = [int(plan.first_query[image]) for image in images]
         queries = plan.query_range(block)
+        usable = [
+            [q for q in range(int(plan.first_query[image]), plan.query_end(image)) if info.text_len[q] > 0]
+            for image in images
+        ]
         jobs.append(
             BlockJob(
                 block=block,
@@ -188,9 +219,9 @@ def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: 
                 image_paths=tuple(paths[row] for row in rows),
                 image_sizes=tuple((int(heights[row]), int(widths[row])) for row in rows),
                 query_start=queries.start,
-                questions=tuple(
-                    tuple(info.questions[int(plan.first_query[image]) : plan.query_end(image)]) for image in images
-                ),
+                questions=tuple(tuple(info.questions[q] for q in qs) for qs in usable),
+                query_rows=tuple(tuple(q - queries.start for q in qs) for qs in usable),
+                image_queries=tuple(plan.query_end(image) - int(plan.first_query[image]) for image in images),
                 text_len=tuple(int(n) for n in info.text_len[queries.start : queries.stop]),
             )
         )
@@ -226,27 +257,46 @@ def load_image(path: str, expected_size: tuple[int, int]) -> LoadedImage:
     """Open ``path`` (local or fsspec URL) as RGB; a missing/corrupt/mis-sized image is reported, not raised.
 
     ``expected_size`` is the manifest's (h, w): masks are stored at that size, so an
-    image of another size would be silently misaligned with its targets.
+    image of another size would be silently misaligned with its targets. The size and
+    the shape are checked on the header, before the pixels are decoded; an image too
+    thin for SAM's frame (:func:`~lens_cache.backbones.geometry.frame_problem`) is
+    reported as ``bad_geometry``.
     """
     try:
         if "://" in path:
             with fsspec.open(path, "rb") as file:
                 image = Image.open(file)
-                image.load()
+                problem = _header_problem(image, expected_size)
+                if problem is None:
+                    image.load()
         else:  # a plain path keeps PIL's messages readable ("cannot identify image file '/x.jpg'")
             image = Image.open(path)
-            image.load()  # reads the pixels and closes the file
+            problem = _header_problem(image, expected_size)
+            if problem is None:
+                image.load()  # reads the pixels and closes the file
+            else:
+                image.close()
     except FileNotFoundError as error:
         return LoadedImage(None, 1, f"missing: {error}")
     except Exception as error:  # PIL raises many types for a broken file (OSError, SyntaxError, ...)
         return LoadedImage(None, 2, f"unreadable: {type(error).__name__}: {error}")
-    image = image.convert("RGB")
+    if problem is not None:
+        return problem
+    return LoadedImage(image.convert("RGB"))
+
+
+def _header_problem(image: Image.Image, expected_size: tuple[int, int]) -> LoadedImage | None:
+    """Why an opened (not yet decoded) image cannot be used: another size than the manifest's, or
+    a shape SAM's frame cannot take; None when it can."""
     size = (image.height, image.width)
     if size != tuple(expected_size):
         return LoadedImage(
             None, 3, f"size_mismatch: image is {size[0]}x{size[1]}, manifest says {expected_size[0]}x{expected_size[1]}"
         )
-    return LoadedImage(image)
+    problem = frame_problem(*size)
+    if problem is not None:
+        return LoadedImage(None, 4, f"bad_geometry: {problem}")
+    return None
 
 
 def prefetched(
@@ -403,7 +453,7 @@ def pack_batch(
                 feature.image_states[layer], (tokens, d), f"layer-{layer} image states of {where}"
             )
             for k, states in enumerate(feature.text_states):
-                query = int(query_offsets[i]) + k
+                query = job.query_rows[i][k]
                 length = job.text_len[query]
                 # A shape mismatch means num_text_tokens() and extract() tokenise differently: a backbone bug.
                 arrays[text_array_name(layer)][query - q_start, :length] = to_float16(
@@ -433,7 +483,7 @@ def run_block(
     input_size = np.zeros((job.num_images, 2), dtype=np.int32)
     failed = np.zeros(job.num_images, dtype=np.uint8)
     failures: list[tuple[int, int, str]] = []
-    query_offsets = np.concatenate([[0], np.cumsum([len(q) for q in job.questions])]).astype(np.int64)
+    query_offsets = np.concatenate([[0], np.cumsum(job.image_queries)]).astype(np.int64)
     checksums = {
         name: np.zeros(job.num_queries if name.startswith("queries/") else job.num_images, dtype=np.uint32)
         for name in sample_arrays(writer.layers)
@@ -455,6 +505,8 @@ def run_block(
             images = range(batch_start, min(batch_start + batch_size, job.num_images))
             batch = {i: next(loaded) for i in images}
             for i, image in batch.items():
+                if image.code == 0 and not job.questions[i]:
+                    image = batch[i] = LoadedImage(None, BAD_TEXT, "bad_text: every query of it has a refused text")
                 if image.code:
                     failed[i] = image.code
                     failures.append((job.image_start + i, image.code, f"{job.image_paths[i]}: {image.message}"))
@@ -676,7 +728,7 @@ def repair_damage(
         try:
             store.warm_start_bytes()
             failed = store.array("queries/failed")[:]
-            stale = not np.array_equal(failed, store.image_failures[store.image_index])
+            stale = not np.array_equal(failed, store.query_failures())
         except StoreError:
             stale = True
         except Exception:  # queries/failed does not decode: finalize rewrites it  # noqa: BLE001
@@ -716,7 +768,7 @@ def finalize_store(store: FeatureStore) -> FeatureStore:
     store.warm_start_bytes()  # the file is there and is the one recorded (else StoreError)
     group = open_group(store.location, mode="r+")
     failures = store.array("images/failed")[:]
-    group["queries/failed"][:] = failures[store.image_index]
+    group["queries/failed"][:] = store.query_failures()
     attrs = dict(group.attrs[ATTRS_KEY])
     attrs["num_failed_images"] = int(np.count_nonzero(failures))
     attrs["complete"] = True
@@ -843,6 +895,8 @@ def _build_cache(
         )
         if existed:  # resume or rerun: first find what of the store is damaged, to redo it
             store = repair_damage(store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress)
+        for row, reason in info.text_failures.items():
+            _say(progress, f"skipped query {row}: {reason}")
         if store.complete:
             _say(
                 progress,
@@ -881,7 +935,8 @@ def _build_cache(
     _say(
         progress,
         f"store {location.url} complete: {finished.num_images} images, {finished.num_queries} queries, "
-        f"identity {identity_hash(info.identity)[:12]}, {finished.attrs['num_failed_images']} image(s) skipped",
+        f"identity {identity_hash(info.identity)[:12]}, {finished.attrs['num_failed_images']} image(s) and "
+        f"{len(finished.failed_queries())} other query(ies) skipped",
     )
     return finished
 

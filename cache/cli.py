@@ -4,8 +4,10 @@ Heavy imports (torch, zarr, dask, the backbones) happen inside the commands, so
 ``lens-cache --help`` answers at once. User errors (missing data, missing
 checkpoint, a store of another build, a damaged store, a store another build is
 writing, ...: ``lens_cache.errors.UserError`` and ``lens_manifests.ManifestError``)
-print one line on stderr and exit with code 2; set ``LENS_DEBUG=1`` to get the
-traceback instead. Any other exception is a bug and keeps its traceback.
+print one line on stderr and exit with code 2; so does an output that cannot be written
+because its disk is full or read-only (``lens_cache.errors.output_error``; the writers
+remove their temporary files first). Set ``LENS_DEBUG=1`` to get the traceback instead.
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ app = typer.Typer(
 )
 
 USER_ERROR_EXIT = 2
+#: skipped images (and refused queries) ``info`` lists one per line; ``verify`` lists all
+INFO_FAILURES = 20
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -40,18 +44,44 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, ManifestError)
 
 
+def as_user_error(error: Exception, output: str | Path | None = None) -> Exception | None:
+    """``error`` if it is the user's to fix, the one-line ``OutputError`` for a full or read-only
+    disk under ``output`` (what the command writes), else None (a bug)."""
+    from lens_cache.errors import output_error
+
+    if isinstance(error, user_error_types()):
+        return error
+    return output_error(error, output)
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn user errors into one line on stderr and exit code 2; anything else keeps its traceback."""
+def user_errors(output: str | Path | None = None) -> Iterator[None]:
+    """Turn user errors into one line on stderr and exit code 2; anything else keeps its traceback.
+
+    ``output``: what the command writes, named when its disk turns out full or read-only.
+    """
     try:
         yield
     except Exception as error:
-        if os.environ.get("LENS_DEBUG") or not isinstance(error, user_error_types()):
+        mine = None if os.environ.get("LENS_DEBUG") else as_user_error(error, output)
+        if mine is None:
             raise
         from lens_cache.errors import one_line
 
-        typer.echo(f"error: {one_line(error)}", err=True)
+        quiet_sibling_failures(mine)
+        typer.echo(f"error: {one_line(mine)}", err=True)
         raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def quiet_sibling_failures(error: Exception) -> None:
+    """After a full or read-only disk, keep asyncio from logging the same failure of every other
+    write zarr had in flight ("Future exception was never retrieved", at exit): one line is enough."""
+    from lens_cache.errors import OutputError
+
+    if isinstance(error, OutputError):
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -110,7 +140,7 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
 ) -> None:
     """Cache the backbone features of one dataset split (resumes an interrupted build)."""
-    with user_errors():
+    with user_errors(output=out):
         import functools
 
         from lens_cache.build import build_cache, first_images
@@ -170,7 +200,7 @@ def manifest_command(
     seed: Annotated[int, typer.Option(help="Seed of class sampling / synthetic data.")] = 0,
 ) -> None:
     """Build a manifest (one Parquet row per query) without caching anything."""
-    with user_errors():
+    with user_errors(output=out):
         from lens_manifests import build_manifest, write_manifest
 
         table = build_manifest(split, data_root, seed=seed)
@@ -185,7 +215,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed; the data is a pure function of it.")] = 0,
 ) -> None:
     """Generate the synthetic dataset (idempotent)."""
-    with user_errors():
+    with user_errors(output=out):
         from lens_manifests.synthetic import write_synthetic
 
         marker = write_synthetic(out, seed=seed)
@@ -196,12 +226,15 @@ def synth(
 def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> None:
     """Identity, sizes, bytes on disk per image and per query, completion."""
     with user_errors():
-        from lens_cache.store import FeatureStore
+        from lens_cache.store import FeatureStore, failure_lines
+        from lens_manifests import get_skipped
 
         opened = FeatureStore.open(store, require_complete=False)
         attrs = opened.attrs
         done = opened.num_blocks - len(opened.missing_blocks())
         per_array = {name: opened.location.bytes_under(name) for name in opened.array_names()}
+        failed_images, failed_queries = opened.failed_images(), opened.failed_queries()
+        left_out = get_skipped(opened.unchecked_manifest())  # what the manifest's adapter skipped, and why
         image_bytes = sum(size for name, size in per_array.items() if name.startswith("images/"))
         query_bytes = sum(size for name, size in per_array.items() if name.startswith("queries/"))
         lines = [
@@ -214,7 +247,11 @@ def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> No
             f"size         {opened.num_images} images, {opened.num_queries} queries, max_text_len {opened.max_text_len}",
             f"storage      {attrs['storage_dtype']}, compression {attrs['compression']}",
             f"manifest     {attrs['manifest_hash'][:16]}",
-            f"failed       {len(opened.failed_images())} image(s) skipped",
+            f"failed       {len(failed_images)} image(s) and {len(failed_queries)} other query(ies) skipped; "
+            f"{len(left_out)} item(s) left out of the manifest",
+            *["  " + line for line in failure_lines(failed_images, failed_queries, most=INFO_FAILURES)],
+            *[f"  left out of the manifest: {item['path']}: {item['reason']}" for item in left_out[:INFO_FAILURES]],
+            *([f"  ... and {len(left_out) - INFO_FAILURES} more left out"] if len(left_out) > INFO_FAILURES else []),
             f"bytes        {_human(sum(per_array.values()))} total; "
             f"{_human(image_bytes / max(opened.num_images, 1))} per image, {_human(query_bytes / max(opened.num_queries, 1))} per query",
         ]
@@ -259,7 +296,7 @@ def export(
     compression: Annotated[str, typer.Option(help="gzip, lzf or none.")] = "gzip",
 ) -> None:
     """Copy a complete store into one HDF5 file (same arrays and attributes)."""
-    with user_errors():
+    with user_errors(output=out):
         from lens_cache.export import export_hdf5
 
         path = export_hdf5(store, out, compression=compression)

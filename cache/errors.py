@@ -4,9 +4,24 @@ Everything a user can cause and fix (a wrong option, a missing file or checkpoin
 store of another build, a damaged store, a folder another process is writing) raises a
 :class:`UserError`; the CLIs catch exactly these types (and ``lens_manifests.ManifestError``)
 and print ``error: <message>``. Any other exception is a bug and keeps its traceback.
+
+Two kinds of error are the user's without being raised as a ``UserError``:
+
+* a sample the backbone cannot take (:class:`BadSampleError`): a build skips it and
+  lists it in the store's failure list; an interactive command refuses it in one line;
+* an output that cannot be written because its disk is full (``ENOSPC``, ``EDQUOT``)
+  or read-only (``EROFS``): the libraries underneath raise it in their own ways (an
+  ``OSError``, safetensors' ``SafetensorError``, torch's ``unexpected pos``), so
+  :func:`storage_problem` recognises it and :func:`output_error` turns it into one line
+  naming the path and the fix. Writers remove their temporary files before it reaches
+  the user.
 """
 
 from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -19,6 +34,68 @@ class UsageError(UserError, ValueError):
 
 class LockHeldError(UserError):
     """Another process is writing the same store, run folder or file."""
+
+
+class BadSampleError(UserError, ValueError):
+    """One sample the backbone cannot take: an image of impossible shape, a text with a special
+    token or longer than the MLLM's context. A build skips it and lists it; the rest goes on."""
+
+
+class OutputError(UserError):
+    """An output cannot be written: its disk is full or read-only (see :func:`output_error`)."""
+
+
+#: errno -> what it means for the user, and the fix
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EROFS: ("read-only file system", "write elsewhere"),
+}
+#: the same errors as libraries without an errno word them (Rust's io::Error, C++ messages)
+_STORAGE_TEXT = re.compile(
+    r"os error (?P<code>28|30|122)\b|(?P<text>no space left on device|read-only file system|disk quota exceeded)",
+    re.IGNORECASE,
+)
+_TEXT_ERRNO = {"no space left on device": errno.ENOSPC, "read-only file system": errno.EROFS,
+               "disk quota exceeded": errno.EDQUOT}
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def storage_problem(error: BaseException) -> tuple[int, str | None] | None:
+    """``(errno, path or None)`` when ``error`` (or one it was raised from) says the disk is full
+    or read-only; None for anything else."""
+    for link in _chain(error):
+        code = getattr(link, "errno", None)
+        if code in _STORAGE_ERRNOS:
+            filename = getattr(link, "filename", None)
+            return code, (str(filename) if filename else None)
+        found = _STORAGE_TEXT.search(str(link))
+        if found:
+            code = int(found["code"]) if found["code"] else _TEXT_ERRNO[found["text"].lower()]
+            return code, None
+    return None
+
+
+def output_error(error: BaseException, output: str | Path | None = None) -> OutputError | None:
+    """The one-line :class:`OutputError` for a full or read-only disk, or None if ``error`` is not one.
+
+    ``output`` names what the command writes (its ``--out``); without one, the file the
+    error names, if any.
+    """
+    problem = storage_problem(error)
+    if problem is None:
+        return None
+    code, path = problem
+    what, fix = _STORAGE_ERRNOS[code]
+    where = str(output) if output is not None else path
+    return OutputError(f"cannot write {where}: {what}: {fix}" if where else f"cannot write the output: {what}: {fix}")
 
 
 def one_line(error: BaseException) -> str:

@@ -3,7 +3,8 @@
 The file mirrors the store: the same array paths (``images/mllm_l14``, ...), dtypes
 and chunk shapes; the ``lens_cache`` attribute as a JSON string on the root; the
 manifest's Parquet bytes as the uint8 dataset ``manifest.parquet``. It is written
-to ``<out>.tmp`` and renamed, so a crash never leaves a file that looks finished; the
+to ``<out>.tmp`` and renamed, so a crash never leaves a file that looks finished (a
+failed write, e.g. a full disk, removes ``<out>.tmp``); the
 writer lock of ``<out>`` (:mod:`lens_cache.locks`) is held meanwhile, so two exports
 never write one file. Every sample is checked against its checksum as it is copied.
 """
@@ -11,12 +12,12 @@ never write one file. Every sample is checked against its checksum as it is copi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 from lens_cache.errors import UsageError
+from lens_cache.files import replaced_on_success
 from lens_cache.locks import exclusive
 from lens_cache.store import MANIFEST_FILE, FeatureStore, sample_arrays
 
@@ -63,10 +64,15 @@ def export_hdf5(
 
 
 def _write_hdf5(store: FeatureStore, out_path: Path, filters: dict) -> None:
-    tmp = out_path.with_name(out_path.name + ".tmp")
     store.manifest  # noqa: B018 - the manifest file is the one the store recorded (else DamagedStoreError)
-    checked = set(sample_arrays(store.layers)) if store.checksums is not None else set()
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_on_success(out_path) as tmp:
+        _copy_store(store, tmp, filters)
+
+
+def _copy_store(store: FeatureStore, tmp: Path, filters: dict) -> None:
+    """Every array and the self-description of ``store`` into the new HDF5 file ``tmp``."""
+    checked = set(sample_arrays(store.layers)) if store.checksums is not None else set()
     with h5py.File(tmp, "w") as h5:
         h5.attrs["lens_cache"] = json.dumps(store.attrs, sort_keys=True)
         manifest_bytes = np.frombuffer(store.location.read_bytes(MANIFEST_FILE), dtype=np.uint8)
@@ -87,7 +93,6 @@ def _write_hdf5(store: FeatureStore, out_path: Path, filters: dict) -> None:
             step = max(1, COPY_ROWS // source.chunks[0]) * source.chunks[0]
             for start in range(0, source.shape[0], step):
                 target[start : start + step] = source[start : start + step]
-    os.replace(tmp, out_path)
 
 
 def read_hdf5_attrs(path: str | Path) -> dict:

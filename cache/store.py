@@ -20,9 +20,9 @@ toy SAM; "chunk" is the chunk shape)::
     images/failed                 (N_img,)    uint8  0 ok, else FAILURE_REASONS code, chunk (B,)
     images/first_query            (N_img,)    int64  first row of the image's queries
     queries/text_l{L}             (N_q, T, d) float16  right-padded with zeros, chunk (1, T, d)
-    queries/text_len              (N_q,)      int32  L_t of each query
+    queries/text_len              (N_q,)      int32  L_t of each query; 0: its text was refused (skipped)
     queries/image_index           (N_q,)      int64  image of each query
-    queries/failed                (N_q,)      uint8  copy of images/failed per query (written at completion)
+    queries/failed                (N_q,)      uint8  0 ok, else why (its image's code, or bad_text), at completion
     blocks/done                   (N_blocks,) uint8  1 once block b is written, chunk (1,)
 
     images/sam_crc32, images/mllm_l{L}_crc32   (N_img,)       uint32  crc32 of each sample, chunk (B,)
@@ -57,6 +57,14 @@ Why this shape:
 
 Format version 2 added ``sam_channels``, the warm start and the checksums; a version-1
 store reads as ``C = 256`` without a warm start and without checksum checks.
+
+Skipped samples (one bad sample never stops a build): an image that is missing,
+unreadable, of another size than the manifest says, or of a shape SAM's frame cannot
+take has its ``FAILURE_REASONS`` code in ``images/failed`` and no features; a query whose
+text the backbone refuses (a special token such as ``<image>`` in it, a prompt longer
+than the MLLM's context) has ``text_len`` 0 and code ``bad_text`` in ``queries/failed``;
+an image none of whose queries is usable is skipped as ``bad_text`` too. Readers serve
+:meth:`FeatureStore.valid_query_ids` only; ``lens-cache info`` and ``verify`` list the rest.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from lens_cache.errors import UsageError, UserError
+from lens_cache.files import replaced_on_success
 from zarr.abc.store import Store as ZarrStore
 from zarr.codecs import ZstdCodec
 
@@ -104,7 +113,9 @@ WARM_START_FILE = "warm_start/decoder_layers.safetensors"
 INDEX_CHUNK = 1 << 16
 
 #: ``images/failed`` codes: why an image was skipped (0 = loaded fine).
-FAILURE_REASONS = {1: "missing", 2: "unreadable", 3: "size_mismatch"}
+FAILURE_REASONS = {1: "missing", 2: "unreadable", 3: "size_mismatch", 4: "bad_geometry", 5: "bad_text"}
+#: the code of a query (or of an image with no usable query) whose text the backbone refused
+BAD_TEXT = 5
 #: Per-sample checksums (format version 2): ``zlib.crc32`` of the sample's bytes as written.
 CHECKSUM_ALGORITHM = "crc32"
 CHECKSUM_SUFFIX = "_crc32"
@@ -290,10 +301,9 @@ class StoreLocation:
         fs, root = self.filesystem()
         path = f"{root}/{name}"
         if self.is_local:
-            tmp = Path(f"{path}.tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with replaced_on_success(path) as tmp:  # removed if the write fails
+                tmp.write_bytes(data)
         else:
             fs.pipe_file(path, data)
 
@@ -501,9 +511,9 @@ def create_store(
     feature_codecs(description.compression)  # a bad name raises its one-line error here
     num_images, num_queries, d = plan.num_images, plan.num_queries, description.hidden_size
     text_len = np.asarray(text_len, dtype=np.int32)
-    if text_len.shape != (num_queries,) or text_len.min() < 1:
-        raise ValueError("text_len must give a positive length for every query")
-    max_text_len = int(text_len.max())
+    if text_len.shape != (num_queries,) or text_len.min() < 0:
+        raise ValueError("text_len must give a length for every query (0: a refused text)")
+    max_text_len = max(1, int(text_len.max()))
 
     group = open_group(location, mode="w")
     group.attrs.put({PARTIAL_KEY: {"format_version": FORMAT_VERSION}})
@@ -923,6 +933,27 @@ class FeatureStore:
                 detail=f"{name}: does not decode",
             ) from None
 
+    def query_failures(self) -> np.ndarray:
+        """(N_q,) uint8: 0 = cached, else why the query is skipped: its image's code, or
+        ``bad_text`` when the backbone refused its text (``text_len`` 0)."""
+        codes = self.image_failures[self.image_index]
+        return np.where((codes == 0) & (self.text_len == 0), BAD_TEXT, codes).astype(np.uint8)
+
+    def failed_queries(self) -> list[dict[str, Any]]:
+        """The queries whose text the build refused (their image was cached): query_id, image_index,
+        image_id, text, reason. Queries of skipped images are covered by :meth:`failed_images`."""
+        refused = np.flatnonzero((self.text_len == 0) & (self.image_failures[self.image_index] == 0))
+        if len(refused) == 0:
+            return []
+        manifest = self.unchecked_manifest()
+        texts = manifest.column("text").take(refused).to_pylist()
+        image_ids = manifest.column("image_id").take(refused).to_pylist()
+        return [
+            {"query_id": int(q), "image_index": int(self.image_index[q]), "image_id": image_id, "text": text,
+             "reason": FAILURE_REASONS[BAD_TEXT]}
+            for q, image_id, text in zip(refused, image_ids, texts, strict=True)
+        ]
+
     def failed_images(self) -> list[dict[str, Any]]:
         """The images the build skipped: image_index, image_id, image_path, reason."""
         failed = np.flatnonzero(self.image_failures)
@@ -943,8 +974,8 @@ class FeatureStore:
         ]
 
     def valid_query_ids(self) -> np.ndarray:
-        """(n,) int64: the queries whose image was cached (stage 2 trains on these)."""
-        return np.flatnonzero(self.image_failures[self.image_index] == 0).astype(np.int64)
+        """(n,) int64: the queries that were cached, image and text (stage 2 trains on these)."""
+        return np.flatnonzero(self.query_failures() == 0).astype(np.int64)
 
     # -- blocks -----------------------------------------------------------------
 
@@ -1117,6 +1148,11 @@ class FeatureStore:
         if not 0 <= query < self.num_queries:
             raise IndexError(f"query {query} out of range (store has {self.num_queries})")
         image = int(self.image_index[query])
+        if int(self.text_len[query]) == 0 and not self.image_failures[image]:
+            raise StoreError(
+                f"query {query} of store {self.url} was skipped at build time ({FAILURE_REASONS[BAD_TEXT]}); "
+                "iterate over store.valid_query_ids() instead"
+            )
         sample = self.read_image(image, layer)
         del sample["query_ids"]
         sample["text_states"] = self.read_sample(text_array_name(layer), query)[: int(self.text_len[query])]
@@ -1163,6 +1199,7 @@ class VerifyReport:
     url: str
     problems: list[str] = field(default_factory=list)
     failed_images: list[dict[str, Any]] = field(default_factory=list)
+    failed_queries: list[dict[str, Any]] = field(default_factory=list)
     blocks_done: int = 0
     num_blocks: int = 0
     damaged_blocks: list[int] = field(default_factory=list)
@@ -1174,13 +1211,29 @@ class VerifyReport:
 
     def lines(self) -> Iterator[str]:
         yield f"store {self.url}: blocks {self.blocks_done}/{self.num_blocks} done"
-        for failure in self.failed_images:
-            yield f"skipped image {failure['image_index']} ({failure['image_id']}, {failure['reason']}): {failure['image_path']}"
+        yield from failure_lines(self.failed_images, self.failed_queries)
         for note in self.notes:
             yield f"note: {note}"
         for problem in self.problems:
             yield f"PROBLEM: {problem}"
         yield "OK" if self.ok else f"NOT OK ({len(self.problems)} problem(s))"
+
+
+def failure_lines(
+    failed_images: Sequence[dict[str, Any]], failed_queries: Sequence[dict[str, Any]], *, most: int | None = None
+) -> Iterator[str]:
+    """One line per skipped image and per refused query (the first ``most`` of each, then a count)."""
+    for kind, items in (("image", failed_images), ("query", failed_queries)):
+        for k, item in enumerate(items):
+            if most is not None and k == most:
+                yield f"... and {len(items) - most} more skipped {kind}(s)"
+                break
+            if kind == "image":
+                where = f"skipped image {item['image_index']} ({item['image_id']}, {item['reason']})"
+                yield f"{where}: {item['image_path']}"
+            else:
+                where = f"skipped query {item['query_id']} (image {item['image_id']}, {item['reason']})"
+                yield f"{where}: {item['text']!r}"
 
 
 def expected_arrays(attrs: dict) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
@@ -1244,7 +1297,7 @@ def unfilled_blocks(store: FeatureStore) -> list[int]:
 
 
 def unwritten_samples(store: FeatureStore) -> dict[str, set[int]]:
-    """Array name -> rows of finished blocks (not skipped images) whose chunk folder is not listed.
+    """Array name -> rows of finished blocks (not skipped samples) whose chunk folder is not listed.
 
     A structural check (one listing per array, no values read): a chunk deleted from a
     nested chunk folder leaves the folder, so only :func:`scan_store` sees every loss.
@@ -1257,7 +1310,8 @@ def unwritten_samples(store: FeatureStore) -> dict[str, set[int]]:
         for image in store.block_image_range(int(block))
         if store.image_failures[image] == 0
     }
-    expected_queries = {int(q) for q in np.flatnonzero(np.isin(store.image_index, sorted(expected_images)))}
+    cached = np.isin(store.image_index, sorted(expected_images)) & (store.text_len > 0)  # refused texts: no chunk
+    expected_queries = {int(q) for q in np.flatnonzero(cached)}
     names = [("images/sam", expected_images)]
     for layer in store.layers:
         names += [(image_array_name(layer), expected_images), (text_array_name(layer), expected_queries)]
@@ -1371,11 +1425,10 @@ def verify_store(
         return report
     try:
         report.problems += check_filled(store)
-        if store.complete and not np.array_equal(
-            store.array("queries/failed")[:], store.image_failures[store.image_index]
-        ):
-            report.problems.append("queries/failed disagrees with images/failed")
+        if store.complete and not np.array_equal(store.array("queries/failed")[:], store.query_failures()):
+            report.problems.append("queries/failed disagrees with images/failed and queries/text_len")
         report.failed_images = store.failed_images()
+        report.failed_queries = store.failed_queries()
     except DamagedStoreError as error:
         report.problems.append(error.detail)
     if quick:

@@ -78,6 +78,11 @@ class FakeExtractor:
         return text if is_sentence else f"Can you segment the {text} in this image?"
 
     def num_text_tokens(self, question: str) -> int:
+        """Words + template tokens; a question holding ``<image>`` is refused, as the real tokeniser does."""
+        if "<image>" in question:
+            from lens_cache.errors import BadSampleError
+
+            raise BadSampleError(f"the text contains '<image>', the image token, not text: {question!r}")
         return len(question.split()) + FAKE_TEMPLATE_TOKENS
 
     def _projection(self, layer: int, rows: int) -> np.ndarray:

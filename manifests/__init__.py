@@ -13,12 +13,13 @@ Typical use::
 from .common import ManifestError, get_skipped
 from .registry import DATASET_SPLITS, build_manifest, default_synthetic_dir, parse_spec
 from .rle import decode_rle, decode_target, encode_mask, polygons_to_mask
-from .safe_pickle import UnsafePickleError, safe_load
+from .safe_pickle import BrokenPickleError, UnsafePickleError, safe_load
 from .schema import MANIFEST_COLUMNS, MANIFEST_FORMAT_VERSION, MANIFEST_SCHEMA, TASKS
 from .store import manifest_hash, read_manifest, recorded_hash, write_manifest
 from .synthetic import write_synthetic
 
 __all__ = [
+    "BrokenPickleError",
     "DATASET_SPLITS",
     "MANIFEST_COLUMNS",
     "MANIFEST_FORMAT_VERSION",

@@ -5,6 +5,19 @@ image, deterministic) and hand them to :func:`rows_to_table`, which numbers
 them (``query_id`` = row index) and returns a table of ``MANIFEST_SCHEMA``.
 Images an adapter had to leave out are reported, not hidden: they are logged
 and listed, as JSON, under the table's schema metadata key ``lens_skipped``.
+
+Two guards every adapter applies to what a dataset file says (issue 11):
+
+* **Sizes.** A height/width declared by a dataset file (REFER's or a COCO
+  ``instances.json``) is checked against the image's own header where the image is
+  there (PIL reads the header only), and no side may exceed :func:`max_image_side`:
+  16384 by default, set by the environment variable ``LENS_MAX_IMAGE_SIDE``. A row
+  that fails is skipped with the reason (:func:`declared_size_problem`), so a few
+  bytes of JSON can never make the builder allocate gigabytes.
+* **Paths.** A file name read from a dataset file must name a file inside the
+  folder it is joined to (:func:`path_inside`): an absolute name or one whose
+  ``..`` climbs out is skipped and listed, never opened. The check is on the
+  path's text (symlinks are not resolved: a data root may be a link farm).
 """
 
 from __future__ import annotations
@@ -19,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from PIL import Image
+
 from .schema import MANIFEST_SCHEMA, TASKS
 
 log = logging.getLogger("lens_manifests")
@@ -27,6 +42,13 @@ log = logging.getLogger("lens_manifests")
 SKIPPED_KEY = b"lens_skipped"
 
 DATA_ROOT_HINT = "point --data-root at LISA's dataset folder"
+
+#: environment variable setting the largest image side (height or width) a manifest accepts
+MAX_IMAGE_SIDE_ENV = "LENS_MAX_IMAGE_SIDE"
+DEFAULT_MAX_IMAGE_SIDE = 16384
+
+#: EXIF orientations that swap width and height (transpose / rotate 90 / transverse / rotate 270)
+_EXIF_SWAPS_AXES = {5, 6, 7, 8}
 
 
 class ManifestError(ValueError):
@@ -66,6 +88,100 @@ def require_path(path: Path, what: str, *, is_dir: bool) -> Path:
         kind = "folder" if is_dir else "file"
         raise ManifestError(f"{what}: expected {kind} {path} not found; {DATA_ROOT_HINT}")
     return path
+
+
+def max_image_side() -> int:
+    """The largest height or width a row may have: ``$LENS_MAX_IMAGE_SIDE``, default 16384.
+
+    Raises:
+        ManifestError: the variable is set but is not a positive integer.
+    """
+    raw = os.environ.get(MAX_IMAGE_SIDE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_SIDE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ManifestError(f"{MAX_IMAGE_SIDE_ENV} must be a positive integer (pixels), got {raw!r}")
+    return value
+
+
+def _integral(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def size_problem(height: object, width: object) -> str | None:
+    """Why ``height`` x ``width`` cannot be an image's size (not positive integers, a side above
+    :func:`max_image_side`), or None when it can."""
+    if not all(_integral(v) for v in (height, width)):
+        return f"size {height!r}x{width!r} is not two integers"
+    height, width = int(height), int(width)
+    if height < 1 or width < 1:
+        return f"size {height}x{width} is empty"
+    limit = max_image_side()
+    if max(height, width) > limit:
+        return f"size {height}x{width} exceeds the limit of {limit} px per side (set {MAX_IMAGE_SIDE_ENV} to change it)"
+    return None
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((h, w) as stored, (h, w) as displayed)`` of an image, from its header only.
+
+    PIL's ``open`` is lazy (no pixel decoding). "Displayed" applies the EXIF
+    orientation tag (LISA's ``cv2.imread`` applies it; the cache builder's loader
+    does not), so the two differ for a rotated photo.
+    """
+    with Image.open(path) as im:
+        width, height = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    stored = (int(height), int(width))
+    return stored, (stored[::-1] if orientation in _EXIF_SWAPS_AXES else stored)
+
+
+def declared_size_problem(path: Path, height: object, width: object) -> str | None:
+    """Why the size a dataset file declares for the image at ``path`` cannot be used, or None.
+
+    The size must pass :func:`size_problem`, and where the image's header can be read it
+    must agree with it (as stored or as displayed). A missing or unreadable image keeps
+    its declared size: the cache builder lists it as missing/unreadable itself.
+    """
+    problem = size_problem(height, width)
+    if problem is not None:
+        return f"declared {problem}"
+    try:
+        header = image_header(path)
+    except Exception:  # noqa: BLE001 - missing or unreadable: judged by the builder, which opens it
+        return None
+    if (int(height), int(width)) not in header:
+        real = header[0]
+        return f"declared size {height}x{width} differs from the image's own {real[0]}x{real[1]}"
+    return None
+
+
+class UnsafePathError(ManifestError):
+    """A file name from a dataset file points outside the folder it belongs in."""
+
+
+def path_inside(folder: Path, name: object) -> Path:
+    """``folder / name`` for a file name read from a dataset file, refused unless it stays inside ``folder``.
+
+    The test is on the text of the path (normalised, symlinks not resolved), so an
+    absolute name, a ``..`` that climbs out of ``folder`` or an empty name is refused.
+
+    Raises:
+        UnsafePathError: the name is not a relative path inside ``folder``.
+    """
+    text = name if isinstance(name, str) else ""
+    base = os.path.normpath(os.path.abspath(folder))
+    joined = os.path.normpath(os.path.join(base, text))
+    inside = bool(text) and "\x00" not in text and not os.path.isabs(text) and joined != base
+    if not inside or os.path.commonpath([base, joined]) != base:
+        raise UnsafePathError(f"file name {name!r} is not a path inside {folder}: not read")
+    return Path(folder) / text
 
 
 def absolute(path: Path) -> str:

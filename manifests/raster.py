@@ -198,14 +198,35 @@ def _fill_interior(out: np.ndarray, e: np.ndarray, value: int) -> None:
     out[y_lo:y_hi, c_lo:c_hi][covered] = value
 
 
+#: Coordinates at or beyond this magnitude do not fit the int32 points OpenCV draws.
+_INT32_LIMIT = float(2**31)
+
+
+def finite_points(values: Sequence[object] | np.ndarray, what: str = "polygon") -> np.ndarray:
+    """``values`` as a float64 array; ValueError if a coordinate is not a number, NaN, infinite,
+    or too large for int32 (cast, a NaN becomes -2**31: a line across the whole plane)."""
+    try:
+        points = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} has coordinates that are not numbers") from None
+    if not np.isfinite(points).all():
+        raise ValueError(f"{what} has coordinates that are NaN or infinite")
+    if points.size and np.abs(points).max() >= _INT32_LIMIT:
+        raise ValueError(f"{what} has coordinates beyond the int32 range")
+    return points
+
+
 def draw_polygon_cv2(out: np.ndarray, points: Sequence[Sequence[float]] | np.ndarray, value: int) -> None:
     """Draw one polygon into ``out`` (uint8, (H, W)) in place, as LISA does.
 
     Equivalent to ``cv2.polylines(out, [p], True, value, 1)`` followed by
     ``cv2.fillPoly(out, [p], value)`` with ``p = np.array(points, np.int32)``
     (coordinates truncated toward zero, as that cast does).
+
+    Raises:
+        ValueError: a coordinate is not a finite number within the int32 range (:func:`finite_points`).
     """
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2).astype(np.int32).astype(np.int64)
+    p = finite_points(points).reshape(-1, 2).astype(np.int32).astype(np.int64)
     if len(p) == 0:
         return
     height, width = out.shape

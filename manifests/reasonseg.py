@@ -15,8 +15,10 @@ Rows: evaluation splits (val/test) give one query per image from ``text[0]``
 (what LISA evaluates); the train split gives one query per phrasing. Image
 height/width come from the JPEG header (EXIF orientation applied, as
 ``cv2.imread`` and LabelMe both apply it); the pixels are not decoded. An
-image whose header cannot be read, or whose JSON is missing or has no text,
-is skipped and reported (see :mod:`.common`).
+image whose header cannot be read, whose size exceeds ``LENS_MAX_IMAGE_SIDE``
+(:func:`~.common.max_image_side`), whose JSON is missing or has no text, or
+whose polygons have NaN/infinite points is skipped and reported (see
+:mod:`.common`); the rest goes on.
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
-
-from .common import ManifestError, QueryRow, Skipped, absolute, require_path, rows_to_table
+from .common import (
+    ManifestError,
+    QueryRow,
+    Skipped,
+    absolute,
+    image_header,
+    require_path,
+    rows_to_table,
+    size_problem,
+)
 from .raster import draw_polygon_cv2
 from .rle import IGNORE_VALUE, encode_mask
 
 REASONSEG_SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("val", "test")
-
-#: EXIF orientations that swap width and height (transpose / rotate 90 / transverse / rotate 270)
-_EXIF_SWAPS_AXES = {5, 6, 7, 8}
-
 
 def read_reasonseg_json(path: Path) -> dict[str, Any]:
     """Parse one ReasonSeg JSON (UTF-8, falling back to cp1252 as LISA does)."""
@@ -55,33 +60,54 @@ def image_size(path: Path) -> tuple[int, int]:
     applied because LISA's ``cv2.imread`` applies it and the polygons were
     drawn on the oriented image.
     """
-    with Image.open(path) as im:
-        width, height = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    if orientation in _EXIF_SWAPS_AXES:
-        width, height = height, width
-    return int(height), int(width)
+    return image_header(path)[1]
+
+
+def _drawn_alone(points: Any, height: int, width: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """One polygon drawn alone, kept as its bounding box: ``(where, bool crop)``.
+
+    Only one full-size scratch map exists at a time, so many shapes on a large image
+    cost their boxes, not a full map each.
+    """
+    alone = np.zeros((height, width), dtype=np.uint8)
+    draw_polygon_cv2(alone, points, 1)
+    rows, cols = np.flatnonzero(alone.any(axis=1)), np.flatnonzero(alone.any(axis=0))
+    if rows.size == 0:
+        return (slice(0, 0), slice(0, 0)), np.zeros((0, 0), dtype=bool)
+    where = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    return where, alone[where].astype(bool)
 
 
 def label_map_from_shapes(shapes: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
-    """uint8 (H, W) map with 1 = target, 255 = ignore, 0 = rest, by LISA's rule (module doc)."""
-    kept: list[tuple[int, np.ndarray]] = []
+    """uint8 (H, W) map with 1 = target, 255 = ignore, 0 = rest, by LISA's rule (module doc).
+
+    Raises:
+        ValueError: a polygon has a point that is not a finite number (the image is skipped).
+    """
+    kept: list[tuple[int, tuple[slice, slice], np.ndarray]] = []
     areas: list[int] = []
     for shape in shapes:
         label = str(shape.get("label", ""))
         if label.lower() == "flag":  # deprecated, meaningless annotations in ReasonSeg
             continue
         value = IGNORE_VALUE if "ignore" in label.lower() else 1
-        alone = np.zeros((height, width), dtype=np.uint8)
-        draw_polygon_cv2(alone, shape.get("points", []), 1)
-        kept.append((value, alone))
-        areas.append(int(alone.sum()))
+        where, crop = _drawn_alone(shape.get("points", []), height, width)
+        kept.append((value, where, crop))
+        areas.append(int(crop.sum()))
     out = np.zeros((height, width), dtype=np.uint8)
     # Same call as LISA (quicksort-based argsort, reversed) so equal areas tie the same way.
     for idx in np.argsort(np.asarray(areas, dtype=np.int64))[::-1]:
-        value, alone = kept[int(idx)]
-        out[alone.astype(bool)] = value
+        value, where, crop = kept[int(idx)]
+        out[where][crop] = value
     return out
+
+
+def _shapes(anno: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``shapes`` of an annotation; ValueError when it is not a list of objects."""
+    shapes = anno.get("shapes", [])
+    if not isinstance(shapes, list) or not all(isinstance(shape, dict) for shape in shapes):
+        raise ValueError("'shapes' is not a list of objects")
+    return shapes
 
 
 def load_reasonseg(
@@ -110,8 +136,11 @@ def load_reasonseg(
         except (OSError, ValueError) as e:
             skipped.append(Skipped(str(json_path), f"unreadable json ({e})"))
             continue
+        if not isinstance(anno, dict):
+            skipped.append(Skipped(str(json_path), "the json is not an object"))
+            continue
         texts = anno.get("text", [])
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [texts] if isinstance(texts, str) else texts if isinstance(texts, list) else []
         # keep each phrasing's index in the file: it names the query (source_id)
         texts = [(k, t.strip()) for k, t in enumerate(texts) if isinstance(t, str) and t.strip()]
         if not texts:
@@ -122,7 +151,15 @@ def load_reasonseg(
         except Exception as e:
             skipped.append(Skipped(str(jpg), f"unreadable image header ({type(e).__name__}: {e})"))
             continue
-        label = label_map_from_shapes(anno.get("shapes", []), height, width)
+        problem = size_problem(height, width)
+        if problem is not None:
+            skipped.append(Skipped(str(jpg), f"image {problem}"))
+            continue
+        try:
+            label = label_map_from_shapes(_shapes(anno), height, width)
+        except ValueError as e:
+            skipped.append(Skipped(str(json_path), f"unusable shapes ({e})"))
+            continue
         mask_rle = encode_mask(label == 1)
         ignore = label == IGNORE_VALUE
         ignore_rle = encode_mask(ignore) if ignore.any() else None

@@ -16,8 +16,11 @@ Layout under ``<data_root>/refer_seg/``::
 annotation (all polygon/RLE parts merged). Split selection follows the REFER
 API: ``train``/``val`` match exactly, ``test`` matches every ``test*`` split,
 ``testA``/``testB``/``testC`` match the test splits containing that letter.
-The pickle is read with :mod:`.safe_pickle`; the images are never opened
-(sizes come from ``instances.json``).
+The pickle is read with :mod:`.safe_pickle`; a truncated or damaged one is a
+one-line :class:`ManifestError`. Sizes come from ``instances.json``; where the image
+is there its header (never its pixels) is read to check them, and a size above
+``LENS_MAX_IMAGE_SIDE`` skips the image (see :mod:`.common`). A ``file_name`` that is
+absolute or climbs out of the image folder is skipped and listed, never read.
 """
 
 from __future__ import annotations
@@ -29,9 +32,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from .common import ManifestError, QueryRow, Skipped, absolute, require_path, rows_to_table
+from .common import (
+    ManifestError,
+    QueryRow,
+    Skipped,
+    UnsafePathError,
+    absolute,
+    declared_size_problem,
+    path_inside,
+    require_path,
+    rows_to_table,
+)
 from .rle import coco_segmentation_to_rle
-from .safe_pickle import UnsafePickleError, safe_load
+from .safe_pickle import BrokenPickleError, UnsafePickleError, safe_load
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +79,18 @@ def ref_in_split(ref_split: str, split: str) -> bool:
     return ref_split == split
 
 
-def _resolve_image(image_dir: Path, file_name: str, *, saiapr: bool) -> Path:
+def _resolve_image(image_dir: Path, file_name: object, *, saiapr: bool) -> Path:
     """``image_dir / file_name`` as LISA and the REFER API join them.
 
     SAIAPR TC-12 itself stores image ``N`` as ``<N // 1000 as 2 digits>/images/N.jpg``; if
     RefCLEF's ``file_name`` is a bare ``N.jpg`` that is missing at the top level but present
     at that nested place, the nested path is used (a stat per image, never an open).
+
+    Raises:
+        UnsafePathError: ``file_name`` is not a path inside ``image_dir``.
     """
-    path = image_dir / file_name
+    path = path_inside(image_dir, file_name)
+    file_name = str(file_name)
     stem = Path(file_name).stem
     if saiapr and "/" not in file_name and stem.isdigit() and not path.exists():
         nested = image_dir / f"{int(stem) // 1000:02d}" / "images" / file_name
@@ -124,6 +141,8 @@ def load_refer(
         refs = safe_load(refs_path)
     except UnsafePickleError as e:
         raise ManifestError(str(e)) from None
+    except BrokenPickleError as e:
+        raise ManifestError(f"{e}: download {refs_path.name} again") from None
     if not isinstance(refs, list):
         raise ManifestError(f"{refs_path}: expected a list of refs, found {type(refs).__name__}")
     available = sorted({str(r.get("split", "")) for r in refs})
@@ -148,8 +167,17 @@ def load_refer(
         if img is None:
             skipped.append(Skipped(f"{refs_path}#image:{image_id}", "image id not in instances.json"))
             continue
+        try:
+            resolved = _resolve_image(image_dir, img.get("file_name"), saiapr=name == "refclef")
+        except UnsafePathError as e:
+            skipped.append(Skipped(f"{instances_path}#image:{image_id}", str(e)))
+            continue
+        problem = declared_size_problem(resolved, img.get("height"), img.get("width"))
+        if problem is not None:
+            skipped.append(Skipped(str(resolved), problem))
+            continue
         height, width = int(img["height"]), int(img["width"])
-        image_path = absolute(_resolve_image(image_dir, str(img["file_name"]), saiapr=name == "refclef"))
+        image_path = absolute(resolved)
         # by split first: an image's rows for one (dataset, split) stay contiguous even under "test"
         for ref in sorted(by_image[image_id], key=lambda r: (str(r["split"]), r["ref_id"])):
             ann = anns.get(ref["ann_id"])

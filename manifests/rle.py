@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from .raster import draw_polygon_cv2
+from .raster import draw_polygon_cv2, finite_points
 
 #: value of ignored pixels in a decoded target (LISA's ``ignore_label``)
 IGNORE_VALUE = 255
@@ -52,6 +52,14 @@ def encode_mask(mask: np.ndarray) -> str:
         raise ValueError(f"encode_mask expects a 2-D (H, W) mask, got shape {mask.shape}")
     with _quiet_pycocotools():
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+    return rle["counts"].decode("ascii")
+
+
+def empty_rle(height: int, width: int) -> str:
+    """Compressed RLE ``counts`` of an all-zero (H, W) mask, built from its one run (no raster)."""
+    with _quiet_pycocotools():
+        rle = mask_utils.frPyObjects({"size": [int(height), int(width)], "counts": [int(height) * int(width)]},
+                                     int(height), int(width))
     return rle["counts"].decode("ascii")
 
 
@@ -123,7 +131,7 @@ def coco_segmentation_to_rle(segmentation: Any, height: int, width: int) -> str:
             if isinstance(part, Mapping):
                 rles.append(_one_coco_rle(part, height, width))
             elif len(part) >= 6:  # at least three points; shorter lists have no area
-                polys.append([float(v) for v in part])
+                polys.append(finite_points(part).reshape(-1).tolist())
         if polys:
             with _quiet_pycocotools():
                 rles.extend(mask_utils.frPyObjects(polys, int(height), int(width)))
@@ -133,7 +141,7 @@ def coco_segmentation_to_rle(segmentation: Any, height: int, width: int) -> str:
         if [int(v) for v in r["size"]] != [int(height), int(width)]:
             raise ValueError(f"RLE of size {list(r['size'])} does not match the image size {[height, width]}")
     if not rles:
-        return encode_mask(np.zeros((height, width), dtype=bool))
+        return empty_rle(height, width)
     with _quiet_pycocotools():
         merged = rles[0] if len(rles) == 1 else mask_utils.merge(rles, intersect=False)
     counts = merged["counts"]
@@ -143,7 +151,7 @@ def coco_segmentation_to_rle(segmentation: Any, height: int, width: int) -> str:
 def union_rle(counts: Sequence[str], height: int, width: int) -> str:
     """Compressed RLE of the union of several compressed RLEs of the same size."""
     if not counts:
-        return encode_mask(np.zeros((height, width), dtype=bool))
+        return empty_rle(height, width)
     if len(counts) == 1:
         return counts[0]
     with _quiet_pycocotools():

@@ -5,7 +5,9 @@ A pickle is a program: ``pickle.load`` can import and call any global
 :class:`RestrictedUnpickler`, whose ``find_class`` only hands out a short list
 of container and scalar types. Lists, dicts, tuples, strings and numbers need
 no globals at all; sets and ordered/default dicts need the few allowed below.
-Anything else stops the load with :class:`UnsafePickleError` naming the global.
+Anything else stops the load with :class:`UnsafePickleError` naming the global. A
+file that is not a complete pickle (truncated, damaged) stops it with
+:class:`BrokenPickleError`, never with the ``EOFError`` a CLI would take for Ctrl-D.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle referenced a global outside :data:`ALLOWED_GLOBALS`."""
+
+
+class BrokenPickleError(pickle.UnpicklingError):
+    """A file is not a complete pickle: truncated, damaged, or not a pickle at all."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -79,3 +85,7 @@ def safe_load(path: str | Path) -> Any:
         return safe_loads(path.read_bytes())
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        # what a truncated or garbled opcode stream raises (the unpickler runs no code: see above)
+        reason = str(e) or type(e).__name__
+        raise BrokenPickleError(f"{path} is not a complete pickle (truncated or damaged: {reason})") from None

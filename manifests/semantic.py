@@ -29,6 +29,11 @@ part sets sample three *annotations* (so one class name can come with two
 different instance masks); here a class is sampled and all its instances form
 the target. Mapillary's "unlabeled" class is treated as ignore, not as a query.
 Values beyond a class list are treated as ignore (LISA would fail on them).
+
+What the dataset files say is checked as :mod:`.common` describes: a label map larger
+than ``LENS_MAX_IMAGE_SIDE`` is skipped before it is decoded; a part set's image whose
+``file_name`` leaves the image folder, or whose declared size is above the limit or
+disagrees with the image's header, is skipped and listed.
 """
 
 from __future__ import annotations
@@ -46,7 +51,19 @@ import pyarrow as pa
 from PIL import Image
 
 from .classes import ADE20K_CLASSES, COCOSTUFF_CLASSES
-from .common import ManifestError, QueryRow, Skipped, absolute, require_path, rows_to_table, stable_rng
+from .common import (
+    ManifestError,
+    QueryRow,
+    Skipped,
+    UnsafePathError,
+    absolute,
+    declared_size_problem,
+    path_inside,
+    require_path,
+    rows_to_table,
+    size_problem,
+    stable_rng,
+)
 from .rle import IGNORE_VALUE, coco_segmentation_to_rle, encode_mask, rle_area, union_rle
 
 MAX_CLASSES_PER_IMAGE = 3
@@ -120,9 +137,12 @@ def _label_map_rows(
 ) -> tuple[list[QueryRow], Skipped | None]:
     try:
         with Image.open(item.label_path) as im:
-            raw = np.array(im)
+            problem = size_problem(im.height, im.width)  # from the header, before decoding
+            raw = np.array(im) if problem is None else None
     except Exception as e:
         return [], Skipped(str(item.label_path), f"unreadable label map ({type(e).__name__}: {e})")
+    if raw is None:
+        return [], Skipped(str(item.label_path), f"label map {problem}")
     if raw.ndim != 2:
         return [], Skipped(str(item.label_path), f"label map is not single-channel (shape {raw.shape})")
     label = remap(raw, len(classes))
@@ -299,8 +319,17 @@ def _coco_parts_table(
         by_cat = anns_by_image.get(img["id"])
         if not by_cat:
             continue  # images without annotations give no query (LISA redraws another image)
-        height, width = int(img["height"]), int(img["width"])
         image_id = str(img["id"])
+        try:
+            image_path = path_inside(image_dir, img.get("file_name"))
+        except UnsafePathError as e:
+            skipped.append(Skipped(f"{annotation_file}#image:{image_id}", str(e)))
+            continue
+        problem = declared_size_problem(image_path, img.get("height"), img.get("width"))
+        if problem is not None:
+            skipped.append(Skipped(str(image_path), problem))
+            continue
+        height, width = int(img["height"]), int(img["width"])
         rng = stable_rng(seed, dataset, split, image_id)
         for cat_id in sample_classes(list(by_cat), rng, max_classes):
             try:
@@ -317,7 +346,7 @@ def _coco_parts_table(
                     task="semantic",
                     split=split,
                     image_id=image_id,
-                    image_path=absolute(image_dir / img["file_name"]),
+                    image_path=absolute(image_path),
                     text=_part_text(names[cat_id], rng),
                     is_sentence=False,
                     height=height,

@@ -61,7 +61,8 @@ def write_manifest(table: pa.Table, path: str | Path, *, spec: str | None = None
     """Write ``table`` to ``path`` (Parquet) atomically; returns its content hash.
 
     The file is written to ``<path>.tmp`` and renamed over ``path``, so a
-    reader sees either the old file or the complete new one. ``spec``
+    reader sees either the old file or the complete new one; if writing fails
+    (a full disk, a read-only folder) the temporary file is removed. ``spec``
     defaults to the one recorded in the table's own metadata, if any.
     """
     path = Path(path)
@@ -74,8 +75,12 @@ def write_manifest(table: pa.Table, path: str | Path, *, spec: str | None = None
     out = canonical(table).replace_schema_metadata(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(out, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(out, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return digest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -232,3 +233,112 @@ def test_a_bug_keeps_its_traceback(fake_backbones, manifest_file, tmp_path, monk
     result = runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(tmp_path / "s")])
     assert result.exit_code == 1 and result.exception is bug  # typer re-raises: the traceback is printed
     assert "error: " not in result.stderr
+
+
+def test_bad_samples_are_skipped_and_listed_the_rest_is_built(tmp_path):
+    """Issue 11: a 1x3000 JPEG stopped the build ("height and width must be > 0", store incomplete) and a
+    text holding <image> refused the whole split. Now each bad image, query and polygon is skipped and
+    listed (store and `info`), with the real tiny backbones, and the rest is cached."""
+    from PIL import Image
+
+    split = tmp_path / "data" / "reason_seg" / "ReasonSeg" / "train"
+    split.mkdir(parents=True)
+
+    def item(name: str, size: tuple[int, int], texts: list[str], points: list) -> None:
+        Image.new("RGB", size, (200, 40, 40)).save(split / f"{name}.jpg")
+        shapes = [{"label": "target", "points": points}]
+        (split / f"{name}.json").write_text(json.dumps({"text": texts, "is_sentence": False, "shapes": shapes}))
+
+    item("good", (40, 30), ["the red box", "the <image> box"], [[2, 2], [30, 2], [30, 20]])
+    item("nan", (40, 30), ["the dot"], [[1, 1], [float("nan"), 5], [9, 9]])
+    item("thin", (3000, 1), ["the strip"], [[0, 0], [2999, 0], [10, 0]])
+    out = tmp_path / "store"
+    result = runner.invoke(app, ["build", "--split", "reasonseg:train", "--data-root", str(tmp_path / "data"),
+                                 "--out", str(out), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(out)
+    assert store.complete and (store.num_images, store.num_queries) == (2, 3)
+    assert [(f["image_id"], f["reason"]) for f in store.failed_images()] == [("thin", "bad_geometry")]
+    assert [(f["query_id"], f["text"], f["reason"]) for f in store.failed_queries()] == [(1, "the <image> box", "bad_text")]
+    assert store.valid_query_ids().tolist() == [0] and store.array("queries/failed")[:].tolist() == [0, 5, 4]
+    store.read_query(0, 14)
+
+    info = runner.invoke(app, ["info", str(out)]).stdout
+    assert "failed       1 image(s) and 1 other query(ies) skipped; 1 item(s) left out of the manifest" in info
+    assert f"skipped image 1 (thin, bad_geometry): {split / 'thin.jpg'}" in info
+    assert "skipped query 1 (image good, bad_text): 'the <image> box'" in info
+    assert f"left out of the manifest: {split / 'nan.json'}: unusable shapes (polygon has coordinates" in info
+    assert runner.invoke(app, ["verify", str(out), "--quiet"]).exit_code == 0
+
+
+DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device: free some space or write elsewhere",
+    errno.EROFS: "read-only file system: write elsewhere",
+}
+
+
+def leftovers(root) -> list[str]:
+    """Temporary files under ``root`` (ours: *.tmp; zarr's: *.partial)."""
+    return sorted(str(p) for p in root.rglob("*") if p.suffix in (".tmp", ".partial") or ".tmp." in p.name)
+
+
+def fail_after_partial_write(code: int):
+    """A stand-in for a library's ``write(data, path)``: writes a few bytes to ``path``, then fails like the disk."""
+
+    def write(data, where, *args, **kwargs):
+        with open(where, "wb") as file:
+            file.write(b"partial")
+        raise OSError(code, os.strerror(code), str(where))
+
+    return write
+
+
+@pytest.mark.parametrize("code", sorted(DISK_ERRORS))
+@pytest.mark.parametrize("command", ["build-chunks", "build-files", "manifest", "export"])
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_tmp(
+    fake_backbones, manifest_file, tmp_path, monkeypatch, command, code
+):
+    """Issue 11: disk full (ENOSPC) or read-only output (EROFS) gave tracebacks and left .tmp files.
+    Now: one line naming the output and the fix, exit 2, no temporary file left."""
+    import pathlib
+
+    import pyarrow.parquet
+    import zarr
+
+    out = tmp_path / "out"
+    args = ["build", "--manifest", str(manifest_file), "--out", str(out), "--quiet"]
+    if command == "build-chunks":  # the features themselves: zarr's chunk writes fail
+        real_set = zarr.storage.LocalStore.set
+
+        async def set_chunk(self, key, value):
+            if "/c/" in key:
+                raise OSError(code, os.strerror(code), str(self.root / key))
+            return await real_set(self, key, value)
+
+        monkeypatch.setattr(zarr.storage.LocalStore, "set", set_chunk)
+    elif command == "build-files":  # the store's own files (manifest.parquet, the warm start)
+        monkeypatch.setattr(pathlib.Path, "write_bytes", lambda self, data: fail_after_partial_write(code)(data, self))
+    elif command == "manifest":
+        from PIL import Image
+
+        split = tmp_path / "data" / "reason_seg" / "ReasonSeg" / "val"
+        split.mkdir(parents=True)
+        Image.new("RGB", (8, 6)).save(split / "a.jpg")
+        (split / "a.json").write_text(json.dumps({"text": ["it"], "shapes": []}))
+        monkeypatch.setattr(pyarrow.parquet, "write_table", fail_after_partial_write(code))
+        out = tmp_path / "m.parquet"
+        args = ["manifest", "--split", "reasonseg:val", "--data-root", str(tmp_path / "data"), "-o", str(out)]
+    else:
+        store = tmp_path / "store"
+        assert runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(store), "--quiet"]).exit_code == 0
+
+        def no_room(self, *args, **kwargs):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", no_room)
+        out = tmp_path / "store.h5"
+        args = ["export", str(store), str(out)]
+    line = one_line_error(runner.invoke(app, args))
+    assert line == f"error: cannot write {out}: {DISK_ERRORS[code]}"
+    assert leftovers(tmp_path) == []
+    assert command.startswith("build") or not out.exists()

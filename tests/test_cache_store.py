@@ -54,7 +54,9 @@ def test_self_description_is_pinned(store, manifest):
     assert attrs["sam_channels"] == 256  # SAM's prompt width (the toy SAM's is 64: tests/test_backbones_sam.py)
     assert attrs["num_images"] == 5 and attrs["num_queries"] == manifest.num_rows
     assert attrs["block_size"] == 2 and attrs["num_blocks"] == 3
-    assert attrs["failure_reasons"] == {"1": "missing", "2": "unreadable", "3": "size_mismatch"}
+    assert attrs["failure_reasons"] == {
+        "1": "missing", "2": "unreadable", "3": "size_mismatch", "4": "bad_geometry", "5": "bad_text"
+    }
     assert attrs["created_by"].startswith("lens-seg ")
     assert len(attrs["identity_hash"]) == 64 and len(attrs["manifest_hash"]) == 64
     # crc32 of what was written; q: the most queries of any block (the width of a block's query checksums)

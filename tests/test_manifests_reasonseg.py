@@ -136,3 +136,20 @@ def test_registry_and_errors(reason_root: Path, tmp_path: Path) -> None:
         build_manifest("reasonseg:test", reason_root)
     with pytest.raises(ManifestError, match="unknown split 'dev' for reasonseg"):
         build_manifest("reasonseg:dev", reason_root)
+
+
+def test_nan_points_and_oversized_images_are_skipped_the_rest_goes_on(reason_root: Path, monkeypatch) -> None:
+    """Issue 11: a NaN polygon point was cast to -2**31 and drew a line across the mask; now that image
+    is skipped with the reason, and an image above LENS_MAX_IMAGE_SIDE is skipped before any raster."""
+    split_dir = reason_root / "reason_seg" / "ReasonSeg" / "val"
+    nan_shape = {"label": "target", "points": [[1, 1], [float("nan"), 5], [9, 9]]}
+    _write_item(split_dir, "c_nan", (20, 30), {"text": ["x"], "is_sentence": False, "shapes": [nan_shape]})
+    _write_item(split_dir, "d_wide", (20, 40), {"text": ["y"], "is_sentence": False, "shapes": []})
+    monkeypatch.setenv("LENS_MAX_IMAGE_SIDE", "32")
+    table = load_reasonseg(reason_root, "val")
+    assert table.column("image_id").to_pylist() == ["a_img", "b_img"]
+    skipped = {Path(s["path"]).name: s["reason"] for s in get_skipped(table)}
+    assert skipped == {
+        "c_nan.json": "unusable shapes (polygon has coordinates that are NaN or infinite)",
+        "d_wide.jpg": "image size 20x40 exceeds the limit of 32 px per side (set LENS_MAX_IMAGE_SIDE to change it)",
+    }

@@ -150,3 +150,92 @@ def test_refclef_images_in_saiapr_subfolders(tmp_path: Path) -> None:
     nested.write_bytes(b"")
     paths = build_manifest("refclef:train", root).column("image_path").to_pylist()
     assert paths[0] == os.path.abspath(nested)
+
+
+def _write_one_image_refer(root: Path, image: dict, segmentation: list | dict | None = None) -> Path:
+    """A refcoco folder whose val split is one ref of one annotation on ``image``."""
+    ds = root / "refer_seg" / "refcoco"
+    ds.mkdir(parents=True)
+    (root / "refer_seg" / "images" / "mscoco" / "images" / "train2014").mkdir(parents=True)
+    ann = {"id": 1, "segmentation": [] if segmentation is None else segmentation}
+    (ds / "instances.json").write_text(json.dumps({"images": [image], "annotations": [ann]}, separators=(",", ":")))
+    refs = [{"ref_id": 1, "ann_id": 1, "image_id": image["id"], "split": "val", "sentences": [_sent(1, "it")]}]
+    (ds / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return ds / "instances.json"
+
+
+def test_a_huge_declared_size_is_skipped_within_a_memory_cap(tmp_path: Path) -> None:
+    """Issue 11: a ~110-byte instances.json declaring 65000x65000 with an empty segmentation made
+    `lens-cache manifest` allocate 3.9 GiB and die; now the row is skipped, under a 2 GiB address-space cap."""
+    import resource
+    import subprocess
+    import sys
+
+    instances = _write_one_image_refer(tmp_path, {"id": 1, "file_name": "a.jpg", "height": 65000, "width": 65000})
+    assert instances.stat().st_size < 160
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    out = tmp_path / "m.parquet"
+    process = subprocess.run(
+        [sys.executable, "-m", "lens_cache", "manifest", "--split", "refcoco:val", "--data-root", str(tmp_path),
+         "-o", str(out)],
+        preexec_fn=cap, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    from lens_manifests import read_manifest
+
+    table = read_manifest(out)
+    assert table.num_rows == 0
+    assert [s["reason"] for s in get_skipped(table)] == [
+        "declared size 65000x65000 exceeds the limit of 16384 px per side (set LENS_MAX_IMAGE_SIDE to change it)"
+    ]
+
+
+def test_declared_size_is_checked_against_the_image_header_and_the_limit(tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    _write_one_image_refer(tmp_path, {"id": 1, "file_name": "a.jpg", "height": 300, "width": 400})
+    Image.new("RGB", (40, 30)).save(tmp_path / "refer_seg/images/mscoco/images/train2014/a.jpg")
+    assert [s["reason"] for s in get_skipped(build_manifest("refcoco:val", tmp_path))] == [
+        "declared size 300x400 differs from the image's own 30x40"
+    ]
+    Image.new("RGB", (400, 300)).save(tmp_path / "refer_seg/images/mscoco/images/train2014/a.jpg")
+    assert build_manifest("refcoco:val", tmp_path).num_rows == 1
+    monkeypatch.setenv("LENS_MAX_IMAGE_SIDE", "256")
+    assert "exceeds the limit of 256 px" in get_skipped(build_manifest("refcoco:val", tmp_path))[0]["reason"]
+
+
+@pytest.mark.parametrize("file_name", ["../../../../etc/passwd", "/etc/passwd", "sub/../../../x.jpg"])
+def test_a_file_name_outside_the_image_folder_is_skipped_never_read(tmp_path: Path, monkeypatch, file_name) -> None:
+    """Issue 11: a REFER file_name of ../../../../etc/passwd was read and cached."""
+    import lens_manifests.common
+
+    opened: list[Path] = []  # images whose header was read
+    real_header = getattr(lens_manifests.common, "image_header", None)
+    monkeypatch.setattr(lens_manifests.common, "image_header", lambda path: opened.append(path) or real_header(path),
+                        raising=False)
+    _write_one_image_refer(tmp_path, {"id": 1, "file_name": file_name, "height": 10, "width": 10})
+    table = build_manifest("refcoco:val", tmp_path)
+    assert table.num_rows == 0 and opened == []
+    (skipped,) = get_skipped(table)
+    assert skipped["path"].endswith("instances.json#image:1")
+    assert skipped["reason"].startswith(f"file name {file_name!r} is not a path inside ")
+
+
+def test_a_truncated_refs_pickle_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Issue 11: a truncated refs(unc).p printed 'Aborted.' and exited 1 (click took the EOFError for Ctrl-D)."""
+    from lens_cache.cli import app
+    from typer.testing import CliRunner
+
+    root = _write_refer(tmp_path)
+    refs = root / "refer_seg" / "refcoco" / "refs(unc).p"
+    refs.write_bytes(refs.read_bytes()[:40])
+    result = CliRunner().invoke(app, ["manifest", "--split", "refcoco:val", "--data-root", str(root),
+                                      "-o", str(tmp_path / "m.parquet")])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: {refs} is not a complete pickle (truncated or damaged: ")
+    assert line.endswith("): download refs(unc).p again")
+    assert not (tmp_path / "m.parquet").exists()

@@ -141,3 +141,19 @@ def test_decode_target_ignore_wins() -> None:
     np.testing.assert_array_equal(decode_target(table, 0), out)
     with pytest.raises(IndexError):
         decode_target(table, 1)
+
+
+def test_an_empty_mask_of_a_large_image_is_never_rasterised() -> None:
+    """Issue 11: an empty segmentation was encoded by rasterising a full-size zero mask (3.9 GiB at 65000^2)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        counts = coco_segmentation_to_rle([], 16000, 16000)
+        union = union_rle([], 16000, 16000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # a full uint8 mask would be 256 MB
+    assert counts == union and rle_area(counts, 16000, 16000) == 0
+    assert coco_segmentation_to_rle([], 40, 50) == encode_mask(np.zeros((40, 50), dtype=bool))  # same bytes as before

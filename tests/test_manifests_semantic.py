@@ -157,3 +157,16 @@ def test_pascal_part(tmp_path: Path) -> None:
     assert rows[0]["image_path"].endswith("vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages/2008_000003.jpg")
     with pytest.raises(ManifestError, match=r"pascal_part/train\.json not found"):
         build_manifest("pascal_part", tmp_path)
+
+
+@pytest.mark.parametrize("file_name", ["../../etc/passwd", "/etc/passwd"])
+def test_a_part_set_file_name_outside_the_image_folder_is_skipped(tmp_path: Path, file_name: str) -> None:
+    """Issue 11: paths from dataset files must stay inside the image folder (never read otherwise)."""
+    from lens_manifests import get_skipped
+
+    cats = [{"id": 1, "name": "dog:head"}, {"id": 2, "name": "cat:leg"}]
+    _coco_parts(tmp_path / "vlpart/pascal_part/val.json", cats, file_name)
+    (tmp_path / "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages").mkdir(parents=True)
+    table = build_manifest("pascal_part:val", tmp_path)
+    assert table.num_rows == 0
+    assert [s["reason"].split(" is not a path inside ")[0] for s in get_skipped(table)] == [f"file name {file_name!r}"]

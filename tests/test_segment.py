@@ -131,3 +131,24 @@ def test_overlay_keeps_size_and_marks_the_mask():
     assert out[5, 30].min() == 255  # the keypoint dot
     with pytest.raises(ValueError):
         overlay_image(image, mask[:10])
+
+
+@pytest.mark.parametrize("instruction", ["", "   \t "])
+def test_an_empty_instruction_is_refused(tiny_real_run, tmp_path, instruction):
+    """Issue 11: an empty or blank instruction was segmented (whatever the model made of nothing)."""
+    run_dir = str(tiny_real_run.run_dir)
+    line = _one_line_error([tiny_real_run.image_path(0), instruction, "--checkpoint", run_dir, "-o", str(tmp_path / "o")])
+    assert line == 'error: the instruction is empty: say what to segment, e.g. "the mug left of the laptop"'
+    with pytest.raises(UserError, match="the instruction is empty"):
+        segment_image(tiny_real_run.image_path(0), instruction, run_dir=run_dir, extractor=tiny_real_run.extractor)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_that_is_a_file_is_one_line(tiny_real_run, tmp_path):
+    """Issue 11: `lens-segment -o EXISTING_FILE` ran the models, then died with a FileExistsError traceback."""
+    existing = tmp_path / "result.png"
+    existing.write_bytes(b"mine")
+    line = _one_line_error([tiny_real_run.image_path(0), "the cat", "--checkpoint", str(tiny_real_run.run_dir),
+                            "-o", str(existing)])
+    assert line == f"error: -o/--out {existing} is a file, not a folder: give a folder (it is created if missing)"
+    assert existing.read_bytes() == b"mine"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -314,3 +316,78 @@ def test_a_bug_keeps_its_traceback(stores, tmp_path, monkeypatch, bug):
     result = CliRunner().invoke(train_app, ["--cache", stores["train"], "--preset", "tiny", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and result.exception is bug
     assert "error: " not in result.stderr
+
+
+class _FullDiskFile:
+    """A file on a disk that fills up after ``room`` bytes (its ``write`` then raises ENOSPC)."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_torch_save_reports_a_full_disk_as_the_oserror(tmp_path, monkeypatch):
+    """torch.save says only 'unexpected pos' when the disk fills up; the optimizer file is saved so that
+    the OSError itself (errno 28) reaches the CLI."""
+    import builtins
+
+    import lens_cache.files
+
+    monkeypatch.setattr(lens_cache.files, "open", lambda *a, **k: _FullDiskFile(builtins.open(*a, **k), 100),
+                        raising=False)
+    with pytest.raises(OSError) as error:
+        lens_cache.files.torch_save({"x": torch.zeros(1000)}, tmp_path / "x.pt")
+    assert error.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_tmp(stores, tmp_path, monkeypatch, code):
+    """Issue 11: a full disk during training gave a traceback ('unexpected pos', safetensors' I/O error)
+    and left .tmp files; a read-only output for train or eval a traceback. Now: one line naming --out,
+    exit 2, no .tmp left; the run continues with --resume once there is room."""
+    import pyarrow.parquet
+    from safetensors import SafetensorError
+
+    import lens_train.checkpoint
+    from lens_train.cli import eval_app
+
+    fix = {errno.ENOSPC: "no space left on the device: free some space or write elsewhere",
+           errno.EROFS: "read-only file system: write elsewhere"}[code]
+
+    def full_disk_save_file(tensors, where, metadata=None):  # what safetensors raises on a full/read-only disk
+        Path(where).write_bytes(b"partial")
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    run = tmp_path / "run"
+    train_args = ["--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1",
+                  "--batch-size", "1", "--grad-accum", "1", "--workers", "0"]
+    with monkeypatch.context() as patch:
+        patch.setattr(lens_train.checkpoint, "save_file", full_disk_save_file)
+        assert _cli_error(train_args) == f"error: cannot write {run}: {fix}"
+    assert not {p.name for p in run.iterdir()} & {"model.safetensors.tmp", "optimizer.pt.tmp", "checkpoint.json"}
+    assert CliRunner().invoke(train_app, [*train_args, "--device", "cpu", "--quiet", "--resume"]).exit_code == 0
+
+    def no_room(table, where, *args, **kwargs):
+        Path(where).write_bytes(b"partial")
+        raise OSError(code, os.strerror(code), str(where))
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", no_room)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", stores["reason"], "--out", str(out),
+                                           "--figures", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: cannot write {out}: {fix}", result.output
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

@@ -10,8 +10,11 @@ A checkpoint in ``RUN_DIR`` is three files:
   (a file from disk is data, never code).
 * ``checkpoint.json``: step, files, time; written last: a checkpoint exists once it does.
 
-Each file is written to ``NAME.tmp`` and renamed over the old one. All three carry the
-step; :func:`load_checkpoint` refuses a set whose steps disagree (a crash between renames).
+Each file is written to ``NAME.tmp`` and renamed over the old one; a write that fails
+(a full disk, a read-only folder) removes the ``.tmp`` files and raises the ``OSError``
+itself (torch would say ``unexpected pos``), which the CLI prints as one line. All three
+carry the step; :func:`load_checkpoint` refuses a set whose steps disagree (a crash
+between renames).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lens_cache.files import removed_on_failure, torch_save, write_bytes_atomically
+
 from .errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -38,13 +43,9 @@ WEIGHTS_FORMAT = "lens-trainable-v1"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + rename (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + rename (readers never see half a file;
+    a failed write leaves no ``path.tmp``)."""
+    write_bytes_atomically(path, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -142,14 +143,14 @@ def save_checkpoint(
     """Write the three checkpoint files of ``step`` (completed optimizer updates), marker last."""
     run_dir = Path(run_dir)
     model_tmp = run_dir / (MODEL_FILE + ".tmp")
-    save_file(trainable_state_dict(model), str(model_tmp), metadata={"step": str(step), "format": WEIGHTS_FORMAT})
     optimizer_tmp = run_dir / (OPTIMIZER_FILE + ".tmp")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(generator)}, optimizer_tmp)
-    for tmp in (model_tmp, optimizer_tmp):
-        with open(tmp, "rb") as f:
+    with removed_on_failure(model_tmp, optimizer_tmp):
+        save_file(trainable_state_dict(model), str(model_tmp), metadata={"step": str(step), "format": WEIGHTS_FORMAT})
+        with open(model_tmp, "rb") as f:
             os.fsync(f.fileno())
-    model_tmp.replace(run_dir / MODEL_FILE)
-    optimizer_tmp.replace(run_dir / OPTIMIZER_FILE)
+        torch_save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(generator)}, optimizer_tmp)
+        model_tmp.replace(run_dir / MODEL_FILE)
+        optimizer_tmp.replace(run_dir / OPTIMIZER_FILE)
     marker = {"step": step, "files": [MODEL_FILE, OPTIMIZER_FILE], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **(extra or {})}
     atomic_write_text(run_dir / MARKER_FILE, json.dumps(marker, indent=2) + "\n")

@@ -4,8 +4,10 @@ Heavy imports happen inside the commands, so ``--help`` answers at once. A mista
 what was asked (a store of another backbone, a layer the store lacks, a preset of the
 wrong size, a damaged store, a run folder another run is writing, ...: a
 ``lens_cache.errors.UserError`` or ``lens_manifests.ManifestError``) prints one line on
-stderr and exits 2; a NaN/inf loss exits 1 after saying which checkpoint was kept. Any
-other exception is a bug and keeps its traceback. ``LENS_DEBUG=1`` shows tracebacks always.
+stderr and exits 2, and so does an output whose disk is full or read-only (the writers
+remove their temporary files first); a NaN/inf loss exits 1 after saying which checkpoint
+was kept. Any other exception is a bug and keeps its traceback. ``LENS_DEBUG=1`` shows
+tracebacks always.
 """
 
 from __future__ import annotations
@@ -28,15 +30,11 @@ USER_ERROR_EXIT = 2
 TRAINING_FAILED_EXIT = 1
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from lens_cache.cli import user_error_types
-
-    return user_error_types()  # lens_cache.errors.UserError (StoreError, lens_train's UserError, ...), ManifestError
-
-
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Expected problems as one line on stderr: exit 2 (user mistake) or 1 (training diverged)."""
+def user_errors(output: str | Path | None = None) -> Iterator[None]:
+    """Expected problems as one line on stderr: exit 2 (user mistake, full or read-only disk under
+    ``output``) or 1 (training diverged)."""
+    from lens_cache.cli import as_user_error, quiet_sibling_failures  # UserError, ManifestError, disk
     from lens_cache.errors import one_line
 
     from .errors import NonFiniteLossError
@@ -49,9 +47,11 @@ def user_errors() -> Iterator[None]:
         if isinstance(error, NonFiniteLossError):
             typer.echo(f"error: {one_line(error)}", err=True)
             raise typer.Exit(TRAINING_FAILED_EXIT) from None
-        if not isinstance(error, _user_error_types()):
+        mine = as_user_error(error, output)
+        if mine is None:
             raise
-        typer.echo(f"error: {one_line(error)}", err=True)
+        quiet_sibling_failures(mine)
+        typer.echo(f"error: {one_line(mine)}", err=True)
         raise typer.Exit(USER_ERROR_EXIT) from None
 
 
@@ -92,7 +92,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
 ) -> None:
     """Train the head, keypoint descriptor and SAM's mask decoder from cached features."""
-    with user_errors():
+    with user_errors(output=out):
         import time
 
         from .data import parse_mix
@@ -138,7 +138,7 @@ def evaluate(
     sam: Annotated[str | None, typer.Option(help="SAM checkpoint if it moved since training (vit_h:PATH).")] = None,
 ) -> None:
     """gIoU / cIoU (overall, short and long queries), per-query IoU and overlay figures."""
-    with user_errors():
+    with user_errors(output=out):
         from .evaluate import evaluate as run_evaluation
 
         run_evaluation(checkpoint, cache, threshold=threshold, out=out, limit=limit, figures=figures,

@@ -247,9 +247,10 @@ def _write_parquet(path: Path, records: dict[str, list]) -> None:
         "iou": pa.array(records["iou"], pa.float64()),
         **{f"iou_{name}": pa.array(records[f"iou_{name}"], pa.float64()) for name in BASELINES},
     })
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    from lens_cache.files import replaced_on_success
+
+    with replaced_on_success(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _progress(loader: DataLoader, count: int, batch_size: int, say: Callable[[str], None]) -> Iterator[Batch]:

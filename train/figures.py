@@ -26,6 +26,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, *, dpi: int) -> None:
+    """Save ``fig`` to ``path`` (PNG) via a temporary file and close it; a failed save leaves no file."""
+    from lens_cache.files import replaced_on_success
+
+    try:
+        with replaced_on_success(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        _pyplot().close(fig)
+
+
 def write_curve(path: Path, rows: Sequence[dict]) -> None:
     """Total loss, L_seg and L_attn per step, and the learning rate, from ``metrics.jsonl`` rows."""
     if not rows:
@@ -39,10 +50,7 @@ def write_curve(path: Path, rows: Sequence[dict]) -> None:
     ax_lr.plot(steps, [r["lr"] for r in rows], color="gray", linewidth=1)
     ax_lr.set_ylabel("lr"), ax_lr.set_xlabel("step"), ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)
 
 
 def heatmap_on_image(heatmap: torch.Tensor, input_size: Sequence[int], original_size: Sequence[int]) -> np.ndarray:
@@ -130,7 +138,4 @@ def write_overlays(path: Path, items: Sequence[OverlayItem], *, grid_size: int) 
             # keypoints in SAM's padding lie outside the image: keep every panel on the image
             axes[r, c].set_xlim(-0.5, w - 0.5), axes[r, c].set_ylim(h - 0.5, -0.5)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=80)

@@ -81,6 +81,21 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
         raise UserError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
 
 
+def check_instruction(instruction: str) -> str:
+    """``instruction`` if it says something; an empty or blank one is refused (UserError, one line)."""
+    if not instruction or not instruction.strip():
+        raise UserError("the instruction is empty: say what to segment, e.g. \"the mug left of the laptop\"")
+    return instruction
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; refused (UserError, one line) if it exists and is not a folder."""
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"-o/--out {path} is a file, not a folder: give a folder (it is created if missing)")
+    return path
+
+
 def comparable_identity(identity: dict) -> dict:
     """``identity`` without the fields that do not change features (:data:`IDENTITY_FIELDS_NOT_COMPARED`)."""
     from lens_cache.store import normalise_json
@@ -329,6 +344,7 @@ class Segmenter:
         from .evaluate import predict
 
         threshold = self.threshold if threshold is None else _check_threshold(threshold)
+        check_instruction(instruction)
         rgb = load_image(image)
         question = self.extractor.question_for(instruction, is_sentence)
         batch = self.features(rgb, question).to(self.device)
@@ -374,9 +390,10 @@ def segment_image(
 ) -> SegmentResult:
     """One-shot :class:`Segmenter` (loads the run and the backbones, segments once).
 
-    The image is read before anything is loaded, so a bad path fails at once.
-    See :class:`Segmenter` and :meth:`Segmenter.segment` for the arguments.
+    The instruction and the image are checked before anything is loaded, so a bad one
+    fails at once. See :class:`Segmenter` and :meth:`Segmenter.segment` for the arguments.
     """
+    check_instruction(instruction)
     rgb = load_image(image)
     segmenter = Segmenter(run_dir, extractor=extractor, mllm=mllm, sam=sam, device=device, dtype=dtype,
                           threshold=threshold)
@@ -446,7 +463,7 @@ def write_panels(path: Path, result: SegmentResult) -> None:
     """image | heatmap + keypoints | prediction, like a row of ``lens-eval``'s overlays.png without ground truth."""
     import numpy as np
 
-    from .figures import _pyplot, grid_to_image_xy, heatmap_on_image
+    from .figures import _pyplot, grid_to_image_xy, heatmap_on_image, save_figure
 
     plt = _pyplot()
     h, w = result.original_size
@@ -467,10 +484,7 @@ def write_panels(path: Path, result: SegmentResult) -> None:
         axes[0, c].set_xticks([]), axes[0, c].set_yticks([])
         axes[0, c].set_xlim(-0.5, w - 0.5), axes[0, c].set_ylim(h - 0.5, -0.5)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)
 
 
 def write_result(out_dir: Path, result: SegmentResult, *, panels: bool = True) -> dict[str, Path]:
@@ -483,11 +497,18 @@ def write_result(out_dir: Path, result: SegmentResult, *, panels: bool = True) -
 
     from .checkpoint import atomic_write_text
 
-    out_dir = Path(out_dir)
+    from lens_cache.files import replaced_on_success
+
+    out_dir = check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"mask": out_dir / "mask.png", "overlay": out_dir / "overlay.png", "result": out_dir / "result.json"}
-    Image.fromarray(result.mask.astype(np.uint8) * 255).save(paths["mask"])  # (H, W) uint8: mode L
-    overlay_image(result.image, result.mask, keypoints_xy=result.keypoints_xy).save(paths["overlay"])
+    pictures = {
+        "mask": Image.fromarray(result.mask.astype(np.uint8) * 255),  # (H, W) uint8: mode L
+        "overlay": overlay_image(result.image, result.mask, keypoints_xy=result.keypoints_xy),
+    }
+    for name, picture in pictures.items():
+        with replaced_on_success(paths[name], suffix=".tmp.png") as tmp:
+            picture.save(tmp, format="PNG")
     if panels:
         paths["panels"] = out_dir / "panels.png"
         write_panels(paths["panels"], result)
@@ -515,8 +536,10 @@ def segment(
     """Segment IMAGE by INSTRUCTION with a trained LENS run; the frozen MLLM and SAM encoder run live."""
     from .cli import user_errors
 
-    with user_errors():
-        rgb = load_image(image)  # fails before any model is loaded
+    with user_errors(output=out):
+        check_instruction(instruction)  # these fail before any model is loaded
+        check_out_dir(out)
+        rgb = load_image(image)
         result = segment_image(rgb, instruction, run_dir=checkpoint, mllm=mllm, sam=sam, device=device, dtype=dtype,
                                threshold=threshold, is_sentence=not phrase)
         paths = write_result(out, result)

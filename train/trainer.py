@@ -178,7 +178,12 @@ def _metrics_rows(run_dir: Path, up_to: int | None = None) -> list[dict[str, Any
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+        rows += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:  # torn by a crash or a full disk while it was appended
+        pass
     return [r for r in rows if up_to is None or r["step"] <= up_to]
 
 
@@ -391,6 +396,7 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
     interval_start, interval_steps = started, 0
     final_loss = float("nan")
     metrics_file = open(run_dir / METRICS_FILE, "a")
+    failed = True
     try:
         for step in range(setup.start_step, train_cfg.steps):
             step_start = time.perf_counter()
@@ -443,9 +449,10 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
             if done % train_cfg.ckpt_every == 0 or done == train_cfg.steps:
                 save_checkpoint(run_dir, model=model, optimizer=optimizer, step=done, generator=generator,
                                 extra={"loss": loss})
+        failed = False
     finally:
         metrics_file.close()
-        _write_curve(run_dir, rows)
+        _write_curve(run_dir, rows, warn=not failed)  # a failed run's own error is the one line to show
     seconds = time.perf_counter() - started
     say(f"done: {run_dir} ({train_cfg.steps} steps, {_format_seconds(seconds)}); evaluate with "
         f"lens-eval --checkpoint {run_dir} --cache VAL_STORE")
@@ -453,10 +460,12 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
                        resumed_from=setup.start_step)
 
 
-def _write_curve(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+def _write_curve(run_dir: Path, rows: Sequence[dict[str, Any]], *, warn: bool = True) -> None:
+    """Write the training curve; a failure is a warning (``warn``), never the run's outcome."""
     from .figures import write_curve
 
     try:
         write_curve(run_dir / CURVE_FILE, rows)
     except Exception as error:  # a figure must never hide the run's real outcome
-        print(f"warning: could not write {CURVE_FILE}: {error}", file=sys.stderr)
+        if warn:
+            print(f"warning: could not write {CURVE_FILE}: {error}", file=sys.stderr)

@@ -59,6 +59,18 @@ class SamFrame:
         return torch.from_numpy(np.ascontiguousarray(self.resized)).permute(2, 0, 1).float()
 
 
+def frame_problem(height: int, width: int, size: int = SAM_IMAGE_SIZE) -> str | None:
+    """Why an image of ``height`` x ``width`` cannot be brought into SAM's frame, or None.
+
+    Resizing the longest side to ``size`` must leave the short side at least one pixel
+    (a 1 x 3000 strip would become 0 x 1024: nothing to embed).
+    """
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(int(height), int(width), size)
+    if min(int(height), int(width)) < 1 or min(new_h, new_w) < 1:
+        return f"image is {height}x{width}: its short side would be 0 px once its long side is {size}"
+    return None
+
+
 def sam_frame(image: Image.Image, size: int = SAM_IMAGE_SIZE) -> SamFrame:
     """Resize ``image`` (any PIL mode) so its longest side is ``size``, with SAM's own transform."""
     rgb = np.asarray(image.convert("RGB"))

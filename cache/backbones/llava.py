@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration, PretrainedConfig
 
-from lens_cache.errors import UsageError
+from lens_cache.errors import BadSampleError, UsageError
 
 from ._runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import sam_frame
@@ -273,6 +273,23 @@ class LlavaBackbone:
         """L_t: the number of tokens after the last image token."""
         return len(self._split_ids(question)[1])
 
+    def _check_question(self, question: str) -> None:
+        """Refuse a question the prompt cannot carry as plain text.
+
+        A special token written in the text (``<image>``, ``</s>``, ...) is read by the
+        tokeniser as that token, not as text: it would add image slots or end the turn.
+
+        Raises:
+            BadSampleError: the question holds one (a build skips that query and lists it).
+        """
+        image_tokens = {_IMAGE_PLACEHOLDER, self.processor.image_token}
+        specials = image_tokens | set(self.processor.tokenizer.all_special_tokens)
+        found = sorted(token for token in specials if token and token in question)
+        if found:
+            what = "the image token" if found[0] in image_tokens else "a special token of the tokeniser"
+            shown = question if len(question) <= 80 else question[:77] + "..."
+            raise BadSampleError(f"the text contains {found[0]!r}, {what}, not text: {shown!r}")
+
     def _split_ids(self, question: str) -> tuple[list[int], list[int]]:
         """Token ids of the prompt, split after the last image token: (prefix, suffix).
 
@@ -280,14 +297,25 @@ class LlavaBackbone:
         tokenises. A special token splits the text into independently tokenised pieces,
         so tokenising with ONE image token and repeating its id gives the same ids at a
         fraction of the cost (checked against the processor in ``__init__``).
+
+        Raises:
+            BadSampleError: the question holds a special token, or the prompt would not fit
+                the MLLM's context (``max_position_embeddings``).
         """
+        self._check_question(question)
         text = self.prompt_for(question).replace(_IMAGE_PLACEHOLDER, self.processor.image_token)
         ids = self.processor.tokenizer(text, add_special_tokens=True)["input_ids"]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(positions) != 1:
-            raise UsageError(f"expected one image token in the prompt, found {len(positions)} (in the question?): {question!r}")
+            raise BadSampleError(f"expected one image token in the prompt, found {len(positions)}: {question!r}")
         at = positions[0]
-        return ids[:at] + [self.image_token_id] * self.num_image_tokens, ids[at + 1 :]
+        prefix, suffix = ids[:at] + [self.image_token_id] * self.num_image_tokens, ids[at + 1 :]
+        context = int(self.model.config.text_config.max_position_embeddings)
+        if len(prefix) + len(suffix) > context:
+            raise BadSampleError(
+                f"the prompt would be {len(prefix) + len(suffix)} tokens, more than the MLLM's context of {context}"
+            )
+        return prefix, suffix
 
     def _processor_ids(self, question: str) -> tuple[int, list[int]]:
         """(L_i, input ids) as the processor itself builds them for ``question`` and a blank image.

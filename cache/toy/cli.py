@@ -62,14 +62,14 @@ def pretrain_llava_cmd(
     """Pretrain the toy LLaVA in three stages (vision tower, alignment, instruction tuning)."""
     import json
 
-    from .llava import evaluate_llava, pretrain_llava
+    from .llava import evaluate_llava, evaluate_vision, pretrain_llava
 
     _threads(threads)
     model, processor = pretrain_llava(work, vision_steps=vision_steps, align_steps=align_steps,
                                       instruct_steps=instruct_steps, batch=batch, seed=seed)
     model.save_pretrained(work / "llava_final")
     processor.save_pretrained(work / "llava_final")
-    scores = evaluate_llava(model, processor)
+    scores = {"vision_tower": evaluate_vision(work, seed=seed), **evaluate_llava(model, processor)}
     (work / "llava_eval.json").write_text(json.dumps(scores, indent=1))
     typer.echo(f"toy LLaVA held-out: {json.dumps(scores)}")
 

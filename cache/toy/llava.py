@@ -224,6 +224,30 @@ def pretrain_llava(
 
 
 @torch.no_grad()
+def evaluate_vision(work: Path, *, scenes: int = 32, seed: int = 0) -> dict:
+    """Held-out accuracy of stage a's read-outs (from its checkpoint in ``work``): per-patch colour and kind
+    on shape patches, and each shape's kind from its pooled patches."""
+    model, processor = build_toy_llava(seed)
+    readout = VisionReadout(model)
+    readout.load_state_dict(torch.load(work / "llava_a_vision.ckpt", map_location="cpu", weights_only=True)["model"])
+    readout.eval()
+    enc = Encoder(processor)
+    held = [draw_scene(HELD_OUT, 100_000 + i) for i in range(scenes)]
+    colour, kind, features = readout(enc.pixels(held))
+    colour_t, kind_t = _labels(held)
+    fg = colour_t > 0
+    region_hits = []
+    for b, s in enumerate(held):
+        cover = s.cell_coverage(GRID)
+        pooled = cover @ features[b] / cover.sum(1, keepdim=True).clamp(min=1e-6)
+        region_hits += (readout.region_kind(pooled).argmax(-1) == torch.tensor(
+            [KIND_NAMES.index(shape.kind) for shape in s.shapes])).tolist()
+    return {"patch_colour_acc": float((colour.argmax(-1) == colour_t)[fg].float().mean()),
+            "patch_kind_acc": float((kind.argmax(-1) == kind_t)[fg].float().mean()),
+            "region_kind_acc": float(np.mean(region_hits)), "scenes": scenes}
+
+
+@torch.no_grad()
 def evaluate_llava(
     model: LlavaForConditionalGeneration, processor: LlavaProcessor, *, scenes: int = 30, start: int = 0,
     boxes: bool = True,
