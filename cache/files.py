@@ -10,6 +10,7 @@ The CLIs then print the error as one line (:func:`lens_cache.errors.output_error
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,15 @@ from typing import Any
 
 #: suffix of the temporary file beside its target
 TMP_SUFFIX = ".tmp"
+
+
+def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
+    """sha256 (hex) of a file, read in ``block``-byte pieces (checkpoints are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(block), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def remove_quietly(*paths: str | Path) -> None:

@@ -31,6 +31,7 @@ from PIL import Image
 from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration, PretrainedConfig
 
 from lens_cache.errors import BadSampleError, UsageError
+from lens_cache.files import sha256_file
 
 from ._runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import sam_frame
@@ -54,14 +55,6 @@ _VOLATILE_CONFIG_KEYS = frozenset(
      "_attn_implementation_autoset", "_commit_hash", "architectures", "output_hidden_states",
      "output_attentions", "return_dict", "use_cache"}
 )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _StopForward(Exception):
@@ -256,7 +249,7 @@ class LlavaBackbone:
                 "or remake them with `lens-toy pretrain-llava` + `lens-toy export`")
         backbone = cls.from_pretrained(str(path), layers=layers, device=device, dtype=dtype, **kwargs)
         backbone.identity["name_or_path"] = "toy"
-        backbone.identity["weights_sha256"] = _sha256_file(path / "model.safetensors")
+        backbone.identity["weights_sha256"] = sha256_file(path / "model.safetensors")
         return backbone
 
     # ------------------------------------------------------------------ prompt

@@ -18,8 +18,6 @@ tiny preset must be (and is) exactly reproducible.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -30,6 +28,8 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from lens_cache.errors import UsageError, UserError
+
+from lens_cache.files import sha256_file
 
 from ._runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import SAM_IMAGE_SIZE, SamFrame
@@ -177,12 +177,8 @@ def _existing_checkpoint(parsed: SamSpec) -> Path:
 
 @lru_cache(maxsize=32)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file read in 8 MiB chunks; cached by (path, size, mtime) since ViT-H is 2.5 GB."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(partial(f.read, 8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of a checkpoint, cached by (path, size, mtime) since ViT-H is 2.5 GB."""
+    return sha256_file(path)
 
 
 class SamImageEncoder:

@@ -8,7 +8,6 @@ the commands and seed that made them and the git commit of the code that ran.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -18,18 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lens_cache.files import sha256_file
+
 from . import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR
 
 #: Held-out scenes of the quick check that the tests recompute.
 QUICK_SCENES = 4
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _commit() -> str:

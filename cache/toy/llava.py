@@ -38,7 +38,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from lens_cache.backbones.llava import REFERRING_QUESTION_TEMPLATE, VICUNA_V1_TEMPLATE
 from lens_cache.backbones.tiny_llava import build_tiny_processor, build_tiny_tokenizer
 
-from .conversations import CAPTION_QUESTION, box_text, caption, grounding_phrases, parse_box, turns, vocabulary_words
+from .conversations import CAPTION_QUESTION, caption, grounding_phrases, parse_box, turns, vocabulary_words
 from .loop import Schedule, run_stage, seeded
 from .world import COLOUR_NAMES, HELD_OUT, KIND_NAMES, TRAIN, ToyScene, draw_scene
 
