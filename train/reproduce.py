@@ -307,7 +307,8 @@ def write_table2(path: Path, results: dict[str, list[dict[str, Any]]], settings:
         "| test overall gIoU | test overall cIoU |",
         "| --- | " + " | ".join(["---:"] * 8) + " |",
     ]
-    for name, label in TABLE2_ROWS.items():
+    for name in TABLE2_ROWS:
+        label = row_label(name, settings)
         per_seed = [table2_cells(metrics) for metrics in results[name]]
         paper = PAPER_TABLE2[name]
         cells = []
@@ -327,12 +328,21 @@ def write_table2(path: Path, results: dict[str, list[dict[str, Any]]], settings:
         lines += ["", "Test overall gIoU, ablation minus LENS (difference of means; beyond noise when larger "
                   "than twice its standard error over seeds):", ""]
         lens = [table2_cells(m)["test"][0] for m in results["lens"]]
-        for name, label in list(TABLE2_ROWS.items())[1:]:
+        for name in list(TABLE2_ROWS)[1:]:
+            label = row_label(name, settings)
             other = [table2_cells(m)["test"][0] for m in results[name]]
             diff, se = _difference(other, lens)
             verdict = "beyond noise" if abs(diff) > 2 * se else "within noise"
             lines.append(f"- {label}: {100 * diff:+.1f} (SE {100 * se:.1f}): {verdict}")
     _write_text(path, "\n".join(lines) + "\n")
+
+
+def row_label(name: str, settings: Settings) -> str:
+    """The paper's row label; the layer row names the preset's own layers when they are not 14 and 30."""
+    main, late = settings.layers
+    if name == "layer30" and (main, late) != (14, 30):
+        return f"layer {main} → layer {late}"
+    return TABLE2_ROWS[name]
 
 
 def _mean_sd(values: list[float | None]) -> str:
