@@ -149,6 +149,16 @@ class VisionReadout(torch.nn.Module):
         return self.colour(features), self.kind(features), features
 
 
+def _region_kinds(readout: VisionReadout, scenes: list[ToyScene], features: torch.Tensor):
+    """Each shape's kind logits from its cells' features pooled by coverage, and the true kinds."""
+    pooled, truth = [], []
+    for b, s in enumerate(scenes):
+        cover = s.cell_coverage(GRID)
+        pooled.append(cover @ features[b] / cover.sum(1, keepdim=True).clamp(min=1e-6))
+        truth += [KIND_NAMES.index(shape.kind) for shape in s.shapes]
+    return readout.region_kind(torch.cat(pooled)), torch.tensor(truth)
+
+
 def _labels(scenes: list[ToyScene]) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [s.patch_labels(GRID) for s in scenes]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -175,18 +185,12 @@ def pretrain_llava(
         # the outline inside each patch at 4 x 4 sub-patch resolution: local geometry (edges, corners)
         occupancy_t = torch.stack([s.cell_occupancy(GRID, OCCUPANCY_SUB) for s in scenes])
         loss = loss + F.binary_cross_entropy_with_logits(readout.occupancy(features), occupancy_t)
-        # region read-out: each shape's kind from its cells' features, pooled by coverage
-        pooled, region_t = [], []
-        for b, s in enumerate(scenes):
-            cover = s.cell_coverage(GRID)
-            pooled.append(cover @ features[b] / cover.sum(1, keepdim=True).clamp(min=1e-6))
-            region_t += [KIND_NAMES.index(shape.kind) for shape in s.shapes]
-        region = readout.region_kind(torch.cat(pooled))
-        loss = loss + F.cross_entropy(region, torch.tensor(region_t))
+        region, region_t = _region_kinds(readout, scenes, features)
+        loss = loss + F.cross_entropy(region, region_t)
         fg = colour_t > 0
         return {"loss": loss, "colour_acc": (colour.argmax(-1) == colour_t)[fg].float().mean().detach(),
                 "kind_acc": (kind.argmax(-1) == kind_t)[fg].float().mean().detach(),
-                "region_kind_acc": (region.argmax(-1) == torch.tensor(region_t)).float().mean().detach()}
+                "region_kind_acc": (region.argmax(-1) == region_t).float().mean().detach()}
 
     run_stage("llava_a_vision", readout, readout.parameters(), vision_step,
               Schedule(steps=vision_steps, lr=2e-3, warmup=30), work, log=log)
@@ -236,15 +240,10 @@ def evaluate_vision(work: Path, *, scenes: int = 32, seed: int = 0) -> dict:
     colour, kind, features = readout(enc.pixels(held))
     colour_t, kind_t = _labels(held)
     fg = colour_t > 0
-    region_hits = []
-    for b, s in enumerate(held):
-        cover = s.cell_coverage(GRID)
-        pooled = cover @ features[b] / cover.sum(1, keepdim=True).clamp(min=1e-6)
-        region_hits += (readout.region_kind(pooled).argmax(-1) == torch.tensor(
-            [KIND_NAMES.index(shape.kind) for shape in s.shapes])).tolist()
+    region, region_t = _region_kinds(readout, held, features)
     return {"patch_colour_acc": float((colour.argmax(-1) == colour_t)[fg].float().mean()),
             "patch_kind_acc": float((kind.argmax(-1) == kind_t)[fg].float().mean()),
-            "region_kind_acc": float(np.mean(region_hits)), "scenes": scenes}
+            "region_kind_acc": float((region.argmax(-1) == region_t).float().mean()), "scenes": scenes}
 
 
 @torch.no_grad()

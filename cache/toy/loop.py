@@ -112,13 +112,6 @@ def run_stage(
     return history
 
 
-def read_history(work: Path, name: str) -> list[dict]:
-    path = work / f"{name}.log.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """``build()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG."""
     with torch.random.fork_rng(devices=[]):
