@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test demo demo-core pretrain-toy reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
+.PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
 
 # reproduce-table2/3: PRESET=paper needs DATA_ROOT, MLLM, SAM; PRESET=toy (and tiny) need nothing
 # (synthetic data, the shipped toy backbones, CPU). SEEDS=0,1,2 repeats Table 2's runs per seed.
@@ -28,6 +28,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The suite without the tests marked slow (the end-to-end runs of a minute or more): about 2 minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The whole pipeline on the synthetic world with the shipped toy backbones: cache -> train -> eval on
 # held-out synthetic:val -> results/demo.md + figures.

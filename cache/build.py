@@ -39,12 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 from lens_cache.backbones.base import FeatureExtractor, ImageFeatures, NoDecoderLayers
 from lens_cache.backbones.geometry import frame_problem
 from lens_cache.errors import BadSampleError, UsageError
+from lens_cache.identity import describe_differences, identity_hash, normalise_json
+from lens_cache.images import ImageReadError, decoded_rgb, opened_image
 from lens_cache.locks import exclusive
 from lens_cache.progress import Progress
 from lens_cache.store import (
@@ -52,6 +53,7 @@ from lens_cache.store import (
     BAD_TEXT,
     BITROUND_KEEPBITS,
     BLOCK_CHECKSUM_ARRAY,
+    FAILURE_REASONS,
     INDEX_ARRAYS,
     MANIFEST_FILE,
     WARM_START_FILE,
@@ -65,14 +67,11 @@ from lens_cache.store import (
     check_filled,
     checksum_array_name,
     create_store,
-    describe_differences,
     feature_codecs,
-    identity_hash,
     image_array_name,
     index_arrays,
     manifest_hash,
     manifest_to_parquet_bytes,
-    normalise_json,
     open_group,
     plan_images,
     quiet_numcodecs,
@@ -244,6 +243,10 @@ def first_images(manifest: pa.Table, count: int) -> pa.Table:
 # ----------------------------------------------------------------------------- images
 
 
+#: ``images/failed`` code of each ``lens_cache.images.ImageReadError`` reason (missing, unreadable)
+FAILURE_CODES = {reason: code for code, reason in FAILURE_REASONS.items()}
+
+
 @dataclass(frozen=True)
 class LoadedImage:
     """An image as RGB, or why it could not be used (``code`` from FAILURE_REASONS)."""
@@ -254,7 +257,10 @@ class LoadedImage:
 
 
 def load_image(path: str, expected_size: tuple[int, int]) -> LoadedImage:
-    """Open ``path`` (local or fsspec URL) as RGB; a missing/corrupt/mis-sized image is reported, not raised.
+    """Read ``path`` (local or fsspec URL) as RGB; a missing/corrupt/mis-sized image is reported, not raised.
+
+    The file is read as every path reads images (:mod:`lens_cache.images`: pixels as stored,
+    any mode to RGB), so a live backbone sees what the cache stored.
 
     ``expected_size`` is the manifest's (h, w): masks are stored at that size, so an
     image of another size would be silently misaligned with its targets. The size and
@@ -263,26 +269,13 @@ def load_image(path: str, expected_size: tuple[int, int]) -> LoadedImage:
     reported as ``bad_geometry``.
     """
     try:
-        if "://" in path:
-            with fsspec.open(path, "rb") as file:
-                image = Image.open(file)
-                problem = _header_problem(image, expected_size)
-                if problem is None:
-                    image.load()
-        else:  # a plain path keeps PIL's messages readable ("cannot identify image file '/x.jpg'")
-            image = Image.open(path)
+        with opened_image(path) as image:
             problem = _header_problem(image, expected_size)
-            if problem is None:
-                image.load()  # reads the pixels and closes the file
-            else:
-                image.close()
-    except FileNotFoundError as error:
-        return LoadedImage(None, 1, f"missing: {error}")
-    except Exception as error:  # PIL raises many types for a broken file (OSError, SyntaxError, ...)
-        return LoadedImage(None, 2, f"unreadable: {type(error).__name__}: {error}")
-    if problem is not None:
-        return problem
-    return LoadedImage(image.convert("RGB"))
+            if problem is not None:
+                return problem
+            return LoadedImage(decoded_rgb(image, path))
+    except ImageReadError as error:
+        return LoadedImage(None, FAILURE_CODES[error.reason], f"{error.reason}: {error}")
 
 
 def _header_problem(image: Image.Image, expected_size: tuple[int, int]) -> LoadedImage | None:

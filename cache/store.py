@@ -88,6 +88,7 @@ import pyarrow.parquet as pq
 import zarr
 from lens_cache.errors import UsageError, UserError
 from lens_cache.files import replaced_on_success
+from lens_cache.identity import feature_differences, format_differences, identity_hash, normalise_json
 from zarr.abc.store import Store as ZarrStore
 from zarr.codecs import ZstdCodec
 
@@ -146,6 +147,27 @@ class DamagedStoreError(StoreError):
         self.block = block
 
 
+class MissingLayerError(StoreError, ValueError):
+    """The features of the layer a reader needs are not there: a store that does not cache it, or a
+    live backbone that does not compute it (:func:`require_layer`; still a ValueError for callers)."""
+
+
+def require_layer(layers: Sequence[int], layer: int, *, holder: str, fix: str = "") -> None:
+    """Refuse to read ``layer`` from features that lack it: the one layer check of every reader.
+
+    Args:
+        layers: the layers ``holder`` has (a store's cached layers, a live backbone's).
+        holder: what holds them, for the message (``store PATH``, ``the live backbone``).
+        fix: what to do instead, appended after a colon.
+    Raises:
+        MissingLayerError: ``{holder} caches layer(s) [a, b], not {layer}: {fix}`` (one line).
+    """
+    if int(layer) in {int(have) for have in layers}:
+        return
+    message = f"{holder} caches layer(s) {sorted(int(have) for have in layers)}, not {int(layer)}"
+    raise MissingLayerError(f"{message}: {fix}" if fix else message)
+
+
 # ----------------------------------------------------------------------------- naming
 
 
@@ -199,43 +221,6 @@ def sam_embedding_shape(channels: int) -> tuple[int, int, int]:
 def stored_sam_channels(attrs: dict) -> int:
     """C of a store's SAM embeddings, from its attributes (format version 1: always 256)."""
     return int(attrs.get("sam_channels", DEFAULT_SAM_CHANNELS))
-
-
-def canonical_json(value: Any) -> str:
-    """The JSON text hashed for identities: sorted keys, no whitespace, ASCII only."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def identity_hash(identity: dict) -> str:
-    """sha256 (hex) of the canonical JSON of a backbone identity."""
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
-
-
-def normalise_json(value: Any) -> Any:
-    """``value`` as it comes back from JSON attributes (tuples become lists, ...)."""
-    return json.loads(canonical_json(value))
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{"a.b": leaf}``, to name exactly which setting differs."""
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key in sorted(value):
-            flat.update(flatten(value[key], f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): value}
-
-
-def describe_differences(ours: dict, theirs: dict) -> list[tuple[str, Any, Any]]:
-    """``(key, ours, theirs)`` for every flattened key whose values differ."""
-    flat_ours, flat_theirs = flatten(normalise_json(ours)), flatten(normalise_json(theirs))
-    missing = object()
-    keys = sorted(set(flat_ours) | set(flat_theirs))
-    return [
-        (key, flat_ours.get(key, "<unset>"), flat_theirs.get(key, "<unset>"))
-        for key in keys
-        if flat_ours.get(key, missing) != flat_theirs.get(key, missing)
-    ]
 
 
 def lens_version() -> str:
@@ -1100,10 +1085,6 @@ class FeatureStore:
 
     # -- reading samples ----------------------------------------------------------
 
-    def _check_layer(self, layer: int) -> None:
-        if layer not in self.layers:
-            raise StoreError(f"store {self.url} caches layer(s) {list(self.layers)}, not {layer}")
-
     def _check_image(self, image: int) -> None:
         if not 0 <= image < self.num_images:
             raise IndexError(f"image {image} out of range (store has {self.num_images})")
@@ -1124,7 +1105,7 @@ class FeatureStore:
             original_size: (2,) int (h, w); input_size: (2,) int (h, w) before padding.
             image_index: int; query_ids: (n,) int64, the image's queries.
         """
-        self._check_layer(layer)
+        require_layer(self.layers, layer, holder=f"store {self.url}")
         self._check_image(image)
         first = int(self.first_query[image])
         end = int(self.first_query[image + 1]) if image + 1 < self.num_images else self.num_queries
@@ -1165,7 +1146,10 @@ def _reopen(url: str, storage_options: dict) -> FeatureStore:
 
 
 def check_compatible(stores: Sequence[FeatureStore]) -> None:
-    """Refuse to mix stores cached with different backbones (manifests may differ).
+    """Refuse to mix stores whose features differ (:func:`lens_cache.identity.feature_differences`).
+
+    Manifests may differ, and so may the cached layer sets: whether the layer a run reads
+    is in every store is checked on its own (:func:`require_layer`).
 
     Raises:
         StoreError: naming the first two stores that differ and how.
@@ -1173,16 +1157,13 @@ def check_compatible(stores: Sequence[FeatureStore]) -> None:
     if not stores:
         return
     reference = stores[0]
-    ours = {"layers": list(reference.layers), "hidden_size": reference.hidden_size, **reference.identity}
     for other in stores[1:]:
-        if other.identity_hash == reference.identity_hash and other.layers == reference.layers:
-            continue
-        theirs = {"layers": list(other.layers), "hidden_size": other.hidden_size, **other.identity}
-        diffs = describe_differences(ours, theirs)
-        detail = "; ".join(f"{key}: {a!r} vs {b!r}" for key, a, b in diffs) or "identity hash"
-        raise StoreError(
-            f"stores {reference.url} and {other.url} were cached with different backbones ({detail}): they cannot be mixed"
-        )
+        differences = feature_differences(reference.identity, other.identity)
+        if differences:
+            raise StoreError(
+                f"stores {reference.url} and {other.url} were cached with different backbones "
+                f"({format_differences(differences)}): they cannot be mixed"
+            )
 
 
 # ----------------------------------------------------------------------------- verification

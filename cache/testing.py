@@ -46,6 +46,8 @@ class FakeExtractor:
     """
 
     num_image_tokens = 576
+    #: no MLLM adapter to chat with (``lens_train.segment.Segmenter`` runs such an extractor on the CPU)
+    mllm = None
 
     def __init__(
         self,
@@ -126,6 +128,10 @@ class FakeExtractor:
             with open(self.call_log, "a") as log:
                 log.write(f"{len(images)}\n")
         return features
+
+    def extract_one(self, image: Image.Image, question: str) -> ImageFeatures:
+        """Features of one image and one question (live segmentation, as ``LensFeatureExtractor``'s)."""
+        return self.extract([image], [[question]])[0]
 
     def decoder_layers(self, indices: Sequence[int]) -> tuple[dict, list[dict[str, torch.Tensor]]]:
         raise NoDecoderLayers("the fake backbone has no decoder layers")

@@ -7,7 +7,7 @@ the target's area). gIoU = mean of per-query IoU; cIoU = sum(inter) / sum(union)
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -39,6 +39,24 @@ def query_iou(inter: int, union: int) -> float:
     return 1.0 if union == 0 else inter / (union + IOU_EPS)
 
 
+def giou_ciou_from_counts(inters: Sequence[int], unions: Sequence[int]) -> tuple[float, float]:
+    """gIoU (mean of per-query IoU) and cIoU (sum inter / (sum union + eps)) from per-query counts.
+
+    Args:
+        inters, unions: (N,) non-negative ints, N >= 1, from :func:`intersection_union`.
+    Returns:
+        (giou, ciou) in [0, 1]; cIoU is 1.0 when every union is empty.
+    """
+    if len(inters) != len(unions):
+        raise ValueError(f"{len(inters)} intersections but {len(unions)} unions")
+    if len(inters) == 0:
+        raise ValueError("gIoU/cIoU need at least one query")
+    ious = [query_iou(int(inter), int(union)) for inter, union in zip(inters, unions)]
+    total_inter, total_union = int(np.sum(inters, dtype=np.int64)), int(np.sum(unions, dtype=np.int64))
+    ciou = 1.0 if total_union == 0 else total_inter / (total_union + IOU_EPS)
+    return float(np.mean(ious)), float(ciou)
+
+
 def giou_ciou(preds: Iterable[np.ndarray], gts: Iterable[np.ndarray]) -> tuple[float, float]:
     """gIoU and cIoU over paired predictions and ground truths.
 
@@ -48,9 +66,8 @@ def giou_ciou(preds: Iterable[np.ndarray], gts: Iterable[np.ndarray]) -> tuple[f
     Returns:
         (giou, ciou) in [0, 1].
     """
-    ious: list[float] = []
-    total_inter = total_union = 0
-    pairs = 0
+    inters: list[int] = []
+    unions: list[int] = []
     sentinel = object()
     gt_iter = iter(gts)
     for pred in preds:
@@ -58,14 +75,10 @@ def giou_ciou(preds: Iterable[np.ndarray], gts: Iterable[np.ndarray]) -> tuple[f
         if gt is sentinel:
             raise ValueError("more predictions than ground truths")
         inter, union = intersection_union(pred, gt)
-        ious.append(query_iou(inter, union))
-        total_inter += inter
-        total_union += union
-        pairs += 1
+        inters.append(inter)
+        unions.append(union)
     if next(gt_iter, sentinel) is not sentinel:
         raise ValueError("more ground truths than predictions")
-    if pairs == 0:
+    if not inters:
         raise ValueError("giou_ciou needs at least one prediction")
-    giou = float(np.mean(ious))
-    ciou = 1.0 if total_union == 0 else total_inter / (total_union + IOU_EPS)
-    return giou, float(ciou)
+    return giou_ciou_from_counts(inters, unions)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lens_core.geometry import mask_to_padded_frame, postprocess_masks, resized_shape
 from lens_core.losses import attention_loss, dice_loss, segmentation_loss, sigmoid_bce
-from lens_core.metrics import giou_ciou, intersection_union
+from lens_core.metrics import giou_ciou, giou_ciou_from_counts, intersection_union
 
 
 def test_iou_by_hand_with_ignore_and_empty():
@@ -26,6 +26,24 @@ def test_iou_by_hand_with_ignore_and_empty():
     giou, ciou = giou_ciou([pred1, pred2, pred3], [gt1, gt2, gt3])
     assert giou == pytest.approx((2 / (5 + 1e-5) + 1.0 + 0.0) / 3, abs=1e-9)
     assert ciou == pytest.approx(2 / (5 + 0 + 4), abs=1e-5)
+
+
+def test_giou_ciou_from_counts_by_hand_and_as_lens_eval_reports_them():
+    from lens_train.evaluate import summarize
+
+    inters, unions = [2, 0, 0, 7], [5, 0, 4, 7]  # a partial hit, nothing to find, a miss, a perfect mask
+    giou = (2 / 5.00001 + 1.0 + 0.0 + 7 / 7.00001) / 4  # LISA: inter / (union + 1e-5), an empty union is 1
+    ciou = 9 / 16.00001
+    assert giou_ciou_from_counts(inters, unions) == pytest.approx((giou, ciou), abs=1e-12)
+    assert giou_ciou_from_counts([0, 0], [0, 0]) == (1.0, 1.0)  # every union empty: cIoU 1 as well
+    # lens-eval's metrics.json is the same numbers, with the count, and None for an empty subset.
+    assert summarize(np.asarray(inters, dtype=np.int64), np.asarray(unions, dtype=np.int64)) == pytest.approx(
+        {"giou": giou, "ciou": ciou, "num_queries": 4}, abs=1e-12)
+    assert summarize([], []) == {"giou": None, "ciou": None, "num_queries": 0}
+    with pytest.raises(ValueError, match="at least one"):
+        giou_ciou_from_counts([], [])
+    with pytest.raises(ValueError, match="2 intersections but 1 unions"):
+        giou_ciou_from_counts([1, 2], [3])
 
 
 def test_metrics_reject_mismatches():

@@ -25,6 +25,7 @@ def test_real_preset_names_every_missing_input(tmp_path):
     assert reproduce.main(["table2", "--preset", "paper", "--work", str(tmp_path), "--quiet"]) == 2
 
 
+@pytest.mark.slow  # 30 s alone, ~50 s on a busy machine: caches, trains and evaluates every Table 2 row
 def test_table2_tiny_end_to_end_and_skips_what_is_done(tmp_path, monkeypatch):
     settings = _settings(tmp_path)
     path = reproduce.reproduce_table2(settings)

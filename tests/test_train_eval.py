@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lens_train.cli import eval_app
@@ -36,6 +37,12 @@ def trained(tmp_path_factory):
     return {"run": run, "val": val_store, "other": other.url}
 
 
+def _by_hand(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
+    """Foreground intersection and union of a (H, W) bool prediction, gt pixels 255 left out."""
+    keep = gt != 255
+    return int((pred & (gt == 1) & keep).sum()), int(((pred | (gt == 1)) & keep).sum())
+
+
 def test_metrics_match_an_independent_computation(trained, tmp_path):
     from lens_manifests import decode_target
 
@@ -49,17 +56,26 @@ def test_metrics_match_an_independent_computation(trained, tmp_path):
     run = load_run(trained["run"])
     dataset = QueryDataset(trained["val"].url, 14)
     manifest = trained["val"].manifest
-    inters, unions, sentence, whole = [], [], [], []
+    inters, unions, sentence, whole, heat = [], [], [], [], []
     for index in range(len(dataset)):
         item = dataset[index]
-        _, logits = predict(run.model, collate([item]).to("cpu"))
+        output, logits = predict(run.model, collate([item]).to("cpu"))
         pred = torch.sigmoid(logits[0]).numpy() > 0.5
         gt = decode_target(manifest, item["query_id"])
-        keep = gt != 255
-        inters.append(int((pred & (gt == 1) & keep).sum()))
-        unions.append(int(((pred | (gt == 1)) & keep).sum()))
+        inter, union = _by_hand(pred, gt)
+        inters.append(inter)
+        unions.append(union)
         sentence.append(item["is_sentence"])
+        keep = gt != 255
         whole.append(float((gt == 1).sum()) / max(1, int(keep.sum())))
+        # The heatmap baseline: the (g, g) map over SAM's padded 1024 frame, upsampled to the frame,
+        # the padding cut off, resized to the image, thresholded at half its peak.
+        grid = output.heatmap[0].float()
+        (h, w), (height, width) = item["input_size"].tolist(), item["original_size"].tolist()
+        frame = F.interpolate(grid[None, None], (1024, 1024), mode="bilinear", align_corners=False)
+        on_image = F.interpolate(frame[..., :h, :w], (height, width), mode="bilinear", align_corners=False)[0, 0]
+        inter, union = _by_hand((on_image > 0.5 * grid.max()).numpy(), gt)
+        heat.append(1.0 if union == 0 else inter / union)
     ious = [1.0 if u == 0 else i / u for i, u in zip(inters, unions)]
     assert metrics["num_queries"] == len(dataset)
     assert metrics["giou"] == pytest.approx(float(np.mean(ious)), abs=1e-6)
@@ -71,28 +87,45 @@ def test_metrics_match_an_independent_computation(trained, tmp_path):
         assert metrics["long"]["giou"] == pytest.approx(float(np.mean(np.asarray(ious)[sentence])), abs=1e-6)
 
     assert metrics["baselines"]["whole_image"]["giou"] == pytest.approx(float(np.mean(whole)), abs=1e-6)
-    assert 0.0 <= metrics["baselines"]["heatmap"]["giou"] <= 1.0
+    assert metrics["baselines"]["heatmap"]["giou"] == pytest.approx(float(np.mean(heat)), abs=1e-6)
 
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["giou"] == pytest.approx(metrics["giou"]) and {"ciou", "short", "long"} <= set(on_disk)
     table = pq.read_table(out / "per_query.parquet").to_pydict()
     assert table["inter"] == inters and table["union"] == unions
     assert table["iou_whole_image"] == pytest.approx(whole, abs=1e-9)
+    assert table["iou_heatmap"] == pytest.approx(heat, abs=1e-6)
+    assert len(set(np.round(heat, 6))) > 1  # the baseline is not a constant the check could miss
     assert (out / "overlays.png").stat().st_size > 0
 
 
-def test_threshold_changes_the_masks(trained, tmp_path):
-    from lens_train.evaluate import evaluate
+def test_the_threshold_is_the_one_applied_to_the_logits(trained, tmp_path):
+    from lens_manifests import decode_target
 
-    low = evaluate(trained["run"], trained["val"].url, out=tmp_path / "low", threshold=0.01, figures=0, limit=6,
-                   log=lambda line: None)
-    high = evaluate(trained["run"], trained["val"].url, out=tmp_path / "high", threshold=0.99, figures=0, limit=6,
-                    log=lambda line: None)
-    low_union = pq.read_table(tmp_path / "low" / "per_query.parquet").column("union").to_pylist()
-    high_union = pq.read_table(tmp_path / "high" / "per_query.parquet").column("union").to_pylist()
-    # A lower threshold predicts a superset, so every union is at least as large.
-    assert all(a >= b for a, b in zip(low_union, high_union))
-    assert low["num_queries"] == high["num_queries"] == 6
+    from lens_train.data import QueryDataset, collate
+    from lens_train.evaluate import evaluate, load_run, predict
+
+    run = load_run(trained["run"])
+    dataset = QueryDataset(trained["val"].url, 14)
+    count = 6
+    probabilities, gts = [], []
+    for index in range(count):
+        item = dataset[index]
+        _, logits = predict(run.model, collate([item]).to("cpu"))
+        probabilities.append(torch.sigmoid(logits[0]).numpy())
+        gts.append(decode_target(trained["val"].manifest, item["query_id"]))
+    # Two thresholds that split the predicted probabilities of these queries differently.
+    low, high = np.quantile(np.concatenate([p.ravel() for p in probabilities]), [0.25, 0.75]).tolist()
+    by_threshold = {}
+    for name, threshold in (("low", low), ("high", high)):
+        metrics = evaluate(trained["run"], trained["val"].url, out=tmp_path / name, threshold=threshold, figures=0,
+                           limit=count, log=lambda line: None)
+        table = pq.read_table(tmp_path / name / "per_query.parquet").to_pydict()
+        expected = [_by_hand(p > threshold, gt) for p, gt in zip(probabilities, gts)]
+        assert list(zip(table["inter"], table["union"])) == expected
+        assert metrics["threshold"] == threshold and metrics["num_queries"] == count
+        by_threshold[name] = expected
+    assert by_threshold["low"] != by_threshold["high"]  # so a threshold that is ignored cannot pass
 
 
 def _eval_error(args: list[str]) -> str:

@@ -15,7 +15,10 @@ import pytest
 
 from lens_cache.toy import MANIFEST_FILE, WEIGHTS_DIR
 
-pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / MANIFEST_FILE).is_file(), reason="no shipped toy weights")
+pytestmark = [
+    pytest.mark.skipif(not (WEIGHTS_DIR / MANIFEST_FILE).is_file(), reason="no shipped toy weights"),
+    pytest.mark.slow,  # several minutes (6.9 min measured on 2 busy CPU cores)
+]
 
 IMAGES = 16
 STEPS = 400

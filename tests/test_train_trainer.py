@@ -164,7 +164,7 @@ def test_refuses_stores_of_different_backbones(stores, tmp_path):
 
 def test_refuses_a_layer_the_store_lacks(stores, tmp_path):
     line = _cli_error(["--cache", stores["train"], "--preset", "tiny", "--layer", "13", "--out", str(tmp_path / "r")])
-    assert "caches layer(s) 14, not 13: pass --layer 14" in line
+    assert "caches layer(s) [14], not 13: pass --layer 14" in line
 
 
 def test_refuses_a_preset_of_another_width(stores, tmp_path):

@@ -52,16 +52,14 @@ class QueryDataset(Dataset):
     """
 
     def __init__(self, url: str, layer: int, *, store_index: int = 0, storage_options: dict | None = None) -> None:
-        from lens_cache.store import FeatureStore
+        from lens_cache.store import FeatureStore, require_layer
 
         self.url = str(url)
         self.layer = int(layer)
         self.store_index = store_index
         self.storage_options = dict(storage_options or {})
         store = FeatureStore.open(self.url, storage_options=self.storage_options)
-        if self.layer not in store.layers:
-            raise UsageError(f"store {self.url} caches layer(s) {list(store.layers)}, not {self.layer}: use --layer "
-                             f"{store.layers[0]}")
+        require_layer(store.layers, self.layer, holder=f"store {self.url}", fix=f"pass --layer {store.layers[0]}")
         self.query_ids = store.valid_query_ids()
         # Only the manifest columns a sample needs, as plain arrays (small, cheap to pickle).
         manifest = store.manifest

@@ -1,11 +1,12 @@
-"""`make demo` until stages 1-2 land: the LENS core trained on a planted task of synthetic tensors.
+"""`make demo-core`: the LENS core alone, trained on a planted task of synthetic tensors.
 
-No MLLM and no cache yet: each sample's "image-token states" carry a hidden direction
-inside a random rectangle of the 24x24 grid, the question's start-of-answer token carries
-the same direction, and SAM's embedding carries a matching signal. LENS (tiny preset, tiny
-SAM built with the real classes) must learn to put its heatmap, keypoints and mask on the
-rectangle. It writes a figure (heatmap + keypoints + masks), the training curve and gIoU/cIoU
-before and after training.
+A quick sanity check of the model; the whole pipeline is `make demo`
+(:mod:`lens_train.reproduce`). No MLLM and no cache: each sample's "image-token
+states" carry a hidden direction inside a random rectangle of the 24x24 grid, the
+question's start-of-answer token carries the same direction, and SAM's embedding
+carries a matching signal. LENS (tiny preset, tiny SAM built with the real classes)
+must learn to put its heatmap, keypoints and mask on the rectangle. It writes a figure
+(heatmap + keypoints + masks), the training curve and gIoU/cIoU before and after training.
 """
 
 from __future__ import annotations

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 
+from lens_cache.identity import feature_differences, format_differences
+from lens_cache.images import ImageReadError, read_rgb
 from lens_core import Lens, LensOutput
-from lens_core.metrics import IOU_EPS, intersection_union, query_iou
+from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
 
 from .checkpoint import atomic_write_text, load_checkpoint
 from .data import Batch, QueryDataset, collate
@@ -82,13 +84,11 @@ def predict(model: Lens, batch: Batch, *, precision: str = "fp32") -> tuple[Lens
 
 
 def summarize(inters: Sequence[int], unions: Sequence[int]) -> dict[str, Any]:
-    """gIoU (mean per-query IoU) and cIoU (sum inter / sum union) with LISA's conventions."""
+    """``{"giou", "ciou", "num_queries"}`` of (N,) per-query counts (``lens_core.metrics``); None for N = 0."""
     if len(inters) == 0:
         return {"giou": None, "ciou": None, "num_queries": 0}
-    ious = [query_iou(int(i), int(u)) for i, u in zip(inters, unions)]
-    total_inter, total_union = int(np.sum(inters)), int(np.sum(unions))
-    ciou = 1.0 if total_union == 0 else total_inter / (total_union + IOU_EPS)
-    return {"giou": float(np.mean(ious)), "ciou": float(ciou), "num_queries": len(ious)}
+    giou, ciou = giou_ciou_from_counts(inters, unions)
+    return {"giou": giou, "ciou": ciou, "num_queries": len(inters)}
 
 
 def default_out_dir(run_dir: Path, store_url: str) -> Path:
@@ -97,16 +97,10 @@ def default_out_dir(run_dir: Path, store_url: str) -> Path:
 
 
 def _load_image(path: str) -> np.ndarray | None:
-    from PIL import Image
-
+    """(H, W, 3) uint8 of the image at ``path`` for the figures, read as the cache read it; None if it cannot be."""
     try:
-        if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "rb") as f:
-                return np.asarray(Image.open(f).convert("RGB"))
-        return np.asarray(Image.open(path).convert("RGB"))
-    except (OSError, ValueError):
+        return np.asarray(read_rgb(path))
+    except ImageReadError:
         return None
 
 
@@ -129,23 +123,21 @@ def evaluate(
     Raises:
         StoreError / UserError: the store is not the run's backbone, or a bad option.
     """
-    from lens_cache.store import FeatureStore, describe_differences
-
-    from .segment import comparable_identity
+    from lens_cache.store import FeatureStore, require_layer
 
     say = log or (lambda line: print(line, flush=True))
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     store = FeatureStore.open(cache)
     trained = config["stores"][0]
-    # The layer set a store keeps does not change its features: a run trained on a (14, 30)
-    # store evaluates on a (14,) store; only the run's own layer must be there (checked below).
-    if comparable_identity(store.identity) != comparable_identity(trained["identity"]):
-        diffs = describe_differences(comparable_identity(trained["identity"]), comparable_identity(store.identity))
-        detail = "; ".join(f"{k}: {a!r} (run) vs {b!r} (store)" for k, a, b in diffs[:3]) or "identity hash"
-        raise UserError(f"store {cache} was cached with another backbone than run {run_dir} was trained on ({detail})")
-    if config["layer"] not in store.layers:
-        raise UserError(f"store {cache} caches layer(s) {list(store.layers)}, the run was trained on layer {config['layer']}")
+    # The rule training applies to mixed stores: the layer set a store keeps does not change its
+    # features (a run trained on a (14, 30) store evaluates on a (14,) store), the run's layer must be there.
+    diffs = feature_differences(trained["identity"], store.identity)
+    if diffs:
+        raise UserError(f"store {cache} was cached with another backbone than run {run_dir} was trained on "
+                        f"({format_differences(diffs, ('run', 'store'))})")
+    require_layer(store.layers, config["layer"], holder=f"store {cache}",
+                  fix=f"run {run_dir} was trained on layer {config['layer']}: evaluate it on a store that caches it")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise UserError(f"--threshold is a probability in (0, 1), got {threshold}")
     if limit is not None and limit < 1:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lens_core.geometry import SAM_IMAGE_SIZE
+from lens_core.geometry import grid_to_sam_coords, postprocess_masks
 
 
 def _pyplot():
@@ -57,19 +56,16 @@ def heatmap_on_image(heatmap: torch.Tensor, input_size: Sequence[int], original_
     """The (g, g) heatmap over SAM's padded frame, cropped to the image and resized to (H, W).
 
     The token grid covers the padded 1024 x 1024 square (not the image), so the map is
-    upsampled over the whole square first and the padding cut off, as SAM does for masks.
+    upsampled over the whole square first and the padding cut off, as SAM does for masks
+    (the masks' own :func:`lens_core.geometry.postprocess_masks`).
     """
-    frame = F.interpolate(heatmap[None, None].float(), (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear",
-                          align_corners=False)
-    crop = frame[..., : int(input_size[0]), : int(input_size[1])]
-    return F.interpolate(crop, (int(original_size[0]), int(original_size[1])), mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
+    return postprocess_masks(heatmap[None, None].float(), tuple(input_size), tuple(original_size))[0, 0].numpy()
 
 
 def grid_to_image_xy(points: torch.Tensor, input_size: Sequence[int], original_size: Sequence[int],
                      grid_size: int) -> np.ndarray:
     """(K, 2) grid (x, y) -> pixel (x, y) of the original image (cell centres at (x + 0.5) * 1024 / g)."""
-    frame = (points.float() + 0.5) * (SAM_IMAGE_SIZE / grid_size)
+    frame = grid_to_sam_coords(points.float(), grid_size)
     scale = torch.tensor([original_size[1] / input_size[1], original_size[0] / input_size[0]], dtype=torch.float32)
     return (frame * scale - 0.5).numpy()
 

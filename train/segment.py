@@ -15,13 +15,12 @@ features go through exactly the path cached features take in stage 2:
 So a live result equals the one ``lens-eval`` computes from a store built by the same
 backbone (``tests/test_segment.py`` checks it).
 
-The backbone must be the one the run's cache was built with. The live extractor's
-identity is compared with the identity recorded in the run's ``config.json`` using the
-store's own hash (``lens_cache.store.identity_hash``); three fields are left out of the
-comparison because they do not change a single feature value: ``layers`` (which layers
-the store *kept*; live, only the run's layer is computed), ``name_or_path`` (where
-the checkpoint lies; ``config_hash`` and ``weights_fingerprint`` say what it is) and
-``warm_start`` (what the store holds beside the features for the head's initialisation).
+The backbone must be the one the run's cache was built with: the live extractor's
+identity and the one recorded in the run's ``config.json`` must have no
+:func:`lens_cache.identity.feature_differences` (the rule training and ``lens-eval`` apply
+to stores: ``layers``, ``warm_start`` and, where the weights are fingerprinted,
+``name_or_path`` do not count), and the live backbone must compute the run's layer
+(:func:`lens_cache.store.require_layer`).
 
 Usage::
 
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from lens_cache.identity import feature_differences, format_differences
+from lens_cache.images import read_rgb
 from PIL import Image
 
 from .errors import UserError
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
     from .data import Batch
     from .evaluate import LoadedRun
 
-#: Identity fields that do not change any feature value (see the module docstring).
-IDENTITY_FIELDS_NOT_COMPARED = ("layers", "name_or_path", "warm_start")
 #: Colour of the predicted region in overlays (RGB).
 MASK_COLOUR = (30, 220, 60)
 
@@ -63,22 +62,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
-    """An RGB PIL image from a path (or a PIL image, converted).
+    """An RGB PIL image from a path or URL (or a PIL image, converted), read as the cache builder reads it.
 
     Raises:
-        UserError: the file does not exist or is not an image PIL can read (one line).
+        ImageReadError (a UserError): the file does not exist or is not an image PIL can read (one line).
     """
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.convert("RGB")
-    except Exception as error:  # PIL raises many types for a broken file (OSError, SyntaxError, ...)
-        raise UserError(f"cannot read image {path}: {type(error).__name__}: {error}") from None
+    return read_rgb(image)
 
 
 def check_instruction(instruction: str) -> str:
@@ -96,31 +85,20 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def comparable_identity(identity: dict) -> dict:
-    """``identity`` without the fields that do not change features (:data:`IDENTITY_FIELDS_NOT_COMPARED`)."""
-    from lens_cache.store import normalise_json
-
-    return {key: value for key, value in normalise_json(identity).items() if key not in IDENTITY_FIELDS_NOT_COMPARED}
-
-
 def check_backbone(live_identity: dict, run_config: dict, run_dir: Path | str) -> None:
-    """Refuse a live backbone that is not the one the run's cache was built with.
+    """Refuse a live backbone whose features differ from those the run's cache holds.
 
     Args:
         live_identity: ``LensFeatureExtractor.identity`` of the backbone built here.
         run_config: the run's ``config.json`` (its ``stores[0].identity`` is the cache's).
     Raises:
-        UserError: one line naming every setting that differs and what to pass instead.
+        UserError: one line naming the settings that differ and what to pass instead.
     """
-    from lens_cache.store import describe_differences, identity_hash
-
     recorded = run_config["stores"][0]["identity"]
-    if identity_hash(comparable_identity(live_identity)) == identity_hash(comparable_identity(recorded)):
+    diffs = feature_differences(recorded, live_identity)
+    if not diffs:
         return
-    diffs = describe_differences(comparable_identity(recorded), comparable_identity(live_identity))
-    detail = "; ".join(f"{key}: {run!r} (run) vs {live!r} (live)" for key, run, live in diffs[:4])
-    if len(diffs) > 4:
-        detail += f"; and {len(diffs) - 4} more"
+    detail = format_differences(diffs, ("run", "live"))
     keys = {key.split(".")[0] for key, _, _ in diffs}
     if keys & {"sam"}:
         hint = f"pass --sam {run_config.get('sam', 'SPEC')!r} (the SAM the run's cache was built with)"
@@ -211,12 +189,11 @@ def features_to_batch(features: "ImageFeatures", layer: int, sam_channels: int) 
     """
     import torch
     from lens_cache.build import to_float16
-    from lens_cache.store import sam_embedding_shape
+    from lens_cache.store import require_layer, sam_embedding_shape
 
     from .data import collate
 
-    if layer not in features.image_states:
-        raise UserError(f"the live backbone computed layer(s) {sorted(features.image_states)}, the run reads {layer}")
+    require_layer(features.image_states, layer, holder="the live backbone")
     image_states = features.image_states[layer]
     text_states = features.text_states[0][layer]
     sample = {
@@ -255,7 +232,8 @@ class Segmenter:
             (it is part of the identity: bf16 and fp32 features differ).
         threshold: default mask threshold; None: the run's (its preset's) threshold.
     Raises:
-        UserError: no run / no checkpoint there, or the backbone is not the run's.
+        UserError: no run / no checkpoint there, or the backbone is not the run's (MissingLayerError,
+            a StoreError: it does not compute the run's layer).
         FileNotFoundError: an MLLM or SAM checkpoint is missing (one-line message).
     """
 
@@ -271,6 +249,7 @@ class Segmenter:
         threshold: float | None = None,
     ) -> None:
         import torch
+        from lens_cache.store import require_layer
 
         from .evaluate import load_run
         from .trainer import read_run_config, resolve_device
@@ -292,6 +271,8 @@ class Segmenter:
         if extractor is None:
             extractor = self._build_extractor(recorded, mllm=mllm, sam=sam, device=dev, dtype=dtype)
         check_backbone(extractor.identity, self.config, self.run_dir)
+        require_layer(extractor.layers, self.layer, holder="the live backbone",
+                      fix=f"build it with layer {self.layer}, the layer run {self.run_dir} was trained on")
         self.extractor = extractor
 
     def _build_extractor(self, recorded: dict, *, mllm: str | None, sam: str | None, device: torch.device,

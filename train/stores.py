@@ -29,12 +29,13 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim
 
     Raises:
         StoreError: a store is missing, foreign, unfinished, its manifest file was changed
-            (DamagedStoreError), or the stores were cached with different backbones (the
-            message names the settings that differ).
-        UserError: ``layer`` is not cached, or the preset's hidden size / prompt width is
-            not the store's (``prompt_dim`` must be the C of its (C, 64, 64) SAM embeddings).
+            (DamagedStoreError), the stores were cached with different backbones (the
+            message names the settings that differ), or one does not cache ``layer``
+            (MissingLayerError).
+        UserError: the preset's hidden size / prompt width is not the store's (``prompt_dim``
+            must be the C of its (C, 64, 64) SAM embeddings).
     """
-    from lens_cache.store import FeatureStore, check_compatible
+    from lens_cache.store import FeatureStore, check_compatible, require_layer
 
     if not urls:
         raise UserError("give at least one --cache STORE")
@@ -42,10 +43,11 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim
     for store in stores:
         store.manifest  # noqa: B018 - manifest.parquet is the one the store recorded (else DamagedStoreError)
     check_compatible(stores)
+    shared = sorted(set.intersection(*(set(store.layers) for store in stores)))
+    fix = f"pass --layer {shared[0]}" if shared else f"cache layer {layer} in every store (lens-cache build --layers)"
+    for store in stores:
+        require_layer(store.layers, layer, holder=f"store {store.url}", fix=fix)
     reference = stores[0]
-    if layer not in reference.layers:
-        have = ", ".join(str(x) for x in reference.layers)
-        raise UserError(f"store {reference.url} caches layer(s) {have}, not {layer}: pass --layer {reference.layers[0]}")
     if reference.hidden_size != hidden_size:
         raise UserError(
             f"store {reference.url} was built with d={reference.hidden_size} ({backbone_name(reference.identity)} "

@@ -20,9 +20,12 @@ TINY_SAM_IDENTITY = {"variant": "tiny", "weights": "tiny-seed0", "compute_dtype"
 
 def fake_tiny_extractor(
     *, hidden_size: int = 64, mllm: str = "fake-mllm", prompt_template: str | None = None, grounded: bool = False,
-    sam: str | None = None,
+    sam: str | None = None, layers: tuple[int, ...] = (14,), identity: dict | None = None,
 ):
     """A ``lens_cache.testing.FakeExtractor`` of width ``hidden_size`` whose identity names the tiny SAM.
+
+    ``layers`` are the layers it computes; ``identity`` adds or replaces identity fields (e.g. a
+    real MLLM's ``name_or_path`` and ``weights_fingerprint``, to test what compares).
 
     ``grounded=True`` replaces the per-question noise of the text states with a sum of
     fixed per-word vectors, so the same word means the same thing in every query (as in a
@@ -35,8 +38,9 @@ def fake_tiny_extractor(
     cls = _grounded_class() if grounded else FakeExtractor
     if sam is not None:
         cls = _real_sam_class(cls)
-    extractor = cls(hidden_size=hidden_size, mllm=mllm, prompt_template=prompt_template or FAKE_PROMPT)
+    extractor = cls(hidden_size=hidden_size, mllm=mllm, prompt_template=prompt_template or FAKE_PROMPT, layers=layers)
     extractor.identity["sam"] = dict(TINY_SAM_IDENTITY)
+    extractor.identity.update(identity or {})
     if sam is not None:
         extractor.attach_sam(sam)
     if grounded:

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from lens_core.geometry import SAM_IMAGE_SIZE
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
-
-SAM_IMAGE_SIZE = 1024
 
 #: Name of this geometry in the cache identity.
 IMAGE_GEOMETRY = "sam-pad-1024-to-336"

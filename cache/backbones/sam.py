@@ -30,9 +30,10 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from lens_cache.errors import UsageError, UserError
 
 from lens_cache.files import sha256_file
+from lens_core.geometry import SAM_IMAGE_SIZE
 
 from ._runtime import dtype_name, resolve_device, resolve_dtype
-from .geometry import SAM_IMAGE_SIZE, SamFrame
+from .geometry import SamFrame
 
 SAM_VARIANTS = ("vit_h", "vit_l", "vit_b")
 #: The toy SAM's variant name: its architecture is ``lens_cache.toy.sam.build_toy_sam``.

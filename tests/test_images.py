@@ -1,0 +1,110 @@
+"""One image reader: the cache builder, lens-segment and lens-eval's figures see the same pixels and errors."""
+
+from __future__ import annotations
+
+import re
+
+import fsspec
+import numpy as np
+import pytest
+from lens_cache.build import FAILURE_CODES, load_image as build_load
+from lens_cache.images import ImageReadError, read_rgb
+from PIL import Image
+
+from lens_train.evaluate import _load_image as eval_load
+from lens_train.segment import load_image as segment_load
+
+H, W = 12, 20
+
+
+def _pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+
+
+def _palette(path):
+    colours = np.array([[255, 0, 0], [0, 128, 255], [10, 200, 30], [0, 0, 0]], dtype=np.uint8)
+    index = np.random.default_rng(1).integers(0, len(colours), size=(H, W)).astype(np.uint8)
+    image = Image.fromarray(index, mode="P")
+    image.putpalette(colours.reshape(-1).tolist() + [0] * (768 - colours.size))
+    image.save(path)
+    return colours[index]
+
+
+def _grayscale(path):
+    gray = _pixels(2)[..., 0]
+    Image.fromarray(gray, mode="L").save(path)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _exif_rotated_jpeg(path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels are read as they are
+    Image.fromarray(_pixels(3)).save(path, quality=95, exif=exif)
+    with Image.open(path) as stored:
+        assert stored.getexif().get(0x0112) == 6
+        return np.asarray(stored.convert("RGB"))
+
+
+def _rgba(path):
+    pixels = np.concatenate([_pixels(4), np.full((H, W, 1), 7, dtype=np.uint8)], axis=2)
+    Image.fromarray(pixels, mode="RGBA").save(path)
+    return pixels[..., :3]  # alpha dropped, not composited
+
+
+WRITERS = {"palette.png": _palette, "gray.png": _grayscale, "rotated.jpg": _exif_rotated_jpeg, "rgba.png": _rgba}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_build_segment_and_eval_see_the_same_rgb_pixels(tmp_path, name):
+    path = tmp_path / name
+    expected = WRITERS[name](path)
+    built = build_load(str(path), (H, W))
+    assert built.code == 0, built.message
+    cached = np.asarray(built.image)
+    assert cached.dtype == np.uint8 and cached.shape == (H, W, 3)  # as stored: no EXIF rotation
+    np.testing.assert_array_equal(cached, expected)
+    np.testing.assert_array_equal(np.asarray(segment_load(str(path))), cached)
+    np.testing.assert_array_equal(np.asarray(segment_load(path)), cached)
+    np.testing.assert_array_equal(eval_load(str(path)), cached)
+    with Image.open(path) as opened:  # a PIL image handed in: converted the same way
+        np.testing.assert_array_equal(np.asarray(segment_load(opened)), cached)
+
+
+def _corrupt(path):
+    path.write_bytes(b"this is not a png" * 8)
+
+
+def _truncated(path):
+    Image.fromarray(_pixels(5)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not decode
+
+
+@pytest.mark.parametrize(("damage", "reason"), [(_corrupt, "unreadable"), (_truncated, "unreadable"), (None, "missing")])
+def test_a_bad_file_is_one_error_type_with_one_message(tmp_path, damage, reason):
+    path = tmp_path / "bad.png"
+    if damage is not None:
+        damage(path)
+    with pytest.raises(ImageReadError) as live:
+        segment_load(str(path))
+    message = str(live.value)
+    assert live.value.reason == reason and "\n" not in message and str(path) in message
+    assert message.startswith("image not found: " if reason == "missing" else f"cannot read image {path}: ")
+    built = build_load(str(path), (H, W))
+    assert (built.image, built.code, built.message) == (None, FAILURE_CODES[reason], f"{reason}: {message}")
+    assert eval_load(str(path)) is None
+    with pytest.raises(ImageReadError, match="^" + re.escape(message) + "$"):
+        read_rgb(path)
+
+
+def test_urls_read_like_paths(tmp_path):
+    path = tmp_path / "gray.png"
+    expected = _grayscale(path)
+    np.testing.assert_array_equal(np.asarray(read_rgb(f"file://{path}")), expected)
+    memory = "memory://lens-images-test/gray.png"
+    with fsspec.open(memory, "wb") as file:
+        file.write(path.read_bytes())
+    np.testing.assert_array_equal(np.asarray(read_rgb(memory)), expected)
+    assert build_load(memory, (H, W)).code == 0
+    with pytest.raises(ImageReadError, match="image not found"):
+        read_rgb("memory://lens-images-test/none.png")
