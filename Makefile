@@ -69,7 +69,7 @@ bench-loader: setup
 bench-cache: setup
 	$(PY) benchmarks/bench_cache.py --scale real --images 32
 
-# Diagnostics (README, "What learns on CPU"): patch colour recoverable from the cached features, by layer;
+# Diagnostics (RESULTS.md, "What learns on CPU"): patch colour recoverable from the cached features, by layer;
 # whether the head alone learns grounding from the demo's stores (run `make demo` first).
 probe-features: setup
 	$(PY) benchmarks/probe_features.py $(if $(MLLM),--mllm "$(MLLM)") $(if $(SAM),--sam "$(SAM)")

@@ -8,7 +8,7 @@ are skipped, unfinished ones are redone from scratch, and no reader ever takes a
 half-written sample as finished.
 
 Before the first block, the head's warm start is written beside the features: the
-MLLM's decoder layers k and k+1 for the store's first layer k (:func:`warm_start_file`),
+MLLM's decoder layers k and k+1 for each cached layer k (:func:`warm_start_file`),
 its sha256 recorded in the store's identity.
 
 Serial (``workers=0``) the parent runs every block itself; otherwise the blocks go
@@ -549,23 +549,41 @@ def warm_start_layers(layer: int) -> tuple[int, int]:
 
 
 def warm_start_file(extractor: FeatureExtractor) -> tuple[dict, bytes | None]:
-    """The warm-start record and file of a store cached by ``extractor``, for its first (main) layer.
+    """The warm-start record and file of a store cached by ``extractor``: for each cached layer k, the
+    MLLM's decoder layers k and k+1 (:func:`warm_start_layers`), each decoder layer saved once.
 
     Returns:
-        ``{"file", "layers": [k, k + 1], "sha256", "head": sizes}`` and the safetensors bytes
-        (keys ``layers.0.<name>``, ``layers.1.<name>``), or ``{"layers": None, "reason": why}``
-        and None when the MLLM has no such layers (``k`` is its last layer, or it exposes none).
+        the record ``{"file", "sha256", "head": sizes, "by_layer": {"k": [k, k + 1] or None},
+        "layers": the first layer's pair or None}`` (plus ``"reason"`` when the first layer has
+        none) and the safetensors bytes (keys ``decoder.<i>.<name>``, ``i`` the 0-based decoder
+        layer); or ``{"layers": None, "reason": why}`` and None when no cached layer has its
+        two layers in the MLLM (``k`` is its last layer, or it exposes none).
     """
     from safetensors.torch import save
 
-    layers = warm_start_layers(extractor.layers[0])
-    try:
-        head, state_dicts = extractor.decoder_layers(layers)
-    except NoDecoderLayers as why:
-        return {"layers": None, "reason": f"no warm start for layer {layers[0]}: {why}"}, None
-    tensors = {f"layers.{i}.{name}": t.contiguous() for i, state in enumerate(state_dicts) for name, t in state.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    by_layer: dict[str, list[int] | None] = {}
+    reasons: dict[int, str] = {}
+    head = None
+    for layer in extractor.layers:
+        pair = warm_start_layers(layer)
+        try:
+            head, state_dicts = extractor.decoder_layers(pair)
+        except NoDecoderLayers as why:
+            by_layer[str(layer)] = None
+            reasons[layer] = f"no warm start for layer {layer}: {why}"
+            continue
+        by_layer[str(layer)] = list(pair)
+        for index, state in zip(pair, state_dicts):
+            tensors.update({f"decoder.{index}.{name}": t.contiguous() for name, t in state.items()})
+    first = extractor.layers[0]
+    if not tensors:
+        return {"layers": None, "reason": reasons[first]}, None
     data = save(tensors)
-    record = {"file": WARM_START_FILE, "layers": list(layers), "sha256": hashlib.sha256(data).hexdigest(), "head": head}
+    record = {"file": WARM_START_FILE, "layers": by_layer[str(first)], "by_layer": by_layer,
+              "sha256": hashlib.sha256(data).hexdigest(), "head": head}
+    if first in reasons:
+        record["reason"] = reasons[first]
     return record, data
 
 

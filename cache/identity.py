@@ -12,7 +12,7 @@ records that do not change a single feature value:
   other layers were cached beside it; whether the layer an entry point reads is there is
   checked on its own (``lens_cache.store.require_layer``).
 * ``warm_start``: what the store holds beside the features for the head's initialisation
-  (it follows the first cached layer).
+  (a pair of decoder layers per cached layer; format 2: the first cached layer's).
 
 ``name_or_path`` (where the MLLM was loaded from) does not change the features either
 when the weights are fingerprinted: the same weights at two paths are one backbone. An

@@ -12,7 +12,7 @@ toy SAM; "chunk" is the chunk shape)::
 
     zarr.json                      attrs["lens_cache"]: format_version, identity, ... complete
     manifest.parquet               the manifest (one row per query, query_id == row)
-    warm_start/decoder_layers.safetensors  the MLLM's decoder layers k, k+1 (head warm start)
+    warm_start/decoder_layers.safetensors  the MLLM's decoder layers k, k+1 per cached layer k (head warm start)
     images/mllm_l{L}               (N_img, 576, d)      float16  chunk (1, 576, d)
     images/sam                     (N_img, C, 64, 64)   float16  chunk (1, C, 64, 64)
     images/original_size          (N_img, 2)  int32  (h, w)      chunk (B, 2)
@@ -44,7 +44,7 @@ stores carry no checksums: their values are read unchecked.
 Why this shape:
 
 * Per-sample chunks, no sharding: a worker owns whole chunks, so concurrent writers
-  never share one (two writers in one shard lose data, SPEC section 7).
+  never share one (two writers in one shard lose data).
 * Block-level arrays (sizes, failures) are chunked by ``block_size``, so a block
   (``B`` consecutive images and all their queries) is owned by exactly one writer.
 * ``blocks/done[b]`` is written after the block's data and ``complete`` after every
@@ -55,8 +55,11 @@ Why this shape:
   (layers, sha256, the head sizes it fits) is ``identity["warm_start"]``, so the file
   is part of what identifies the store, and a reader checks the hash before using it.
 
-Format version 2 added ``sam_channels``, the warm start and the checksums; a version-1
-store reads as ``C = 256`` without a warm start and without checksum checks.
+Format version 2 added ``sam_channels``, the warm start (for the first layer only, keys
+``layers.0.*``/``layers.1.*``) and the checksums; a version-1 store reads as ``C = 256``
+without a warm start and without checksum checks. Version 3 keeps the warm start of every
+cached layer (``by_layer``; keys ``decoder.<i>.*``, each decoder layer once); a version-2
+store still warm-starts its first layer.
 
 Skipped samples (one bad sample never stops a build): an image that is missing,
 unreadable, of another size than the manifest says, or of a shape SAM's frame cannot
@@ -92,8 +95,8 @@ from lens_cache.identity import feature_differences, format_differences, identit
 from zarr.abc.store import Store as ZarrStore
 from zarr.codecs import ZstdCodec
 
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 ATTRS_KEY = "lens_cache"
 #: Written first at creation and replaced (atomically, in one metadata write) by
 #: ``ATTRS_KEY`` once every array exists: a store killed while being created is
@@ -108,7 +111,7 @@ BITROUND_KEEPBITS = 7
 SAM_EMBEDDING_SIZE = 64
 #: C of the real SAMs, and of every store of format version 1 (which did not record it).
 DEFAULT_SAM_CHANNELS = 256
-#: The MLLM's decoder layers k and k+1 for the head's warm start (``layers.0.*``, ``layers.1.*``).
+#: The MLLM's decoder layers for the head's warm start (``decoder.<i>.*``; version 2: ``layers.0/1.*``).
 WARM_START_FILE = "warm_start/decoder_layers.safetensors"
 #: 1-D bookkeeping arrays written once by the parent: big chunks, few objects.
 INDEX_CHUNK = 1 << 16
@@ -328,7 +331,7 @@ class quiet_numcodecs(warnings.catch_warnings):
 def feature_codecs(compression: str) -> dict[str, Any]:
     """``filters``/``compressors`` for the float16 feature arrays.
 
-    ``lossless``: zstd (gains only ~8% on float16 activations, SPEC section 7).
+    ``lossless``: zstd (which saves only ~8% on float16 activations).
     ``bitround``: keep 7 of float16's 10 mantissa bits, then zstd (~1.3x).
     ``none``: raw bytes (fastest to write and read).
     """
@@ -793,9 +796,9 @@ class FeatureStore:
     def warm_start(self) -> dict:
         """What the store holds for the head's warm start (``identity["warm_start"]``).
 
-        ``{"file", "layers": [k, k + 1], "sha256", "head": {hidden_size, num_heads, mlp_size, ...}}``
-        (``k`` = the store's first layer), or ``{"layers": None, "reason": ...}`` when the
-        build wrote no file.
+        ``{"file", "sha256", "head": {hidden_size, num_heads, mlp_size, ...}, "by_layer": {"k": [k, k + 1]
+        or None}, "layers": the first layer's pair}`` (format 2: no ``by_layer``, the first layer
+        only), or ``{"layers": None, "reason": ...}`` when the build wrote no file.
         """
         return self.identity.get("warm_start") or {"layers": None, "reason": "the store predates warm-start export"}
 
@@ -806,7 +809,7 @@ class FeatureStore:
             StoreError: the file is missing, or its bytes are not the ones the store was built with.
         """
         record = self.warm_start
-        if record["layers"] is None:
+        if record.get("sha256") is None:
             return None
         fix = "rebuild the store (the same `lens-cache build` command with --overwrite)"
         try:

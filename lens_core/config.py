@@ -28,7 +28,7 @@ class LensConfig:
             ``mean`` = average over all text tokens (paper, eq. 1).
         detach_peak: divide the map by its detached peak (official code). False lets the
             gradient through the peak too, so L_attn's gradient is that of the normalised map;
-            from a random head the detached form flattens the map (README, *What learns on CPU*).
+            from a random head the detached form flattens the map (RESULTS.md, *What learns on CPU*).
         max_keypoints: m, the most keypoints NMS keeps (16).
         nms_radius: Euclidean suppression radius in grid cells (4).
         keypoint_min_ratio: a keypoint is valid if its score >= this x the peak (0.4).

@@ -47,7 +47,7 @@ def toy_sam_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_sam_store(tmp_path_factory, toy_sam_file):
-    """A store cached with the real tiny LLaVA (layer 14) and a toy SAM: one image, one query (~3 s).
+    """A store cached with the real tiny LLaVA (layers 14 and 30) and a toy SAM: one image, one query (~3 s).
 
     Returns a namespace: ``store`` (FeatureStore), ``extractor`` (the LensFeatureExtractor
     that built it), ``sam`` (the ``toy:PATH`` spec).
@@ -62,7 +62,7 @@ def toy_sam_store(tmp_path_factory, toy_sam_file):
     root = small_synthetic(tmp_path_factory.mktemp("toy_sam_synthetic"), images=2)
     manifest = build_manifest("synthetic-reason:val", root).take([0])
     sam = f"toy:{toy_sam_file}"
-    extractor = build_extractor(mllm="tiny", sam=sam, layers=(14,), device="cpu")
+    extractor = build_extractor(mllm="tiny", sam=sam, layers=(14, 30), device="cpu")
     store = build_cache(manifest, tmp_path_factory.mktemp("toy_sam_store") / "store", lambda: extractor,
                         spec="synthetic-reason:val", batch_size=1, progress=False)
     return SimpleNamespace(store=store, extractor=extractor, sam=sam)

@@ -222,7 +222,7 @@ def test_dask_local_cluster_equals_serial_build(manifest, reference, tmp_path):
 
 
 def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, reference):
-    """Paper 3.1: the head starts as the MLLM's decoder layers k, k+1 (k = the store's first layer: 14, 15)."""
+    """Paper 3.1: the head starts as the MLLM's decoder layers k, k+1, for every cached layer k (14 and 30)."""
     import hashlib
 
     from lens_cache.backbones import LensFeatureExtractor, LlavaBackbone
@@ -233,19 +233,31 @@ def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, r
     store, mllm = toy_sam_store.store, toy_sam_store.extractor.mllm
     record = store.warm_start
     data = store.location.read_bytes(WARM_START_FILE)
-    assert record == {"file": WARM_START_FILE, "layers": [14, 15], "sha256": hashlib.sha256(data).hexdigest(),
+    assert record == {"file": WARM_START_FILE, "layers": [14, 15], "by_layer": {"14": [14, 15], "30": [30, 31]},
+                      "sha256": hashlib.sha256(data).hexdigest(),
                       "head": {"hidden_size": 64, "num_heads": 4, "mlp_size": 128, "rms_norm_eps": 1e-6,
                                "rope_theta": 10000.0}}
     tensors = load(data)
-    for i, index in enumerate((14, 15)):
+    assert {key.split(".")[1] for key in tensors} == {"14", "15", "30", "31"}
+    for index in (14, 15, 30, 31):
         expected = mllm.decoder_layer_state_dict(index)
-        assert {k.removeprefix(f"layers.{i}.") for k in tensors if k.startswith(f"layers.{i}.")} == set(expected)
-        assert all(torch.equal(tensors[f"layers.{i}.{name}"], value) for name, value in expected.items())
+        assert {k.removeprefix(f"decoder.{index}.") for k in tensors if k.startswith(f"decoder.{index}.")} == set(expected)
+        assert all(torch.equal(tensors[f"decoder.{index}.{name}"], value) for name, value in expected.items())
     assert verify_store(store.url).ok
 
-    # No decoder layer k+1 (k is the MLLM's last layer), or no decoder at all: nothing written, and why.
+    sam = toy_sam_store.extractor.sam
+    # Adjacent layers share a decoder layer: it is saved once.
+    adjacent, _ = warm_start_file(LensFeatureExtractor(
+        mllm=LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(14, 15)), sam=sam))
+    assert adjacent["by_layer"] == {"14": [14, 15], "15": [15, 16]}
+    # The last layer has no k+1: none for it, the other layer's still written.
+    partial, data = warm_start_file(LensFeatureExtractor(
+        mllm=LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(14, 31)), sam=sam))
+    assert partial["by_layer"] == {"14": [14, 15], "31": None} and partial["layers"] == [14, 15]
+    assert {key.split(".")[1] for key in load(data)} == {"14", "15"}
+    # No cached layer has one, or no decoder at all: nothing written, and why.
     last = LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(31,))
-    assert warm_start_file(LensFeatureExtractor(mllm=last, sam=toy_sam_store.extractor.sam)) == (
+    assert warm_start_file(LensFeatureExtractor(mllm=last, sam=sam)) == (
         {"layers": None, "reason": "no warm start for layer 31: the MLLM has no decoder layer 32 (it has 32: 0..31)"},
         None,
     )

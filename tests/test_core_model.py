@@ -255,28 +255,29 @@ def test_warm_start_is_strict():
         head.load_decoder_layers([state, layers[1].state_dict()])
 
 
-def test_warm_started_head_is_the_mllm_decoder_layer(toy_sam_store):
+@pytest.mark.parametrize("layer", [14, 30])
+def test_warm_started_head_is_the_mllm_decoder_layer(toy_sam_store, layer):
     """An untrained head warm-started from a store computes, in its first layer, the MLLM's decoder
-    layer k on the cached layer-k states (same positions 0..L-1, same causal mask)."""
+    layer k on the cached layer-k states (same positions 0..L-1, same causal mask), for each cached k."""
     from lens_train.stores import read_warm_start
 
     store, mllm = toy_sam_store.store, toy_sam_store.extractor.mllm
     sizes = store.warm_start["head"]  # the tiny LLaVA's RMSNorm eps (1e-6) is not the tiny preset's (1e-5)
     cfg = LensConfig.from_dict({**TINY.to_dict(), **sizes})
-    warm = read_warm_start(store, layer=14, config=cfg)
-    assert warm.layers == (14, 15) and warm.notes == ()
+    warm = read_warm_start(store, layer=layer, config=cfg)
+    assert warm.layers == (layer, layer + 1) and warm.notes == ()
     torch.manual_seed(0)
     head = SegmentationHead(config=cfg).eval()
     head.load_decoder_layers(warm.state_dicts)
 
-    sample = store.read_query(0, 14)
+    sample = store.read_query(0, layer)
     x = torch.cat([torch.from_numpy(sample["image_states"]), torch.from_numpy(sample["text_states"])]).float()[None]
     length = x.shape[1]
     language_model = mllm.model.model.language_model
     positions = torch.arange(length)[None]
     mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
-        expected = language_model.layers[14](x, attention_mask=mask, position_ids=positions,
+        expected = language_model.layers[layer](x, attention_mask=mask, position_ids=positions,
                                              position_embeddings=language_model.rotary_emb(x, positions))
         ours, _ = head.layers[0](x, *head.rotary(length, x.device))
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""The diagnostic probes in benchmarks/ compute what they say (README: What learns on CPU)."""
+"""The diagnostic probes in benchmarks/ compute what they say (RESULTS.md: What learns on CPU)."""
 
 from __future__ import annotations
 

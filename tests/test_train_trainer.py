@@ -204,6 +204,39 @@ def test_warm_start_is_loaded_and_the_log_names_the_layers(toy_sam_store, tmp_pa
                                     "sha256": store.warm_start["sha256"]}
 
 
+def test_format_2_store_warm_starts_its_first_layer(toy_sam_store, tmp_path):
+    """Format 2 kept only the first layer's pair, keyed layers.0/1: still read, for that layer only."""
+    import hashlib
+    import shutil
+
+    from lens_cache.identity import identity_hash
+    from lens_cache.store import ATTRS_KEY, WARM_START_FILE, FeatureStore, open_group
+    from lens_train.presets import load_preset
+    from lens_train.stores import read_warm_start
+    from safetensors.torch import load, save
+
+    tiny = load_preset("tiny").model
+    copy = tmp_path / "v2"
+    shutil.copytree(toy_sam_store.store.location.local_path, copy)
+    current = load((copy / WARM_START_FILE).read_bytes())
+    legacy = {key.replace("decoder.14.", "layers.0.").replace("decoder.15.", "layers.1."): value
+              for key, value in current.items() if key.split(".")[1] in ("14", "15")}
+    data = save(legacy)
+    (copy / WARM_START_FILE).write_bytes(data)
+    group = open_group(FeatureStore.open(copy).location, mode="r+")
+    attrs = dict(group.attrs[ATTRS_KEY])
+    record = {k: v for k, v in attrs["identity"]["warm_start"].items() if k != "by_layer"}
+    identity = {**attrs["identity"], "warm_start": {**record, "sha256": hashlib.sha256(data).hexdigest()}}
+    group.attrs.put({ATTRS_KEY: {**attrs, "format_version": 2, "identity": identity,
+                                 "identity_hash": identity_hash(identity)}})
+    v2 = FeatureStore.open(copy)
+    warm = read_warm_start(v2, layer=14, config=tiny)
+    assert warm.layers == (14, 15)
+    assert all(torch.equal(warm.state_dicts[0][k], v) for k, v in toy_sam_store.extractor.mllm.decoder_layer_state_dict(14).items())
+    assert read_warm_start(v2, layer=30, config=tiny) == (
+        f"store {v2.url} holds the MLLM's decoder layers 14-15, for layer-14 features, not layer 30")
+
+
 def test_warm_start_that_does_not_fit_or_was_changed_is_refused(toy_sam_store, tmp_path):
     import shutil
 
@@ -220,8 +253,9 @@ def test_warm_start_that_does_not_fit_or_was_changed_is_refused(toy_sam_store, t
         read_warm_start(store, layer=14, config=wider)
     assert str(err.value) == (f"store {store.url} holds decoder layers of mlp_size 128 (preset: 256): "
                               "use a preset of the MLLM's sizes or --no-warm-start")
-    note = read_warm_start(store, layer=30, config=tiny)
-    assert note == f"store {store.url} holds the MLLM's decoder layers 14-15, for layer-14 features, not layer 30"
+    assert read_warm_start(store, layer=30, config=tiny).layers == (30, 31)
+    note = read_warm_start(store, layer=20, config=tiny)
+    assert note == f"store {store.url} holds no decoder-layer weights for layer 20 (it caches no such layer)"
 
     copy = tmp_path / "store"
     shutil.copytree(store.location.local_path, copy)

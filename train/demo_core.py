@@ -104,7 +104,7 @@ def main() -> None:
     (g1, c1), out, preds = evaluate(lens, eval_data)
     print(f"trained:   gIoU {g1:.3f} cIoU {c1:.3f}")
     metrics = {"untrained": {"giou": g0, "ciou": c0}, "trained": {"giou": g1, "ciou": c1}, "steps": args.steps,
-               "note": "planted task on synthetic tensors; stage 1 (cache) and stage 2 (lens-train) are not built yet"}
+               "note": "planted task on synthetic tensors, no cache and no MLLM: a check of the LENS core alone (the full pipeline is make demo)"}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out_dir / "curve.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in curve)

@@ -10,8 +10,9 @@
 Each stage writes a self-describing output with a completion marker (a complete store,
 a run's final checkpoint, an evaluation's ``metrics.json``), and a stage whose output is
 already complete is skipped, so an interrupted reproduction is continued by running the
-same command again. Everything a table needs is declared in :class:`Plan` (which stores,
-which runs, which evaluations); the stages only execute it.
+same command again. Each table is one function (:func:`reproduce_table2`,
+:func:`reproduce_table3`, :func:`demo`) that names its stores, its runs (:class:`RunSpec`)
+and its evaluations, in that order; :class:`Settings` holds what the command line chose.
 
 At the synthetic presets (``toy``: the project's pretrained toy backbones; ``tiny``: random
 tiny ones, a pipeline check only) the datasets are replaced by their synthetic counterparts

@@ -162,12 +162,21 @@ def read_warm_start(store, *, layer: int, config: LensConfig) -> WarmStart | str
     from lens_cache.store import WARM_START_FILE, StoreError
 
     record = store.warm_start
-    if record["layers"] is None:
-        return f"store {store.url} holds no decoder-layer weights ({record['reason']})"
-    first, second = record["layers"]
-    if first != layer:
-        return (f"store {store.url} holds the MLLM's decoder layers {first}-{second}, for layer-{first} features, "
-                f"not layer {layer}")
+    by_layer = record.get("by_layer")
+    if by_layer is None:  # format 2: the first layer's pair only
+        if record["layers"] is None:
+            return f"store {store.url} holds no decoder-layer weights ({record['reason']})"
+        if record["layers"][0] != layer:
+            first, second = record["layers"]
+            return (f"store {store.url} holds the MLLM's decoder layers {first}-{second}, for layer-{first} features, "
+                    f"not layer {layer}")
+        pair = tuple(record["layers"])
+    else:
+        if by_layer.get(str(layer)) is None:
+            why = "it caches no such layer" if str(layer) not in by_layer else "the MLLM has no decoder layer after it"
+            return f"store {store.url} holds no decoder-layer weights for layer {layer} ({why})"
+        pair = tuple(by_layer[str(layer)])
+    first, second = pair
     head = record["head"]
     wrong = [f"{key} {head[key]} (preset: {getattr(config, key)})" for key in WARM_START_SHAPE_FIELDS
              if head[key] != getattr(config, key)]
@@ -180,10 +189,12 @@ def read_warm_start(store, *, layer: int, config: LensConfig) -> WarmStart | str
         data = store.warm_start_bytes()
     except StoreError as error:
         raise UserError(str(error)) from None
-    layers: list[dict[str, torch.Tensor]] = [{}, {}]
-    for key, value in load(data).items():
-        prefix, _, name = key.partition(".")[2].partition(".")
-        if not key.startswith("layers.") or prefix not in ("0", "1"):
-            raise UserError(f"{store.url}/{WARM_START_FILE}: unexpected key {key!r} (want layers.0.* and layers.1.*)")
-        layers[int(prefix)][name] = value
+    tensors = load(data)
+    # format 3: decoder.<i>.<name>, i the MLLM's decoder layer; format 2: layers.<0|1>.<name>
+    prefixes = (f"decoder.{first}.", f"decoder.{second}.") if by_layer is not None else ("layers.0.", "layers.1.")
+    layers: list[dict[str, torch.Tensor]] = [
+        {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)} for prefix in prefixes]
+    if not all(layers):
+        raise UserError(f"{store.url}/{WARM_START_FILE}: no {' / '.join(p + '*' for p in prefixes)} keys: "
+                        "rebuild the store with --overwrite")
     return WarmStart(layers=(first, second), state_dicts=layers, notes=notes)
