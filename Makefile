@@ -38,7 +38,7 @@ test-fast: setup
 demo: setup
 	$(PY) -m lens_train.reproduce demo
 
-# Remake the shipped toy backbones (cache/toy/weights): SAM, then LLaVA's three stages, then export.
+# Remake the shipped toy backbones (cache/lens_cache/toy/weights): SAM, then LLaVA's three stages, then export.
 # Resumable: rerun after a kill. TOY_WORK keeps checkpoints and logs.
 TOY_WORK ?= toy_work
 pretrain-toy: setup

@@ -335,7 +335,7 @@ def build_real_extractor(device: torch.device, dtype: torch.dtype, layers: Seque
 
 def _random_sam_encoder(sam: Any, variant: str, device: torch.device, dtype: torch.dtype) -> Any:
     """SamImageEncoder around random weights (there is no checkpoint file to hash for the identity)."""
-    from lens_cache.backbones._runtime import dtype_name
+    from lens_cache.backbones.runtime import dtype_name
     from lens_cache.backbones.sam import SamImageEncoder
 
     encoder = SamImageEncoder(sam, spec="tiny", device=device, dtype=dtype)  # "tiny" only to skip the file hash
@@ -446,7 +446,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; prints progress to stderr and the JSON object to stdout, and returns it."""
-    from lens_cache.backbones._runtime import cpu_threads
+    from lens_cache.backbones.runtime import cpu_threads
     from lens_cache.build import build_cache, first_images
     from lens_manifests import build_manifest
 

@@ -1,6 +1,6 @@
 """Typed configuration of the LENS model.
 
-Architecture numbers live in one place: the presets in ``lens_train/presets/*.json``
+Architecture numbers live in one place: the presets in ``train/lens_train/presets/*.json``
 (``paper``, ``official``, ``tiny``) fill this dataclass; nothing else in the code
 carries defaults for them. The checkpoint stores it (``dataclasses.asdict``).
 """

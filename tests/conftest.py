@@ -20,8 +20,8 @@ def tiny_sam():
 
 @pytest.fixture(scope="session")
 def tiny_real_run(tmp_path_factory):
-    """A run trained 2 steps on a cache built with the REAL tiny LLaVA + tiny SAM (lens_train.testing_real)."""
-    from lens_train.testing_real import build_tiny_real_run
+    """A run trained 2 steps on a cache built with the REAL tiny LLaVA + tiny SAM (tests/helpers/tiny_real_run.py)."""
+    from tests.helpers.tiny_real_run import build_tiny_real_run
 
     return build_tiny_real_run(tmp_path_factory.mktemp("tiny_real_run"))
 

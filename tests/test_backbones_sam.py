@@ -160,7 +160,7 @@ def test_missing_toy_weights_is_one_line(tmp_path, monkeypatch):
             build_sam(spec)
         assert str(err.value) == (
             f"toy SAM weights not found at {path}: run `lens-toy export` "
-            "or check out the repository's cache/toy/weights"
+            "or check out the repository's cache/lens_cache/toy/weights"
         )
         with pytest.raises(SamCheckpointNotFoundError):
             sam_identity(spec)

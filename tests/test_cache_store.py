@@ -47,7 +47,7 @@ def test_self_description_is_pinned(store, manifest):
         "num_image_tokens", "sam_channels", "num_images", "num_queries", "num_blocks", "max_text_len", "storage_dtype",
         "compression", "block_size", "failure_reasons", "checksums", "num_failed_images", "created_by", "complete",
     }  # fmt: skip
-    assert attrs["format_version"] == 2
+    assert attrs["format_version"] == 3
     assert attrs["complete"] is True
     assert attrs["storage_dtype"] == "float16"
     assert attrs["compression"] == "lossless"

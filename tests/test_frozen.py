@@ -22,7 +22,7 @@ from torch import nn
 from lens_train.agent import LensAgent
 from lens_train.frozen import mllm_checksum, parameters_requiring_grad
 from lens_train.segment import Segmenter, segment_image
-from lens_train.testing_real import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS, probe_answers
+from tests.helpers.tiny_real_run import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS, probe_answers
 
 
 def test_checksum_sees_every_change():

@@ -77,3 +77,35 @@ def test_grounding_probe_scores_a_planted_map(monkeypatch):
         assert row["peak_hit"] == (1.0 if hit else 0.0)
         # thresholded at 0.5 only the peak cell is on: IoU 1/4 when it hits, 0 when not
         assert row["iou24"] == pytest.approx(0.25 if hit else 0.0)
+
+
+def test_decomposition_counts_peak_hits_and_keypoints_on_target():
+    decompose = load("decompose_run")
+    cells = torch.zeros(4, 4, dtype=torch.bool)
+    cells[1:3, 1:4] = True  # the target: rows 1-2, columns 1-3
+    heatmap = torch.zeros(4, 4)
+    heatmap[2, 1] = 1.0  # peak on the target
+    points = torch.tensor([[3.2, 0.9], [0.0, 3.0], [2.0, 1.0]])  # (x, y): on, off, on
+    record = decompose.query_record(heatmap, points, torch.tensor([True, True, False]), cells)
+    assert record == {"peak_hit": True, "keypoints": 2, "keypoints_on_target": 0.5}
+    heatmap = torch.zeros(4, 4)
+    heatmap[0, 3] = 1.0
+    miss = decompose.query_record(heatmap, points, torch.tensor([True, False, True]), cells)
+    assert miss == {"peak_hit": False, "keypoints": 2, "keypoints_on_target": 1.0}
+    summary = decompose.summarize([{**record, "iou": 0.2}, {**miss, "iou": 0.8}, {**miss, "iou": 0.4}])
+    assert summary["peak_hit_rate"] == pytest.approx(1 / 3)
+    assert summary["giou_given_peak_hit"] == pytest.approx(0.2)
+    assert summary["giou_given_peak_miss"] == pytest.approx(0.6)
+    assert summary["giou_given_all_keypoints_on_target"] == pytest.approx(0.6)
+    assert summary["all_keypoints_on_target_rate"] == pytest.approx(2 / 3)
+
+
+def test_target_cells_follow_sams_padded_frame():
+    decompose = load("decompose_run")
+    # 64 x 128 (h x w): the frame's bottom half is padding; the target is the image's left half.
+    gt = torch.zeros(64, 128, dtype=torch.uint8)
+    gt[:, :64] = 1
+    cells = decompose.target_cells(gt, (512, 1024), 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:2, :2] = True
+    assert torch.equal(cells, expected)

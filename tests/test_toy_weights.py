@@ -1,6 +1,6 @@
 """The shipped toy backbones: intact, loadable through the real loaders, and as good as recorded.
 
-``cache/toy/weights/MANIFEST.json`` records each file's sha256 and the held-out scores
+``cache/lens_cache/toy/weights/MANIFEST.json`` records each file's sha256 and the held-out scores
 measured at export, including a ``quick`` check on the first few held-out scenes that
 this test recomputes (the models are deterministic on the CPU, so the numbers must agree).
 """

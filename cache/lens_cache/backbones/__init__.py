@@ -1,0 +1,170 @@
+"""Frozen backbones of stage 1: an MLLM adapter + SAM's image encoder behind one FeatureExtractor.
+
+MLLMs are found through two registries, so another family (LLaVA-NeXT, Qwen2-VL) is
+one new adapter and one ``register_mllm_adapter`` call, with nothing else touched:
+
+- presets by name: ``"tiny"`` (random, built in code) and ``"toy"`` (the project's
+  pretrained toy LLaVA, shipped in ``cache/lens_cache/toy/weights``);
+- adapters by the checkpoint's ``config.model_type`` (``"llava"``), for local folders
+  or names in the offline Hugging Face cache.
+
+Typical use::
+
+    extractor = build_extractor(mllm="llava-hf/llava-1.5-7b-hf", sam="vit_h:/ckpt/sam_vit_h_4b8939.pth")
+    features = extractor.extract(images, questions)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .base import FeatureExtractor, ImageFeatures
+    from .extractor import LensFeatureExtractor
+    from .geometry import IMAGE_GEOMETRY, SamFrame, sam_frame
+    from .llava import LlavaBackbone
+    from .mllm import MllmBackbone, MllmCheckpointNotFoundError, MllmStates, UnsupportedMllmError
+    from .sam import SamCheckpointNotFoundError, SamImageEncoder, build_sam, sam_identity
+
+# Names imported on first use: ``lens_cache.backbones.sam`` (stage 2) must not pay for
+# importing transformers.
+_LAZY = {
+    "FeatureExtractor": "base",
+    "ImageFeatures": "base",
+    "LensFeatureExtractor": "extractor",
+    "IMAGE_GEOMETRY": "geometry",
+    "SamFrame": "geometry",
+    "sam_frame": "geometry",
+    "LlavaBackbone": "llava",
+    "MllmBackbone": "mllm",
+    "MllmCheckpointNotFoundError": "mllm",
+    "MllmStates": "mllm",
+    "UnsupportedMllmError": "mllm",
+    "SamCheckpointNotFoundError": "sam",
+    "SamImageEncoder": "sam",
+    "build_sam": "sam",
+    "sam_identity": "sam",
+}
+
+#: ``loader(name_or_path, *, layers, device, dtype) -> MllmBackbone``
+MllmLoader = Callable[..., "MllmBackbone"]
+#: ``preset(*, layers, device, dtype) -> MllmBackbone``
+MllmPreset = Callable[..., "MllmBackbone"]
+
+
+def _llava_from_pretrained(name_or_path: str, **kwargs: Any) -> "MllmBackbone":
+    from .llava import LlavaBackbone
+
+    return LlavaBackbone.from_pretrained(name_or_path, **kwargs)
+
+
+def _llava_tiny(**kwargs: Any) -> "MllmBackbone":
+    from .llava import LlavaBackbone
+
+    return LlavaBackbone.tiny(**kwargs)
+
+
+def _llava_toy(**kwargs: Any) -> "MllmBackbone":
+    from .llava import LlavaBackbone
+
+    return LlavaBackbone.toy(**kwargs)
+
+
+MLLM_ADAPTERS: dict[str, MllmLoader] = {"llava": _llava_from_pretrained}
+MLLM_PRESETS: dict[str, MllmPreset] = {"tiny": _llava_tiny, "toy": _llava_toy}
+
+
+def register_mllm_adapter(model_type: str, loader: MllmLoader) -> None:
+    """Make checkpoints whose ``config.model_type`` is ``model_type`` loadable with ``loader``."""
+    MLLM_ADAPTERS[model_type] = loader
+
+
+def register_mllm_preset(name: str, preset: MllmPreset) -> None:
+    """Make ``--mllm NAME`` build ``preset`` (a model built in code)."""
+    MLLM_PRESETS[name] = preset
+
+
+def build_mllm(
+    mllm: str = "tiny",
+    *,
+    layers: Sequence[int] = (14,),
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> "MllmBackbone":
+    """The frozen MLLM adapter for a preset name or a checkpoint (folder or HF-cache name).
+
+    Raises:
+        MllmCheckpointNotFoundError: no such preset or checkpoint (one-line message).
+        UnsupportedMllmError: the checkpoint's model type has no registered adapter.
+    """
+    from .mllm import UnsupportedMllmError, load_mllm_config
+
+    if mllm in MLLM_PRESETS:
+        return MLLM_PRESETS[mllm](layers=layers, device=device, dtype=dtype)
+    model_type = load_mllm_config(mllm).model_type
+    if model_type not in MLLM_ADAPTERS:
+        raise UnsupportedMllmError(
+            f"{mllm} is a {model_type!r} checkpoint; MLLM adapters exist for: {', '.join(sorted(MLLM_ADAPTERS))}"
+        )
+    return MLLM_ADAPTERS[model_type](mllm, layers=layers, device=device, dtype=dtype)
+
+
+def build_extractor(
+    mllm: str = "tiny",
+    sam: str = "tiny",
+    layers: Sequence[int] = (14,),
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> "LensFeatureExtractor":
+    """The FeatureExtractor of stage 1: MLLM ``mllm`` + SAM ``sam`` on one device.
+
+    Args:
+        mllm: ``"toy"``, ``"tiny"`` or a llava-hf folder / HF-cache name.
+        sam: ``"toy"``, ``"tiny"`` or ``vit_h:PATH`` (``vit_l:``, ``vit_b:``).
+        layers: cached MLLM layers (``hidden_states`` indices), e.g. ``(14,)`` or ``(14, 30)``.
+        device: default CUDA when available, else CPU.
+        dtype: compute dtype of both models; default bfloat16 on CUDA, float32 on CPU.
+    """
+    from .runtime import resolve_device, resolve_dtype
+    from .extractor import LensFeatureExtractor
+    from .sam import SamImageEncoder
+
+    dev = resolve_device(device)
+    compute = resolve_dtype(dtype, dev)
+    # SAM first: a missing SAM checkpoint fails before the (slow) MLLM load.
+    sam_encoder = SamImageEncoder.from_spec(sam, device=dev, dtype=compute)
+    return LensFeatureExtractor(mllm=build_mllm(mllm, layers=layers, device=dev, dtype=compute), sam=sam_encoder)
+
+
+__all__ = [
+    "IMAGE_GEOMETRY",
+    "MLLM_ADAPTERS",
+    "MLLM_PRESETS",
+    "FeatureExtractor",
+    "ImageFeatures",
+    "LensFeatureExtractor",
+    "LlavaBackbone",
+    "MllmBackbone",
+    "MllmCheckpointNotFoundError",
+    "MllmStates",
+    "SamCheckpointNotFoundError",
+    "SamFrame",
+    "SamImageEncoder",
+    "UnsupportedMllmError",
+    "build_extractor",
+    "build_mllm",
+    "build_sam",
+    "register_mllm_adapter",
+    "register_mllm_preset",
+    "sam_frame",
+    "sam_identity",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lens_cache.backbones' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

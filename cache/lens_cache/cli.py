@@ -1,0 +1,311 @@
+"""``lens-cache``: build, inspect, verify and export feature stores (stage 1).
+
+Heavy imports (torch, zarr, dask, the backbones) happen inside the commands, so
+``lens-cache --help`` answers at once. User errors (missing data, missing
+checkpoint, a store of another build, a damaged store, a store another build is
+writing, ...: ``lens_cache.errors.UserError`` and ``lens_manifests.ManifestError``)
+print one line on stderr and exit with code 2; so does an output that cannot be written
+because its disk is full or read-only (``lens_cache.errors.output_error``; the writers
+remove their temporary files first). Set ``LENS_DEBUG=1`` to get the traceback instead.
+Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="lens-cache",
+    help="Stage 1 of LENS: run the frozen MLLM and SAM's encoder once and cache their features in a Zarr store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERROR_EXIT = 2
+#: skipped images (and refused queries) ``info`` lists one per line; ``verify`` lists all
+INFO_FAILURES = 20
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's to fix (StoreError, LockHeldError, ... are UserErrors)."""
+    from lens_cache.errors import UserError
+    from lens_manifests import ManifestError
+
+    return (UserError, ManifestError)
+
+
+def as_user_error(error: Exception, output: str | Path | None = None) -> Exception | None:
+    """``error`` if it is the user's to fix, the one-line ``OutputError`` for a full or read-only
+    disk under ``output`` (what the command writes), else None (a bug)."""
+    from lens_cache.errors import output_error
+
+    if isinstance(error, user_error_types()):
+        return error
+    return output_error(error, output)
+
+
+@contextlib.contextmanager
+def user_errors(output: str | Path | None = None) -> Iterator[None]:
+    """Turn user errors into one line on stderr and exit code 2; anything else keeps its traceback.
+
+    ``output``: what the command writes, named when its disk turns out full or read-only.
+    """
+    try:
+        yield
+    except Exception as error:
+        mine = None if os.environ.get("LENS_DEBUG") else as_user_error(error, output)
+        if mine is None:
+            raise
+        from lens_cache.errors import one_line
+
+        quiet_sibling_failures(mine)
+        typer.echo(f"error: {one_line(mine)}", err=True)
+        raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def quiet_sibling_failures(error: Exception) -> None:
+    """After a full or read-only disk, keep asyncio from logging the same failure of every other
+    write zarr had in flight ("Future exception was never retrieved", at exit): one line is enough."""
+    from lens_cache.errors import OutputError
+
+    if isinstance(error, OutputError):
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"14"`` or ``"14,30"`` -> (14,) / (14, 30)."""
+    from lens_cache.errors import UsageError
+
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--layers takes a comma-separated list of integers (e.g. 14,30), got {text!r}") from None
+    if not layers or min(layers) < 1:
+        raise UsageError(f"--layers takes positive layer numbers (e.g. 14,30), got {text!r}")
+    return tuple(sorted(set(layers)))
+
+
+@app.command()
+def build(
+    split: Annotated[
+        str | None, typer.Option(help="Dataset split spec: refcoco, refcoco:val, reasonseg:val, synthetic:train, ...")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Store to write: a local path or fsspec URL (s3://..., gs://...).")] = ...,  # type: ignore[assignment]
+    data_root: Annotated[
+        Path | None, typer.Option(help="LISA-style dataset folder (not needed for synthetic specs).")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
+    ] = None,
+    mllm: Annotated[str, typer.Option(help="LLaVA checkpoint folder / HF id, or 'tiny'.")] = "tiny",
+    sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), 'tiny', or 'toy' (toy:PATH).")] = "tiny",
+    layers: Annotated[str, typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index).")] = "14",
+    batch_size: Annotated[int, typer.Option(help="Images per backbone call.")] = 4,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per block, the unit of work and of resume [default: 32, or the store's own when resuming]."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Local dask worker processes, one GPU each (0 = run here).")] = 0,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Address of a running dask scheduler (tcp://host:8786).")
+    ] = None,
+    compression: Annotated[
+        str | None,
+        typer.Option(
+            help="lossless (zstd), bitround (7 mantissa bits + zstd, ~1.3x) or none [default: lossless, or the store's own when resuming]."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads of the backbones when they run on the CPU (default: half the cores, at least 1)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out first.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Cache only the first N images (smoke tests).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of manifest building (class sampling, synthetic data).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
+) -> None:
+    """Cache the backbone features of one dataset split (resumes an interrupted build)."""
+    with user_errors(output=out):
+        import functools
+
+        from lens_cache.build import build_cache, first_images
+
+        started = time.monotonic()
+        layer_list = parse_layers(layers)
+        table, spec = _load_manifest(split, data_root, manifest, seed)
+        if limit is not None:
+            table = first_images(table, limit)
+        from lens_cache.backbones import build_extractor
+        from lens_cache.backbones.runtime import cpu_threads, resolve_device
+
+        factory = functools.partial(build_extractor, mllm=mllm, sam=sam, layers=layer_list, device=device)
+        # Serial CPU builds: a narrower OpenMP team than the machine (the loader and writer
+        # threads need cores too); dask workers are started single-threaded by their nanny.
+        with cpu_threads(threads, resolve_device(device)):
+            store = build_cache(
+                table,
+                out,
+                factory,
+                spec=spec,
+                batch_size=batch_size,
+                block_size=block_size,
+                compression=compression,
+                workers=workers,
+                scheduler=scheduler,
+                overwrite=overwrite,
+                progress=not quiet,
+            )
+        typer.echo(
+            f"{store.url}: {store.num_images} images, {store.num_queries} queries, layers {list(store.layers)} "
+            f"({time.monotonic() - started:.1f}s)"
+        )
+
+
+def _load_manifest(split: str | None, data_root: Path | None, manifest: Path | None, seed: int):
+    from lens_manifests import build_manifest, read_manifest
+
+    if manifest is not None:
+        table = read_manifest(manifest)
+        recorded = (table.schema.metadata or {}).get(b"spec")
+        return table, split or (recorded.decode() if recorded else manifest.stem)
+    if split is None:
+        from lens_cache.errors import UsageError
+
+        raise UsageError("give --split SPEC (e.g. refcoco:val) or --manifest FILE.parquet")
+    return build_manifest(split, data_root, seed=seed), split
+
+
+@app.command("manifest")
+def manifest_command(
+    split: Annotated[str, typer.Option(help="Dataset split spec (refcoco:val, synthetic:train, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    data_root: Annotated[
+        Path | None, typer.Option(help="LISA-style dataset folder (not needed for synthetic specs).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of class sampling / synthetic data.")] = 0,
+) -> None:
+    """Build a manifest (one Parquet row per query) without caching anything."""
+    with user_errors(output=out):
+        from lens_manifests import build_manifest, write_manifest
+
+        table = build_manifest(split, data_root, seed=seed)
+        digest = write_manifest(table, out, spec=split)
+        images = len(set(zip(table.column("dataset").to_pylist(), table.column("image_id").to_pylist(), strict=True)))
+        typer.echo(f"{out}: {table.num_rows} queries of {images} images (hash {digest[:12]})")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder for the synthetic dataset (ReasonSeg, REFER and ADE20K formats).")],
+    seed: Annotated[int, typer.Option(help="Random seed; the data is a pure function of it.")] = 0,
+) -> None:
+    """Generate the synthetic dataset (idempotent)."""
+    with user_errors(output=out):
+        from lens_manifests.synthetic import write_synthetic
+
+        marker = write_synthetic(out, seed=seed)
+        typer.echo(f"{out}: {json.dumps(marker.get('counts', {}), sort_keys=True)}")
+
+
+@app.command()
+def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> None:
+    """Identity, sizes, bytes on disk per image and per query, completion."""
+    with user_errors():
+        from lens_cache.store import FeatureStore, failure_lines
+        from lens_manifests import get_skipped
+
+        opened = FeatureStore.open(store, require_complete=False)
+        attrs = opened.attrs
+        done = opened.num_blocks - len(opened.missing_blocks())
+        per_array = {name: opened.location.bytes_under(name) for name in opened.array_names()}
+        failed_images, failed_queries = opened.failed_images(), opened.failed_queries()
+        left_out = get_skipped(opened.unchecked_manifest())  # what the manifest's adapter skipped, and why
+        image_bytes = sum(size for name, size in per_array.items() if name.startswith("images/"))
+        query_bytes = sum(size for name, size in per_array.items() if name.startswith("queries/"))
+        lines = [
+            f"store        {opened.url}",
+            f"format       lens_cache v{attrs['format_version']} ({attrs['created_by']})",
+            f"spec         {attrs['spec']}",
+            f"complete     {attrs['complete']} ({done}/{opened.num_blocks} blocks of {opened.block_size} images)",
+            f"identity     {attrs['identity_hash'][:16]}",
+            f"layers       {list(opened.layers)}  (d={opened.hidden_size}, {opened.num_image_tokens} image tokens)",
+            f"size         {opened.num_images} images, {opened.num_queries} queries, max_text_len {opened.max_text_len}",
+            f"storage      {attrs['storage_dtype']}, compression {attrs['compression']}",
+            f"manifest     {attrs['manifest_hash'][:16]}",
+            f"failed       {len(failed_images)} image(s) and {len(failed_queries)} other query(ies) skipped; "
+            f"{len(left_out)} item(s) left out of the manifest",
+            *["  " + line for line in failure_lines(failed_images, failed_queries, most=INFO_FAILURES)],
+            *[f"  left out of the manifest: {item['path']}: {item['reason']}" for item in left_out[:INFO_FAILURES]],
+            *([f"  ... and {len(left_out) - INFO_FAILURES} more left out"] if len(left_out) > INFO_FAILURES else []),
+            f"bytes        {_human(sum(per_array.values()))} total; "
+            f"{_human(image_bytes / max(opened.num_images, 1))} per image, {_human(query_bytes / max(opened.num_queries, 1))} per query",
+        ]
+        lines += [f"  {name:<22} {_human(size)}" for name, size in per_array.items()]
+        lines.append("identity:")
+        lines += ["  " + line for line in json.dumps(attrs["identity"], indent=2, sort_keys=True).splitlines()]
+        typer.echo("\n".join(lines))
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"  # pragma: no cover
+
+
+@app.command()
+def verify(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Structure only (blocks, arrays, hashes, chunk listing): read no values.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
+) -> None:
+    """Read every value back and check it against its checksum, with every block, array and hash;
+    exit 1 if anything is wrong (`lens-cache build` with the same options repairs what is damaged)."""
+    with user_errors():
+        from lens_cache.store import verify_store
+
+        report = verify_store(store, quick=quick, progress=not quiet)
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    store: Annotated[str, typer.Argument(help="Store path or URL (must be complete).")],
+    out: Annotated[Path, typer.Argument(help="HDF5 file to write.")],
+    compression: Annotated[str, typer.Option(help="gzip, lzf or none.")] = "gzip",
+) -> None:
+    """Copy a complete store into one HDF5 file (same arrays and attributes)."""
+    with user_errors(output=out):
+        from lens_cache.export import export_hdf5
+
+        path = export_hdf5(store, out, compression=compression)
+        typer.echo(f"{path}: {_human(path.stat().st_size)}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
