@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import textwrap
 import warnings
 import zlib
 
@@ -13,15 +14,21 @@ import zarr
 from lens_cache.build import build_cache
 from lens_cache.store import (
     ATTRS_KEY,
+    FORMAT_VERSION,
+    INDEX_ARRAYS,
     DamagedStoreError,
     FeatureStore,
     MissingLayerError,
     StoreError,
     check_compatible,
+    expected_arrays,
     identity_hash,
+    layout_table,
     open_group,
+    sample_arrays,
     verify_store,
 )
+from lens_cache.store_writer import StoreWriter
 from lens_cache.testing import DAMAGE_KINDS, FakeExtractor, damage_chunk, fake_factory, make_test_manifest
 from PIL import Image
 
@@ -95,6 +102,68 @@ def test_self_description_is_pinned(store, manifest):
     assert features.shards is None
     assert [type(c).__name__ for c in features.compressors] == ["ZstdCodec"]
     assert store.location.read_bytes("manifest.parquet")[:4] == b"PAR1"
+
+
+#: The arrays of a format-version-3 store (name -> shape, dtype, chunks, in the order the schema
+#: lists them) with layers (3, 7), d = 8 and the toy SAM's C = 64, built over this module's manifest
+#: with block_size 2: N_img = 5, N_q = 11, N_blocks = 3, T = max_text_len = 13, Q = block_queries = 5,
+#: P = 576 image tokens; index chunks min(N, 65536) = N. Change it only with a new format_version.
+PINNED_LAYOUT_V3 = [
+    ("images/mllm_l3", ((5, 576, 8), "float16", (1, 576, 8))),
+    ("queries/text_l3", ((11, 13, 8), "float16", (1, 13, 8))),
+    ("images/mllm_l7", ((5, 576, 8), "float16", (1, 576, 8))),
+    ("queries/text_l7", ((11, 13, 8), "float16", (1, 13, 8))),
+    ("images/sam", ((5, 64, 64, 64), "float16", (1, 64, 64, 64))),
+    ("images/original_size", ((5, 2), "int32", (2, 2))),
+    ("images/input_size", ((5, 2), "int32", (2, 2))),
+    ("images/failed", ((5,), "uint8", (2,))),
+    ("images/first_query", ((5,), "int64", (5,))),
+    ("queries/text_len", ((11,), "int32", (11,))),
+    ("queries/image_index", ((11,), "int64", (11,))),
+    ("queries/failed", ((11,), "uint8", (11,))),
+    ("blocks/done", ((3,), "uint8", (1,))),
+    ("images/sam_crc32", ((5,), "uint32", (2,))),
+    ("images/mllm_l3_crc32", ((5,), "uint32", (2,))),
+    ("queries/text_l3_crc32", ((3, 5), "uint32", (1, 5))),
+    ("images/mllm_l7_crc32", ((5,), "uint32", (2,))),
+    ("queries/text_l7_crc32", ((3, 5), "uint32", (1, 5))),
+    ("blocks/crc32", ((3,), "uint32", (1,))),
+]
+
+
+def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
+    """The one schema (lens_cache.store_format.SCHEMA) against a literal table: what creation writes on
+    disk, what verify expects, what the block writer opens and the docstring's table all come from it."""
+    import lens_cache.store
+
+    assert FORMAT_VERSION == 3, "a new format version: pin its layout here"
+    two_layers = build_cache(
+        manifest, tmp_path / "store", fake_factory(layers=(3, 7), hidden_size=8, sam_channels=64),
+        spec="testset:val", block_size=2, batch_size=2, progress=False,
+    )  # fmt: skip
+    attrs = two_layers.attrs
+    assert (attrs["num_images"], attrs["num_queries"], attrs["num_blocks"]) == (5, 11, 3)
+    assert (attrs["max_text_len"], attrs["checksums"]["block_queries"]) == (13, 5)
+    on_disk = {}
+    for name in two_layers.array_names():
+        array = two_layers.array(name)
+        on_disk[name] = (tuple(array.shape), str(array.dtype), tuple(array.chunks))
+        assert array.fill_value == 0, name
+    assert on_disk == dict(PINNED_LAYOUT_V3)
+    assert list(expected_arrays(attrs).items()) == PINNED_LAYOUT_V3  # verify's table, in the schema's order
+    block_written = {name for name, _ in PINNED_LAYOUT_V3 if name not in INDEX_ARRAYS and name != "queries/failed"}
+    assert set(StoreWriter(two_layers.url).arrays) == block_written
+    assert INDEX_ARRAYS == ("images/first_query", "queries/image_index", "queries/text_len")
+    assert sample_arrays(two_layers.layers) == [
+        "images/sam", "images/mllm_l3", "queries/text_l3", "images/mllm_l7", "queries/text_l7"
+    ]
+    # a version-1 store: the same arrays without the checksums, and C = 256 (it did not record sam_channels)
+    v1 = {key: value for key, value in attrs.items() if key not in ("sam_channels", "checksums")}
+    v1_layout = [row for row in PINNED_LAYOUT_V3 if "crc32" not in row[0]]
+    v1_layout[4] = ("images/sam", ((5, 256, 64, 64), "float16", (1, 256, 64, 64)))
+    assert list(expected_arrays({**v1, "format_version": 1}).items()) == v1_layout
+    # the contract (lens_cache.store's docstring) holds the table the schema renders
+    assert textwrap.indent(layout_table(), "    ") in lens_cache.store.__doc__
 
 
 def test_read_query_returns_the_backbone_features(store, manifest):

@@ -14,10 +14,12 @@ its sha256 recorded in the store's identity.
 Serial (``workers=0``) the parent runs every block itself; otherwise the blocks go
 to dask.distributed workers (see :mod:`lens_cache.distributed`).
 
+Writing the store itself (creating it, a block's arrays, resuming, finishing) is
+:mod:`lens_cache.store_writer`'s; this module extracts the features and schedules the blocks.
 The writer of a block also records the crc32 of every sample it writes, with the
 block's sizes and before its flag (:mod:`lens_cache.store`). A build over an existing
 store first reads back and checks every sample of its finished blocks
-(:func:`repair_damage`): a damaged block loses its flag and is recomputed, a damaged
+(:func:`~lens_cache.store_writer.repair_damage`): a damaged block loses its flag and is recomputed, a damaged
 index array or manifest file is rewritten, so rerunning the build command repairs a
 store exactly where it is damaged. The parent holds the store's writer lock
 (:mod:`lens_cache.locks`) for the whole build: a second build of the same store is refused.
@@ -31,7 +33,6 @@ in the store's failure list (:mod:`lens_cache.store`); the rest is built.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,47 +45,31 @@ import pyarrow as pa
 from lens_cache.backbones.base import FeatureExtractor, ImageFeatures, NoDecoderLayers
 from lens_cache.backbones.geometry import frame_problem
 from lens_cache.errors import BadSampleError, UsageError
-from lens_cache.identity import describe_differences, identity_hash, normalise_json
+from lens_cache.identity import identity_hash, normalise_json
 from lens_cache.images import ImageReadError, decoded_rgb, opened_image
 from lens_cache.locks import exclusive
-from lens_cache.progress import Progress
-from lens_cache.store import (
-    ATTRS_KEY,
+from lens_cache.progress import Progress, say
+from lens_cache.store_format import (
     BAD_TEXT,
-    BITROUND_KEEPBITS,
-    BLOCK_CHECKSUM_ARRAY,
     FAILURE_REASONS,
-    INDEX_ARRAYS,
-    MANIFEST_FILE,
     WARM_START_FILE,
-    DamagedStoreError,
-    FeatureStore,
     ImagePlan,
     StoreDescription,
-    StoreError,
-    StoreLocation,
-    block_checksum,
-    check_filled,
-    checksum_array_name,
-    create_store,
-    feature_codecs,
     image_array_name,
-    index_arrays,
     manifest_hash,
-    manifest_to_parquet_bytes,
-    open_group,
-    plan_images,
-    quiet_numcodecs,
-    sam_embedding_shape,
     sample_arrays,
-    sample_checksum,
-    scan_store,
-    store_state,
-    stored_checksums,
-    stored_sam_channels,
     text_array_name,
     to_float16,
-    unfilled_blocks,
+)
+from lens_cache.store_location import StoreLocation, store_state
+from lens_cache.store_reader import FeatureStore
+from lens_cache.store_writer import (
+    StoreWriter,
+    feature_codecs,
+    finalize_store,
+    plan_images,
+    prepare_store,
+    repair_damage,
 )
 from PIL import Image
 
@@ -307,89 +292,7 @@ def prefetched(
         futures[index] = None  # type: ignore[call-overload]  # free the decoded image
 
 
-# ----------------------------------------------------------------------------- writing
-
-
-class StoreWriter:
-    """A store opened ``r+`` by one worker; writes whole chunks only.
-
-    Writes cover whole chunks (a full padded text row, a whole block of sizes), so
-    zarr never reads a chunk back to merge a partial update. Every sample's checksum is
-    taken from the bytes it writes (bit-rounded first for a ``bitround`` store, so that
-    the checksum is of what reads back; the store's filter leaves rounded values as they are).
-    """
-
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.location = StoreLocation(url, dict(storage_options or {}))
-        self.group = open_group(self.location, mode="r+")
-        attrs = self.group.attrs[ATTRS_KEY]
-        self.layers = tuple(attrs["layers"])
-        self.hidden_size = int(attrs["hidden_size"])
-        self.num_image_tokens = int(attrs["num_image_tokens"])
-        self.max_text_len = int(attrs["max_text_len"])
-        self.sam_shape = sam_embedding_shape(stored_sam_channels(attrs))
-        self.checksums = stored_checksums(attrs)  # None: a version-1 store (no checksums)
-        self._bitround = None
-        if attrs["compression"] == "bitround":
-            from numcodecs import BitRound
-
-            self._bitround = BitRound(keepbits=BITROUND_KEEPBITS)
-        with quiet_numcodecs():
-            self.arrays = {name: self.group[name] for name in self._array_names()}
-
-    def _array_names(self) -> list[str]:
-        names = ["images/original_size", "images/input_size", "images/failed", "blocks/done"]
-        names += sample_arrays(self.layers)
-        if self.checksums is not None:
-            names += [checksum_array_name(name) for name in sample_arrays(self.layers)] + [BLOCK_CHECKSUM_ARRAY]
-        return names
-
-    def write_batch(self, image_start: int, query_start: int, arrays: dict[str, np.ndarray]) -> dict[str, list[int]]:
-        """Write one batch: per-image arrays from ``image_start``, per-query from ``query_start``.
-
-        Failed images are all-zero rows: zarr stores no chunk for them (and deletes
-        any stale chunk an interrupted earlier run left).
-
-        Returns:
-            array name -> the checksum of each row written.
-        """
-        checksums = {}
-        for name, values in arrays.items():
-            if self._bitround is not None:
-                values = self._bitround.decode(self._bitround.encode(values)).reshape(values.shape)
-            start = query_start if name.startswith("queries/") else image_start
-            self.arrays[name][start : start + len(values)] = values
-            checksums[name] = [sample_checksum(row) for row in values]
-        return checksums
-
-    def finish_block(
-        self,
-        job: BlockJob,
-        original_size: np.ndarray,
-        input_size: np.ndarray,
-        failed: np.ndarray,
-        checksums: Mapping[str, np.ndarray] | None = None,
-    ) -> None:
-        """Write the block's sizes, failure codes and checksums, then (last) its done flag.
-
-        ``checksums``: array name -> one per image (image arrays) or per query (text arrays) of the block.
-        """
-        images = slice(job.image_start, job.image_start + job.num_images)
-        self.arrays["images/original_size"][images] = original_size
-        self.arrays["images/input_size"][images] = input_size
-        self.arrays["images/failed"][images] = failed
-        if self.checksums is not None:
-            if checksums is None or set(checksums) != set(sample_arrays(self.layers)):
-                raise RuntimeError(f"block {job.block}: the checksums of every sample array are needed")
-            for name, values in checksums.items():
-                if name.startswith("queries/"):  # the block's row, padded: one whole chunk
-                    row = np.zeros(self.checksums["block_queries"], dtype=np.uint32)
-                    row[: len(values)] = values
-                    self.arrays[checksum_array_name(name)][job.block] = row
-                else:
-                    self.arrays[checksum_array_name(name)][images] = np.asarray(values, dtype=np.uint32)
-            self.arrays[BLOCK_CHECKSUM_ARRAY][job.block] = block_checksum(original_size, input_size, failed)
-        self.arrays["blocks/done"][job.block] = 1
+# ----------------------------------------------------------------------------- a block
 
 
 def pack_batch(
@@ -407,16 +310,16 @@ def pack_batch(
         array name -> (len(images), ...) for image arrays, (queries of the batch, T, d)
         for text arrays (right-padded with zeros).
     """
-    d, tokens, max_len = writer.hidden_size, writer.num_image_tokens, writer.max_text_len
+    d, sam_shape = writer.hidden_size, writer.row_shape("images/sam")
     q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
-    arrays = {"images/sam": np.zeros((len(images), *writer.sam_shape), dtype=np.float16)}
-    for layer in writer.layers:
-        arrays[image_array_name(layer)] = np.zeros((len(images), tokens, d), dtype=np.float16)
-        arrays[text_array_name(layer)] = np.zeros((q_stop - q_start, max_len, d), dtype=np.float16)
+    arrays = {
+        name: writer.empty_rows(name, q_stop - q_start if name.startswith("queries/") else len(images))
+        for name in sample_arrays(writer.layers)
+    }
     for i, feature in features.items():
         row = i - images.start
         where = f"image {job.image_start + i} ({job.image_paths[i]})"
-        arrays["images/sam"][row] = to_float16(feature.sam_embedding, writer.sam_shape, f"sam_embedding of {where}")
+        arrays["images/sam"][row] = to_float16(feature.sam_embedding, sam_shape, f"sam_embedding of {where}")
         if len(feature.text_states) != len(job.questions[i]):
             raise RuntimeError(
                 f"backbone returned {len(feature.text_states)} text states for {len(job.questions[i])} questions "
@@ -424,7 +327,9 @@ def pack_batch(
             )
         for layer in writer.layers:
             arrays[image_array_name(layer)][row] = to_float16(
-                feature.image_states[layer], (tokens, d), f"layer-{layer} image states of {where}"
+                feature.image_states[layer],
+                writer.row_shape(image_array_name(layer)),
+                f"layer-{layer} image states of {where}",
             )
             for k, states in enumerate(feature.text_states):
                 query = job.query_rows[i][k]
@@ -506,7 +411,7 @@ def run_block(
                 on_batch(len(images), q_stop - q_start)
         if pending_write is not None:
             collect(*pending_write)
-    writer.finish_block(job, original_size, input_size, failed, checksums)
+    writer.finish_block(job.block, job.image_start, original_size, input_size, failed, checksums)
     return BlockResult(
         block=job.block,
         num_images=job.num_images,
@@ -622,152 +527,6 @@ class SerialRunner:
 # ----------------------------------------------------------------------------- the build
 
 
-def prepare_store(
-    location: StoreLocation,
-    description: StoreDescription,
-    *,
-    manifest: pa.Table,
-    plan: ImagePlan,
-    text_len: np.ndarray,
-    overwrite: bool,
-) -> FeatureStore:
-    """Create the store, or reopen it for a resume after checking it is the same build.
-
-    Raises:
-        StoreError: the location holds something else, or a store of another
-            identity/manifest/layout (one line naming what differs).
-    """
-    url = location.url
-    state = store_state(location)
-    if state == "foreign":
-        raise StoreError(
-            f"{url} exists and is not a lens feature store: refusing to write there (choose another --out)"
-        )
-    if state == "lens":
-        existing = FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
-        if overwrite:
-            location.remove()
-            state = "absent"
-        else:
-            refuse_if_different(existing, description)
-            return existing
-    if state == "partial":  # killed while being created: nothing computed yet, start again
-        location.remove()
-    create_store(location, description=description, manifest=manifest, plan=plan, text_len=text_len)
-    return FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
-
-
-def refuse_if_different(existing: FeatureStore, wanted: StoreDescription) -> None:
-    """Raise StoreError naming every setting in which ``existing`` differs from ``wanted``."""
-    hint = "use another --out or --overwrite"
-    have = existing.description()
-    differences = [
-        f"{key} {old!r} but this build asks for {new!r}"
-        for key, old, new in describe_differences(have.comparable(), wanted.comparable())
-    ]
-    if have.manifest_hash != wanted.manifest_hash:
-        differences.append(
-            f"manifest {have.manifest_hash[:12]} ({existing.num_queries} queries) "
-            f"but this build's manifest is {wanted.manifest_hash[:12]}"
-        )
-    if differences:
-        # list values (layers) read better without quotes: [14] rather than '[14]'
-        raise StoreError(f"store {existing.url} was built with " + "; ".join(differences) + f": {hint}")
-
-
-def repair_damage(
-    store: FeatureStore, *, manifest: pa.Table, plan: ImagePlan, text_len: np.ndarray, progress: bool
-) -> FeatureStore:
-    """Check an existing store before building on it, and make this build redo what is damaged.
-
-    The manifest file and the index arrays are rewritten if they are not what the store
-    recorded (the build has both). Every sample of every finished block is read back and
-    checked (:func:`~lens_cache.store.scan_store`); a block with a damaged or missing
-    sample loses its done flag, so the build recomputes exactly those blocks. A complete
-    store that needs any repair (or whose warm-start file or ``queries/failed`` is
-    damaged) is first marked incomplete (one metadata write), so a reader never takes a
-    store under repair as finished.
-
-    Returns:
-        The store, reopened if anything was repaired.
-    """
-    location = store.location
-    group = open_group(location, mode="r+")
-    repaired: list[str] = []
-    try:
-        store.manifest  # noqa: B018 - checks the stored file against the recorded hash
-    except DamagedStoreError:
-        location.write_bytes(MANIFEST_FILE, manifest_to_parquet_bytes(manifest, spec=store.attrs["spec"]))
-        repaired.append(f"rewrote {MANIFEST_FILE}")
-    if store.checksums is not None:
-        expected = index_arrays(plan, text_len)
-        for name in INDEX_ARRAYS:
-            try:
-                store.checked_index_array(name)
-            except DamagedStoreError:
-                group[name][:] = expected[name]
-                repaired.append(f"rewrote {name}")
-    if repaired:
-        store = FeatureStore.open(store.url, require_complete=False, storage_options=location.storage_options)
-    finished = [int(block) for block in np.flatnonzero(store.done_flags())]
-    if finished:
-        _say(progress, f"checking every sample of the {len(finished)} finished block(s) of {store.url}")
-    damaged = scan_store(store, finished, progress=progress, label="lens-cache check")
-    for block in unfilled_blocks(store):
-        damaged.setdefault(block, ["a sample's chunk is not in storage"])
-    stale = bool(repaired) or bool(damaged)
-    if store.complete and not stale:
-        try:
-            store.warm_start_bytes()
-            failed = store.array("queries/failed")[:]
-            stale = not np.array_equal(failed, store.query_failures())
-        except StoreError:
-            stale = True
-        except Exception:  # queries/failed does not decode: finalize rewrites it  # noqa: BLE001
-            stale = True
-    if not stale:
-        return store
-    if store.complete:
-        attrs = dict(group.attrs[ATTRS_KEY])
-        attrs["complete"] = False
-        group.attrs.put({ATTRS_KEY: attrs})
-    for block, problems in sorted(damaged.items()):
-        group["blocks/done"][block] = 0
-        _say(progress, f"block {block} of {store.url} is damaged ({problems[0]}): recomputing it")
-    for line in repaired:
-        _say(progress, f"{store.url}: {line} (it was damaged)")
-    return FeatureStore.open(store.url, require_complete=False, storage_options=location.storage_options)
-
-
-def finalize_store(store: FeatureStore) -> FeatureStore:
-    """Check every block and sample, then mark the store complete (the last write).
-
-    A finished block whose samples are missing (storage lost them) loses its done flag
-    before the error, so the rerun the message asks for redoes it.
-    """
-    missing = store.missing_blocks()
-    if missing:
-        raise StoreError(
-            f"store {store.url} is incomplete ({store.num_blocks - len(missing)}/{store.num_blocks} blocks): "
-            "rerun the same `lens-cache build` command to finish it"
-        )
-    problems = check_filled(store)
-    if problems:
-        done = open_group(store.location, mode="r+")["blocks/done"]
-        for block in unfilled_blocks(store):
-            done[block] = 0
-        raise StoreError(f"store {store.url}: {problems[0]}: rerun the same `lens-cache build` command")
-    store.warm_start_bytes()  # the file is there and is the one recorded (else StoreError)
-    group = open_group(store.location, mode="r+")
-    failures = store.array("images/failed")[:]
-    group["queries/failed"][:] = store.query_failures()
-    attrs = dict(group.attrs[ATTRS_KEY])
-    attrs["num_failed_images"] = int(np.count_nonzero(failures))
-    attrs["complete"] = True
-    group.attrs.put({ATTRS_KEY: attrs})  # one atomic metadata write, after everything else
-    return FeatureStore.open(store.url, storage_options=store.location.storage_options)
-
-
 def build_cache(
     manifest: pa.Table,
     out_url: str | Path,
@@ -816,7 +575,7 @@ def build_cache(
         raise UsageError(f"workers must be >= 0, got {workers}")
     location = StoreLocation(str(out_url), dict(storage_options or {}))
     # The parent holds the lock for the whole build (dask workers write their blocks under it).
-    with exclusive(location.url, command="lens-cache build", log=lambda line: _say(progress, line)):
+    with exclusive(location.url, command="lens-cache build", log=lambda line: say(progress, line)):
         return _build_cache(
             manifest,
             location,
@@ -888,9 +647,9 @@ def _build_cache(
         if existed:  # resume or rerun: first find what of the store is damaged, to redo it
             store = repair_damage(store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress)
         for row, reason in info.text_failures.items():
-            _say(progress, f"skipped query {row}: {reason}")
+            say(progress, f"skipped query {row}: {reason}")
         if store.complete:
-            _say(
+            say(
                 progress,
                 f"store {location.url} is already complete ({store.num_images} images, {store.num_queries} queries; "
                 "every sample checked)",
@@ -924,15 +683,10 @@ def _build_cache(
     finished = finalize_store(
         FeatureStore.open(location.url, require_complete=False, storage_options=location.storage_options)
     )
-    _say(
+    say(
         progress,
         f"store {location.url} complete: {finished.num_images} images, {finished.num_queries} queries, "
         f"identity {identity_hash(info.identity)[:12]}, {finished.attrs['num_failed_images']} image(s) and "
         f"{len(finished.failed_queries())} other query(ies) skipped",
     )
     return finished
-
-
-def _say(enabled: bool, text: str) -> None:
-    if enabled:
-        print(f"[lens-cache] {text}", file=sys.stderr, flush=True)

@@ -40,14 +40,14 @@ from lens_cache.build import (
     BlockResult,
     ExtractorFactory,
     ExtractorInfo,
-    StoreWriter,
     describe_extractor,
     run_block,
     write_warm_start,
 )
 from lens_cache.errors import UsageError
 from lens_cache.progress import Progress
-from lens_cache.store import StoreLocation
+from lens_cache.store_location import StoreLocation
+from lens_cache.store_writer import StoreWriter
 
 # ----------------------------------------------------------------------------- worker side
 

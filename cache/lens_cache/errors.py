@@ -45,6 +45,32 @@ class OutputError(UserError):
     """An output cannot be written: its disk is full or read-only (see :func:`output_error`)."""
 
 
+class StoreError(UserError):
+    """A store is missing, foreign, incomplete, or not the one a build/reader expects.
+
+    The message is one line meant for the user (the CLI prints it as is).
+    """
+
+
+class DamagedStoreError(StoreError):
+    """A sample (or index array, or the manifest) of a store is not what was written.
+
+    ``detail`` is the short form (``image 3: images/sam: its chunk is missing``) that
+    :func:`lens_cache.store_verify.scan_store` lists; the message adds the store and the repair.
+    """
+
+    def __init__(self, message: str, *, detail: str = "", block: int | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+        self.block = block
+
+
+class MissingLayerError(StoreError, ValueError):
+    """The features of the layer a reader needs are not there: a store that does not cache it, or a
+    live backbone that does not compute it (:func:`lens_cache.store_reader.require_layer`; still a
+    ValueError for callers)."""
+
+
 #: errno -> what it means for the user, and the fix
 _STORAGE_ERRNOS = {
     errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere"),

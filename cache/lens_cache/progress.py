@@ -12,6 +12,12 @@ import time
 from typing import TextIO
 
 
+def say(enabled: bool, text: str) -> None:
+    """Print one line of news of a build (``[lens-cache] text``) to stderr, unless not ``enabled``."""
+    if enabled:
+        print(f"[lens-cache] {text}", file=sys.stderr, flush=True)
+
+
 def format_duration(seconds: float) -> str:
     """``3h05m``, ``4m18s`` or ``12s``."""
     seconds = max(0, int(round(seconds)))

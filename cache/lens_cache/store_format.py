@@ -1,0 +1,441 @@
+"""The feature store's format: its constants, its array schema, its checksums and its block rule.
+
+Every rule of what a store holds is written here once; :mod:`lens_cache.store` (whose
+docstring is the full contract, with the table :func:`layout_table` renders) re-exports it.
+
+* :data:`SCHEMA` is the one table of arrays: name, shape and chunks (in the dimension
+  symbols of :data:`DIMENSIONS`, which :func:`dimensions` reads off a store's attributes),
+  dtype, codecs and who writes it. Creation (:func:`lens_cache.store_writer.create_store`),
+  the block writer (:class:`lens_cache.store_writer.StoreWriter`), the reader and
+  verification (:func:`expected_arrays`) all derive what they create, write, read and check
+  from it; ``tests/test_cache_store.py`` pins it against :data:`FORMAT_VERSION`.
+* A block is ``B`` consecutive images and all their queries (:func:`block_images`,
+  :func:`query_end`, :class:`ImagePlan`).
+* A sample's checksum is the crc32 of its bytes as written (:func:`sample_checksum`), a
+  block's that of its sizes and failure codes (:func:`block_checksum`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from lens_cache.identity import normalise_json
+
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+ATTRS_KEY = "lens_cache"
+#: Written first at creation and replaced (atomically, in one metadata write) by
+#: ``ATTRS_KEY`` once every array exists: a store killed while being created is
+#: recognisable as ours and safely recreated.
+PARTIAL_KEY = "lens_cache_partial"
+MANIFEST_FILE = "manifest.parquet"
+STORAGE_DTYPE = "float16"
+COMPRESSIONS = ("lossless", "bitround", "none")
+ZSTD_LEVEL = 3
+BITROUND_KEEPBITS = 7
+#: SAM's image embedding is (C, 64, 64) whatever the variant; C is its prompt width.
+SAM_EMBEDDING_SIZE = 64
+#: C of the real SAMs, and of every store of format version 1 (which did not record it).
+DEFAULT_SAM_CHANNELS = 256
+#: The MLLM's decoder layers for the head's warm start (``decoder.<i>.*``; version 2: ``layers.0/1.*``).
+WARM_START_FILE = "warm_start/decoder_layers.safetensors"
+#: 1-D bookkeeping arrays written once by the parent: big chunks, few objects.
+INDEX_CHUNK = 1 << 16
+
+#: ``images/failed`` codes: why an image was skipped (0 = loaded fine).
+FAILURE_REASONS = {1: "missing", 2: "unreadable", 3: "size_mismatch", 4: "bad_geometry", 5: "bad_text"}
+#: the code of a query (or of an image with no usable query) whose text the backbone refused
+BAD_TEXT = 5
+#: Per-sample checksums (format version 2): ``zlib.crc32`` of the sample's bytes as written.
+CHECKSUM_ALGORITHM = "crc32"
+CHECKSUM_SUFFIX = "_crc32"
+BLOCK_CHECKSUM_ARRAY = "blocks/crc32"
+
+# ----------------------------------------------------------------------------- the schema
+
+#: The dimension symbols of :data:`SCHEMA`'s shapes and chunks (:func:`dimensions` gives their values).
+DIMENSIONS = {
+    "N_img": "images (num_images)",
+    "N_q": "queries (num_queries), rows of the manifest",
+    "N_blocks": "blocks (num_blocks), ceil(N_img / B)",
+    "B": "images per block (block_size)",
+    "P": "image tokens (num_image_tokens, 576 for LLaVA-1.5)",
+    "d": "the MLLM's hidden size (hidden_size)",
+    "T": "max_text_len, the longest L_t",
+    "C": "sam_channels, SAM's prompt width: 256 for SAM, 64 for the toy SAM (format 1: always 256)",
+    "Q": "checksums.block_queries, the most queries of any block",
+    "I_img": f"min(N_img, INDEX_CHUNK = {INDEX_CHUNK})",
+    "I_q": "min(N_q, INDEX_CHUNK)",
+}
+
+#: Who writes an array (the ``by`` column of the layout).
+BY_CREATION, BY_BLOCK, BY_COMPLETION = "create", "block", "finish"
+WRITERS = {
+    BY_CREATION: "the parent, once, before any block (rewritten by a build that finds it damaged)",
+    BY_BLOCK: "the writer of the block that owns the rows (one worker), before the block's done flag",
+    BY_COMPLETION: "the parent, after every block's done flag and before `complete`",
+}
+
+#: What an array holds (the ``kind`` of a row): per-sample features (one chunk per sample),
+#: checksums (format version 2 on: absent from a version-1 store), or bookkeeping.
+SAMPLE, CHECKSUM, BOOKKEEPING = "sample", "checksum", "bookkeeping"
+#: The codecs of an array (the ``codec`` column of the layout).
+CODEC_FEATURES, CODEC_ZSTD = "store", "zstd"
+CODECS = {
+    CODEC_FEATURES: f"the store's compression ({', '.join(COMPRESSIONS)}): store_writer.feature_codecs",
+    CODEC_ZSTD: f"zstd level {ZSTD_LEVEL}, whatever the compression",
+}
+
+#: ``{L}`` in a name: one array per cached layer.
+LAYER_FIELD = "{L}"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One row of :data:`SCHEMA`: an array of the store, in the symbols of :data:`DIMENSIONS`."""
+
+    name: str
+    shape: tuple[str | int, ...]
+    dtype: str
+    chunks: tuple[str | int, ...]
+    written_by: str
+    kind: str
+    codec: str
+    note: str = ""
+
+    @property
+    def per_layer(self) -> bool:
+        return LAYER_FIELD in self.name
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def _layer_name(spec: ArraySpec, layer: int | None) -> str:
+    """The name of ``spec``'s array for ``layer`` (``images/mllm_l{L}`` -> ``images/mllm_l14``)."""
+    return spec.name.replace(LAYER_FIELD, str(layer)) if layer is not None else spec.name
+
+
+def image_array_name(layer: int) -> str:
+    """Array of the MLLM image-token states of ``layer``: (N_img, 576, d)."""
+    return _layer_name(IMAGE_STATES, layer)
+
+
+def text_array_name(layer: int) -> str:
+    """Array of the text-token states of ``layer``: (N_q, max_text_len, d)."""
+    return _layer_name(TEXT_STATES, layer)
+
+
+def checksum_array_name(name: str) -> str:
+    """Array of the per-sample checksums of the feature array ``name`` (``images/sam`` -> ``images/sam_crc32``)."""
+    return f"{name}{CHECKSUM_SUFFIX}"
+
+
+# ----------------------------------------------------------------------------- the arrays
+
+IMAGE_STATES = ArraySpec("images/mllm_l{L}", ("N_img", "P", "d"), STORAGE_DTYPE, (1, "P", "d"), BY_BLOCK, SAMPLE,
+                         CODEC_FEATURES, "MLLM image-token states")
+TEXT_STATES = ArraySpec("queries/text_l{L}", ("N_q", "T", "d"), STORAGE_DTYPE, (1, "T", "d"), BY_BLOCK, SAMPLE,
+                        CODEC_FEATURES, "text states, right-padded")
+SAM_EMBEDDINGS = ArraySpec("images/sam", ("N_img", "C", SAM_EMBEDDING_SIZE, SAM_EMBEDDING_SIZE), STORAGE_DTYPE,
+                           (1, "C", SAM_EMBEDDING_SIZE, SAM_EMBEDDING_SIZE), BY_BLOCK, SAMPLE, CODEC_FEATURES,
+                           "SAM image embedding")
+
+#: Every array of a store (format version 3; versions 1 and 2 have the same, version 1 without the
+#: checksums). Arrays in ``images/`` have one row per image, in ``queries/`` one per query, in
+#: ``blocks/`` one per block; a run of ``{L}`` rows repeats, as a group, for each cached layer.
+SCHEMA: tuple[ArraySpec, ...] = (
+    IMAGE_STATES,
+    TEXT_STATES,
+    SAM_EMBEDDINGS,
+    ArraySpec("images/original_size", ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+              "(h, w)"),
+    ArraySpec("images/input_size", ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+              "(h, w) before padding"),
+    ArraySpec("images/failed", ("N_img",), "uint8", ("B",), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+              "0 ok, else FAILURE_REASONS"),
+    ArraySpec("images/first_query", ("N_img",), "int64", ("I_img",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
+              "first query of each image"),
+    ArraySpec("queries/text_len", ("N_q",), "int32", ("I_q",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
+              "L_t; 0: text refused"),
+    ArraySpec("queries/image_index", ("N_q",), "int64", ("I_q",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
+              "image of each query"),
+    ArraySpec("queries/failed", ("N_q",), "uint8", ("I_q",), BY_COMPLETION, BOOKKEEPING, CODEC_ZSTD,
+              "its image's code or bad_text"),
+    ArraySpec("blocks/done", ("N_blocks",), "uint8", (1,), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+              "1 once block b is written"),
+    ArraySpec(checksum_array_name(SAM_EMBEDDINGS.name), ("N_img",), "uint32", ("B",), BY_BLOCK, CHECKSUM,
+              CODEC_ZSTD, "crc32 per image"),
+    ArraySpec(checksum_array_name(IMAGE_STATES.name), ("N_img",), "uint32", ("B",), BY_BLOCK, CHECKSUM,
+              CODEC_ZSTD, "crc32 per image"),
+    ArraySpec(checksum_array_name(TEXT_STATES.name), ("N_blocks", "Q"), "uint32", (1, "Q"), BY_BLOCK, CHECKSUM,
+              CODEC_ZSTD, "row b: block b's queries"),
+    ArraySpec(BLOCK_CHECKSUM_ARRAY, ("N_blocks",), "uint32", (1,), BY_BLOCK, CHECKSUM, CODEC_ZSTD,
+              "block b's sizes, failures"),
+)
+
+
+@dataclass(frozen=True)
+class StoreArray:
+    """An array of one store: :class:`ArraySpec` with the store's numbers (and its layer) filled in."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    spec: ArraySpec
+
+
+def dimensions(attrs: dict) -> dict[str, int]:
+    """The value of each symbol of :data:`DIMENSIONS` for a store's ``lens_cache`` attributes
+    (``Q`` only where the store has checksums)."""
+    n_img, n_q = int(attrs["num_images"]), int(attrs["num_queries"])
+    values = {
+        "N_img": n_img,
+        "N_q": n_q,
+        "N_blocks": int(attrs["num_blocks"]),
+        "B": int(attrs["block_size"]),
+        "P": int(attrs["num_image_tokens"]),
+        "d": int(attrs["hidden_size"]),
+        "T": int(attrs["max_text_len"]),
+        "C": stored_sam_channels(attrs),
+        "I_img": min(n_img, INDEX_CHUNK),
+        "I_q": min(n_q, INDEX_CHUNK),
+    }
+    checksums = stored_checksums(attrs)
+    if checksums is not None:
+        values["Q"] = int(checksums["block_queries"])
+    return values
+
+
+def _expanded(layers: Sequence[int], specs: Sequence[ArraySpec]) -> Iterator[tuple[ArraySpec, int | None]]:
+    """Each spec with its layer: a run of consecutive ``{L}`` specs repeats, as a group, for each layer."""
+    position = 0
+    while position < len(specs):
+        if not specs[position].per_layer:
+            yield specs[position], None
+            position += 1
+            continue
+        end = position
+        while end < len(specs) and specs[end].per_layer:
+            end += 1
+        for layer in layers:
+            for spec in specs[position:end]:
+                yield spec, int(layer)
+        position = end
+
+
+def store_arrays(attrs: dict) -> list[StoreArray]:
+    """Every array a store with these ``lens_cache`` attributes holds, in :data:`SCHEMA`'s order
+    (the checksums only where the store has them: format version 2 on)."""
+    sizes = dimensions(attrs)
+    specs = [spec for spec in SCHEMA if spec.kind != CHECKSUM or stored_checksums(attrs) is not None]
+
+    def numbers(symbols: tuple[str | int, ...]) -> tuple[int, ...]:
+        return tuple(value if isinstance(value, int) else sizes[value] for value in symbols)
+
+    return [
+        StoreArray(
+            name=_layer_name(spec, layer),
+            shape=numbers(spec.shape),
+            dtype=spec.dtype,
+            chunks=numbers(spec.chunks),
+            spec=spec,
+        )
+        for spec, layer in _expanded(attrs["layers"], specs)
+    ]
+
+
+def expected_arrays(attrs: dict) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
+    """Array name -> (shape, dtype, chunk shape) that the attributes promise."""
+    return {array.name: (array.shape, array.dtype, array.chunks) for array in store_arrays(attrs)}
+
+
+def _names(layers: Sequence[int], specs: Sequence[ArraySpec]) -> list[str]:
+    return [_layer_name(spec, layer) for spec, layer in _expanded(layers, specs)]
+
+
+def sample_arrays(layers: Sequence[int]) -> list[str]:
+    """The per-sample feature arrays of a store: the SAM embeddings, then image and text states per layer."""
+    samples = [spec for spec in SCHEMA if spec.kind == SAMPLE]
+    return _names(layers, [s for s in samples if not s.per_layer]) + _names(layers, [s for s in samples if s.per_layer])
+
+
+#: The Zarr groups that hold the arrays (``blocks``, ``images``, ``queries``).
+ARRAY_GROUPS = tuple(sorted({spec.name.split("/", 1)[0] for spec in SCHEMA}))
+
+#: Arrays written once by the parent at creation (sorted by name), their checksums in
+#: ``attrs["checksums"]["index"]`` in this order.
+INDEX_ARRAYS = tuple(sorted(spec.name for spec in SCHEMA if spec.written_by == BY_CREATION))
+
+
+def layout_table() -> str:
+    """:data:`SCHEMA`, its symbols, writers and codecs as the text of :mod:`lens_cache.store`'s docstring
+    (a test checks that the docstring holds it)."""
+
+    def symbols(values: tuple[str | int, ...]) -> str:
+        return "(" + ", ".join(map(str, values)) + ("," if len(values) == 1 else "") + ")"
+
+    def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+    lines = aligned([(symbol, meaning) for symbol, meaning in DIMENSIONS.items()])
+    lines += [""] + aligned([(f"by {key}:", meaning) for key, meaning in WRITERS.items()])
+    lines += aligned([(f"codec {key}:", meaning) for key, meaning in CODECS.items()])
+    header = ("array", "shape", "dtype", "chunk", "by", "codec", "")
+    rows = [(spec.name, symbols(spec.shape), spec.dtype, symbols(spec.chunks), spec.written_by, spec.codec, spec.note)
+            for spec in SCHEMA]
+    return "\n".join(lines + [""] + aligned([header, *rows]))
+
+
+# ----------------------------------------------------------------------------- values and checksums
+
+
+def sample_checksum(values: np.ndarray) -> int:
+    """crc32 of one sample's little-endian bytes (C order)."""
+    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    return zlib.crc32(values.data)
+
+
+def block_checksum(original_size: np.ndarray, input_size: np.ndarray, failed: np.ndarray) -> int:
+    """crc32 of a block's (n, 2) int32 sizes and (n,) uint8 failure codes, as written."""
+    crc = 0
+    for values, dtype in ((original_size, "<i4"), (input_size, "<i4"), (failed, "u1")):
+        crc = zlib.crc32(np.ascontiguousarray(values, dtype=dtype).data, crc)
+    return crc
+
+
+def stored_checksums(attrs: dict) -> dict | None:
+    """``attrs["checksums"]`` (algorithm, block_queries, index), or None for a version-1 store."""
+    return attrs.get("checksums")
+
+
+def sam_embedding_shape(channels: int) -> tuple[int, int, int]:
+    """(C, 64, 64): one cached SAM image embedding, C = 256 for SAM, 64 for the toy SAM."""
+    return tuple(channels if size == "C" else size for size in SAM_EMBEDDINGS.shape[1:])  # type: ignore[return-value]
+
+
+def stored_sam_channels(attrs: dict) -> int:
+    """C of a store's SAM embeddings, from its attributes (format version 1: always 256)."""
+    return int(attrs.get("sam_channels", DEFAULT_SAM_CHANNELS))
+
+
+def to_float16(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A feature tensor as a float16 numpy array of ``shape`` (the stored dtype); non-finite values are refused.
+
+    The cache builder stores every feature through it, and ``lens-segment`` rounds live features
+    with it, so both see the same float16 values.
+
+    float16 tops out at 65504: a backbone with larger activations would poison
+    training with inf, so it fails here, loudly, instead.
+    """
+    if hasattr(value, "detach"):  # a torch tensor (bf16/fp32, any device)
+        import torch  # already loaded by whoever made the tensor; this module does not need it otherwise
+
+        # convert on the device: half the bytes to copy; bf16 -> fp16 rounds like via fp32
+        result = value.detach().to(dtype=torch.float16).cpu().numpy()
+    else:
+        result = np.asarray(value).astype(np.float16)
+    if result.shape != shape:
+        raise RuntimeError(f"backbone returned {what} of shape {result.shape}, expected {shape}")
+    if not np.isfinite(result).all():
+        raise RuntimeError(f"{what} has values that are not finite in float16 (|x| > 65504 or NaN)")
+    return result
+
+
+def manifest_hash(table: pa.Table) -> str:
+    """The manifest's content hash (``lens_manifests.manifest_hash``), recorded as ``manifest_hash``."""
+    from lens_manifests import manifest_hash as _manifest_hash
+
+    return _manifest_hash(table)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def block_images(block: int, block_size: int, num_images: int) -> range:
+    """The images of ``block``: ``block_size`` consecutive images (the last block may have fewer)."""
+    start = block * block_size
+    return range(start, min(start + block_size, num_images))
+
+
+def query_end(first_query: np.ndarray, num_queries: int, image: int) -> int:
+    """One past the last query (row) of ``image``: an image's queries are contiguous rows."""
+    return int(first_query[image + 1]) if image + 1 < len(first_query) else num_queries
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """How the manifest's rows fall into images and blocks.
+
+    Attributes:
+        first_query: (N_img,) int64, first row of each image (rows are grouped by image).
+        image_index: (N_q,) int64, image of each row.
+        block_size: images per block.
+    """
+
+    first_query: np.ndarray
+    image_index: np.ndarray
+    block_size: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.first_query)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.image_index)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_images // self.block_size)
+
+    def image_range(self, block: int) -> range:
+        return block_images(block, self.block_size, self.num_images)
+
+    def query_range(self, block: int) -> range:
+        images = self.image_range(block)
+        return range(int(self.first_query[images.start]), self.query_end(images.stop - 1))
+
+    def query_end(self, image: int) -> int:
+        """One past the last row of ``image``."""
+        return query_end(self.first_query, self.num_queries, image)
+
+    @property
+    def max_block_queries(self) -> int:
+        """The most queries of any block (the width of the query-checksum arrays)."""
+        return max(len(self.query_range(block)) for block in range(self.num_blocks))
+
+
+# ----------------------------------------------------------------------------- self-description
+
+
+@dataclass(frozen=True)
+class StoreDescription:
+    """What a store is (the ``lens_cache`` attribute minus the bookkeeping)."""
+
+    identity: dict
+    layers: tuple[int, ...]
+    hidden_size: int
+    num_image_tokens: int
+    sam_channels: int
+    spec: str
+    manifest_hash: str
+    block_size: int
+    compression: str
+
+    def comparable(self) -> dict[str, Any]:
+        """The settings a resumed build must share with the store, flattened for messages."""
+        identity = {key: value for key, value in normalise_json(self.identity).items() if key != "layers"}
+        return {
+            "layers": list(self.layers),
+            **identity,
+            "block_size": self.block_size,
+            "compression": self.compression,
+        }

@@ -1,0 +1,610 @@
+"""Reading a feature store: :class:`FeatureStore`, the one layer check, and which stores may be mixed.
+
+A reader refuses a store that is missing, foreign, of an unsupported format version or
+(unless asked) unfinished, and checks every sample against its checksum as it reads it
+(a damaged one is a one-line :class:`~lens_cache.errors.DamagedStoreError` naming the
+repair). The arrays it reads are those of :data:`lens_cache.store_format.SCHEMA`; the
+contract is :mod:`lens_cache.store`'s docstring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from lens_cache.errors import DamagedStoreError, MissingLayerError, StoreError
+from lens_cache.identity import feature_differences, format_differences
+from lens_cache.store_format import (
+    ARRAY_GROUPS,
+    ATTRS_KEY,
+    BAD_TEXT,
+    BLOCK_CHECKSUM_ARRAY,
+    FAILURE_REASONS,
+    MANIFEST_FILE,
+    SUPPORTED_FORMAT_VERSIONS,
+    WARM_START_FILE,
+    StoreDescription,
+    block_checksum,
+    block_images,
+    checksum_array_name,
+    image_array_name,
+    manifest_hash,
+    query_end,
+    sample_arrays,
+    sample_checksum,
+    stored_checksums,
+    stored_sam_channels,
+    text_array_name,
+)
+from lens_cache.store_location import StoreLocation, open_group, quiet_numcodecs, store_state
+
+
+def require_layer(layers: Sequence[int], layer: int, *, holder: str, fix: str = "") -> None:
+    """Refuse to read ``layer`` from features that lack it: the one layer check of every reader.
+
+    Args:
+        layers: the layers ``holder`` has (a store's cached layers, a live backbone's).
+        holder: what holds them, for the message (``store PATH``, ``the live backbone``).
+        fix: what to do instead, appended after a colon.
+    Raises:
+        MissingLayerError: ``{holder} caches layer(s) [a, b], not {layer}: {fix}`` (one line).
+    """
+    if int(layer) in {int(have) for have in layers}:
+        return
+    message = f"{holder} caches layer(s) {sorted(int(have) for have in layers)}, not {int(layer)}"
+    raise MissingLayerError(f"{message}: {fix}" if fix else message)
+
+
+class FeatureStore:
+    """A finished (or, on request, unfinished) feature store, opened for reading.
+
+    Stage 2 reads it through :meth:`read_query` / :meth:`read_image`; the build reads its
+    state through it and writes through :mod:`lens_cache.store_writer` (which opens the group
+    ``r+``). Pickles as its URL (each DataLoader worker reopens it).
+    """
+
+    def __init__(self, location: StoreLocation, group: zarr.Group, attrs: dict) -> None:
+        self.location = location
+        self._group = group
+        self._attrs = attrs
+        self._arrays: dict[str, zarr.Array] = {}
+        self._block_checksum_cache: dict[int, dict[str, np.ndarray]] = {}
+
+    # -- opening ----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        url: str | Path,
+        *,
+        require_complete: bool = True,
+        storage_options: dict | None = None,
+    ) -> FeatureStore:
+        """Open the store at ``url`` (local path or fsspec URL).
+
+        Raises:
+            StoreError: missing, not a lens cache, unsupported format version, or
+                (with ``require_complete``) not finished.
+        """
+        location = StoreLocation(str(url), dict(storage_options or {}))
+        state = store_state(location)
+        if state == "absent":
+            raise StoreError(f"no feature store at {url}: build it with `lens-cache build ... --out {url}`")
+        if state == "foreign":
+            raise StoreError(f"{url} is not a lens feature store (no '{ATTRS_KEY}' attributes)")
+        if state == "partial":
+            raise StoreError(f"store {url} was killed while being created: rerun the same `lens-cache build` command")
+        group = open_group(location, mode="r")
+        attrs = dict(group.attrs[ATTRS_KEY])
+        version = attrs.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise StoreError(
+                f"store {url} has cache format version {version}; this lens reads version(s) "
+                f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: rebuild it or use a matching lens"
+            )
+        store = cls(location, group, attrs)
+        if require_complete and not attrs.get("complete", False):
+            done = store.num_blocks - len(store.missing_blocks())
+            raise StoreError(
+                f"store {url} is incomplete ({done}/{store.num_blocks} blocks): "
+                "rerun the same `lens-cache build` command to finish it"
+            )
+        return store
+
+    def __reduce__(self) -> tuple:
+        return (_reopen, (self.location.url, self.location.storage_options))
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureStore({self.url!r}, images={self.num_images}, queries={self.num_queries}, "
+            f"layers={list(self.layers)}, complete={self.complete})"
+        )
+
+    # -- self-description -------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    @property
+    def attrs(self) -> dict:
+        """The ``lens_cache`` attribute (a copy)."""
+        return json.loads(json.dumps(self._attrs))
+
+    @property
+    def identity(self) -> dict:
+        return self.attrs["identity"]
+
+    @property
+    def identity_hash(self) -> str:
+        return self._attrs["identity_hash"]
+
+    @property
+    def manifest_hash(self) -> str:
+        return self._attrs["manifest_hash"]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self._attrs["layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._attrs["hidden_size"])
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self._attrs["num_image_tokens"])
+
+    @property
+    def sam_channels(self) -> int:
+        """C of the (C, 64, 64) SAM embeddings: 256 for SAM, 64 for the toy SAM."""
+        return stored_sam_channels(self._attrs)
+
+    @property
+    def num_images(self) -> int:
+        return int(self._attrs["num_images"])
+
+    @property
+    def num_queries(self) -> int:
+        return int(self._attrs["num_queries"])
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self._attrs["num_blocks"])
+
+    @property
+    def block_size(self) -> int:
+        return int(self._attrs["block_size"])
+
+    @property
+    def max_text_len(self) -> int:
+        return int(self._attrs["max_text_len"])
+
+    @property
+    def compression(self) -> str:
+        return self._attrs["compression"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._attrs.get("complete", False))
+
+    @cached_property
+    def manifest(self) -> pa.Table:
+        """The manifest the store was built from (``manifest.parquet`` beside the arrays).
+
+        Checked against the recorded ``manifest_hash`` on first use.
+
+        Raises:
+            DamagedStoreError: the file is missing, unreadable or not the one the store was built from.
+        """
+        try:
+            table = self.unchecked_manifest()
+            digest = manifest_hash(table)
+        except (OSError, pa.ArrowException) as error:
+            raise DamagedStoreError(
+                f"store {self.url}: {MANIFEST_FILE} is unreadable ({type(error).__name__}: {error}): {self.repair_hint}"
+            ) from None
+        if digest != self.manifest_hash:
+            raise DamagedStoreError(
+                f"store {self.url}: {MANIFEST_FILE} has hash {digest[:12]}, the store was built from "
+                f"{self.manifest_hash[:12]} (the file was changed): {self.repair_hint}"
+            )
+        return table
+
+    def unchecked_manifest(self) -> pa.Table:
+        """``manifest.parquet`` as stored, not checked against the recorded hash (for verify)."""
+        return pq.read_table(io.BytesIO(self.location.read_bytes(MANIFEST_FILE)))
+
+    @property
+    def repair_hint(self) -> str:
+        """What repairs a damaged store: the build command, which recomputes only what is damaged."""
+        return (
+            f"repair it by rerunning the `lens-cache build ... --out {self.url}` command that made it "
+            "(it recomputes only the damaged blocks)"
+        )
+
+    @property
+    def warm_start(self) -> dict:
+        """What the store holds for the head's warm start (``identity["warm_start"]``).
+
+        ``{"file", "sha256", "head": {hidden_size, num_heads, mlp_size, ...}, "by_layer": {"k": [k, k + 1]
+        or None}, "layers": the first layer's pair}`` (format 2: no ``by_layer``, the first layer
+        only), or ``{"layers": None, "reason": ...}`` when the build wrote no file.
+        """
+        return self.identity.get("warm_start") or {"layers": None, "reason": "the store predates warm-start export"}
+
+    def warm_start_bytes(self) -> bytes | None:
+        """The warm-start file, checked against the sha256 the store recorded; None when there is none.
+
+        Raises:
+            StoreError: the file is missing, or its bytes are not the ones the store was built with.
+        """
+        record = self.warm_start
+        if record.get("sha256") is None:
+            return None
+        fix = "rebuild the store (the same `lens-cache build` command with --overwrite)"
+        try:
+            data = self.location.read_bytes(WARM_START_FILE)
+        except FileNotFoundError:
+            raise StoreError(f"store {self.url} lacks {WARM_START_FILE}, which its identity records: {fix}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record["sha256"]:
+            raise StoreError(
+                f"store {self.url}: {WARM_START_FILE} has sha256 {digest[:12]}, the store recorded "
+                f"{record['sha256'][:12]} (the file was changed): {fix}"
+            )
+        return data
+
+    def description(self) -> StoreDescription:
+        return StoreDescription(
+            identity=self.identity,
+            layers=self.layers,
+            hidden_size=self.hidden_size,
+            num_image_tokens=self.num_image_tokens,
+            sam_channels=self.sam_channels,
+            spec=self._attrs["spec"],
+            manifest_hash=self.manifest_hash,
+            block_size=self.block_size,
+            compression=self.compression,
+        )
+
+    # -- arrays -----------------------------------------------------------------
+
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array ``name`` (e.g. ``images/sam``), for direct access."""
+        try:
+            return self._arrays[name]
+        except KeyError:
+            with quiet_numcodecs():
+                array = self._group[name]
+            self._arrays[name] = array
+            return array
+
+    def array_names(self) -> list[str]:
+        """Every array of the store, sorted (``images/...``, ``queries/...``, ``blocks/done``)."""
+        names = []
+        for folder in ARRAY_GROUPS:
+            with quiet_numcodecs():
+                names += [f"{folder}/{name}" for name in self._group[folder].array_keys()]
+        return sorted(names)
+
+    @cached_property
+    def text_len(self) -> np.ndarray:
+        """(N_q,) int32: L_t of every query."""
+        return self.checked_index_array("queries/text_len")
+
+    @cached_property
+    def image_index(self) -> np.ndarray:
+        """(N_q,) int64: the image of every query."""
+        return self.checked_index_array("queries/image_index")
+
+    @cached_property
+    def first_query(self) -> np.ndarray:
+        """(N_img,) int64: the first query of every image."""
+        return self.checked_index_array("images/first_query")
+
+    @property
+    def checksums(self) -> dict | None:
+        """``attrs["checksums"]``; None for a version-1 store (no checksums: values read unchecked)."""
+        return stored_checksums(self._attrs)
+
+    def checked_index_array(self, name: str) -> np.ndarray:
+        """An array written at creation, checked against its recorded checksum."""
+        try:
+            values = self.array(name)[:]
+        except OSError:
+            raise
+        except Exception as error:  # a chunk that does not decode (zstd, reshape, ...)
+            raise DamagedStoreError(
+                f"store {self.url}: {name} does not decode ({type(error).__name__}: {error}): {self.repair_hint}",
+                detail=f"{name}: does not decode ({type(error).__name__}: {error})",
+            ) from None
+        recorded = (self.checksums or {}).get("index", {}).get(name)
+        if recorded is not None and sample_checksum(values) != recorded:
+            raise DamagedStoreError(
+                f"store {self.url}: {name} is damaged (checksum mismatch): {self.repair_hint}",
+                detail=f"{name}: checksum mismatch, its bytes changed",
+            )
+        return values
+
+    @cached_property
+    def _original_size(self) -> np.ndarray:
+        return self._read_whole("images/original_size")
+
+    @cached_property
+    def _input_size(self) -> np.ndarray:
+        return self._read_whole("images/input_size")
+
+    @cached_property
+    def image_failures(self) -> np.ndarray:
+        """(N_img,) uint8: 0 = cached, else a ``FAILURE_REASONS`` code (image skipped)."""
+        return self._read_whole("images/failed")
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        """A block-chunked bookkeeping array (checked per block by :meth:`block_checksums`)."""
+        try:
+            return self.array(name)[:]
+        except OSError:
+            raise
+        except Exception as error:  # a chunk that does not decode
+            raise DamagedStoreError(
+                f"store {self.url}: {name} does not decode ({type(error).__name__}: {error}): {self.repair_hint}",
+                detail=f"{name}: does not decode",
+            ) from None
+
+    def query_failures(self) -> np.ndarray:
+        """(N_q,) uint8: 0 = cached, else why the query is skipped: its image's code, or
+        ``bad_text`` when the backbone refused its text (``text_len`` 0)."""
+        codes = self.image_failures[self.image_index]
+        return np.where((codes == 0) & (self.text_len == 0), BAD_TEXT, codes).astype(np.uint8)
+
+    def failed_queries(self) -> list[dict[str, Any]]:
+        """The queries whose text the build refused (their image was cached): query_id, image_index,
+        image_id, text, reason. Queries of skipped images are covered by :meth:`failed_images`."""
+        refused = np.flatnonzero((self.text_len == 0) & (self.image_failures[self.image_index] == 0))
+        if len(refused) == 0:
+            return []
+        manifest = self.unchecked_manifest()
+        texts = manifest.column("text").take(refused).to_pylist()
+        image_ids = manifest.column("image_id").take(refused).to_pylist()
+        return [
+            {"query_id": int(q), "image_index": int(self.image_index[q]), "image_id": image_id, "text": text,
+             "reason": FAILURE_REASONS[BAD_TEXT]}
+            for q, image_id, text in zip(refused, image_ids, texts, strict=True)
+        ]
+
+    def failed_images(self) -> list[dict[str, Any]]:
+        """The images the build skipped: image_index, image_id, image_path, reason."""
+        failed = np.flatnonzero(self.image_failures)
+        if len(failed) == 0:
+            return []
+        rows = self.first_query[failed]
+        manifest = self.unchecked_manifest()  # informational: verify reports a changed manifest itself
+        image_ids = manifest.column("image_id").take(rows).to_pylist()
+        paths = manifest.column("image_path").take(rows).to_pylist()
+        return [
+            {
+                "image_index": int(image),
+                "image_id": image_id,
+                "image_path": path,
+                "reason": FAILURE_REASONS.get(int(self.image_failures[image]), "unknown"),
+            }
+            for image, image_id, path in zip(failed, image_ids, paths, strict=True)
+        ]
+
+    def valid_query_ids(self) -> np.ndarray:
+        """(n,) int64: the queries that were cached, image and text (stage 2 trains on these)."""
+        return np.flatnonzero(self.query_failures() == 0).astype(np.int64)
+
+    # -- blocks -----------------------------------------------------------------
+
+    def block_image_range(self, block: int) -> range:
+        return block_images(block, self.block_size, self.num_images)
+
+    def block_query_range(self, block: int) -> range:
+        images = self.block_image_range(block)
+        return range(int(self.first_query[images.start]), self._query_end(images.stop - 1))
+
+    def done_flags(self) -> np.ndarray:
+        """(N_blocks,) bool: which blocks are written (read fresh every call)."""
+        return self.array("blocks/done")[:] == 1
+
+    def is_block_done(self, block: int) -> bool:
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} out of range (store has {self.num_blocks})")
+        return bool(self.array("blocks/done")[block] == 1)
+
+    def missing_blocks(self) -> list[int]:
+        return [int(block) for block in np.flatnonzero(~self.done_flags())]
+
+    # -- integrity ----------------------------------------------------------------
+
+    def _damaged(self, what: str, block: int, problem: str) -> DamagedStoreError:
+        return DamagedStoreError(
+            f"store {self.url}: {what} is damaged ({problem}): {self.repair_hint}",
+            detail=f"{what}: {problem}",
+            block=block,
+        )
+
+    def chunk_exists(self, name: str, row: int) -> bool:
+        """Whether the chunk holding row ``row`` (first axis) of ``name`` is in storage."""
+        array = self.array(name)
+        key = array.metadata.encode_chunk_key((row // array.chunks[0],) + (0,) * (array.ndim - 1))
+        fs, root = self.location.filesystem()
+        return bool(fs.exists(f"{root}/{name}/{key}"))
+
+    def _read_rows(self, name: str, rows: int | slice, what: str, block: int) -> np.ndarray:
+        """``array(name)[rows]``; a chunk that does not decode is a DamagedStoreError about ``what``."""
+        try:
+            return self.array(name)[rows]
+        except OSError:
+            raise
+        except Exception as error:  # zarr's codecs raise RuntimeError, ValueError, ... for a broken chunk
+            raise self._damaged(what, block, f"{name}: its chunk does not decode ({type(error).__name__}: {error})") from None
+
+    def block_checksums(self, block: int) -> dict[str, np.ndarray] | None:
+        """The recorded checksums of the samples of ``block`` (array name -> one per image / query of
+        the block), after checking the block's sizes and failure codes; None for a version-1 store.
+
+        Raises:
+            DamagedStoreError: the checksums or the block's sizes / failure codes are damaged.
+        """
+        if self.checksums is None:
+            return None
+        cached = self._block_checksum_cache.get(block)
+        if cached is not None:
+            return cached
+        images, queries = self.block_image_range(block), self.block_query_range(block)
+        what = f"block {block} (images {images.start}-{images.stop - 1})"
+        rows: dict[str, np.ndarray] = {}
+        for name in sample_arrays(self.layers):
+            if name.startswith("queries/"):
+                rows[name] = self._read_rows(checksum_array_name(name), block, what, block)[: len(queries)]
+            else:
+                rows[name] = self._read_rows(checksum_array_name(name), slice(images.start, images.stop), what, block)
+        recorded = int(self._read_rows(BLOCK_CHECKSUM_ARRAY, block, what, block))
+        actual = block_checksum(
+            self._read_rows("images/original_size", slice(images.start, images.stop), what, block),
+            self._read_rows("images/input_size", slice(images.start, images.stop), what, block),
+            self._read_rows("images/failed", slice(images.start, images.stop), what, block),
+        )
+        if actual != recorded:
+            raise self._damaged(what, block, "its image sizes or failure codes changed (checksum mismatch)")
+        self._block_checksum_cache[block] = rows
+        return rows
+
+    def _query_end(self, image: int) -> int:
+        return query_end(self.first_query, self.num_queries, image)
+
+    def read_sample(self, name: str, row: int) -> np.ndarray:
+        """Row ``row`` of the per-sample array ``name`` (an image, or a query's padded text row), checked.
+
+        Raises:
+            DamagedStoreError: its chunk is missing, does not decode, or holds other bytes than were written.
+        """
+        if name.startswith("queries/"):
+            image = int(self.image_index[row])
+            what = f"query {row} (image {image})"
+        else:
+            image, what = row, f"image {row}"
+        block = image // self.block_size
+        values = self._read_rows(name, row, what, block)
+        checksums = self.block_checksums(block)
+        if checksums is None:  # format version 1: no checksums
+            return values
+        if name.startswith("queries/"):
+            recorded = int(checksums[name][row - int(self.first_query[block * self.block_size])])
+        else:
+            recorded = int(checksums[name][row - block * self.block_size])
+        if sample_checksum(values) != recorded:
+            if not self.chunk_exists(name, row):
+                raise self._damaged(what, block, f"{name}: its chunk is missing")
+            raise self._damaged(what, block, f"{name}: checksum mismatch, its bytes changed")
+        return values
+
+    def check_block(self, block: int) -> list[str]:
+        """Read every sample of ``block`` and check it; the problems found (empty: intact)."""
+        try:
+            self.block_checksums(block)
+        except DamagedStoreError as error:
+            return [error.detail]
+        problems = []
+        images, queries = self.block_image_range(block), self.block_query_range(block)
+        for name in sample_arrays(self.layers):
+            for row in queries if name.startswith("queries/") else images:
+                try:
+                    self.read_sample(name, row)
+                except DamagedStoreError as error:
+                    problems.append(error.detail)
+        return problems
+
+    # -- reading samples ----------------------------------------------------------
+
+    def _check_image(self, image: int) -> None:
+        if not 0 <= image < self.num_images:
+            raise IndexError(f"image {image} out of range (store has {self.num_images})")
+        code = int(self.image_failures[image])
+        if code:
+            reason = FAILURE_REASONS.get(code, "unknown")
+            raise StoreError(
+                f"image {image} of store {self.url} was skipped at build time ({reason}); "
+                "iterate over store.valid_query_ids() instead"
+            )
+
+    def read_image(self, image: int, layer: int) -> dict[str, Any]:
+        """Everything cached for one image.
+
+        Returns:
+            image_states: (576, d) float16, the MLLM's image-token states at ``layer``.
+            sam_embedding: (C, 64, 64) float16, C = :attr:`sam_channels` (256 for SAM, 64 for the toy SAM).
+            original_size: (2,) int (h, w); input_size: (2,) int (h, w) before padding.
+            image_index: int; query_ids: (n,) int64, the image's queries.
+        """
+        require_layer(self.layers, layer, holder=f"store {self.url}")
+        self._check_image(image)
+        first = int(self.first_query[image])
+        end = self._query_end(image)
+        return {
+            "image_states": self.read_sample(image_array_name(layer), image),
+            "sam_embedding": self.read_sample("images/sam", image),
+            "original_size": self._original_size[image].astype(np.int64),
+            "input_size": self._input_size[image].astype(np.int64),
+            "image_index": int(image),
+            "query_ids": np.arange(first, end, dtype=np.int64),
+        }
+
+    def read_query(self, query: int, layer: int) -> dict[str, Any]:
+        """Everything stage 2 needs for one query.
+
+        Returns:
+            image_states: (576, d) float16; text_states: (L_t, d) float16 (the last
+            row is the start-of-answer token); sam_embedding: (C, 64, 64) float16;
+            original_size, input_size: (2,) int (h, w); image_index: int; query_id: int.
+        """
+        if not 0 <= query < self.num_queries:
+            raise IndexError(f"query {query} out of range (store has {self.num_queries})")
+        image = int(self.image_index[query])
+        if int(self.text_len[query]) == 0 and not self.image_failures[image]:
+            raise StoreError(
+                f"query {query} of store {self.url} was skipped at build time ({FAILURE_REASONS[BAD_TEXT]}); "
+                "iterate over store.valid_query_ids() instead"
+            )
+        sample = self.read_image(image, layer)
+        del sample["query_ids"]
+        sample["text_states"] = self.read_sample(text_array_name(layer), query)[: int(self.text_len[query])]
+        sample["query_id"] = int(query)
+        return sample
+
+
+def _reopen(url: str, storage_options: dict) -> FeatureStore:
+    return FeatureStore.open(url, require_complete=False, storage_options=storage_options)
+
+
+def check_compatible(stores: Sequence[FeatureStore]) -> None:
+    """Refuse to mix stores whose features differ (:func:`lens_cache.identity.feature_differences`).
+
+    Manifests may differ, and so may the cached layer sets: whether the layer a run reads
+    is in every store is checked on its own (:func:`require_layer`).
+
+    Raises:
+        StoreError: naming the first two stores that differ and how.
+    """
+    if not stores:
+        return
+    reference = stores[0]
+    for other in stores[1:]:
+        differences = feature_differences(reference.identity, other.identity)
+        if differences:
+            raise StoreError(
+                f"stores {reference.url} and {other.url} were cached with different backbones "
+                f"({format_differences(differences)}): they cannot be mixed"
+            )
