@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 HeatmapFrom = Literal["last", "mean"]
+#: The decoder-layer family the head mirrors (its backbone's), with transformers' parameter names.
+LayerType = Literal["llama", "qwen2"]
+LAYER_TYPES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,15 @@ class LensConfig:
         num_heads: attention heads of the head's decoder layers (32).
         mlp_size: SwiGLU hidden size of the head's decoder layers (11008).
         rms_norm_eps: epsilon of the head's RMSNorms (LLaMA: 1e-5).
-        rope_theta: rotary base (LLaMA: 10000).
+        rope_theta: rotary base (LLaMA: 10000; Qwen2-VL: 1e6).
+        layer_type: the decoder layer the head mirrors, so the MLLM's layers k and k+1 load into it
+            strictly: ``llama`` = ``LlamaDecoderLayer`` without biases (LLaVA-1.5's Vicuna);
+            ``qwen2`` = ``Qwen2DecoderLayer`` / Qwen2-VL's decoder layer (q/k/v projections with
+            bias, o_proj without). Default ``llama``: presets and checkpoints written before this
+            field existed mean what they meant.
+        num_key_value_heads: key/value heads of the attention (grouped-query attention when fewer
+            than ``num_heads``, e.g. Qwen2-VL-2B's 2 for 12 query heads); None = ``num_heads``
+            (multi-head attention, as LLaMA-7B).
         grid_size: side of the image-token grid (24 -> 576 tokens).
         heatmap_from: ``last`` = start-of-answer token's attention (official code),
             ``mean`` = average over all text tokens (paper, eq. 1).
@@ -50,6 +61,8 @@ class LensConfig:
     mlp_size: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    layer_type: LayerType = "llama"
+    num_key_value_heads: int | None = None
     grid_size: int = 24
     heatmap_from: HeatmapFrom = "last"
     detach_peak: bool = True
@@ -69,6 +82,14 @@ class LensConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError("head dimension must be even for rotary embeddings")
+        if self.layer_type not in LAYER_TYPES:
+            raise ValueError(f"layer_type must be one of {list(LAYER_TYPES)}, got {self.layer_type!r}")
+        if self.num_key_value_heads is not None and (
+            self.num_key_value_heads < 1 or self.num_heads % self.num_key_value_heads
+        ):
+            raise ValueError(
+                f"num_key_value_heads must divide num_heads {self.num_heads}, got {self.num_key_value_heads}"
+            )
         if self.hidden_size % self.descriptor_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by descriptor_heads {self.descriptor_heads}")
         if self.heatmap_from not in ("last", "mean"):
@@ -77,6 +98,11 @@ class LensConfig:
             raise ValueError("at least one of use_keypoint_description / use_global_description must be on")
         if self.neighborhood < 1 or self.neighborhood % 2 == 0:
             raise ValueError(f"neighborhood must be odd and >= 1, got {self.neighborhood}")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the head's attention (``num_key_value_heads``, or ``num_heads``)."""
+        return self.num_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
     @property
     def num_image_tokens(self) -> int:

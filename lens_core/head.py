@@ -1,10 +1,22 @@
 """The segmentation head (paper 3.1): two decoder layers of the MLLM's own shape.
 
-Each layer mirrors transformers' ``LlamaDecoderLayer`` (RMSNorm, multi-head attention
-with rotary positions and a causal mask, SwiGLU MLP) with the same parameter names,
-so the head can be warm-started from the MLLM's layers 14-15 by loading their state
-dicts as they are. Layer 1's text-to-image attention becomes the grounding heatmap
-A_c^1; layer 2's output gives the image features F_i^2 and the start-of-answer token f_s^2.
+Each layer mirrors its backbone's decoder layer with transformers' parameter names
+(``LensConfig.layer_type``): ``llama`` is ``LlamaDecoderLayer`` (RMSNorm, multi-head
+attention without biases, rotary positions, a causal mask, SwiGLU MLP; LLaVA-1.5),
+``qwen2`` is ``Qwen2DecoderLayer`` (the same with biases on the q/k/v projections,
+none on o_proj; Qwen2-VL's language model). Both take grouped-query attention
+(``num_key_value_heads`` < ``num_heads``). So the head can be warm-started from the
+MLLM's layers k and k+1 by loading their state dicts as they are, strictly.
+Layer 1's text-to-image attention becomes the grounding heatmap A_c^1; layer 2's
+output gives the image features F_i^2 and the start-of-answer token f_s^2.
+
+Positions are the paper's: plain 1-D rotary positions 0..L-1 over ``[F_i; F_t]``. For
+LLaVA-1.5 these are the MLLM's own positions shifted by the prefix length (RoPE only
+sees differences). For Qwen2-VL they are NOT the MLLM's: its M-RoPE gives the image
+tokens 2-D (row, column) positions and the text after the image starts at the image's
+first position + the grid side. The head's layers therefore compute what the MLLM's
+layers compute on the same input *with 1-D positions* (text-only M-RoPE, all three
+components equal, is exactly this 1-D RoPE), not what they compute inside the MLLM.
 """
 
 from __future__ import annotations
@@ -56,16 +68,29 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-class SelfAttention(nn.Module):
-    """Causal multi-head self-attention with rotary positions (LlamaAttention's parameters)."""
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, kv_heads, L, hd) -> (B, kv_heads * groups, L, hd), each key/value head serving ``groups``
+    consecutive query heads (transformers' ``repeat_kv``); the tensor itself when ``groups`` is 1."""
+    if groups == 1:
+        return x
+    batch, kv_heads, length, head_dim = x.shape
+    return x[:, :, None].expand(batch, kv_heads, groups, length, head_dim).reshape(batch, kv_heads * groups, length, head_dim)
 
-    def __init__(self, *, dim: int, num_heads: int) -> None:
+
+class SelfAttention(nn.Module):
+    """Causal self-attention with rotary positions and the parameters of ``LlamaAttention``
+    (``qkv_bias=False``) or ``Qwen2Attention`` (``qkv_bias=True``); grouped-query when
+    ``num_kv_heads`` < ``num_heads``."""
+
+    def __init__(self, *, dim: int, num_heads: int, num_kv_heads: int | None = None, qkv_bias: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.head_dim = dim // num_heads
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(
@@ -79,12 +104,15 @@ class SelfAttention(nn.Module):
         """
         batch, length, dim = x.shape
         shape = (batch, length, self.num_heads, self.head_dim)
+        kv_shape = (batch, length, self.num_kv_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(kv_shape).transpose(1, 2)
+        v = self.v_proj(x).view(kv_shape).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        groups = self.num_heads // self.num_kv_heads
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         if return_attention:
             # Eager path: the probabilities themselves are the grounding map's source.
             scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
@@ -112,12 +140,26 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm decoder layer with LlamaDecoderLayer's parameter names."""
+    """One pre-norm decoder layer with the parameter names of transformers' ``LlamaDecoderLayer``
+    (``layer_type="llama"``) or ``Qwen2DecoderLayer`` (``"qwen2"``: q/k/v biases)."""
 
-    def __init__(self, *, dim: int, num_heads: int, mlp_size: int, eps: float) -> None:
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        mlp_size: int,
+        eps: float,
+        num_kv_heads: int | None = None,
+        layer_type: str = "llama",
+    ) -> None:
         super().__init__()
+        if layer_type not in ("llama", "qwen2"):
+            raise ValueError(f"layer_type must be 'llama' or 'qwen2', got {layer_type!r}")
         self.input_layernorm = RMSNorm(dim, eps=eps)
-        self.self_attn = SelfAttention(dim=dim, num_heads=num_heads)
+        self.self_attn = SelfAttention(
+            dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, qkv_bias=layer_type == "qwen2"
+        )
         self.post_attention_layernorm = RMSNorm(dim, eps=eps)
         self.mlp = SwiGLU(dim=dim, hidden=mlp_size)
 
@@ -171,14 +213,20 @@ class SegmentationHead(nn.Module):
         self.config = config
         self.layers = nn.ModuleList(
             DecoderLayer(
-                dim=config.hidden_size, num_heads=config.num_heads, mlp_size=config.mlp_size, eps=config.rms_norm_eps
+                dim=config.hidden_size,
+                num_heads=config.num_heads,
+                mlp_size=config.mlp_size,
+                eps=config.rms_norm_eps,
+                num_kv_heads=config.kv_heads,
+                layer_type=config.layer_type,
             )
             for _ in range(2)
         )
         self.rotary = RotaryEmbedding(config.hidden_size // config.num_heads, theta=config.rope_theta)
 
     def load_decoder_layers(self, state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        """Warm start from two ``LlamaDecoderLayer`` state dicts (e.g. the MLLM's layers 14 and 15).
+        """Warm start from two decoder-layer state dicts of the backbone (e.g. LLaVA's layers 14 and 15),
+        ``LlamaDecoderLayer`` or ``Qwen2DecoderLayer`` ones as ``config.layer_type`` says.
 
         Loading is strict: a key that is missing or unexpected is an error, never silently dropped.
         """

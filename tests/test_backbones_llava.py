@@ -287,3 +287,14 @@ def test_cuda_matches_cpu_and_runs_in_bfloat16(squares, encoded):
     features = extractor.extract([_image(3, 100, 200)], [QUESTIONS_B])[0]
     assert features.image_states[14].dtype == torch.float32 and features.sam_embedding.shape == (256, 64, 64)
     assert torch.isfinite(features.text_states[0][14]).all()
+
+
+def test_head_sizes_name_grouped_query_attention_only_when_there(backbone):
+    """LLaVA-1.5 (multi-head) records the head sizes as before; a GQA text model adds num_key_value_heads."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    assert set(backbone.head_sizes) == {"hidden_size", "num_heads", "mlp_size", "rms_norm_eps", "rope_theta"}
+    gqa = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    assert LlavaBackbone.head_sizes.fget(SimpleNamespace(text_config=gqa))["num_key_value_heads"] == 2

@@ -2,11 +2,14 @@
 gradients, determinism, ablations, batching and input checks."""
 
 import copy
+import math
 
 import pytest
 import torch
-from transformers import LlamaConfig
+import torch.nn.functional as F
+from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
 from lens_core import LensConfig, build_lens
 from lens_core.descriptor import KeypointDescriptor
@@ -62,6 +65,175 @@ def test_head_layers_equal_transformers_llama_layers_and_attention():
     torch.testing.assert_close(out.heatmap[0], expected_map, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.start_token[0], y2[0, -1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.image_features[0, :, 2, 5], y2[0, 2 * 24 + 5], atol=1e-4, rtol=1e-4)
+
+
+#: The tiny head as Qwen2-VL's decoder: q/k/v biases, grouped-query attention (4 query heads, 2 KV heads).
+TINY_QWEN2 = LensConfig.from_dict({**TINY.to_dict(), "layer_type": "qwen2", "num_key_value_heads": 2,
+                                   "rms_norm_eps": 1e-6, "rope_theta": 1e6})
+
+
+def qwen2_layer_pair(cfg: LensConfig, seed=0):
+    qcfg = Qwen2Config(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.mlp_size,
+                       rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, num_hidden_layers=2,
+                       attn_implementation="eager")
+    torch.manual_seed(seed)
+    layers = [Qwen2DecoderLayer(qcfg, layer_idx=i).eval() for i in range(2)]
+    for layer in layers:  # non-trivial norms and biases so a norm or bias bug shows
+        for name, p in layer.named_parameters():
+            if "layernorm" in name:
+                p.data.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.data.normal_(0.0, 0.5)
+    return qcfg, layers
+
+
+def test_head_layers_equal_transformers_qwen2_layers_and_attention():
+    """A head configured as Qwen2 (biases, 2 KV heads for 4 query heads) warm-started from
+    Qwen2DecoderLayer weights computes what Qwen2 computes, heatmap included."""
+    qcfg, layers = qwen2_layer_pair(TINY_QWEN2)
+    assert qcfg.rope_parameters["rope_theta"] == 1e6 and layers[0].self_attn.num_key_value_groups == 2
+    head = SegmentationHead(config=TINY_QWEN2).eval()
+    head.load_decoder_layers([l.state_dict() for l in layers])  # strict
+    image, text, _, _ = make_inputs(batch=1)
+    lengths = torch.tensor([text.shape[1]])
+    x = torch.cat((image, text), dim=1)
+    pos = torch.arange(x.shape[1])[None]
+    cos_sin = Qwen2RotaryEmbedding(qcfg)(x, pos)
+    mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        _, weights = layers[0].self_attn(hidden_states=layers[0].input_layernorm(x), attention_mask=mask,
+                                         position_embeddings=cos_sin)
+        y1 = layers[0](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        y2 = layers[1](y1, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        ours1, _ = head.layers[0](x, *head.rotary(x.shape[1], x.device))
+        out = head(image, text, lengths)
+    torch.testing.assert_close(ours1, y1, atol=1e-5, rtol=1e-5)
+    expected_map = weights.mean(1)[0, -1, :576]
+    expected_map = (expected_map / expected_map.max()).clamp(1e-6, 1 - 1e-6).view(24, 24)
+    torch.testing.assert_close(out.heatmap[0], expected_map, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.start_token[0], y2[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.image_features[0, :, 2, 5], y2[0, 2 * 24 + 5], atol=1e-5, rtol=1e-5)
+
+
+def test_llama_head_with_grouped_query_attention_equals_transformers():
+    """num_key_value_heads reaches the LLaMA layer too (LLaMA-2-70B / LLaMA-3 style GQA)."""
+    cfg = LensConfig.from_dict({**TINY.to_dict(), "num_key_value_heads": 1})
+    lcfg = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads, num_key_value_heads=1,
+                       intermediate_size=cfg.mlp_size, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                       num_hidden_layers=1, attn_implementation="eager")
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(lcfg, layer_idx=0).eval()
+    head = SegmentationHead(config=cfg).eval()
+    head.load_decoder_layers([layer.state_dict(), layer.state_dict()])
+    x = make_inputs(batch=1)[0][:, :40]
+    pos = torch.arange(x.shape[1])[None]
+    mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        expected = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=LlamaRotaryEmbedding(lcfg)(x, pos))
+        for return_attention in (True, False):  # the eager (heatmap) and the SDPA path
+            ours, _ = head.layers[0](x, *head.rotary(x.shape[1], x.device), return_attention=return_attention)
+            torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_head_layer_type_shapes_and_strictness():
+    """The parameter layout follows layer_type: a LLaMA state dict does not load into a Qwen2 head
+    (missing biases), nor a Qwen2 one into a LLaMA head (unexpected biases); bad settings are refused."""
+    names = set(SegmentationHead(config=TINY_QWEN2).layers[0].state_dict())
+    _, qwen_layers = qwen2_layer_pair(TINY_QWEN2)
+    assert names == set(qwen_layers[0].state_dict())
+    assert {n for n in names if n.endswith(".bias")} == {f"self_attn.{p}_proj.bias" for p in "qkv"}
+    assert SegmentationHead(config=TINY_QWEN2).layers[0].self_attn.k_proj.weight.shape == (32, 64)
+    _, llama_layers = llama_layer_pair(TINY)
+    with pytest.raises(RuntimeError, match="q_proj.bias"):
+        SegmentationHead(config=TINY_QWEN2).load_decoder_layers([l.state_dict() for l in llama_layers])
+    with pytest.raises(RuntimeError, match="size mismatch|Unexpected key"):
+        SegmentationHead(config=TINY).load_decoder_layers([l.state_dict() for l in qwen_layers])
+    with pytest.raises(ValueError, match="layer_type"):
+        LensConfig.from_dict({**TINY.to_dict(), "layer_type": "mistral"})
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        LensConfig.from_dict({**TINY.to_dict(), "num_key_value_heads": 3})
+    # a config written before these fields existed means what it meant: LLaMA, multi-head
+    old = {k: v for k, v in TINY.to_dict().items() if k not in ("layer_type", "num_key_value_heads")}
+    assert LensConfig.from_dict(old) == TINY and TINY.layer_type == "llama" and TINY.kv_heads == TINY.num_heads
+
+
+def _reference_llama_head(head: SegmentationHead, image, text, lengths):
+    """The LLaMA head as it computed before the layer type became a setting, written out with
+    functional ops on the head's own parameters (same operations, same order): an independent
+    recomputation the head must match bit for bit."""
+    cfg = head.config
+    d, heads = cfg.hidden_size, cfg.num_heads
+    hd = d // heads
+
+    def norm(x, w):
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)).to(x.dtype)
+
+    def rot(x):
+        return torch.cat((-x[..., hd // 2:], x[..., : hd // 2]), dim=-1)
+
+    def layer(x, p, cos, sin, eager):
+        b, n, _ = x.shape
+        h = norm(x, p["input_layernorm.weight"])
+        q, k, v = (F.linear(h, p[f"self_attn.{c}_proj.weight"]).view(b, n, heads, hd).transpose(1, 2) for c in "qkv")
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        if eager:
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(hd)
+            probs = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(dim=-1)
+            out = probs.to(v.dtype) @ v
+        else:
+            probs, out = None, F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + F.linear(out.transpose(1, 2).reshape(b, n, d), p["self_attn.o_proj.weight"])
+        h = norm(x, p["post_attention_layernorm.weight"])
+        mlp = F.linear(F.silu(F.linear(h, p["mlp.gate_proj.weight"])) * F.linear(h, p["mlp.up_proj.weight"]),
+                       p["mlp.down_proj.weight"])
+        return x + mlp, probs
+
+    params = [dict(l.named_parameters()) for l in head.layers]
+    x = torch.cat((image, text), dim=1)
+    n = x.shape[1]
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    x, probs = layer(x, params[0], cos, sin, eager=True)
+    t2i = probs.mean(dim=1)[:, 576:, :576]
+    rows = torch.arange(text.shape[1])
+    if cfg.heatmap_from == "last":
+        select = (rows[None, :] == (lengths - 1)[:, None]).float()
+    else:
+        select = (rows[None, :] < lengths[:, None]).float() / lengths[:, None].float()
+    grounding = torch.einsum("bt,bti->bi", select, t2i)
+    heatmap = peak_normalize(grounding, detach_peak=cfg.detach_peak).view(-1, 24, 24)
+    x, _ = layer(x, params[1], cos, sin, eager=False)
+    batch = x.shape[0]
+    features = x[:, :576].transpose(1, 2).reshape(batch, d, 24, 24)
+    start = x[torch.arange(batch), 576 + lengths - 1]
+    return heatmap, features, start
+
+
+@pytest.mark.parametrize("mode", ["last", "mean"])
+def test_llama_head_is_bit_identical_to_its_reference(mode):
+    """The LLaMA path (every existing preset and checkpoint) is unchanged by the layer-type setting:
+    a fixed-seed head's outputs and gradients equal, bit for bit, the pre-change computation."""
+    cfg = LensConfig.from_dict({**TINY.to_dict(), "heatmap_from": mode})
+    torch.manual_seed(123)
+    head = SegmentationHead(config=cfg)
+    g = torch.Generator().manual_seed(7)
+    image, text = torch.randn(2, 576, 64, generator=g), torch.randn(2, 9, 64, generator=g)
+    lengths = torch.tensor([9, 5])
+    out = head(image, text, lengths)
+    (out.heatmap.square().sum() + out.image_features.mean() + out.start_token.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in head.named_parameters()}
+    head.zero_grad()
+    heatmap, features, start = _reference_llama_head(head, image, text, lengths)
+    (heatmap.square().sum() + features.mean() + start.sum()).backward()
+    assert torch.equal(out.heatmap, heatmap)
+    assert torch.equal(out.image_features, features)
+    assert torch.equal(out.start_token, start)
+    for name, p in head.named_parameters():
+        assert torch.equal(grads[name], p.grad), name
 
 
 def test_heatmap_modes_and_right_padding_invariance():

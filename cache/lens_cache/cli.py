@@ -109,7 +109,7 @@ def build(
     manifest: Annotated[
         Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
     ] = None,
-    mllm: Annotated[str, typer.Option(help="LLaVA checkpoint folder / HF id, or 'tiny'.")] = "tiny",
+    mllm: Annotated[str, typer.Option(help="LLaVA-1.5 / Qwen2-VL checkpoint folder or HF id, or 'tiny' ('tiny-qwen2vl').")] = "tiny",
     sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), 'tiny', or 'toy' (toy:PATH).")] = "tiny",
     layers: Annotated[str, typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index).")] = "14",
     batch_size: Annotated[int, typer.Option(help="Images per backbone call.")] = 4,

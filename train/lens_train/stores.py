@@ -21,8 +21,24 @@ from lens_core import LensConfig
 from .errors import UserError
 from .presets import available_presets, load_preset
 
-#: Head sizes that must equal the store's warm-start layers' (else they cannot be loaded).
-WARM_START_SHAPE_FIELDS = ("hidden_size", "num_heads", "mlp_size")
+#: Head settings that must equal the store's warm-start layers' (else they cannot be loaded):
+#: sizes, and the layer's parameter layout (``layer_type``: biases; ``num_key_value_heads``: k/v widths).
+WARM_START_SHAPE_FIELDS = ("hidden_size", "num_heads", "mlp_size", "layer_type", "num_key_value_heads")
+
+
+def _warm_start_setting(head: dict, key: str):
+    """A head setting as a store's warm-start record states it; a record written before ``layer_type``
+    and ``num_key_value_heads`` existed means LLaMA layers with multi-head attention (LLaVA-1.5)."""
+    if key == "layer_type":
+        return head.get("layer_type", "llama")
+    if key == "num_key_value_heads":
+        return head.get("num_key_value_heads") or head["num_heads"]
+    return head[key]
+
+
+def _config_setting(config: LensConfig, key: str):
+    """A head setting of ``config``, ``num_key_value_heads`` resolved (None = num_heads)."""
+    return config.kv_heads if key == "num_key_value_heads" else getattr(config, key)
 
 
 def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim: int, preset_name: str):
@@ -139,7 +155,8 @@ class WarmStart:
 
     Attributes:
         layers: the MLLM's decoder layers (0-based), ``(k, k + 1)`` for layer-k features.
-        state_dicts: their two ``LlamaDecoderLayer`` state dicts, for ``SegmentationHead.load_decoder_layers``.
+        state_dicts: their two decoder-layer state dicts (``LlamaDecoderLayer`` / ``Qwen2DecoderLayer``),
+            for ``SegmentationHead.load_decoder_layers``.
         notes: head settings that differ from the MLLM's (the head loads, but is not exactly those layers).
     """
 
@@ -177,8 +194,8 @@ def read_warm_start(store, *, layer: int, config: LensConfig) -> WarmStart | str
         pair = tuple(by_layer[str(layer)])
     first, second = pair
     head = record["head"]
-    wrong = [f"{key} {head[key]} (preset: {getattr(config, key)})" for key in WARM_START_SHAPE_FIELDS
-             if head[key] != getattr(config, key)]
+    wrong = [f"{key} {_warm_start_setting(head, key)} (preset: {_config_setting(config, key)})"
+             for key in WARM_START_SHAPE_FIELDS if _warm_start_setting(head, key) != _config_setting(config, key)]
     if wrong:
         raise UserError(f"store {store.url} holds decoder layers of " + ", ".join(wrong)
                         + ": use a preset of the MLLM's sizes or --no-warm-start")

@@ -1,11 +1,13 @@
 """Frozen backbones of stage 1: an MLLM adapter + SAM's image encoder behind one FeatureExtractor.
 
-MLLMs are found through two registries, so another family (LLaVA-NeXT, Qwen2-VL) is
-one new adapter and one ``register_mllm_adapter`` call, with nothing else touched:
+MLLMs are found through two registries, so another family (LLaVA-NeXT; Qwen2-VL is one, in
+:mod:`.qwen2vl`) is one new adapter and one ``register_mllm_adapter`` call, with nothing else touched:
 
-- presets by name: ``"tiny"`` (random, built in code) and ``"toy"`` (the project's
+- presets by name: ``"tiny"`` (random, built in code), ``"tiny-qwen2vl"`` (a random
+  Qwen2-VL built in code, :mod:`.qwen2vl`) and ``"toy"`` (the project's
   pretrained toy LLaVA, shipped in ``cache/lens_cache/toy/weights``);
-- adapters by the checkpoint's ``config.model_type`` (``"llava"``), for local folders
+- adapters by the checkpoint's ``config.model_type`` (``"llava"``, ``"qwen2_vl"``,
+  ``"qwen2_5_vl"``), for local folders
   or names in the offline Hugging Face cache.
 
 Typical use::
@@ -87,6 +89,11 @@ def register_mllm_preset(name: str, preset: MllmPreset) -> None:
     MLLM_PRESETS[name] = preset
 
 
+# Adapters in modules of their own register themselves (register_mllm_adapter / register_mllm_preset)
+# when imported here; they import transformers only when a model is built.
+from . import qwen2vl as _qwen2vl  # noqa: E402,F401  (Qwen2-VL, Qwen2.5-VL; --mllm tiny-qwen2vl)
+
+
 def build_mllm(
     mllm: str = "tiny",
     *,
@@ -122,7 +129,7 @@ def build_extractor(
     """The FeatureExtractor of stage 1: MLLM ``mllm`` + SAM ``sam`` on one device.
 
     Args:
-        mllm: ``"toy"``, ``"tiny"`` or a llava-hf folder / HF-cache name.
+        mllm: ``"toy"``, ``"tiny"``, ``"tiny-qwen2vl"`` or a llava-hf / Qwen2-VL folder or HF-cache name.
         sam: ``"toy"``, ``"tiny"`` or ``vit_h:PATH`` (``vit_l:``, ``vit_b:``).
         layers: cached MLLM layers (``hidden_states`` indices), e.g. ``(14,)`` or ``(14, 30)``.
         device: default CUDA when available, else CPU.

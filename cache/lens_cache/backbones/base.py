@@ -70,7 +70,9 @@ class FeatureExtractor(Protocol):
 
         Returns:
             the head sizes they fit, as ``LensConfig`` fields (hidden_size, num_heads,
-            mlp_size, rms_norm_eps, rope_theta), and one ``LlamaDecoderLayer`` state dict per index.
+            mlp_size, rms_norm_eps, rope_theta; for Qwen2 layers or grouped-query attention also
+            layer_type and num_key_value_heads), and one decoder-layer state dict per index
+            (``LlamaDecoderLayer`` / ``Qwen2DecoderLayer`` names).
         Raises:
             NoDecoderLayers: the MLLM has no such layer, or exposes none.
         """

@@ -36,7 +36,8 @@ class LensFeatureExtractor:
         self.identity: dict = {
             **mllm.identity,
             "dtype": storage_dtype,
-            "image_geometry": IMAGE_GEOMETRY,
+            # SAM's frame as the MLLM sees it: an adapter that resizes it elsewhere than 336 px names its own.
+            "image_geometry": getattr(mllm, "image_geometry", IMAGE_GEOMETRY),
             "sam": dict(sam.identity),
         }
 

@@ -479,6 +479,9 @@ class LlavaBackbone:
             "mlp_size": int(config.intermediate_size),
             "rms_norm_eps": float(config.rms_norm_eps),
             "rope_theta": float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+            # grouped-query attention only: LLaVA-1.5's records stay as they were (absent = multi-head)
+            **({"num_key_value_heads": int(config.num_key_value_heads)}
+               if getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads) else {}),
         }
 
     def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:

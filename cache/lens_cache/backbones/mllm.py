@@ -1,6 +1,7 @@
 """What every MLLM adapter provides, and the checks shared by their loaders.
 
-An adapter wraps one frozen MLLM family (LLaVA-1.5 today; LLaVA-NeXT or Qwen2-VL would
+An adapter wraps one frozen MLLM family (LLaVA-1.5 in ``llava``, Qwen2-VL / Qwen2.5-VL in
+``qwen2vl``; LLaVA-NeXT would
 be new adapters registered in ``lens_cache.backbones``) behind :class:`MllmBackbone`.
 It receives the image exactly as the MLLM should see it (the combined extractor owns
 the SAM-aligned geometry) and returns the intermediate hidden states LENS reads.
@@ -75,7 +76,8 @@ class MllmBackbone(Protocol):
     num_image_tokens: int
     num_hidden_layers: int
     #: The ``LensConfig`` fields of a head made of its decoder layers: hidden_size,
-    #: num_heads, mlp_size, rms_norm_eps, rope_theta.
+    #: num_heads, mlp_size, rms_norm_eps, rope_theta (+ layer_type, num_key_value_heads when not
+    #: LLaMA multi-head layers).
     head_sizes: dict
 
     def question_for(self, text: str, is_sentence: bool) -> str:
