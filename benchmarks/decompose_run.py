@@ -75,7 +75,7 @@ def decompose(run_dir: Path, store: str) -> dict:
 
     run = load_run(run_dir)
     grid = run.model.config.grid_size
-    loader = DataLoader(QueryDataset(store, run.config["layer"]), batch_size=8, collate_fn=collate)
+    loader = DataLoader(QueryDataset(store, run.config.layer), batch_size=8, collate_fn=collate)
     by_task: dict[str, list[dict]] = {}
     records: list[dict] = []
     for batch in loader:

@@ -1,8 +1,18 @@
 """Typed configuration of the LENS model.
 
-Architecture numbers live in one place: the presets in ``train/lens_train/presets/*.json``
-(``paper``, ``official``, ``tiny``) fill this dataclass; nothing else in the code
-carries defaults for them. The checkpoint stores it (``dataclasses.asdict``).
+The presets in ``train/lens_train/presets/*.json`` (``paper``, ``official``, ``toy``, ``tiny``,
+``qwen2vl-2b``) fill this dataclass, and a run's ``config.json`` records all of it
+(``dataclasses.asdict``). Only ``hidden_size``, ``num_heads`` and ``mlp_size`` have no default.
+Every preset states the other architecture and keypoint numbers too (``rms_norm_eps``,
+``rope_theta``, ``grid_size``, ``heatmap_from``, ``max_keypoints``, ``nms_radius``,
+``keypoint_min_ratio``, ``neighborhood``, ``descriptor_heads``, ``prompt_dim``,
+``global_only_prob``), so their defaults only serve code that builds a LensConfig by hand
+(tests, benchmarks). The presets leave to the defaults the fields they all share, and
+:data:`PRESET_DEFAULTED` names them: the decoder-layer family (``layer_type``,
+``num_key_value_heads``: LLaMA's, stated by ``qwen2vl-2b``), ``detach_peak``, the Table 2
+switches (``use_keypoint_description``, ``use_global_description``: set by a run's overrides)
+and ``mask_output_index``. Those defaults are also what a run recorded before the field
+existed meant, so its ``config.json`` still loads as it was trained.
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ HeatmapFrom = Literal["last", "mean"]
 #: The decoder-layer family the head mirrors (its backbone's), with transformers' parameter names.
 LayerType = Literal["llama", "qwen2"]
 LAYER_TYPES = ("llama", "qwen2")
+#: the fields a preset may leave to their defaults (see the module docstring); a test holds every preset to it
+PRESET_DEFAULTED = frozenset({"layer_type", "num_key_value_heads", "detach_peak", "use_keypoint_description",
+                              "use_global_description", "mask_output_index"})
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,21 @@ def test_user_errors_are_one_line_with_exit_code_2(fake_backbones, tmp_path, arg
     assert one_line_error(result).startswith(expected.format(tmp=tmp_path))
 
 
+def test_out_is_required_and_device_is_resolved_as_in_stage_two(fake_backbones, manifest_file, tmp_path):
+    import torch
+
+    result = runner.invoke(app, ["build", "--manifest", str(manifest_file)])
+    assert result.exit_code == 2 and "Missing option '--out'" in result.output
+    args = ["build", "--manifest", str(manifest_file), "--out", str(tmp_path / "s"), "--quiet", "--device"]
+    for device in ("tpu", "meta"):
+        assert one_line_error(runner.invoke(app, [*args, device])) == (
+            f"error: --device takes cpu, cuda or cuda:N, got '{device}'")
+    if not torch.cuda.is_available():
+        assert one_line_error(runner.invoke(app, [*args, "cuda"])) == (
+            "error: --device cuda but no CUDA device is visible: use --device cpu")
+    assert not (tmp_path / "s").exists()
+
+
 def test_verify_reports_an_unfinished_store(fake_backbones, manifest_file, tmp_path):
     out = tmp_path / "store"
     assert (

@@ -56,7 +56,7 @@ def test_training_beside_the_live_mllm_leaves_it_untouched(tiny_real_run):
     live features as the input), then a segmentation with the trained model: the MLLM is unchanged."""
     from lens_manifests import decode_target
 
-    from lens_train.trainer import compute_losses, configs_from_run
+    from lens_train.trainer import compute_losses
 
     extractor = tiny_real_run.extractor
     model = extractor.mllm.model
@@ -65,7 +65,7 @@ def test_training_beside_the_live_mllm_leaves_it_untouched(tiny_real_run):
     layer = segmenter.layer
     _, warm_layers = extractor.decoder_layers([layer, layer + 1])  # what the cache exports, from the MLLM itself
     lens.head.load_decoder_layers(warm_layers)
-    _, train_config = configs_from_run(segmenter.config)
+    train_config = segmenter.config.train
 
     image = Image.open(tiny_real_run.image_path(0)).convert("RGB")
     text, is_sentence = tiny_real_run.query(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,33 @@ def test_real_preset_names_every_missing_input(tmp_path):
     message = str(error.value)
     assert "DATA_ROOT" in message and "not a folder" in message and "MLLM=" in message and "SAM=" in message
     assert reproduce.main(["table2", "--preset", "paper", "--work", str(tmp_path), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    # `make demo`: the toy preset, its own work folder, 48 images, the preset's steps
+    (["demo"], {"preset": "toy", "work": Path("work/demo-toy"), "results": Path("results"), "tiny_images": 48,
+                "steps": None, "seeds": (0,), "mllm": None, "sam": None, "data_root": None, "device": None}),
+    # `make reproduce-table2` as the Makefile spells it (empty DATA_ROOT, MLLM, SAM are unset)
+    (["table2", "--preset", "paper", "--data-root", "", "--mllm", "", "--sam", "", "--seeds", "0"],
+     {"preset": "paper", "work": Path("work/paper"), "tiny_images": 16, "steps": None, "seeds": (0,),
+      "mllm": None, "sam": None, "data_root": None}),
+    (["table2"], {"preset": "paper", "work": Path("work/paper")}),
+    (["table2", "--preset", "tiny", "--seeds", "0,1,2", "--device", "cpu"],
+     {"preset": "tiny", "work": Path("work/tiny"), "steps": reproduce.TINY_TABLE_STEPS, "seeds": (0, 1, 2),
+      "device": "cpu"}),
+    (["table3", "--preset", "toy", "--mllm", "", "--work", "w", "--results", "r", "--steps", "3", "--tiny-images", "5",
+      "--quiet"],
+     {"preset": "toy", "work": Path("w"), "results": Path("r"), "steps": 3, "tiny_images": 5, "quiet": True}),
+    (["demo", "--preset", "tiny"], {"preset": "tiny", "work": Path("work/demo-tiny"), "steps": None, "tiny_images": 48}),
+])
+def test_command_line_defaults(monkeypatch, argv, expected):
+    """The options and defaults of each command (those of the argparse command line it replaced)."""
+    seen = {}
+    what = {"table2": "reproduce_table2", "table3": "reproduce_table3", "demo": "demo"}[argv[0]]
+    monkeypatch.setattr(reproduce, what, lambda settings: seen.setdefault("settings", settings))
+    assert reproduce.main(argv) == 0
+    settings = seen["settings"]
+    assert {key: getattr(settings, key) for key in expected} == expected
 
 
 @pytest.mark.slow  # 30 s alone, ~50 s on a busy machine: caches, trains and evaluates every Table 2 row

@@ -106,7 +106,7 @@ def test_cli_errors_are_one_line(tiny_real_run, tmp_path):
 
 
 def test_refuses_another_backbone(tiny_real_run):
-    from lens_train.trainer import read_run_config
+    from lens_train.run_config import read_run_config
 
     config = read_run_config(tiny_real_run.run_dir)
     live = dict(tiny_real_run.extractor.identity)

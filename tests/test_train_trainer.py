@@ -95,6 +95,13 @@ def test_run_folder_contents(stores, tmp_path):
     assert [s["url"] for s in config["stores"]] == [stores["train"], stores["reason"]]
     assert all(s["identity_hash"] == config["identity_hash"] for s in config["stores"])
     assert config["warm_start"] == {"requested": False, "used": False}
+    # The typed record reads it back, and writes exactly the JSON it was read from.
+    from lens_train.run_config import RunConfig, read_run_config
+
+    record = read_run_config(run)
+    assert record.to_json() == (run / "config.json").read_text()
+    assert record == RunConfig.from_dict(config) and record.stores[1].url == stores["reason"]
+    assert record.model.hidden_size == 64 and record.train.steps == 2 and record.layer == 14
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss", "seg", "dice", "bce", "attn", "lr", "grad_norm", "samples_per_s"} <= set(rows[0])
@@ -139,9 +146,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(stores, tmp_path, mon
     assert len(lines) == 1 and "loss is nan at step 4" in lines[0] and "(step 2) is kept" in lines[0]
     assert checkpoint_step(run) == 2
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    from lens_train.trainer import build_model, configs_from_run, read_run_config
+    from lens_train.run_config import read_run_config
+    from lens_train.trainer import build_model
 
-    model_config, _ = configs_from_run(read_run_config(run))
+    model_config = read_run_config(run).model
     assert model_config.detach_peak is False  # the CLI's model override is recorded in the run
     model = build_model(model_config, "tiny", seed=0)
     load_checkpoint(run, model)  # the kept checkpoint loads (weights_only) ...
@@ -154,6 +162,20 @@ def _cli_error(args: list[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+@pytest.mark.parametrize(("device", "expected"), [
+    ("tpu", "error: --device takes cpu, cuda or cuda:N, got 'tpu'"),
+    ("meta", "error: --device takes cpu, cuda or cuda:N, got 'meta'"),  # a torch device, not one to run on
+    pytest.param("cuda", "error: --device cuda but no CUDA device is visible: use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
+])
+def test_device_is_resolved_as_in_stage_one(stores, tmp_path, device, expected):
+    """lens_cache.backbones.runtime.resolve_device, the one every command uses (lens-cache build: test_cache_cli)."""
+    result = CliRunner().invoke(train_app, ["--cache", stores["train"], "--preset", "tiny", "--out", str(tmp_path / "r"),
+                                            "--device", device, "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == expected
 
 
 def test_refuses_stores_of_different_backbones(stores, tmp_path):

@@ -8,6 +8,11 @@ print one line on stderr and exit with code 2; so does an output that cannot be 
 because its disk is full or read-only (``lens_cache.errors.output_error``; the writers
 remove their temporary files first). Set ``LENS_DEBUG=1`` to get the traceback instead.
 Any other exception is a bug and keeps its traceback.
+
+The project's commands (``lens-cache``, ``lens-train``, ``lens-eval``, ``lens-segment``,
+``lens-chat``, ``lens-general``, ``python -m lens_train.reproduce``) are Typer apps made by
+:func:`command_app` that map errors to exit codes with :func:`user_errors`, both defined here
+once. (``lens-toy``, the toy backbones' pretraining in ``lens_cache.toy``, keeps its own app.)
 """
 
 from __future__ import annotations
@@ -17,20 +22,31 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(
+
+def command_app(**options: Any) -> typer.Typer:
+    """A Typer app as every console script of the project makes it.
+
+    No shell-completion options, plain tracebacks for bugs (user errors are one line, see
+    :func:`user_errors`), and help text printed as written: with Rich markup, a default
+    written in square brackets (``[official]``, ``[preset's]``) would be taken for a style
+    tag and vanish from ``--help``.
+    """
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, **options)
+
+
+app = command_app(
     name="lens-cache",
     help="Stage 1 of LENS: run the frozen MLLM and SAM's encoder once and cache their features in a Zarr store.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
 )
 
+#: exit status of a user error (one line on stderr); a bug keeps its traceback (exit 1)
 USER_ERROR_EXIT = 2
 #: skipped images (and refused queries) ``info`` lists one per line; ``verify`` lists all
 INFO_FAILURES = 20
@@ -55,19 +71,37 @@ def as_user_error(error: Exception, output: str | Path | None = None) -> Excepti
 
 
 @contextlib.contextmanager
-def user_errors(output: str | Path | None = None) -> Iterator[None]:
+def user_errors(
+    output: str | Path | None = None,
+    *,
+    exit_codes: Mapping[type[BaseException], int] | None = None,
+    also: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
     """Turn user errors into one line on stderr and exit code 2; anything else keeps its traceback.
 
-    ``output``: what the command writes, named when its disk turns out full or read-only.
+    The one place where an exception becomes an exit status, for every command of the project.
+
+    Args:
+        output: what the command writes, named when its disk turns out full or read-only.
+        exit_codes: other expected failures and their exit status, checked first (stage 2:
+            ``NonFiniteLossError`` -> 1); each is printed as one line too.
+        also: further exception types that count as the user's (exit 2) for this command.
+    ``LENS_DEBUG=1`` keeps every traceback.
     """
     try:
         yield
     except Exception as error:
-        mine = None if os.environ.get("LENS_DEBUG") else as_user_error(error, output)
-        if mine is None:
+        if os.environ.get("LENS_DEBUG"):
             raise
         from lens_cache.errors import one_line
 
+        for kind, code in (exit_codes or {}).items():
+            if isinstance(error, kind):
+                typer.echo(f"error: {one_line(error)}", err=True)
+                raise typer.Exit(code) from None
+        mine = error if also and isinstance(error, also) else as_user_error(error, output)
+        if mine is None:
+            raise
         quiet_sibling_failures(mine)
         typer.echo(f"error: {one_line(mine)}", err=True)
         raise typer.Exit(USER_ERROR_EXIT) from None
@@ -99,10 +133,11 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 @app.command()
 def build(
+    *,
     split: Annotated[
         str | None, typer.Option(help="Dataset split spec: refcoco, refcoco:val, reasonseg:val, synthetic:train, ...")
     ] = None,
-    out: Annotated[str, typer.Option(help="Store to write: a local path or fsspec URL (s3://..., gs://...).")] = ...,  # type: ignore[assignment]
+    out: Annotated[str, typer.Option(help="Store to write: a local path or fsspec URL (s3://..., gs://...).")],
     data_root: Annotated[
         Path | None, typer.Option(help="LISA-style dataset folder (not needed for synthetic specs).")
     ] = None,
@@ -139,7 +174,13 @@ def build(
     seed: Annotated[int, typer.Option(help="Seed of manifest building (class sampling, synthetic data).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
 ) -> None:
-    """Cache the backbone features of one dataset split (resumes an interrupted build)."""
+    """Cache the backbone features of one dataset split (resumes an interrupted build).
+
+    Default backbones: --mllm tiny --sam tiny, random-weight tiny models built from code (a
+    pipeline check: their features carry no meaning; lens-train --preset tiny fits them).
+    Pass a checkpoint (--mllm PATH --sam vit_h:PATH) for real features, or --mllm toy
+    --sam toy for the shipped toy backbones.
+    """
     with user_errors(output=out):
         import functools
 

@@ -171,7 +171,6 @@ from lens_cache.store_writer import (
     create_store,
     feature_codecs,
     index_arrays,
-    lens_version,
     manifest_to_parquet_bytes,
     plan_images,
 )
@@ -185,7 +184,7 @@ __all__ = [
     "StoreDescription", "StoreError", "StoreLocation", "VerifyReport",
     "block_checksum", "check_compatible", "check_filled", "checksum_array_name", "create_store", "dimensions",
     "expected_arrays", "failure_lines", "feature_codecs", "identity_hash", "image_array_name", "index_arrays",
-    "layout_table", "lens_version", "manifest_hash", "manifest_to_parquet_bytes", "open_group", "plan_images",
+    "layout_table", "manifest_hash", "manifest_to_parquet_bytes", "open_group", "plan_images",
     "quiet_numcodecs", "require_layer", "sam_embedding_shape", "sample_arrays", "sample_checksum", "scan_store",
     "store_arrays", "store_state", "stored_checksums", "stored_chunk_rows", "stored_sam_channels", "text_array_name",
     "to_float16", "unfilled_blocks", "unwritten_samples", "verify_store",

@@ -20,6 +20,7 @@ import pyarrow as pa
 from lens_cache.errors import DamagedStoreError, StoreError, UsageError
 from lens_cache.identity import describe_differences, identity_hash, normalise_json
 from lens_cache.progress import say
+from lens_cache.version import created_by
 from lens_cache.store_format import (
     ATTRS_KEY,
     BITROUND_KEEPBITS,
@@ -181,7 +182,7 @@ def create_store(
             "index": {name: sample_checksum(values) for name, values in index.items()},
         },
         "num_failed_images": None,
-        "created_by": lens_version(),
+        "created_by": created_by(),
         "complete": False,
     }
 
@@ -212,16 +213,6 @@ def index_arrays(plan: ImagePlan, text_len: np.ndarray) -> dict[str, np.ndarray]
         "queries/text_len": np.asarray(text_len, dtype=np.int32),
     }
     return {name: values[name] for name in INDEX_ARRAYS}
-
-
-def lens_version() -> str:
-    """``lens-seg <version>`` of the installed project (recorded as ``created_by``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"lens-seg {version('lens-seg')}"
-    except PackageNotFoundError:
-        return "lens-seg (not installed)"
 
 
 # ----------------------------------------------------------------------------- block writer

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from PIL import Image
 
-from .cli import user_errors
+from .cli import command_app, user_errors
 from .errors import UserError
 from .frozen import mllm_checksum  # noqa: F401  (re-exported: the agent's frozen guarantee)
 from .segment import Segmenter, SegmentResult, load_image, overlay_image
@@ -350,8 +350,7 @@ class LensAgent:
 
 # ----------------------------------------------------------------------------- lens-chat
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Chat with a frozen MLLM that can segment (LENS, Algorithm S1).")
+app = command_app(help="Chat with a frozen MLLM that can segment (LENS, Algorithm S1).")
 
 HELP_TEXT = (
     "Type an instruction, or a command: /image PATH (set the image), /forget (clear the memory), "
@@ -408,7 +407,11 @@ def chat(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Backbone compute dtype (default: the one the run's cache was built with).")] = None,
 ) -> None:
-    """Chat on stdin: dialogue, segmentation and follow-ups, routed by the frozen MLLM (Algorithm S1)."""
+    """Chat on stdin: dialogue, segmentation and follow-ups, routed by the frozen MLLM (Algorithm S1).
+
+    Default backbone: the run's own (the MLLM and SAM its training cache was built with, as
+    recorded in its config.json); --mllm / --sam name them when they moved.
+    """
     with user_errors():
         if image is not None:
             load_image(image)  # a bad path fails before any model is loaded

@@ -13,46 +13,32 @@ tracebacks always.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from lens_cache.cli import as_user_error, quiet_sibling_failures  # UserError, ManifestError, disk
-from lens_cache.errors import one_line
+from lens_cache import cli as stage_one  # user_errors: one definition for every command
+from lens_cache.cli import USER_ERROR_EXIT, command_app
 
 from .errors import NonFiniteLossError, UserError
 
-train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                        help="Train LENS from feature caches (stage 2).")
-eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                       help="Evaluate a LENS run on a feature cache (gIoU / cIoU).")
+train_app = command_app(help="Train LENS from feature caches (stage 2).")
+eval_app = command_app(help="Evaluate a LENS run on a feature cache (gIoU / cIoU).")
 
-USER_ERROR_EXIT = 2
+__all__ = ["TRAINING_FAILED_EXIT", "USER_ERROR_EXIT", "command_app", "eval_app", "train_app", "user_errors"]
+
+#: exit status of a run stopped by a NaN/inf loss (a user error: ``USER_ERROR_EXIT``, 2)
 TRAINING_FAILED_EXIT = 1
 
 
-@contextlib.contextmanager
-def user_errors(output: str | Path | None = None) -> Iterator[None]:
-    """Expected problems as one line on stderr: exit 2 (user mistake, full or read-only disk under
-    ``output``) or 1 (training diverged)."""
-    try:
-        yield
-    except Exception as error:
-        if os.environ.get("LENS_DEBUG"):
-            raise
-        if isinstance(error, NonFiniteLossError):
-            typer.echo(f"error: {one_line(error)}", err=True)
-            raise typer.Exit(TRAINING_FAILED_EXIT) from None
-        mine = as_user_error(error, output)
-        if mine is None:
-            raise
-        quiet_sibling_failures(mine)
-        typer.echo(f"error: {one_line(mine)}", err=True)
-        raise typer.Exit(USER_ERROR_EXIT) from None
+def user_errors(
+    output: str | Path | None = None, *, also: tuple[type[BaseException], ...] = ()
+) -> contextlib.AbstractContextManager[None]:
+    """Stage 1's :func:`lens_cache.cli.user_errors` plus stage 2's own failure: one line on stderr,
+    exit 2 (user mistake, full or read-only disk under ``output``) or 1 (training diverged)."""
+    return stage_one.user_errors(output, exit_codes={NonFiniteLossError: TRAINING_FAILED_EXIT}, also=also)
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -63,7 +49,7 @@ def _given(**values: Any) -> dict[str, Any]:
 def train(
     cache: Annotated[list[str], typer.Option("--cache", help="Feature store (repeat for several; same backbone).")],
     mix: Annotated[str | None, typer.Option(help="Task ratio semantic:referring:reasoning, e.g. 9:3:1 [preset's].")] = None,
-    preset: Annotated[str | None, typer.Option(help="paper, official, tiny or a preset .json [official; the run's on --resume].")] = None,
+    preset: Annotated[str | None, typer.Option(help="paper, official, toy, tiny, qwen2vl-2b or a preset .json [official; the run's on --resume].")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder [runs/<preset>-<time>].")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [preset's].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per micro-batch [preset's].")] = None,
@@ -91,7 +77,12 @@ def train(
     sam: Annotated[str | None, typer.Option(help="vit_h:PATH (or toy:PATH) of the SAM a real-SAM store was cached with (tiny, shipped toy: not needed).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
 ) -> None:
-    """Train the head, keypoint descriptor and SAM's mask decoder from cached features."""
+    """Train the head, keypoint descriptor and SAM's mask decoder from cached features.
+
+    Default preset: official (the official code's settings at LLaVA-1.5-7B's size, d=4096,
+    layer 14), or the run's own with --resume. Stores of the tiny or toy backbones need
+    --preset tiny or --preset toy.
+    """
     with user_errors(output=out):
         # torch comes with these: imported here so that `lens-train --help` answers at once
         from .data import parse_mix
@@ -135,7 +126,10 @@ def evaluate(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     sam: Annotated[str | None, typer.Option(help="SAM checkpoint if it moved since training (vit_h:PATH).")] = None,
 ) -> None:
-    """gIoU / cIoU (overall, short and long queries), per-query IoU and overlay figures."""
+    """gIoU / cIoU (overall, short and long queries), per-query IoU and overlay figures.
+
+    Preset and backbone: the run's own (its config.json); the store must be of that backbone.
+    """
     with user_errors(output=out):
         # torch comes with it: imported here so that `lens-eval --help` answers at once
         from .evaluate import evaluate as run_evaluation

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 
+from lens_cache.backbones.runtime import resolve_device
 from lens_cache.files import replaced_on_success
 from lens_cache.identity import feature_differences, format_differences
 from lens_cache.images import ImageReadError, read_rgb
@@ -41,7 +42,8 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .data import Batch, QueryDataset, collate
 from .errors import UserError
 from .figures import OverlayItem, heatmap_on_image, write_overlays
-from .trainer import autocast_for, build_model, configs_from_run, read_run_config, resolve_device
+from .run_config import RunConfig, read_run_config
+from .trainer import autocast_for, build_model
 
 
 #: Trivial predictors scored beside the model (see the module docstring).
@@ -55,7 +57,7 @@ class LoadedRun:
     """A trained model rebuilt from its run folder."""
 
     model: Lens
-    config: dict[str, Any]
+    config: RunConfig
     step: int
     threshold: float
     precision: str
@@ -68,11 +70,10 @@ def load_run(run_dir: Path, *, device: torch.device | str = "cpu", sam: str | No
         sam: override of the recorded SAM spec (a real SAM checkpoint that moved).
     """
     config = read_run_config(Path(run_dir))
-    model_config, train_config = configs_from_run(config)
-    model = build_model(model_config, sam or config["sam"], seed=train_config.seed)
+    model = build_model(config.model, sam or config.sam, seed=config.train.seed)
     checkpoint = load_checkpoint(Path(run_dir), model, with_optimizer=False)
     return LoadedRun(model=model.to(device).eval(), config=config, step=checkpoint.step,
-                     threshold=train_config.threshold, precision=train_config.precision)
+                     threshold=config.train.threshold, precision=config.train.precision)
 
 
 @torch.no_grad()
@@ -131,15 +132,15 @@ def evaluate(
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     store = FeatureStore.open(cache)
-    trained = config["stores"][0]
+    trained = config.stores[0]
     # The rule training applies to mixed stores: the layer set a store keeps does not change its
     # features (a run trained on a (14, 30) store evaluates on a (14,) store), the run's layer must be there.
-    diffs = feature_differences(trained["identity"], store.identity)
+    diffs = feature_differences(trained.identity, store.identity)
     if diffs:
         raise UserError(f"store {cache} was cached with another backbone than run {run_dir} was trained on "
                         f"({format_differences(diffs, ('run', 'store'))})")
-    require_layer(store.layers, config["layer"], holder=f"store {cache}",
-                  fix=f"run {run_dir} was trained on layer {config['layer']}: evaluate it on a store that caches it")
+    require_layer(store.layers, config.layer, holder=f"store {cache}",
+                  fix=f"run {run_dir} was trained on layer {config.layer}: evaluate it on a store that caches it")
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise UserError(f"--threshold is a probability in (0, 1), got {threshold}")
     if limit is not None and limit < 1:
@@ -148,7 +149,7 @@ def evaluate(
     dev = resolve_device(device)
     run = load_run(run_dir, device=dev, sam=sam)
     threshold = run.threshold if threshold is None else threshold
-    dataset = QueryDataset(cache, config["layer"])
+    dataset = QueryDataset(cache, config.layer)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     subset = Subset(dataset, range(count))
     figure_rows = set(np.linspace(0, count - 1, num=min(figures, count)).round().astype(int).tolist()) if figures else set()

@@ -22,7 +22,6 @@ for ReasonSeg, ``synthetic-refer`` for RefCOCO), and the table says so.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import platform
@@ -30,8 +29,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+from lens_cache.files import write_bytes_atomically
+
+from .cli import command_app, user_errors
 from .errors import UserError
 
 # torch, zarr, pyarrow and the modules that import them (.presets, .trainer, .evaluate, .checkpoint,
@@ -427,9 +430,7 @@ def _provenance(settings: Settings, seconds: float) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_bytes_atomically(path, text.encode())
 
 
 # ----------------------------------------------------------------------------- demo
@@ -475,43 +476,123 @@ def demo(settings: Settings) -> Path:
 
 # ----------------------------------------------------------------------------- command line
 
+PROG = "python -m lens_train.reproduce"
+app = command_app(
+    name=PROG, no_args_is_help=True,
+    help="Reproduce the paper's tables end to end: caches -> training runs -> evaluations -> Markdown. "
+         "A rerun continues where an interrupted one stopped.",
+)
+
+# The options every command takes (`make` passes the same REPRO_ARGS to each; an empty value is unset).
+DataRootOption = Annotated[str | None, typer.Option(help="LISA-style dataset folder (DATA_ROOT); real presets only.")]
+MllmOption = Annotated[str | None, typer.Option(
+    help="LLaVA-1.5 folder or HF id (MLLM); real presets only [synthetic presets: their own].")]
+SamOption = Annotated[str | None, typer.Option(help="vit_h:PATH (SAM); real presets only [synthetic presets: their own].")]
+WorkOption = Annotated[str | None, typer.Option(help="Where stores/ and runs/ go [work/<preset>; demo: work/demo-<preset>].")]
+ResultsOption = Annotated[str, typer.Option(help="Where the tables go.")]
+DeviceOption = Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available].")]
+StepsOption = Annotated[int | None, typer.Option(
+    help=f"Override the preset's training steps [preset's; tiny tables: {TINY_TABLE_STEPS}].")]
+SeedsOption = Annotated[str, typer.Option(help="Table 2: comma-separated training seeds.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress lines.")]
+TABLE_PRESETS = "paper, official, toy or tiny (the last two: synthetic data, CPU)"
+
+
+def _run(what: str, *, preset: str, data_root: str | None, mllm: str | None, sam: str | None, work: str | None,
+         results: str, device: str | None, steps: int | None, tiny_images: int, seeds: str, quiet: bool) -> None:
+    """Settings from the options, then the table (user errors: one line, exit 2)."""
+    with user_errors(also=(FileNotFoundError,)):
+        if steps is None and preset == "tiny" and what != "demo":
+            steps = TINY_TABLE_STEPS
+        try:
+            seed_list = tuple(int(v) for v in seeds.split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"--seeds takes comma-separated integers (e.g. 0,1,2), got {seeds!r}") from None
+        settings = Settings(preset=preset, work=Path(work or (f"work/demo-{preset}" if what == "demo" else f"work/{preset}")),
+                            results=Path(results), data_root=Path(data_root) if data_root else None,
+                            mllm=mllm or None, sam=sam or None, device=device or None, steps=steps,
+                            tiny_images=tiny_images, quiet=quiet, seeds=seed_list)
+        {"table2": reproduce_table2, "table3": reproduce_table3, "demo": demo}[what](settings)
+
+
+@app.command(short_help="Table 2 (ReasonSeg): LENS and its ablations [default preset: paper].")
+def table2(
+    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "paper",
+    data_root: DataRootOption = None,
+    mllm: MllmOption = None,
+    sam: SamOption = None,
+    work: WorkOption = None,
+    results: ResultsOption = "results",
+    device: DeviceOption = None,
+    steps: StepsOption = None,
+    tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set (toy, tiny).")] = 16,
+    seeds: SeedsOption = "0",
+    quiet: QuietOption = False,
+) -> None:
+    """Table 2 (ReasonSeg): the caches, LENS and its four ablations, their val/test scores, results/table2.md.
+
+    Default preset: paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm,
+    --sam). --preset toy or tiny runs it on synthetic data with the project's own backbones.
+    """
+    _run("table2", preset=preset or "paper", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
+         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
+
+
+@app.command(short_help="Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run [default preset: paper].")
+def table3(
+    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "paper",
+    data_root: DataRootOption = None,
+    mllm: MllmOption = None,
+    sam: SamOption = None,
+    work: WorkOption = None,
+    results: ResultsOption = "results",
+    device: DeviceOption = None,
+    steps: StepsOption = None,
+    tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set (toy, tiny).")] = 16,
+    seeds: Annotated[str, typer.Option(help="Not used by Table 3 (its run is Table 2's seed-0 LENS run).")] = "0",
+    quiet: QuietOption = False,
+) -> None:
+    """Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run, results/table3.md.
+
+    Default preset: paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm,
+    --sam). --preset toy or tiny runs it on synthetic data with the project's own backbones.
+    """
+    _run("table3", preset=preset or "paper", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
+         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
+
+
+@app.command("demo", short_help="The whole pipeline on the synthetic world (make demo) [default preset: toy].")
+def demo_command(
+    preset: Annotated[str, typer.Option(help="toy (the shipped pretrained toy backbones) or tiny (random ones).")] = "toy",
+    data_root: DataRootOption = None,
+    mllm: MllmOption = None,
+    sam: SamOption = None,
+    work: WorkOption = None,
+    results: ResultsOption = "results",
+    device: DeviceOption = None,
+    steps: Annotated[int | None, typer.Option(help="Override the preset's training steps [preset's].")] = None,
+    tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set.")] = DEMO_IMAGES,
+    seeds: Annotated[str, typer.Option(help="Not used by the demo (one run, seed 0).")] = "0",
+    quiet: QuietOption = False,
+) -> None:
+    """The whole pipeline on the synthetic world (make demo): cache -> train -> eval on held-out
+    synthetic:val -> results/demo.md + figures.
+
+    Default preset: toy (the project's toy LLaVA and SAM, pretrained on synthetic scenes and
+    shipped in cache/lens_cache/toy/weights; CPU, minutes).
+    """
+    _run("demo", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
+         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lens_train.reproduce", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("table2", "table3", "demo"))
-    parser.add_argument("--preset", default=None,
-                        help="paper, official, toy or tiny (the last two: synthetic data, CPU) [paper; demo: toy]")
-    parser.add_argument("--data-root", default=None, help="LISA-style dataset folder (DATA_ROOT)")
-    parser.add_argument("--mllm", default=None, help="LLaVA-1.5 folder or HF id (MLLM)")
-    parser.add_argument("--sam", default=None, help="vit_h:PATH (SAM)")
-    parser.add_argument("--work", default=None, help="where stores/ and runs/ go [work/<preset>]")
-    parser.add_argument("--results", default="results", help="where the tables go [results]")
-    parser.add_argument("--device", default=None, help="cpu or cuda [cuda when available]")
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
-    parser.add_argument("--tiny-images", type=int, default=None,
-                        help="synthetic images per split and set (toy/tiny) [16; demo: 48]")
-    parser.add_argument("--seeds", default="0", help="Table 2: comma-separated training seeds [0]")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    preset = args.preset or ("toy" if args.what == "demo" else "paper")
-    if args.steps is None and preset == "tiny" and args.what != "demo":
-        args.steps = TINY_TABLE_STEPS
-    if args.tiny_images is None:
-        args.tiny_images = DEMO_IMAGES if args.what == "demo" else 16
-    work = args.work or (f"work/demo-{preset}" if args.what == "demo" else f"work/{preset}")
-    settings = Settings(preset=preset, work=Path(work),
-                        results=Path(args.results), data_root=Path(args.data_root) if args.data_root else None,
-                        mllm=args.mllm or None, sam=args.sam or None, device=args.device, steps=args.steps,
-                        tiny_images=args.tiny_images, quiet=args.quiet,
-                        seeds=tuple(int(v) for v in args.seeds.split(",") if v.strip()))
-    from lens_cache.store import StoreError
-    from lens_manifests import ManifestError
-
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit status
+    (0; 2 for a user error, printed as one line)."""
     try:
-        {"table2": reproduce_table2, "table3": reproduce_table3, "demo": demo}[args.what](settings)
-    except (UserError, StoreError, ManifestError, FileNotFoundError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        app(args=argv, prog_name=PROG)
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
 
 

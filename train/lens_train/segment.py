@@ -41,7 +41,7 @@ from lens_cache.identity import feature_differences, format_differences
 from lens_cache.images import read_rgb
 from PIL import Image, ImageDraw
 
-from .cli import user_errors
+from .cli import command_app, user_errors
 from .errors import UserError
 
 # numpy, torch and what imports them (lens_cache.store, lens_cache.backbones and this package's
@@ -54,12 +54,12 @@ if TYPE_CHECKING:
 
     from .data import Batch
     from .evaluate import LoadedRun
+    from .run_config import RunConfig
 
 #: Colour of the predicted region in overlays (RGB).
 MASK_COLOUR = (30, 220, 60)
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="Segment one image with a trained LENS run (frozen MLLM + SAM encoder run live).")
+app = command_app(help="Segment one image with a trained LENS run (frozen MLLM + SAM encoder run live).")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -89,7 +89,7 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def check_backbone(live_identity: dict, run_config: dict, run_dir: Path | str) -> None:
+def check_backbone(live_identity: dict, run_config: RunConfig, run_dir: Path | str) -> None:
     """Refuse a live backbone whose features differ from those the run's cache holds.
 
     Args:
@@ -98,14 +98,14 @@ def check_backbone(live_identity: dict, run_config: dict, run_dir: Path | str) -
     Raises:
         UserError: one line naming the settings that differ and what to pass instead.
     """
-    recorded = run_config["stores"][0]["identity"]
+    recorded = run_config.stores[0].identity
     diffs = feature_differences(recorded, live_identity)
     if not diffs:
         return
     detail = format_differences(diffs, ("run", "live"))
     keys = {key.split(".")[0] for key, _, _ in diffs}
     if keys & {"sam"}:
-        hint = f"pass --sam {run_config.get('sam', 'SPEC')!r} (the SAM the run's cache was built with)"
+        hint = f"pass --sam {run_config.sam!r} (the SAM the run's cache was built with)"
     elif keys <= {"compute_dtype"}:
         hint = f"pass --dtype {recorded.get('compute_dtype')}"
     else:
@@ -254,15 +254,17 @@ class Segmenter:
         import torch  # heavy: see the note on imports at the top
         from lens_cache.store import require_layer
 
+        from lens_cache.backbones.runtime import resolve_device
+
         from .evaluate import load_run
-        from .trainer import read_run_config, resolve_device
+        from .run_config import read_run_config
 
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise UserError(f"checkpoint folder not found: {self.run_dir} (pass --checkpoint RUN_DIR written by lens-train)")
         self.config = read_run_config(self.run_dir)
-        self.layer = int(self.config["layer"])
-        recorded = self.config["stores"][0]["identity"]
+        self.layer = self.config.layer
+        recorded = self.config.stores[0].identity
         if extractor is None:
             dev = resolve_device(str(device) if device is not None else None)
         else:
@@ -290,7 +292,7 @@ class Segmenter:
             )
         return build_extractor(
             mllm=mllm,
-            sam=sam or self.config["sam"],
+            sam=sam or self.config.sam,
             layers=(self.layer,),
             device=device,
             dtype=dtype or recorded.get("compute_dtype"),
@@ -514,7 +516,11 @@ def segment(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Backbone compute dtype (default: the one the run's cache was built with).")] = None,
 ) -> None:
-    """Segment IMAGE by INSTRUCTION with a trained LENS run; the frozen MLLM and SAM encoder run live."""
+    """Segment IMAGE by INSTRUCTION with a trained LENS run; the frozen MLLM and SAM encoder run live.
+
+    Default backbone: the run's own (the MLLM and SAM its training cache was built with, as
+    recorded in its config.json); --mllm / --sam name them when they moved.
+    """
     with user_errors(output=out):
         check_instruction(instruction)  # these fail before any model is loaded
         check_out_dir(out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from safetensors.torch import load
@@ -90,20 +89,6 @@ def preset_hint(hidden_size: int) -> str:
     if matching:
         return "use --preset " + " or --preset ".join(matching)
     return f"give --preset PATH.json with model.hidden_size {hidden_size}"
-
-
-def describe_store(store) -> dict[str, Any]:
-    """What a run records about each store it read (config.json)."""
-    return {
-        "url": store.url,
-        "identity_hash": store.identity_hash,
-        "manifest_hash": store.manifest_hash,
-        "spec": store.attrs.get("spec"),
-        "layers": list(store.layers),
-        "num_queries": store.num_queries,
-        "num_valid_queries": int(len(store.valid_query_ids())),
-        "identity": store.identity,
-    }
 
 
 def resolve_sam_spec(identity: dict, sam: str | None) -> str:

@@ -5,7 +5,7 @@ the SAM that belongs to the cached embeddings, build the model from a preset, an
 AdamW (warm-up + linear decay, gradient accumulation, clipping, bf16 autocast on CUDA)
 on ``L = L_seg + attn_weight * L_attn``. The run folder holds::
 
-    config.json        preset, LensConfig, TrainConfig, stores (identity, paths), CLI args
+    config.json        preset, LensConfig, TrainConfig, stores (identity, paths), CLI args (lens_train.run_config)
     metrics.jsonl      one row per optimizer step: loss parts, lr, grad norm, samples/s
     model.safetensors  trainable weights   } the checkpoint, every ckpt_every steps and at the end,
     optimizer.pt       optimizer + RNG     } written atomically (see lens_train.checkpoint)
@@ -28,12 +28,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-from lens_cache.backbones.runtime import cpu_threads
+from lens_cache.backbones.runtime import cpu_threads, resolve_device
+from lens_cache.version import lens_version
 from lens_cache.locks import exclusive
 from torch import nn
 
@@ -46,13 +46,11 @@ from .data import Batch, MixedBatchSampler, QueryDataset, concat_datasets, make_
 from .errors import NonFiniteLossError, UserError
 from .figures import write_curve
 from .presets import Preset, load_preset
-from .stores import describe_store, open_stores, read_warm_start, resolve_sam_spec
+from .run_config import RunConfig, StoreRecord, read_run_config, write_run_config
+from .stores import open_stores, read_warm_start, resolve_sam_spec
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "curve.png"
-RUN_FORMAT = "lens-train-run"
-RUN_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -100,16 +98,6 @@ class TrainResult:
 DEFAULT_PRESET = "official"
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible: use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"--device takes cpu or cuda[:N], got {device!r}")
-    return torch.device(device)
-
-
 def lr_at(step: int, train: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then linear decay to 0."""
     warmup = min(train.warmup_steps, train.steps)
@@ -147,20 +135,6 @@ def effective_precision(device: torch.device, precision: str) -> str:
 
 
 # ----------------------------------------------------------------------------- run folder
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a lens-train run ({CONFIG_FILE} missing)")
-    config = json.loads(path.read_text())
-    if config.get("format") != RUN_FORMAT:
-        raise UserError(f"{path} is not a lens-train run config")
-    return config
-
-
-def configs_from_run(config: dict[str, Any]) -> tuple[LensConfig, TrainConfig]:
-    return LensConfig.from_dict(config["model"]), TrainConfig.from_dict(config["train"])
 
 
 def _check_overrides(kind: str, recorded: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -> None:
@@ -218,7 +192,7 @@ class RunSetup:
     sam_spec: str
     device: torch.device
     start_step: int
-    config: dict[str, Any]
+    config: RunConfig
 
 
 def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
@@ -236,15 +210,15 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
 
     if resuming:
         recorded = read_run_config(run_dir)
-        if request.preset is not None and request.preset != recorded["preset"]:
-            raise UserError(f"--resume: {run_dir} was trained with preset {recorded['preset']!r}, not {request.preset!r}")
-        _check_overrides("model", recorded["model"], request.model_overrides, run_dir)
-        _check_overrides("training", recorded["train"], request.train_overrides, run_dir)
-        model_config, train_config = configs_from_run(recorded)
-        preset = Preset(recorded["preset"], recorded.get("preset_description", ""), model_config, train_config)
-        if request.layer is not None and request.layer != recorded["layer"]:
-            raise UserError(f"--resume: {run_dir} was trained on layer {recorded['layer']}, not --layer {request.layer}")
-        layer = int(recorded["layer"])
+        if request.preset is not None and request.preset != recorded.preset:
+            raise UserError(f"--resume: {run_dir} was trained with preset {recorded.preset!r}, not {request.preset!r}")
+        _check_overrides("model", recorded.model.to_dict(), request.model_overrides, run_dir)
+        _check_overrides("training", recorded.train.to_dict(), request.train_overrides, run_dir)
+        model_config, train_config = recorded.model, recorded.train
+        preset = Preset(recorded.preset, recorded.preset_description, model_config, train_config)
+        if request.layer is not None and request.layer != recorded.layer:
+            raise UserError(f"--resume: {run_dir} was trained on layer {recorded.layer}, not --layer {request.layer}")
+        layer = recorded.layer
     else:
         try:
             preset = load_preset(request.preset or DEFAULT_PRESET, model_overrides=request.model_overrides,
@@ -257,42 +231,33 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
     stores = open_stores(request.caches, layer=layer, hidden_size=model_config.hidden_size,
                          prompt_dim=model_config.prompt_dim, preset_name=preset.name)
     if resuming:
-        trained = [(s["identity_hash"], s["manifest_hash"]) for s in recorded["stores"]]
+        trained = [(s.identity_hash, s.manifest_hash) for s in recorded.stores]
         given = [(s.identity_hash, s.manifest_hash) for s in stores]
         if trained != given:
             raise UserError(
                 f"--resume needs the stores {run_dir} was trained on, in the same order: "
-                + ", ".join(s["url"] for s in recorded["stores"])
+                + ", ".join(s.url for s in recorded.stores)
             )
-    sam_spec = resolve_sam_spec(stores[0].identity, request.sam or (recorded.get("sam") if resuming else None))
+    sam_spec = resolve_sam_spec(stores[0].identity, request.sam or (recorded.sam if resuming else None))
 
-    config = recorded if resuming else {
-        "format": RUN_FORMAT,
-        "format_version": RUN_FORMAT_VERSION,
-        "preset": preset.name,
-        "preset_description": preset.description,
-        "model": model_config.to_dict(),
-        "train": train_config.to_dict(),
-        "layer": layer,
-        "sam": sam_spec,
-        "identity_hash": stores[0].identity_hash,
-        "stores": [describe_store(s) for s in stores],
-        "cli": request.cli,
-        "device": str(device),
-        "precision": effective_precision(device, train_config.precision),
-        "versions": {"torch": torch.__version__, "lens": _lens_version()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    config = recorded if resuming else RunConfig(
+        preset=preset.name,
+        preset_description=preset.description,
+        model=model_config,
+        train=train_config,
+        layer=layer,
+        sam=sam_spec,
+        identity_hash=stores[0].identity_hash,
+        stores=tuple(StoreRecord.of(s) for s in stores),
+        cli=request.cli,
+        device=str(device),
+        precision=effective_precision(device, train_config.precision),
+        versions={"torch": torch.__version__, "lens": lens_version() or "not installed"},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     return RunSetup(run_dir=run_dir, preset=preset, model_config=model_config, train_config=train_config,
                     stores=stores, sam_spec=sam_spec, device=device, start_step=existing_step if resuming else 0,
                     config=config)
-
-
-def _lens_version() -> str:
-    try:
-        return version("lens-seg")
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def build_model(model_config: LensConfig, sam_spec: str, *, seed: int) -> Lens:
@@ -315,7 +280,7 @@ def apply_warm_start(model: Lens, setup: RunSetup, log: Callable[[str], None]) -
     if not setup.train_config.warm_start:
         return {"requested": False, "used": False}
     store = setup.stores[0]
-    warm = read_warm_start(store, layer=setup.config["layer"], config=setup.model_config)
+    warm = read_warm_start(store, layer=setup.config.layer, config=setup.model_config)
     if isinstance(warm, str):
         note = f"warm start unavailable: {warm}; the head starts from random init"
         log(note)
@@ -369,12 +334,12 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
         _rewrite_metrics(run_dir, rows)
         say(f"resuming {run_dir} at step {setup.start_step}/{train_cfg.steps}")
     else:
-        setup.config["warm_start"] = apply_warm_start(model, setup, say)
-        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(setup.config, indent=2) + "\n")
+        setup.config = dataclasses.replace(setup.config, warm_start=apply_warm_start(model, setup, say))
+        write_run_config(run_dir, setup.config)
         rows = []
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
 
-    datasets = [QueryDataset(s.url, setup.config["layer"], store_index=i) for i, s in enumerate(setup.stores)]
+    datasets = [QueryDataset(s.url, setup.config.layer, store_index=i) for i, s in enumerate(setup.stores)]
     dataset, tasks = concat_datasets(datasets)
     sampler = MixedBatchSampler(tasks, train_cfg.mix, batch_size=train_cfg.batch_size, grad_accum=train_cfg.grad_accum,
                                 seed=train_cfg.seed, start_step=setup.start_step, end_step=train_cfg.steps)

@@ -16,13 +16,28 @@ from lens_cache.errors import UsageError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> the first CUDA device when there is one, else the CPU."""
+    """The device of every command's ``--device`` (stage 1 and stage 2 alike).
+
+    ``None`` -> the first CUDA device when there is one, else the CPU. A string names ``cpu``,
+    ``cuda`` or ``cuda:N``; a ``torch.device`` (library callers) is taken as it is.
+
+    Raises:
+        UsageError: a string that is not cpu/cuda[:N], or a CUDA device when none is visible (one line).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
-        raise UsageError(f"--device takes cpu, cuda or cuda:N, got {device!r}") from None
+    if isinstance(device, torch.device):
+        resolved = device
+    else:
+        try:
+            resolved = torch.device(device)
+        except RuntimeError:  # torch's "Expected one of cpu, cuda, ... device type at start of device string"
+            resolved = None
+        if resolved is None or resolved.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device takes cpu, cuda or cuda:N, got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible: use --device cpu")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

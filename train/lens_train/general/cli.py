@@ -22,12 +22,11 @@ from typing import Annotated
 
 import typer
 
-from ..cli import user_errors
+from ..cli import command_app, user_errors
 from ..errors import UserError
 from . import mme_eval, routing_eval
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help="General abilities of the frozen MLLM (MME, Table 1) and the agent's routing benchmark.")
+app = command_app(help="General abilities of the frozen MLLM (MME, Table 1) and the agent's routing benchmark.")
 
 BENCHMARKS = ("mme",)
 
@@ -64,7 +63,11 @@ def general(
     threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
 ) -> None:
-    """MME scores of the frozen MLLM (LLaVA-1.5's prompt, MME's official scoring)."""
+    """MME scores of the frozen MLLM (LLaVA-1.5's prompt, MME's official scoring).
+
+    No default backbone: --mllm SPEC, or --checkpoint RUN_DIR (then the run's MLLM unless
+    --mllm names it).
+    """
     with user_errors(output=out):
         if benchmark.lower() not in BENCHMARKS:
             raise UserError(f"--benchmark takes {', '.join(BENCHMARKS)}, got {benchmark!r} (routing: lens-general routing)")
@@ -92,7 +95,10 @@ def routing(
     threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
 ) -> None:
-    """Route every sample with the agent's router on the frozen MLLM; accuracy and trigger errors per tier."""
+    """Route every sample with the agent's router on the frozen MLLM; accuracy and trigger errors per tier.
+
+    No default backbone: --mllm SPEC is required.
+    """
     with user_errors(output=out):
         say = None if quiet else (lambda line: typer.echo(line, err=True))
         with _threads(threads, device):
