@@ -47,7 +47,6 @@ def test_a_run_folder_written_before_the_record_existed_loads(run_dir):
     assert config.stores[0].url == "/work/exp144/stores/synthetic-train-L3" and config.stores[0].layers == (3,)
     assert config.stores[0].identity["name_or_path"] == "toy"
     assert config.warm_start["used"] and config.cli == {"reproduce": "lens"}
-    assert config["layer"] == 3  # scripts that read it as a dict (benchmarks/decompose_run.py)
 
     # Written back: the same keys in the same order and the same values; the model gains only the fields
     # LensConfig has grown since, at the defaults the run was trained with.
