@@ -125,5 +125,6 @@ def test_table2_over_seeds_reports_mean_sd_and_which_ablations_exceed_noise(tmp_
     assert diff == pytest.approx(0.30 - 0.62)
     assert se == pytest.approx(np.sqrt(np.var([0.30, 0.31, 0.29], ddof=1) / 3 + np.var(lens, ddof=1) / 3))
     lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
-    assert lines["- layer 3 → layer 5"].endswith("beyond noise")
+    assert reproduce.row_label("layer30", settings) == "layer 3 → layer 4"  # the toy preset's main and late layers
+    assert lines["- layer 3 → layer 4"].endswith("beyond noise")
     assert lines["- w/o L_attn"].endswith("within noise")
