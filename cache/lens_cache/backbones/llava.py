@@ -15,7 +15,7 @@ How the states are computed (and why they equal a plain forward's ``hidden_state
   position, and positions continue from the prefix length, so valid rows are exact.
 - **Early stop.** Forward hooks on ``language_model.layers[k - 1]`` record the raw output
   of each cached layer ``k`` (= ``hidden_states[k]``); the hook of the deepest one raises
-  :class:`_StopForward`, so deeper layers and the final RMSNorm never run. The model is
+  :class:`~lens_cache.backbones.layer_capture.StopForward`, so deeper layers and the final RMSNorm never run. The model is
   never modified (the hooks are removed afterwards), nothing gets gradients.
 """
 
@@ -35,6 +35,7 @@ from lens_cache.files import sha256_file
 
 from .runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import sam_frame
+from .layer_capture import decoder_layer_state_dict, forward_until, plain, tensors_fingerprint
 from .mllm import MllmStates, UnsupportedMllmError, load_mllm_config
 
 #: LLaVA-1.5's conversation template (vicuna_v1); ``<image>`` stands for the image tokens.
@@ -55,10 +56,6 @@ _VOLATILE_CONFIG_KEYS = frozenset(
      "_attn_implementation_autoset", "_commit_hash", "architectures", "output_hidden_states",
      "output_attentions", "return_dict", "use_cache"}
 )
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the deepest cached layer: the rest of the forward is not needed."""
 
 
 def config_hash(config: PretrainedConfig) -> str:
@@ -93,18 +90,7 @@ def weights_fingerprint(model: LlavaForConditionalGeneration, samples: int = 409
         model.model.multi_modal_projector.linear_1.weight,
         next(model.model.vision_tower.parameters()),
     ]
-    digest = hashlib.sha256()
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        picked = flat[:: max(1, flat.numel() // samples)].to(torch.bfloat16).float().cpu()
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(picked.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A normal (non-inference) float32 CPU copy, usable later in autograd-recorded code."""
-    return t.float().cpu().clone()
+    return tensors_fingerprint(tensors, samples)
 
 
 class LlavaBackbone:
@@ -345,8 +331,8 @@ class LlavaBackbone:
         image_states, text_states = self._encode(images, questions)
         return [
             MllmStates(
-                image_states={k: _plain(v[b]) for k, v in image_states.items()},
-                text_states=[{k: _plain(v) for k, v in row.items()} for row in text_states[b]],
+                image_states={k: plain(v[b]) for k, v in image_states.items()},
+                text_states=[{k: plain(v) for k, v in row.items()} for row in text_states[b]],
             )
             for b in range(len(images))
         ]
@@ -402,28 +388,7 @@ class LlavaBackbone:
 
     def _forward_until(self, **inputs: Any) -> dict[int, torch.Tensor]:
         """Run ``model.model`` until the deepest cached layer; layer -> (B, S, d) raw layer outputs."""
-        captured: dict[int, torch.Tensor] = {}
-        deepest = self.layers[-1]
-
-        def hook_for(k: int):
-            def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-                captured[k] = output[0] if isinstance(output, tuple) else output
-                if k == deepest:
-                    raise _StopForward
-
-            return hook
-
-        handles = [self._lm.layers[k - 1].register_forward_hook(hook_for(k)) for k in self.layers]
-        try:
-            self.model.model(**inputs)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        if deepest not in captured:
-            raise RuntimeError(f"the forward never reached decoder layer {deepest - 1}")
-        return captured
+        return forward_until(self.model.model, self._lm.layers, self.layers, **inputs)
 
     # --------------------------------------------------------------- dialogue
 
@@ -490,9 +455,7 @@ class LlavaBackbone:
         ``index`` is 0-based: layers 14 and 15 are the ones that read ``hidden_states[14]``
         and ``hidden_states[15]``, i.e. the LENS head's warm start for layer-14 features.
         """
-        if not 0 <= index < self.num_hidden_layers:
-            raise IndexError(f"decoder layer index {index} outside 0..{self.num_hidden_layers - 1}")
-        return {k: v.detach().to("cpu", copy=True) for k, v in self._lm.layers[index].state_dict().items()}
+        return decoder_layer_state_dict(self._lm.layers, index)
 
 
 def _complete_processor(processor: Any, config: PretrainedConfig) -> None:

@@ -35,7 +35,6 @@ Importing this module is cheap (the registry imports it): transformers is import
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from typing import Any, Sequence
 
@@ -46,6 +45,7 @@ from lens_cache.errors import BadSampleError, UsageError
 from lens_core.geometry import SAM_IMAGE_SIZE
 
 from . import register_mllm_adapter, register_mllm_preset
+from .layer_capture import decoder_layer_state_dict, forward_until, plain, tensors_fingerprint
 from .runtime import dtype_name, resolve_device, resolve_dtype
 
 #: Backbone names (in the identity) by ``config.model_type``.
@@ -65,10 +65,6 @@ QWEN2_VL_TEMPLATE = (
 REFERRING_QUESTION_TEMPLATE = "Can you segment the {text} in this image?"
 _QUESTION = "{question}"
 _SENTINEL = "\x00LENS-QUESTION\x00"
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the deepest cached layer: the rest of the forward is not needed."""
 
 
 def _model_class(model_type: str):
@@ -112,13 +108,7 @@ def weights_fingerprint(model: Any, samples: int = 4096) -> str:
         next(model.model.visual.merger.parameters()),
         next(model.model.visual.parameters()),
     ]
-    digest = hashlib.sha256()
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        picked = flat[:: max(1, flat.numel() // samples)].to(torch.bfloat16).float().cpu()
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(picked.numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_fingerprint(tensors, samples)
 
 
 def configure_image_size(processor: Any, image_size: int) -> None:
@@ -129,11 +119,6 @@ def configure_image_size(processor: Any, image_size: int) -> None:
     for name in ("min_pixels", "max_pixels"):  # older processors keep them as attributes too
         if hasattr(image_processor, name):
             setattr(image_processor, name, pixels)
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A normal (non-inference) float32 CPU copy, usable later in autograd-recorded code."""
-    return t.float().cpu().clone()
 
 
 class Qwen2VLBackbone:
@@ -389,8 +374,8 @@ class Qwen2VLBackbone:
         image_states, text_states = self._encode(images, questions)
         return [
             MllmStates(
-                image_states={k: _plain(v[b]) for k, v in image_states.items()},
-                text_states=[{k: _plain(v) for k, v in row.items()} for row in text_states[b]],
+                image_states={k: plain(v[b]) for k, v in image_states.items()},
+                text_states=[{k: plain(v) for k, v in row.items()} for row in text_states[b]],
             )
             for b in range(len(images))
         ]
@@ -453,28 +438,7 @@ class Qwen2VLBackbone:
 
     def _forward_until(self, **inputs: Any) -> dict[int, torch.Tensor]:
         """Run ``model.model`` until the deepest cached layer; layer -> (B, S, d) raw layer outputs."""
-        captured: dict[int, torch.Tensor] = {}
-        deepest = self.layers[-1]
-
-        def hook_for(k: int):
-            def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-                captured[k] = output[0] if isinstance(output, tuple) else output
-                if k == deepest:
-                    raise _StopForward
-
-            return hook
-
-        handles = [self._lm.layers[k - 1].register_forward_hook(hook_for(k)) for k in self.layers]
-        try:
-            self.model.model(**inputs)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        if deepest not in captured:
-            raise RuntimeError(f"the forward never reached decoder layer {deepest - 1}")
-        return captured
+        return forward_until(self.model.model, self._lm.layers, self.layers, **inputs)
 
     # --------------------------------------------------------------- dialogue
 
@@ -536,9 +500,7 @@ class Qwen2VLBackbone:
     def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """CPU copy of ``language_model.layers[index]`` 's weights (``Qwen2DecoderLayer`` names);
         ``index`` is 0-based (layers k and k+1 warm-start a head on layer-k features)."""
-        if not 0 <= index < self.num_hidden_layers:
-            raise IndexError(f"decoder layer index {index} outside 0..{self.num_hidden_layers - 1}")
-        return {k: v.detach().to("cpu", copy=True) for k, v in self._lm.layers[index].state_dict().items()}
+        return decoder_layer_state_dict(self._lm.layers, index)
 
 
 # ------------------------------------------------------------------ registry

@@ -1,0 +1,74 @@
+"""What every MLLM adapter does with its decoder the same way: capture chosen layers' outputs and
+stop the forward after the deepest, fingerprint weights cheaply, copy decoder layers for the warm start.
+
+Adapters (:mod:`lens_cache.backbones.llava`, :mod:`lens_cache.backbones.qwen2vl`) differ in how they
+build inputs (templates, image tokens, position ids); these pieces do not depend on that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+
+class StopForward(Exception):
+    """Raised by the hook of the deepest cached layer: the rest of the forward is not needed."""
+
+
+def forward_until(
+    forward: Callable[..., Any], decoder_layers: Sequence[torch.nn.Module], layers: Sequence[int], **inputs: Any
+) -> dict[int, torch.Tensor]:
+    """Run ``forward(**inputs)`` until the deepest of ``layers``; layer k -> (B, S, d) output of decoder layer k - 1.
+
+    ``layers`` index ``hidden_states`` (sorted ascending): ``hidden_states[k]`` is the output of
+    ``decoder_layers[k - 1]``. Deeper layers and the final norm never run.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    deepest = layers[-1]
+
+    def hook_for(k: int):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            captured[k] = output[0] if isinstance(output, tuple) else output
+            if k == deepest:
+                raise StopForward
+
+        return hook
+
+    handles = [decoder_layers[k - 1].register_forward_hook(hook_for(k)) for k in layers]
+    try:
+        forward(**inputs)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if deepest not in captured:
+        raise RuntimeError(f"the forward never reached decoder layer {deepest - 1}")
+    return captured
+
+
+def tensors_fingerprint(tensors: Iterable[torch.Tensor], samples: int = 4096) -> str:
+    """sha256 of ~``samples`` strided values of each tensor (and its shape), rounded to bfloat16 first,
+    so a float16 checkpoint loaded as bfloat16 (GPU) or float32 (CPU) gives the same fingerprint."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)].to(torch.bfloat16).float().cpu()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) float32 CPU copy, usable later in autograd-recorded code."""
+    return t.float().cpu().clone()
+
+
+def decoder_layer_state_dict(decoder_layers: Sequence[torch.nn.Module], index: int) -> dict[str, torch.Tensor]:
+    """CPU copy of ``decoder_layers[index]`` 's weights (0-based; transformers' parameter names)."""
+    if not 0 <= index < len(decoder_layers):
+        raise IndexError(f"decoder layer index {index} outside 0..{len(decoder_layers) - 1}")
+    return {k: v.detach().to("cpu", copy=True) for k, v in decoder_layers[index].state_dict().items()}
