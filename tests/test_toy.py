@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lens_cache.toy.conversations import (
-    CAPTION_QUESTION, GROUNDING_QUESTION, SEGMENTATION_WORDS, box_text, caption, parse_box, turns, vocabulary_words,
+    CAPTION_QUESTION, GROUNDING_QUESTION, SEGMENTATION_WORDS, SHORT_ANSWER, box_text, caption, parse_box, turns, vocabulary_words,
 )  # fmt: skip
 from lens_cache.toy.loop import Schedule, run_stage
 from lens_cache.toy.world import HELD_OUT, TRAIN, draw_scene
@@ -59,12 +59,19 @@ def test_conversation_answers_follow_the_scene_graph():
     for index in range(8):
         scene = draw_scene(TRAIN, index)
         for kind, question, answer in turns(scene, np.random.default_rng(index)):
+            if kind != "box":  # the short-answer instruction asks for the bare word, else a sentence's end
+                assert answer == answer.capitalize() and not answer.endswith(".") if SHORT_ANSWER in question \
+                    else answer.endswith(".")
+            word = answer.rstrip(".").lower()
             if kind == "colour":
                 shape = [s for s in scene.shapes if f" {s.kind}?" in question]
-                assert len(shape) == 1 and answer == f"{shape[0].colour}."
-            elif kind == "count" and question == "How many shapes are there?":
+                assert len(shape) == 1 and word == shape[0].colour
+            elif kind == "count" and question.startswith("How many shapes are there?"):
                 words = ("zero", "one", "two", "three", "four", "five", "six")
-                assert answer == f"{words[len(scene.shapes)]}."
+                assert word == words[len(scene.shapes)]
+            elif kind == "verify" and question.startswith("Is the "):
+                shape = [s for s in scene.shapes if question.startswith(f"Is the {s.kind} ")]
+                assert len(shape) == 1 and (word == "yes") == (f" {shape[0].colour}?" in question)
             elif kind == "box":
                 box = parse_box(answer)
                 assert box is not None and all(0 <= v <= 1 for v in box)
@@ -99,6 +106,45 @@ def test_toy_tokenizer_knows_every_word_of_the_synthetic_queries():
     assert missing == []
     ids = tok("the shape coloured like a ripe banana", add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
+
+
+def test_toy_tokenizer_round_trips_a_box_answer():
+    """Without ``[`` and ``]`` in the vocabulary a box answer decodes without its brackets and
+    can never be parsed (the first toy LLaVA scored box IoU 0 for that reason)."""
+    from lens_cache.toy.llava import build_toy_processor
+
+    tok = build_toy_processor().tokenizer
+    scene = draw_scene(HELD_OUT, 11)
+    answer = box_text(scene, 0)
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert parse_box(tok.decode(ids, skip_special_tokens=True)) == parse_box(answer)
+
+
+def test_answer_weights_give_each_answer_equal_weight():
+    from lens_cache.toy.llava import answer_weights, lm_loss
+
+    targets = torch.full((2, 12), -100)
+    targets[0, 1:4] = 5  # a 3-token answer
+    targets[0, 6] = 7  # a 1-token answer
+    targets[0, 9:12] = 2  # a 3-token answer that runs to the row's end ...
+    targets[1, 0:2] = 3  # ... and is not merged with the next row's 2-token answer
+    weights = answer_weights(targets)
+    expected = torch.zeros(2, 12)
+    expected[0, 1:4], expected[0, 6], expected[0, 9:12], expected[1, 0:2] = 1 / 3, 1.0, 1 / 3, 1 / 2
+    torch.testing.assert_close(weights, expected / 4)
+
+    # lm_loss(per_answer=True) is the mean over answers of each answer's mean cross-entropy
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, pixel_values):
+            return type("Out", (), {"logits": pixel_values})()
+
+    logits = torch.randn(2, 13, 9)
+    labels = torch.cat([torch.full((2, 1), -100), targets], 1)
+    got = lm_loss(Model(), None, labels, None, logits, per_answer=True)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+    answers = [ce[0, 1:4].mean(), ce[0, 6], ce[0, 9:12].mean(), ce[1, 0:2].mean()]
+    torch.testing.assert_close(got, torch.stack(answers).mean())
 
 
 def test_focal_loss_matches_torchvision():

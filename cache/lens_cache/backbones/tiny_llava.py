@@ -67,16 +67,20 @@ _PUNCTUATION = tuple(".,:;?!'\"()-/")
 _DIGITS = tuple("0123456789")
 
 
-def build_tiny_tokenizer(extra_words: tuple[str, ...] | list[str] = ()) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    extra_words: tuple[str, ...] | list[str] = (), extra_symbols: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a fixed vocabulary, built locally (deterministic).
 
     Lower-cases its input, splits on whitespace, punctuation and single digits, maps
     unknown words to ``<unk>`` and prepends ``<s>`` like LLaMA's tokenizer. ``<image>``
     is a special token, so the processor's run of 576 ``<image>`` s becomes 576 ids.
-    ``extra_words`` extend the vocabulary (the toy LLaVA adds its world's words).
+    ``extra_words`` extend the vocabulary (the toy LLaVA adds its world's words) and
+    ``extra_symbols`` its punctuation (the toy's box answers need ``[`` and ``]``).
     """
     words = sorted({w for w in (*_WORDS.split(), *extra_words) if w.isalpha()})
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *_PUNCTUATION, *_DIGITS, *words))}
+    symbols = (*_PUNCTUATION, *(s for s in extra_symbols if s not in _PUNCTUATION))
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *symbols, *_DIGITS, *words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence(

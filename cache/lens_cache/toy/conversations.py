@@ -13,8 +13,18 @@ position and box), so its answers are exact. Kinds of turns:
   padded square frame the model sees, two decimals), where X is any phrase that picks out
   one shape: REFER-style phrases and the dataset's reasoning clues ("the shape coloured
   like a ripe banana") -- the world knowledge a real MLLM brings;
+* verification (yes/no about an attribute): "is the triangle green?", "are there three
+  shapes in the image?";
 * captions (the alignment stage): "describe the image briefly." -> "a big red circle, a
   small blue star." (left to right).
+
+Instruction formats, as LLaVA-1.5's mix has them for short-answer VQA data: half of the
+short-answer turns end with "Answer the question using a single word or phrase." and are
+then answered with the bare word ("Yes", "Red", "Circle", "Three"); half of the yes/no
+questions carry "Please answer yes or no."; "the image" and "this image", "to the left
+of" and "on the left of" alternate. A toy LM from scratch learns no instruction it is not
+shown, and general-ability evaluations (MME) ask in these formats; the images they ask
+about are never in this data.
 
 Never in this data: LENS's segmentation prompt ("can you segment ...") or anything
 that maps text to masks. The toy is a chat model that knows where things are.
@@ -31,8 +41,16 @@ from lens_manifests.synthetic import COLOUR_CLUES, COLOURS, EXTREME_PHRASES, KIN
 
 from .world import ToyScene
 
+#: LLaVA-1.5's short-answer instruction (its VQA data and its MME evaluation prompt).
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+YES_OR_NO = "Please answer yes or no."
+#: Question types answered with a word or two (the instruction formats apply to these).
+SHORT_TYPES = ("colour", "shape", "size", "yesno", "relation", "count", "verify")
 GROUNDING_QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {phrase}."
 CAPTION_QUESTION = "Describe the image briefly."
+#: The box answers' brackets: the toy's tokenizer must know them, or a box answer cannot be
+#: generated (it decodes to nothing where the brackets should be).
+BOX_SYMBOLS = ("[", "]")
 #: Phrases LENS uses to ask for masks; the toy's data must never contain them (tested).
 SEGMENTATION_WORDS = ("segment", "segmentation", "mask")
 
@@ -91,8 +109,10 @@ def turns(scene: ToyScene, rng: np.random.Generator) -> list[tuple[str, str, str
     colour, kind = shapes[int(rng.integers(len(shapes)))].colour, shapes[int(rng.integers(len(shapes)))].kind
     absent = [(c, k) for c in COLOURS for k in SHAPE_KINDS if (c, k) not in present]
     c_abs, k_abs = absent[int(rng.integers(len(absent)))]
-    out.append(("yesno", f"Is there a {colour} {kind} in the image?", "yes." if (colour, kind) in present else "no."))
-    out.append(("yesno", f"Is there a {c_abs} {k_abs} in the image?", "no."))
+    image = ("the image", "this image")
+    out.append(("yesno", f"Is there a {colour} {kind} in {image[int(rng.integers(2))]}?",
+                "yes." if (colour, kind) in present else "no."))
+    out.append(("yesno", f"Is there a {c_abs} {k_abs} in {image[int(rng.integers(2))]}?", "no."))
     # relations between two uniquely named shapes
     named = [i for i, s in enumerate(shapes) if sum(t.kind == s.kind and t.colour == s.colour for t in shapes) == 1]
     if len(named) >= 2:
@@ -100,8 +120,21 @@ def turns(scene: ToyScene, rng: np.random.Generator) -> list[tuple[str, str, str
         sa, sb = shapes[a], shapes[b]
         if abs(sa.centre[0] - sb.centre[0]) > 0.1 * scene.scene.width:
             left = sa.centre[0] < sb.centre[0]
-            out.append(("relation", f"Is the {sa.colour} {sa.kind} to the left of the {sb.colour} {sb.kind}?",
-                        "yes." if left else "no."))
+            side, word = [("left", "to the left of"), ("left", "on the left of"), ("right", "on the right of")][
+                int(rng.integers(3))]
+            truth = left if side == "left" else not left
+            out.append(("relation", f"Is the {sa.colour} {sa.kind} {word} the {sb.colour} {sb.kind}?",
+                        "yes." if truth else "no."))
+    # verification: an attribute stated, true or false with equal odds
+    unique_kind = [s for s in shapes if kinds.count(s.kind) == 1]
+    if unique_kind:
+        s = unique_kind[int(rng.integers(len(unique_kind)))]
+        said = s.colour if rng.random() < 0.5 else [c for c in COLOURS if c != s.colour][int(rng.integers(len(COLOURS) - 1))]
+        out.append(("verify", f"Is the {s.kind} {said}?", "yes." if said == s.colour else "no."))
+    n = len(shapes)
+    said_n = n if rng.random() < 0.5 else max(1, n + (1 if rng.random() < 0.5 or n == 1 else -1))
+    there = "Is there one shape" if said_n == 1 else f"Are there {_NUMBERS[said_n]} shapes"
+    out.append(("verify", f"{there} in {image[int(rng.integers(2))]}?", "yes." if said_n == n else "no."))
     out.append(("count", "How many shapes are there?", f"{_NUMBERS[len(shapes)]}."))
     colour = colours[int(rng.integers(len(colours)))]
     out.append(("count", f"How many {colour} shapes are there?", f"{_NUMBERS[colours.count(colour)]}."))
@@ -109,13 +142,28 @@ def turns(scene: ToyScene, rng: np.random.Generator) -> list[tuple[str, str, str
     for k in rng.permutation(len(phrases))[:4]:
         phrase, i = phrases[int(k)]
         out.append(("box", GROUNDING_QUESTION.format(phrase=phrase), box_text(scene, i)))
+    out = [_instruction_format(t, rng) for t in out]
     order = rng.permutation(len(out))
     return [out[int(k)] for k in order]
 
 
+def _instruction_format(turn: tuple[str, str, str], rng: np.random.Generator) -> tuple[str, str, str]:
+    """The turn in one of the instruction formats of the module docstring (drawn from ``rng``)."""
+    kind, question, answer = turn
+    if kind not in SHORT_TYPES:
+        return turn
+    if answer in ("yes.", "no.") and rng.random() < 0.5:
+        question = f"{question} {YES_OR_NO}"
+    if rng.random() < 0.5:
+        word = answer.rstrip(".").removeprefix("a ")
+        return kind, f"{question}\n{SHORT_ANSWER}", word.capitalize()
+    return kind, question, answer
+
+
 def vocabulary_words() -> list[str]:
     """Every word the toy's data and LENS's queries on the synthetic world can contain."""
-    texts = [GROUNDING_QUESTION, CAPTION_QUESTION, *(" ".join(_NUMBERS),)]
+    texts = [GROUNDING_QUESTION, CAPTION_QUESTION, SHORT_ANSWER, YES_OR_NO, *(" ".join(_NUMBERS),)]
+    texts += ["is there one shape in this image are there on the right of"]
     texts += ["what colour is the object shape big or small is there a in the image to the left of how many shapes are"]
     for table in (KIND_CLUES, COLOUR_CLUES):
         for clause, phrases in table.values():

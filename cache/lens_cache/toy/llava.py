@@ -38,7 +38,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from lens_cache.backbones.llava import REFERRING_QUESTION_TEMPLATE, VICUNA_V1_TEMPLATE
 from lens_cache.backbones.tiny_llava import build_tiny_processor, build_tiny_tokenizer
 
-from .conversations import CAPTION_QUESTION, caption, grounding_phrases, parse_box, turns, vocabulary_words
+from .conversations import BOX_SYMBOLS, CAPTION_QUESTION, caption, grounding_phrases, parse_box, turns, vocabulary_words
 from .loop import Schedule, run_stage, seeded
 from .world import COLOUR_NAMES, HELD_OUT, KIND_NAMES, TRAIN, ToyScene, draw_scene
 
@@ -49,7 +49,7 @@ SYSTEM, _, _ = VICUNA_V1_TEMPLATE.partition("USER:")
 
 
 def build_toy_processor() -> LlavaProcessor:
-    return build_tiny_processor(build_tiny_tokenizer(vocabulary_words()))
+    return build_tiny_processor(build_tiny_tokenizer(vocabulary_words(), extra_symbols=BOX_SYMBOLS))
 
 
 def toy_llava_config(processor: LlavaProcessor) -> LlavaConfig:
@@ -122,10 +122,27 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Ten
     return ids, labels, attention
 
 
-def lm_loss(model: LlavaForConditionalGeneration, ids, labels, attention, pixels) -> torch.Tensor:
+def answer_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Per-token weights that give every answer (each run of supervised tokens) the same total weight,
+    normalised to sum to one over the batch; ``targets`` uses -100 for unsupervised positions."""
+    supervised = targets != -100
+    starts = supervised & ~F.pad(supervised[:, :-1], (1, 0), value=False)
+    answer = torch.cumsum(starts.flatten(), 0).reshape(targets.shape)  # answer index, running over the batch
+    counts = torch.bincount(answer[supervised])
+    weights = torch.zeros(targets.shape, dtype=torch.float32)
+    weights[supervised] = 1.0 / counts[answer[supervised]].float()
+    return weights / max(1, int(starts.sum()))
+
+
+def lm_loss(model: LlavaForConditionalGeneration, ids, labels, attention, pixels, *, per_answer: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy on the supervised tokens: their mean, or with ``per_answer`` the mean over
+    answers of each answer's mean (a 21-token box answer then weighs what a one-word answer weighs)."""
     out = model(input_ids=ids, attention_mask=attention, pixel_values=pixels)
-    logits = out.logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    logits, targets = out.logits[:, :-1], labels[:, 1:]
+    if not per_answer:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    return (ce * answer_weights(targets).reshape(-1)).sum()
 
 
 # ----------------------------------------------------------------------------- stages
@@ -213,7 +230,7 @@ def pretrain_llava(
             rng = np.random.default_rng([seed, 3, step, j])
             rows.append(enc.conversation([(q, a) for _, q, a in turns(s, rng)][:10]))
         ids, labels, attention = _batch(rows, enc.tok.pad_token_id)
-        return {"loss": lm_loss(model, ids, labels, attention, enc.pixels(scenes))}
+        return {"loss": lm_loss(model, ids, labels, attention, enc.pixels(scenes), per_answer=True)}
 
     # Instruction tuning also fine-tunes the vision tower, at a tenth of the lr: the questions
     # drive it to separate what stage a's read-outs could not (shape kinds, mostly).
