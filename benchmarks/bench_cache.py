@@ -1,4 +1,4 @@
-"""Stage-1 cache build at the real dimensions (LLaVA-1.5-7B + SAM ViT-H, random weights, bf16) vs a naive baseline.
+"""Stage-1 cache build at the real dimensions (an MLLM + SAM ViT-H, random weights, bf16) vs a naive baseline.
 
 What it measures, on one device:
 
@@ -7,7 +7,7 @@ What it measures, on one device:
   images of a synthetic manifest into a temporary store -> images/s and queries/s;
 - **the store**: bytes on disk per image (image-level arrays: layer states + SAM embedding) and
   per query (text states), split by array;
-- **a naive baseline**: per query, one full forward of all 32 decoder layers over image + prompt
+- **a naive baseline**: per query, one full forward of all decoder layers over image + prompt
   (``output_hidden_states``, no KV-cache sharing, no early stop, no logits) and SAM's image
   encoder run again -> queries/s on ``--baseline-queries`` queries;
 - **the FLOP ceiling**: FLOPs of the same work counted from the architecture (matmuls and
@@ -15,13 +15,17 @@ What it measures, on one device:
   divided by the device's peak dense bf16 FLOP/s -> the images/s no implementation can beat,
   and the build's achieved fraction of peak (MFU).
 
-``--scale real`` (default) needs a CUDA GPU: LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B) and SAM
-ViT-H are built in code with random weights, directly in bf16 on the GPU. ``--scale tiny`` runs the
-same code path with the tiny presets on the CPU in well under a minute (a smoke check; the CPU
-"peak" is then a measured fp32 matmul rate, not a datasheet figure).
+``--backbone`` picks the MLLM: ``llava-1.5`` (default: LLaVA-1.5-7B, CLIP ViT-L/14-336 + Vicuna-7B),
+``qwen2vl-2b`` (Qwen2-VL-2B-Instruct at 672 px, 24 x 24 tokens) or ``onevision-7b`` (LLaVA-OneVision-7B,
+SigLIP-384 + Qwen2-7B, base resolution only: 27 x 27 cached tokens, 1485 image tokens in the prompt).
+``--scale real`` (default) needs a CUDA GPU: the MLLM and SAM ViT-H are built in code with random
+weights, directly in bf16 on the GPU (configs from memory of the public config.json files).
+``--scale tiny`` runs the same code path with the backbone's tiny counterpart (``tiny``,
+``tiny-qwen2vl``, ``tiny-onevision``) on the CPU in well under a minute (a smoke check; the CPU "peak"
+is then a measured fp32 matmul rate, not a datasheet figure).
 
-    python benchmarks/bench_cache.py --scale real --images 32
-    python benchmarks/bench_cache.py --scale tiny --images 2
+    python benchmarks/bench_cache.py --scale real --images 32 --backbone onevision-7b
+    python benchmarks/bench_cache.py --scale tiny --images 2 --backbone qwen2vl-2b
 
 Progress goes to stderr; the last line on stdout is one JSON object.
 """
@@ -212,12 +216,84 @@ class Workload:
         return self.vision + self.projector + self.build_prefix + self.sam
 
 
+def qwen2vl_vision_flops(vision_config: Any, patches_per_side: int) -> int:
+    """Qwen2-VL's vision tower on one still image of ``patches_per_side``^2 patches of 14 px: the Conv3d
+    patch embedding (2 frames x 14 x 14 x 3 -> embed_dim), ``depth`` pre-norm blocks (q, k, v, proj, fc1, fc2;
+    full attention over the image's patches). The 2 x 2 patch merger is counted as the projector."""
+    tokens = patches_per_side**2
+    d = vision_config.embed_dim
+    kernel = vision_config.temporal_patch_size * vision_config.patch_size**2 * vision_config.in_channels
+    return 2 * tokens * kernel * d + vit_encoder_flops(
+        tokens, layers=vision_config.depth, hidden=d, intermediate=d * vision_config.mlp_ratio
+    )
+
+
+def qwen2vl_merger_flops(vision_config: Any, patches_per_side: int) -> int:
+    """Qwen2-VL's patch merger: 2 x 2 patches concatenated (4 x embed_dim) -> MLP (4d -> 4d -> hidden) per token."""
+    merged = patches_per_side**2 // vision_config.spatial_merge_size**2
+    wide = vision_config.embed_dim * vision_config.spatial_merge_size**2
+    return 2 * merged * (wide * wide + wide * vision_config.hidden_size)
+
+
+def siglip_vision_flops(vision_config: Any) -> int:
+    """SigLIP's vision tower on one crop: patch convolution + every encoder layer (no CLS; OneVision reads
+    the last layer, no pooling head). 384 px / 14 px -> 27 x 27 patches (the valid convolution drops 6 px)."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    embed = 2 * patches * 3 * vision_config.patch_size**2 * vision_config.hidden_size
+    return embed + vit_encoder_flops(
+        patches,
+        layers=vision_config.num_hidden_layers,
+        hidden=vision_config.hidden_size,
+        intermediate=vision_config.intermediate_size,
+    )
+
+
+#: Crops OneVision's vision tower sees per image at the base resolution: the base + the 1 x 1 AnyRes tile.
+ONEVISION_CROPS = 2
+
+
+def backbone_workload(
+    mllm: Any, *, prefix_tokens: int, suffix_tokens: Sequence[int], deepest_layer: int, sam_flops: int
+) -> Workload:
+    """:func:`llava_workload` for any of the benchmarked adapters (LLaVA-1.5, Qwen2-VL, LLaVA-OneVision):
+    the vision tower and projector FLOPs of its family, then the same decoder accounting."""
+    config = mllm.model.config
+    vision = config.vision_config
+    if config.model_type == "llava":
+        return llava_workload(config, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
+                              deepest_layer=deepest_layer, sam_flops=sam_flops)
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        if config.model_type == "qwen2_5_vl":
+            raise ValueError("FLOPs of Qwen2.5-VL's windowed vision tower are not modelled here")
+        side = mllm.grid_size * vision.spatial_merge_size
+        vis, proj = qwen2vl_vision_flops(vision, side), qwen2vl_merger_flops(vision, side)
+    elif config.model_type == "llava_onevision":
+        tokens = ONEVISION_CROPS * (vision.image_size // vision.patch_size) ** 2
+        vis = ONEVISION_CROPS * siglip_vision_flops(vision)
+        proj = llava_projector_flops(tokens, vision.hidden_size, config.text_config.hidden_size)
+    else:
+        raise ValueError(f"no FLOP model for {config.model_type!r}")
+    return decoder_workload(config.text_config, vision=vis, projector=proj, prefix_tokens=prefix_tokens,
+                            suffix_tokens=suffix_tokens, deepest_layer=deepest_layer, sam_flops=sam_flops)
+
+
 def llava_workload(config: Any, *, prefix_tokens: int, suffix_tokens: Sequence[int], deepest_layer: int, sam_flops: int) -> Workload:
     """FLOPs of the build (prefix once per image up to ``deepest_layer``; each suffix against it) and of the
     naive baseline (per query: vision tower, projector, all layers over prefix + suffix, SAM)."""
-    text = config.text_config
     vision = config.vision_config
     num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+    vis = clip_vision_flops(vision)
+    proj = llava_projector_flops(num_image_tokens, vision.hidden_size, config.text_config.hidden_size)
+    return decoder_workload(config.text_config, vision=vis, projector=proj, prefix_tokens=prefix_tokens,
+                            suffix_tokens=suffix_tokens, deepest_layer=deepest_layer, sam_flops=sam_flops)
+
+
+def decoder_workload(
+    text: Any, *, vision: int, projector: int, prefix_tokens: int, suffix_tokens: Sequence[int], deepest_layer: int,
+    sam_flops: int,
+) -> Workload:
+    """The :class:`Workload` of a decoder ``text`` (LLaMA / Qwen2 layers) given the image side's FLOPs."""
+    vis, proj = vision, projector
     kw = dict(
         hidden=text.hidden_size,
         intermediate=text.intermediate_size,
@@ -225,8 +301,6 @@ def llava_workload(config: Any, *, prefix_tokens: int, suffix_tokens: Sequence[i
         num_kv_heads=text.num_key_value_heads,
         head_dim=getattr(text, "head_dim", None),
     )
-    vis = clip_vision_flops(vision)
-    proj = llava_projector_flops(num_image_tokens, vision.hidden_size, text.hidden_size)
     return Workload(
         prefix_tokens=prefix_tokens,
         suffix_tokens=tuple(suffix_tokens),
@@ -311,23 +385,111 @@ def build_word_tokenizer(image_token_id: int = 32000, pad_token_id: int = 32001)
     )
 
 
-def build_real_extractor(device: torch.device, dtype: torch.dtype, layers: Sequence[int], sam_variant: str) -> Any:
-    """LLaVA-1.5-7B + SAM ``sam_variant`` with random weights, created directly on ``device`` in ``dtype``."""
+def qwen2vl_2b_config(tokenizer: Any) -> Any:
+    """Qwen2-VL-2B-Instruct's architecture (from memory of its config.json, not checked offline), built in
+    code; the special-token ids are those of the word-level ``tokenizer`` (the vocabulary keeps its real size)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                           "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+            num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, hidden_act="silu",
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_channels=3,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu"),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def onevision_7b_config(tokenizer: Any) -> Any:
+    """LLaVA-OneVision-7B's architecture (llava-hf/llava-onevision-qwen2-7b-ov-hf; from memory of its
+    config.json, not checked offline): SigLIP-so400m at 384 px (26 layers, d 1152) + Qwen2-7B (28 layers,
+    d 3584, GQA 28:4); special-token ids are those of the word-level ``tokenizer``."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>", "<|endoftext|>", "<|im_end|>")}
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                         num_attention_heads=16, image_size=384, patch_size=14,
+                                         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False),
+        text_config=Qwen2Config(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                                max_position_embeddings=32768, hidden_act="silu",
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                                pad_token_id=ids["<|endoftext|>"]),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], projector_hidden_act="gelu",
+        vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
+    )
+
+
+#: ``--backbone`` names: the real-scale model each builds, and its tiny counterpart (``--scale tiny``).
+BACKBONES = {"llava-1.5": "tiny", "qwen2vl-2b": "tiny-qwen2vl", "onevision-7b": "tiny-onevision"}
+#: The cached layer when ``--layers`` is not given: each preset's main layer.
+DEFAULT_LAYERS = {"llava-1.5": "14", "qwen2vl-2b": "20", "onevision-7b": "20"}
+
+
+def build_real_mllm(backbone: str, device: torch.device, dtype: torch.dtype, layers: Sequence[int]) -> Any:
+    """The ``backbone`` adapter around its real-dimension model with random weights, created directly on
+    ``device`` in ``dtype`` (the processor and word-level tokenizer are the tiny presets')."""
+    torch.manual_seed(0)
+    if backbone == "llava-1.5":
+        from transformers import LlavaForConditionalGeneration
+
+        from lens_cache.backbones.llava import LlavaBackbone
+        from lens_cache.backbones.tiny_llava import build_tiny_processor
+
+        tokenizer = build_word_tokenizer()
+        processor = build_tiny_processor(tokenizer)  # CLIP preprocessing at 336, <image> -> 576 tokens
+        config = llava_1_5_7b_config(tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
+        with torch.device(device):  # parameters are born on the GPU, in dtype: no fp32 copy on the CPU
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model.eval().requires_grad_(False)
+        return LlavaBackbone(model, processor, name_or_path="random:llava-1.5-7b", layers=layers)
+    if backbone == "qwen2vl-2b":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        from lens_cache.backbones.qwen2vl import Qwen2VLBackbone
+        from lens_cache.backbones.tiny_qwen2vl import build_tiny_qwen_processor
+
+        processor = build_tiny_qwen_processor()  # 672 x 672 -> 24 x 24 merged tokens
+        config = qwen2vl_2b_config(processor.tokenizer)
+        with torch.device(device):
+            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        model.eval().requires_grad_(False)
+        return Qwen2VLBackbone(model, processor, name_or_path="random:qwen2-vl-2b", layers=layers)
+    if backbone == "onevision-7b":
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        from lens_cache.backbones.onevision import OnevisionBackbone
+        from lens_cache.backbones.tiny_onevision import build_tiny_onevision_processor
+
+        processor = build_tiny_onevision_processor()  # SigLIP at 384, base resolution set by the adapter
+        config = onevision_7b_config(processor.tokenizer)
+        with torch.device(device):
+            model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)
+        model.eval().requires_grad_(False)
+        return OnevisionBackbone(model, processor, name_or_path="random:llava-onevision-7b", layers=layers)
+    raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+
+
+def build_real_extractor(
+    device: torch.device, dtype: torch.dtype, layers: Sequence[int], sam_variant: str, backbone: str = "llava-1.5"
+) -> Any:
+    """``backbone`` (LLaVA-1.5-7B by default) + SAM ``sam_variant`` with random weights, created directly on
+    ``device`` in ``dtype``."""
     from segment_anything import sam_model_registry
-    from transformers import LlavaForConditionalGeneration
 
     from lens_cache.backbones.extractor import LensFeatureExtractor
-    from lens_cache.backbones.llava import LlavaBackbone
-    from lens_cache.backbones.tiny_llava import build_tiny_processor
 
-    tokenizer = build_word_tokenizer()
-    processor = build_tiny_processor(tokenizer)  # CLIP preprocessing at 336, <image> -> 576 tokens
-    config = llava_1_5_7b_config(tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device(device):  # parameters are born on the GPU, in dtype: no fp32 copy on the CPU
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
-    mllm = LlavaBackbone(model, processor, name_or_path="random:llava-1.5-7b", layers=layers)
+    mllm = build_real_mllm(backbone, device, dtype, layers)
     with torch.device(device):
         sam = sam_model_registry[sam_variant](checkpoint=None)
     return LensFeatureExtractor(mllm=mllm, sam=_random_sam_encoder(sam, sam_variant, device, dtype))
@@ -344,10 +506,11 @@ def _random_sam_encoder(sam: Any, variant: str, device: torch.device, dtype: tor
     return encoder
 
 
-def build_tiny_extractor(device: torch.device, dtype: torch.dtype, layers: Sequence[int]) -> Any:
+def build_tiny_extractor(device: torch.device, dtype: torch.dtype, layers: Sequence[int], backbone: str = "llava-1.5") -> Any:
+    """The tiny counterpart of ``backbone`` (``tiny``, ``tiny-qwen2vl``, ``tiny-onevision``) + the tiny SAM."""
     from lens_cache.backbones import build_extractor
 
-    return build_extractor(mllm="tiny", sam="tiny", layers=layers, device=device, dtype=dtype)
+    return build_extractor(mllm=BACKBONES[backbone], sam="tiny", layers=layers, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -381,7 +544,7 @@ def naive_baseline(extractor: Any, manifest: Any, queries: int, layers: Sequence
     Returns seconds per query (after one warm-up query) and how many were timed.
     """
     from lens_cache.backbones.geometry import sam_frame
-    from lens_cache.build import load_image
+    from lens_cache.block_job import load_image
 
     mllm, sam = extractor.mllm, extractor.sam
     rows = list(range(min(queries + 1, manifest.num_rows)))
@@ -401,7 +564,10 @@ def naive_baseline(extractor: Any, manifest: Any, queries: int, layers: Sequence
     def one(r: int) -> None:
         frame = sam_frame(images[paths[r]])
         prompt = mllm.prompt_for(mllm.question_for(texts[r], bool(sentences[r])))
-        inputs = mllm.processor(text=prompt, images=frame.padded_image(), return_tensors="pt").to(device)
+        image = frame.padded_image()
+        if hasattr(mllm, "model_image"):  # LLaVA-OneVision: SAM's square at 378 px in a 384 px crop
+            image = mllm.model_image(image)
+        inputs = mllm.processor(text=prompt, images=image, return_tensors="pt").to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(mllm.dtype)
         with torch.inference_mode():
             out = mllm.model.model(**inputs, output_hidden_states=True, use_cache=False)
@@ -432,7 +598,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=32, help="images of the manifest to cache (the measured build)")
     p.add_argument("--split", default="synthetic:val", help="manifest spec (synthetic data is generated if absent)")
     p.add_argument("--data-root", default=None, help="folder of the data (default: generated synthetic set)")
-    p.add_argument("--layers", default="14", help="cached layers, comma-separated (14 or 14,30)")
+    p.add_argument("--backbone", choices=tuple(BACKBONES), default="llava-1.5",
+                   help="MLLM: llava-1.5 (LLaVA-1.5-7B), qwen2vl-2b (Qwen2-VL-2B), onevision-7b (LLaVA-OneVision-7B); "
+                        "--scale tiny uses its tiny counterpart (tiny, tiny-qwen2vl, tiny-onevision)")
+    p.add_argument("--layers", default=None, help="cached layers, comma-separated [llava-1.5: 14; qwen2vl-2b, onevision-7b: 20]")
     p.add_argument("--batch-size", type=int, default=4, help="images per extract call (build_cache's default)")
     p.add_argument("--warmup-images", type=int, default=2, help="images of an untimed build first (kernels, allocator)")
     p.add_argument("--baseline-queries", type=int, default=None, help="timed naive queries [real: 8, tiny: 2]")
@@ -453,11 +622,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.images < 1:
         raise SystemExit("--images must be >= 1")
-    layers = tuple(sorted({int(v) for v in args.layers.split(",")}))
+    layers = tuple(sorted({int(v) for v in (args.layers or DEFAULT_LAYERS[args.backbone]).split(",")}))
     device = torch.device(args.device or ("cuda" if args.scale == "real" else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
-            "--scale real needs a CUDA GPU (LLaVA-1.5-7B + SAM ViT-H in bf16); "
+            f"--scale real needs a CUDA GPU ({args.backbone} at its real size + SAM ViT-H in bf16); "
             "run --scale tiny for a CPU smoke check, or pass --device cpu to insist"
         )
     dtype = torch.bfloat16 if args.scale == "real" else torch.float32
@@ -471,9 +640,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         say(f"building the {args.scale} backbones on {device} ({str(dtype).removeprefix('torch.')})")
         started = time.perf_counter()
         if args.scale == "real":
-            extractor = build_real_extractor(device, dtype, layers, args.sam)
+            extractor = build_real_extractor(device, dtype, layers, args.sam, args.backbone)
         else:
-            extractor = build_tiny_extractor(device, dtype, layers)
+            extractor = build_tiny_extractor(device, dtype, layers, args.backbone)
         synchronize(device)
         setup_s = time.perf_counter() - started
         if device.type == "cuda":
@@ -514,8 +683,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for t, s in zip(manifest.column("text").to_pylist(), manifest.column("is_sentence").to_pylist(), strict=True)
     ]
     suffix = [mllm.num_text_tokens(q) for q in questions]
-    workload = llava_workload(
-        mllm.model.config,
+    workload = backbone_workload(
+        mllm,
         prefix_tokens=len(mllm._prefix_ids),
         suffix_tokens=suffix,
         deepest_layer=layers[-1],
@@ -535,6 +704,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "bench": "cache_build",
         "date": datetime.date.today().isoformat(),
         "scale": args.scale,
+        "backbone": args.backbone,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),

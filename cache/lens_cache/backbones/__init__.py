@@ -92,6 +92,7 @@ def register_mllm_preset(name: str, preset: MllmPreset) -> None:
 # Adapters in modules of their own register themselves (register_mllm_adapter / register_mllm_preset)
 # when imported here; they import transformers only when a model is built.
 from . import qwen2vl as _qwen2vl  # noqa: E402,F401  (Qwen2-VL, Qwen2.5-VL; --mllm tiny-qwen2vl)
+from . import onevision as _onevision  # noqa: E402,F401  (LLaVA-OneVision; --mllm tiny-onevision)
 
 
 def build_mllm(

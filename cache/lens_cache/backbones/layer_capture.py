@@ -1,5 +1,6 @@
 """What every MLLM adapter does with its decoder the same way: capture chosen layers' outputs and
-stop the forward after the deepest, fingerprint weights cheaply, copy decoder layers for the warm start.
+stop the forward after the deepest, fingerprint weights cheaply, copy decoder layers for the warm start,
+and read the last token's attention to the image tokens, layer by layer (``lens-cache probe-layers``).
 
 Adapters (:mod:`lens_cache.backbones.llava`, :mod:`lens_cache.backbones.qwen2vl`) differ in how they
 build inputs (templates, image tokens, position ids); these pieces do not depend on that.
@@ -7,8 +8,9 @@ build inputs (templates, image tokens, position ids); these pieces do not depend
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -72,3 +74,40 @@ def decoder_layer_state_dict(decoder_layers: Sequence[torch.nn.Module], index: i
     if not 0 <= index < len(decoder_layers):
         raise IndexError(f"decoder layer index {index} outside 0..{len(decoder_layers) - 1}")
     return {k: v.detach().to("cpu", copy=True) for k, v in decoder_layers[index].state_dict().items()}
+
+
+def attention_implementations(config: Any) -> str | dict:
+    """The attention implementation of ``config`` and of each of its sub-configs (text, vision), in the
+    nested form ``set_attn_implementation`` takes (``{"": own, "text_config": ..., ...}``)."""
+    subs = {key: getattr(config, key, None) for key in getattr(config, "sub_configs", {})}
+    subs = {key: attention_implementations(sub) for key, sub in subs.items() if sub is not None}
+    return {"": config._attn_implementation, **subs} if subs else config._attn_implementation
+
+
+@contextlib.contextmanager
+def eager_attention(model: Any) -> Iterator[None]:
+    """Run the body with ``model`` (and every sub-model: decoder, vision tower) in transformers' ``eager``
+    attention, the one that computes attention weights (``output_attentions=True``); the previous
+    implementation of each is restored after, so the adapter's own forwards are unchanged."""
+    previous = attention_implementations(model.config)
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def last_token_image_attention(
+    attentions: Sequence[torch.Tensor], image_positions: torch.Tensor, grid: int
+) -> torch.Tensor:
+    """(layers, grid, grid) float32 CPU: per decoder layer, the last token's attention to the image
+    tokens (row-major over the grid), averaged over heads.
+
+    Args:
+        attentions: one (1, heads, S, S) tensor per decoder layer (``output_attentions=True``).
+        image_positions: the grid x grid positions of the image tokens in the sequence, row-major.
+    """
+    if int(image_positions.numel()) != grid * grid:
+        raise ValueError(f"{int(image_positions.numel())} image tokens do not form a {grid} x {grid} grid")
+    rows = [layer[0, :, -1, image_positions].float().mean(0) for layer in attentions]
+    return torch.stack(rows).reshape(len(rows), grid, grid).cpu()

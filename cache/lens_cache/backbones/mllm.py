@@ -75,6 +75,9 @@ class MllmBackbone(Protocol):
     hidden_size: int
     num_image_tokens: int
     num_hidden_layers: int
+    #: Side of the image-token grid, row-major over SAM's padded frame (num_image_tokens = grid_size**2,
+    #: plus CLIP's CLS for a LLaVA with the ``full`` feature strategy); 24 for LLaVA-1.5 and Qwen2-VL here.
+    grid_size: int
     #: The ``LensConfig`` fields of a head made of its decoder layers: hidden_size,
     #: num_heads, mlp_size, rms_norm_eps, rope_theta (+ layer_type, num_key_value_heads when not
     #: LLaMA multi-head layers).
@@ -94,3 +97,8 @@ class MllmBackbone(Protocol):
 
     def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Weights of decoder layer ``index`` (0-based), to warm-start the LENS head."""
+
+    def image_attention_by_layer(self, image: Image.Image, question: str) -> torch.Tensor:
+        """(num_hidden_layers, grid_size, grid_size): per decoder layer (0-based), the last prompt token's
+        attention to the image tokens, averaged over heads, for ``image`` (as the MLLM sees it) and the
+        question put as a store build puts it (``lens-cache probe-layers``)."""

@@ -21,11 +21,10 @@ How the states are computed (and why they equal a plain forward's ``hidden_state
   a + 24 (the grid side, not a + 576) and counts on, all three equal. The adapter passes
   these ids itself (:func:`mrope_positions`) for the prefix and, for each question's suffix,
   ``a + 24 + j``, so no state of the model (its ``rope_deltas``) is read or written.
-- **Prefix sharing and early stop.** As for LLaVA: everything up to the last image token
-  runs once per image (a batch of images in one forward) filling a KV cache; each question's
-  suffix (``<|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n``) runs against its
-  image's cache rows, right-padded; forward hooks record ``hidden_states[k]`` (decoder layer
-  ``k - 1``'s raw output) and the deepest one stops the forward. The model is never modified.
+- **Prefix sharing and early stop.** As for every adapter (:mod:`.prefix_sharing`): everything up
+  to the last image token runs once per image filling a KV cache; each question's suffix
+  (``<|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n``) runs against its image's
+  cache rows, right-padded; hooks stop the forward after the deepest cached layer.
 
 The LENS head reads these states with plain 1-D positions (``lens_core.head``); its warm start
 is Qwen2 decoder layers (``layer_type="qwen2"``: q/k/v biases, grouped-query attention).
@@ -35,18 +34,17 @@ Importing this module is cheap (the registry imports it): transformers is import
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
-from lens_cache.errors import BadSampleError, UsageError
+from lens_cache.errors import UsageError
 from lens_core.geometry import SAM_IMAGE_SIZE
 
 from . import register_mllm_adapter, register_mllm_preset
-from .layer_capture import decoder_layer_state_dict, forward_until, plain, tensors_fingerprint
-from .runtime import dtype_name, resolve_device, resolve_dtype
+from .layer_capture import tensors_fingerprint
+from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors
+from .runtime import resolve_device, resolve_dtype
 
 #: Backbone names (in the identity) by ``config.model_type``.
 BACKBONE_NAMES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
@@ -61,10 +59,6 @@ QWEN2_VL_TEMPLATE = (
     "<|im_start|>user\n" + IMAGE_BLOCK + "{question}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-#: The question for a referring phrase (short query); sentences are asked as they are (as for LLaVA).
-REFERRING_QUESTION_TEMPLATE = "Can you segment the {text} in this image?"
-_QUESTION = "{question}"
-_SENTINEL = "\x00LENS-QUESTION\x00"
 
 
 def _model_class(model_type: str):
@@ -99,16 +93,8 @@ def mrope_positions(text_before: int, grid: int, text_after: int) -> torch.Tenso
 def weights_fingerprint(model: Any, samples: int = 4096) -> str:
     """A cheap fingerprint of the weights (as :func:`lens_cache.backbones.llava.weights_fingerprint`):
     ~4k strided values of a few tensors of the language model and the vision tower, as bfloat16."""
-    lm = model.model.language_model
-    tensors = [
-        lm.embed_tokens.weight,
-        lm.layers[0].self_attn.q_proj.weight,
-        lm.layers[len(lm.layers) // 2].mlp.down_proj.weight,
-        lm.layers[-1].mlp.down_proj.weight,
-        next(model.model.visual.merger.parameters()),
-        next(model.model.visual.parameters()),
-    ]
-    return tensors_fingerprint(tensors, samples)
+    vision = [next(model.model.visual.merger.parameters()), next(model.model.visual.parameters())]
+    return tensors_fingerprint([*language_model_tensors(model), *vision], samples)
 
 
 def configure_image_size(processor: Any, image_size: int) -> None:
@@ -121,22 +107,23 @@ def configure_image_size(processor: Any, image_size: int) -> None:
             setattr(image_processor, name, pixels)
 
 
-class Qwen2VLBackbone:
-    """A frozen Qwen2-VL / Qwen2.5-VL that returns its layer-``k`` hidden states (see module docstring).
+class Qwen2VLBackbone(PrefixSharingBackbone):
+    """A frozen Qwen2-VL / Qwen2.5-VL that returns its layer-``k`` hidden states (see module docstring and
+    :class:`~.prefix_sharing.PrefixSharingBackbone` for the other arguments).
 
     Args:
-        model: ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``,
-            frozen by the caller (the loaders here do that); its device and dtype are used as they are.
-        processor: its processor (tokenizer + image processor); its resize is set to ``image_size``.
-        name_or_path: recorded in the identity.
-        layers: cached layers, ``hidden_states`` indices in ``1..num_hidden_layers``.
+        model: ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+        processor: its processor; its resize is set to ``image_size``.
         image_size: the square side the image is resized to (a multiple of patch x merge = 28);
             672 gives the 24 x 24 grid of the LENS head.
         prompt_template: ``{question}`` and ``<|vision_start|><|image_pad|><|vision_end|>`` once each;
             default: the processor's chat template, else :data:`QWEN2_VL_TEMPLATE`.
-        question_template: the question for a short referring phrase (``{text}``).
-        max_query_batch: most question suffixes run in one forward.
     """
+
+    IMAGE_PLACEHOLDER = TEXT_ONLY_CUT = IMAGE_BLOCK
+    DEFAULT_PROMPT_TEMPLATE = QWEN2_VL_TEMPLATE
+    SPECIAL_TEXTS = (_IMAGE_PAD, "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>")
+    IMAGE_INPUT_KEYS = ("image_grid_thw",)
 
     def __init__(
         self,
@@ -150,70 +137,63 @@ class Qwen2VLBackbone:
         question_template: str = REFERRING_QUESTION_TEMPLATE,
         max_query_batch: int = 32,
     ) -> None:
-        from .llava import config_hash
-
-        self.model = model
-        self.processor = processor
-        self.name_or_path = name_or_path
-        self.max_query_batch = max_query_batch
         self.model_type = str(model.config.model_type)
         if self.model_type not in BACKBONE_NAMES:
             _model_class(self.model_type)  # raises UnsupportedMllmError
-        self._lm = model.model.language_model
-        text_config = model.config.text_config
-        self.num_hidden_layers = int(text_config.num_hidden_layers)
-        self.layers = tuple(sorted({int(k) for k in layers}))
-        if not self.layers or self.layers[0] < 1 or self.layers[-1] > self.num_hidden_layers:
-            raise UsageError(f"--layers must lie in 1..{self.num_hidden_layers} (hidden_states indices), got {tuple(layers)}")
-        self.hidden_size = int(text_config.hidden_size)
-        self.image_token_id = int(model.config.image_token_id)
-        self.device = model.device
-        self.dtype = model.dtype
-        # transformers >= 5.x names the KV cache ``cache`` (``past_key_values`` is deprecated there).
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
-        self.question_template = question_template
-        self.prompt_template = prompt_template if prompt_template is not None else self._chat_prompt_template()
-        if self.prompt_template.count(_QUESTION) != 1 or self.prompt_template.count(IMAGE_BLOCK) != 1:
-            raise UsageError(f"prompt_template must contain {_QUESTION!r} and {IMAGE_BLOCK!r} exactly once each")
-
-        vision = model.config.vision_config
+        self.backbone_name = BACKBONE_NAMES[self.model_type]
         self.image_size = int(image_size)
+        super().__init__(model, processor, name_or_path=name_or_path, layers=layers, prompt_template=prompt_template,
+                         question_template=question_template, max_query_batch=max_query_batch)
+
+    def _configure_image(self) -> None:
+        vision = self.model.config.vision_config
         factor = int(vision.patch_size) * int(vision.spatial_merge_size)
         if self.image_size < factor or self.image_size % factor:
             raise UsageError(
                 f"image_size {self.image_size} must be a multiple of patch_size x spatial_merge_size = {factor} "
                 f"(672 gives the 24 x 24 grid)")
         self.grid_size = self.image_size // factor
-        configure_image_size(processor, self.image_size)
-        self.num_image_tokens, reference_ids = self._processor_ids(self.question_for("object", is_sentence=False))
-
-        prefix, suffix = self._split_ids(self.question_for("object", is_sentence=False))
-        if prefix + suffix != reference_ids:
-            raise RuntimeError("tokenising the prompt with one <|image_pad|> and expanding it differs from the processor's ids")
-        self._prefix_ids = prefix
-        positions = [i for i, t in enumerate(prefix) if t == self.image_token_id]
-        self._image_positions = torch.tensor(positions, device=self.device)
-        self._text_before_image = positions[0]
-        if positions != list(range(positions[0], len(prefix))):
-            raise RuntimeError("the image tokens are not one run at the end of the prompt prefix")
-        #: (3, P) M-RoPE ids of the prefix; a suffix's token j sits at _suffix_start + j on all three axes.
-        self._prefix_positions = mrope_positions(self._text_before_image, self.grid_size, 0).to(self.device)
-        self._suffix_start = self._text_before_image + self.grid_size
+        self.num_image_tokens = self._sequence_image_tokens = self.grid_size**2
+        configure_image_size(self.processor, self.image_size)
         #: Recorded by the extractor as the cache's image geometry (SAM's frame, resized for the MLLM).
         self.image_geometry = f"sam-pad-{SAM_IMAGE_SIZE}-to-{self.image_size}"
-        self.identity: dict = {
-            "backbone": BACKBONE_NAMES[self.model_type],
-            "name_or_path": name_or_path,
-            "config_hash": config_hash(model.config),
-            "weights_fingerprint": weights_fingerprint(model),
-            "layers": list(self.layers),
-            "hidden_size": self.hidden_size,
-            "num_image_tokens": self.num_image_tokens,
-            "image_size": self.image_size,
-            "compute_dtype": dtype_name(self.dtype),
-            "prompt_template": self.prompt_template,
-            "question_template": question_template,
-        }
+
+    def _image_identity(self) -> dict:
+        return {"image_size": self.image_size}
+
+    def _weights_fingerprint(self) -> str:
+        return weights_fingerprint(self.model)
+
+    def _position_inputs(self, batch: int, start: int, length: int) -> dict[str, torch.Tensor]:
+        """M-RoPE ids (3, batch, length), passed so that no state of the model (its ``rope_deltas``) is read
+        or written: the prefix's from :func:`mrope_positions`, a suffix's token j at a + grid + j."""
+        after = start + length - len(self._prefix_ids)
+        ids = mrope_positions(self._text_before_image, self.grid_size, after)[:, start:].to(self.device)
+        return {"position_ids": ids[:, None, :].expand(3, batch, length)}
+
+    @property
+    def head_sizes(self) -> dict:
+        """The ``LensConfig`` fields of a head made of this decoder's layers: Qwen2 layers (q/k/v biases)
+        with grouped-query attention."""
+        return head_sizes_for(self.text_config, "qwen2")
+
+    def _grid_error(self, count: int, grid_thw: Any) -> ValueError:
+        g = self.grid_size
+        return ValueError(
+            f"the processor turns SAM's {SAM_IMAGE_SIZE} px frame into {count} image tokens (grid t,h,w "
+            f"{[int(v) for v in grid_thw]}), not {g} x {g} = {g * g}: set image_size (the processor's "
+            f"min_pixels = max_pixels = image_size^2, now {self.image_size}^2)")
+
+    def _token_count_error(self, count: int, inputs: Any) -> ValueError:
+        return self._grid_error(count, inputs["image_grid_thw"][0])
+
+    def _check_pixels(self, pixels: Any) -> None:
+        """Every image must be one frame of (2g) x (2g) patches, i.e. g x g merged tokens."""
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        expected = [1, self.grid_size * merge, self.grid_size * merge]
+        for row in pixels["image_grid_thw"].tolist():
+            if row != expected:
+                raise self._grid_error(row[0] * row[1] * row[2] // (merge * merge), row)
 
     # ----------------------------------------------------------------- loading
 
@@ -266,241 +246,6 @@ class Qwen2VLBackbone:
         model.to(device=dev, dtype=resolve_dtype(dtype, dev))
         name = "tiny-qwen2vl" if family == "qwen2_vl" else "tiny-qwen2.5vl"
         return cls(model, processor, name_or_path=name, layers=layers, **kwargs)
-
-    # ------------------------------------------------------------------ prompt
-
-    def _chat_prompt_template(self) -> str:
-        """The checkpoint's chat template rendered for one user turn [image, question] + generation prompt."""
-        if not getattr(self.processor, "chat_template", None):
-            return QWEN2_VL_TEMPLATE
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if text.count(_SENTINEL) != 1 or text.count(IMAGE_BLOCK) != 1:
-            raise UsageError(
-                "the checkpoint's chat template does not render one image and one question: pass prompt_template")
-        return text.replace(_SENTINEL, _QUESTION)
-
-    def question_for(self, text: str, is_sentence: bool) -> str:
-        """The sentence itself for reasoning queries, else ``question_template`` with the phrase."""
-        return text if is_sentence else self.question_template.format(text=text)
-
-    def prompt_for(self, question: str) -> str:
-        """The full prompt text with one ``<|image_pad|>``."""
-        return self.prompt_template.replace(_QUESTION, question)
-
-    def num_text_tokens(self, question: str) -> int:
-        """L_t: the number of tokens after the last image token."""
-        return len(self._split_ids(question)[1])
-
-    def _check_question(self, question: str) -> None:
-        """Refuse a question holding a special token (``<|image_pad|>``, ``<|im_end|>``, ...): the
-        tokenizer would read it as that token, adding image slots or ending the turn.
-
-        Raises:
-            BadSampleError: it does (a build skips that query and lists it).
-        """
-        tokenizer = self.processor.tokenizer
-        specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
-        specials |= {_IMAGE_PAD, "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"}
-        found = sorted(token for token in specials if token and token in question)
-        if found:
-            shown = question if len(question) <= 80 else question[:77] + "..."
-            raise BadSampleError(f"the text contains {found[0]!r}, a special token of the tokeniser, not text: {shown!r}")
-
-    def _split_ids(self, question: str) -> tuple[list[int], list[int]]:
-        """Token ids of the prompt, split after the last image token: (prefix, suffix).
-
-        Tokenising with ONE ``<|image_pad|>`` and repeating its id equals the processor's
-        expansion (special tokens split the text; checked in ``__init__``).
-
-        Raises:
-            BadSampleError: the question holds a special token, or the prompt would not fit the context.
-        """
-        self._check_question(question)
-        ids = self.processor.tokenizer(self.prompt_for(question))["input_ids"]
-        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(positions) != 1:
-            raise BadSampleError(f"expected one image token in the prompt, found {len(positions)}: {question!r}")
-        at = positions[0]
-        prefix, suffix = ids[:at] + [self.image_token_id] * self.num_image_tokens, ids[at + 1 :]
-        context = int(self.model.config.text_config.max_position_embeddings)
-        if len(prefix) + len(suffix) > context:
-            raise BadSampleError(
-                f"the prompt would be {len(prefix) + len(suffix)} tokens, more than the MLLM's context of {context}")
-        return prefix, suffix
-
-    def _image_token_count_error(self, count: int, grid_thw: Any) -> ValueError:
-        g = self.grid_size
-        return ValueError(
-            f"the processor turns SAM's {SAM_IMAGE_SIZE} px frame into {count} image tokens (grid t,h,w "
-            f"{[int(v) for v in grid_thw]}), not {g} x {g} = {g * g}: set image_size (the processor's "
-            f"min_pixels = max_pixels = image_size^2, now {self.image_size}^2)")
-
-    def _check_grid(self, image_grid_thw: torch.Tensor) -> None:
-        """Every image must be one frame of (2g) x (2g) patches, i.e. g x g merged tokens."""
-        merge = int(self.model.config.vision_config.spatial_merge_size)
-        expected = [1, self.grid_size * merge, self.grid_size * merge]
-        for row in image_grid_thw.tolist():
-            if row != expected:
-                count = row[0] * row[1] * row[2] // (merge * merge)
-                raise self._image_token_count_error(count, row)
-
-    def _processor_ids(self, question: str) -> tuple[int, list[int]]:
-        """(L_i, input ids) as the processor builds them for ``question`` and a blank SAM frame.
-
-        Raises:
-            ValueError: L_i is not ``grid_size`` squared (one line, naming ``image_size``).
-        """
-        frame = Image.new("RGB", (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE))
-        inputs = self.processor(text=self.prompt_for(question), images=frame, return_tensors="pt")
-        ids = inputs["input_ids"][0].tolist()
-        count = sum(t == self.image_token_id for t in ids)
-        if count != self.grid_size**2:
-            raise self._image_token_count_error(count, inputs["image_grid_thw"][0])
-        self._check_grid(inputs["image_grid_thw"])
-        return count, ids
-
-    # ------------------------------------------------------------------ states
-
-    def encode(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list:
-        """Hidden states for a batch of images (as the MLLM should see them: SAM's padded square)
-        and the questions about each; one :class:`~.mllm.MllmStates` per image, float32 on the CPU."""
-        from .mllm import MllmStates
-
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} question lists")
-        if not images:
-            return []
-        image_states, text_states = self._encode(images, questions)
-        return [
-            MllmStates(
-                image_states={k: plain(v[b]) for k, v in image_states.items()},
-                text_states=[{k: plain(v) for k, v in row.items()} for row in text_states[b]],
-            )
-            for b in range(len(images))
-        ]
-
-    @torch.inference_mode()
-    def _encode(
-        self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]
-    ) -> tuple[dict[int, torch.Tensor], list[list[dict[int, torch.Tensor]]]]:
-        from transformers import DynamicCache
-
-        suffixes = []
-        for qs in questions:
-            for q in qs:
-                prefix, suffix = self._split_ids(q)
-                if prefix != self._prefix_ids:
-                    raise RuntimeError(f"the prompt prefix changed with the question {q!r}: prefix sharing would be wrong")
-                suffixes.append(suffix)
-
-        # 1) the shared prefix of every image, once, in one batch (same length: no padding).
-        batch = len(images)
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
-        self._check_grid(pixels["image_grid_thw"])
-        prefix_ids = torch.tensor(self._prefix_ids, device=self.device).repeat(batch, 1)
-        prefix_cache = DynamicCache(config=self.model.config)
-        states = self._forward_until(
-            input_ids=prefix_ids,
-            pixel_values=pixels["pixel_values"].to(self.device, self.dtype),
-            image_grid_thw=pixels["image_grid_thw"].to(self.device),
-            position_ids=self._prefix_positions[:, None, :].expand(3, batch, -1),
-            use_cache=True,
-            **{self._cache_kw: prefix_cache},
-        )
-        image_states = {k: v[:, self._image_positions].float().cpu() for k, v in states.items()}  # (B, L_i, d)
-
-        # 2) every question's suffix against its image's cache rows, right-padded, M-RoPE ids continued.
-        owner = [b for b, qs in enumerate(questions) for _ in qs]
-        text_states: list[list[dict[int, torch.Tensor]]] = [[] for _ in images]
-        pad_id = self.processor.tokenizer.pad_token_id or 0  # any id: padded positions are never read
-        deepest = self.layers[-1]
-        for start in range(0, len(suffixes), self.max_query_batch):
-            rows = range(start, min(start + self.max_query_batch, len(suffixes)))
-            lengths = [len(suffixes[r]) for r in rows]
-            width = max(lengths)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, : lengths[i]] = torch.tensor(suffixes[r])
-            gather = torch.tensor([owner[r] for r in rows], device=self.device)
-            cache = DynamicCache(
-                ddp_cache_data=[(layer.keys[gather], layer.values[gather]) for layer in prefix_cache.layers[:deepest]],
-                config=self.model.config,
-            )
-            positions = (self._suffix_start + torch.arange(width, device=self.device)).expand(3, len(rows), width)
-            states = self._forward_until(
-                input_ids=ids.to(self.device), position_ids=positions, use_cache=True, **{self._cache_kw: cache}
-            )
-            states = {k: v.float().cpu() for k, v in states.items()}  # (R, S, d)
-            for i, r in enumerate(rows):
-                text_states[owner[r]].append({k: v[i, : lengths[i]] for k, v in states.items()})
-        return image_states, text_states
-
-    def _forward_until(self, **inputs: Any) -> dict[int, torch.Tensor]:
-        """Run ``model.model`` until the deepest cached layer; layer -> (B, S, d) raw layer outputs."""
-        return forward_until(self.model.model, self._lm.layers, self.layers, **inputs)
-
-    # --------------------------------------------------------------- dialogue
-
-    def generate(
-        self,
-        image: Image.Image | None,
-        prompt_text: str,
-        max_new_tokens: int = 64,
-        *,
-        use_template: bool = True,
-        **generate_kwargs: Any,
-    ) -> str:
-        """The MLLM's greedy answer (dialogue, the agent's router / follow-ups).
-
-        Args:
-            image: shown as SAM's padded square (the cache's geometry), or ``None``.
-            prompt_text: the user's message; with ``use_template`` it is put in the chat
-                template (the image block dropped when there is no image), else used verbatim.
-        """
-        from .geometry import sam_frame
-
-        if use_template:
-            template = self.prompt_template if image is not None else self.prompt_template.replace(IMAGE_BLOCK, "")
-            text = template.replace(_QUESTION, prompt_text)
-        else:
-            text = prompt_text
-        images = [sam_frame(image).padded_image()] if image is not None else None
-        inputs = self.processor(text=text, images=images, return_tensors="pt").to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        generate_kwargs.setdefault("do_sample", False)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-        new_tokens = out[0, inputs["input_ids"].shape[1] :]
-        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-
-    # ------------------------------------------------------------- warm start
-
-    @property
-    def text_config(self) -> Any:
-        return self.model.config.text_config
-
-    @property
-    def head_sizes(self) -> dict:
-        """The ``LensConfig`` fields of a head made of this decoder's layers: Qwen2 layers
-        (q/k/v biases) with grouped-query attention."""
-        config = self.text_config
-        rope = getattr(config, "rope_parameters", None) or {}
-        return {
-            "hidden_size": int(config.hidden_size),
-            "num_heads": int(config.num_attention_heads),
-            "mlp_size": int(config.intermediate_size),
-            "rms_norm_eps": float(config.rms_norm_eps),
-            "rope_theta": float(rope.get("rope_theta", getattr(config, "rope_theta", 1e6))),
-            "layer_type": "qwen2",
-            "num_key_value_heads": int(config.num_key_value_heads or config.num_attention_heads),
-        }
-
-    def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:
-        """CPU copy of ``language_model.layers[index]`` 's weights (``Qwen2DecoderLayer`` names);
-        ``index`` is 0-based (layers k and k+1 warm-start a head on layer-k features)."""
-        return decoder_layer_state_dict(self._lm.layers, index)
 
 
 # ------------------------------------------------------------------ registry

@@ -8,7 +8,7 @@ attention (4 query heads, 2 KV heads), q/k/v biases and M-RoPE (``mrope_section`
 scaled down to the 16-wide heads); a real :class:`~transformers.Qwen2VLProcessor`
 whose ``<|image_pad|>`` expands to 576 tokens, and Qwen2-VL's chat template
 (``<|im_start|>system/user/assistant``). The tokenizer is the project's word-level one
-(:mod:`.tiny_llava`'s vocabulary) with Qwen2-VL's special tokens; nothing is downloaded.
+(:mod:`.tiny_tokenizer`) with Qwen2-VL's special tokens; nothing is downloaded.
 :func:`save_tiny_qwen2vl` writes it as a Hugging Face folder, so the real loader runs offline.
 """
 
@@ -17,10 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .tiny_llava import _DIGITS, _PUNCTUATION, _WORDS
+from .tiny_tokenizer import word_level_tokenizer
 
 TINY_SEED = 0
 #: The fixed square the processor resizes every image to: 672 / 14 = 48 patches a side, merged 2 x 2 -> 24.
@@ -59,17 +58,9 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 def build_tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
     """The project's word-level tokenizer (lower-cased words, punctuation, single digits) with
     Qwen2-VL's special tokens and no BOS (Qwen2 adds none). Newlines are whitespace to it."""
-    words = sorted({w for w in _WORDS.split() if w.isalpha()} | {"system", "user"})
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *_PUNCTUATION, *_DIGITS, *words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
-    )
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.decoder = decoders.WordPiece(cleanup=True)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    return word_level_tokenizer(
+        SPECIAL_TOKENS, extra_words=("system", "user"),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
     )
 
 

@@ -1,0 +1,533 @@
+"""A frozen MLLM whose image prefix runs once per image: what every adapter does the same way.
+
+Why the states equal a plain forward's ``hidden_states``:
+
+- **Prefix sharing.** A prompt is ``prefix`` (everything up to the last image token) + ``suffix`` (the
+  question and the start of the answer). The prefix is the same for every question, and a causal
+  decoder's states there cannot depend on what follows. So the prefix of a batch of images runs once,
+  filling a KV cache (:class:`~transformers.DynamicCache`); then the suffixes of all questions run
+  against that cache, its rows gathered per question. Suffixes are right-padded: under the causal mask
+  a valid token never attends to a later (padding) position, and positions continue from the prefix,
+  so valid rows are exact.
+- **Early stop.** Forward hooks record ``hidden_states[k]`` (decoder layer ``k - 1``'s raw output); the
+  deepest one stops the forward (:func:`~.layer_capture.forward_until`), so deeper layers and the final
+  norm never run. The model is never modified, nothing gets gradients.
+- **Token ids.** Tokenising the prompt with ONE image token and repeating its id gives the processor's
+  ids (a special token splits the text into independently tokenised pieces) at a fraction of the cost;
+  checked against the processor at construction.
+
+:class:`PrefixSharingBackbone` holds that loop, the prompt rule, the identity, dialogue, the attention
+probe and the warm start. An adapter (:mod:`.llava`, :mod:`.qwen2vl`, :mod:`.onevision`) adds what
+differs between families: its image geometry and processor settings, its image inputs and position
+ids, and its loading and registration.
+
+Importing this module is cheap (the registry imports the adapters): transformers is imported on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from PIL import Image
+
+from lens_cache.errors import BadSampleError, UsageError
+from lens_core.geometry import SAM_IMAGE_SIZE
+
+from .layer_capture import (
+    decoder_layer_state_dict,
+    eager_attention,
+    forward_until,
+    last_token_image_attention,
+    plain,
+)
+from .runtime import dtype_name
+
+if TYPE_CHECKING:
+    from .mllm import MllmStates
+
+#: The question for a referring phrase (short query); sentences are asked as they are.
+REFERRING_QUESTION_TEMPLATE = "Can you segment the {text} in this image?"
+#: The question's place in a prompt template.
+QUESTION = "{question}"
+#: Stands for the question while a chat template is rendered.
+_SENTINEL = "\x00LENS-QUESTION\x00"
+
+# Config keys that describe where/how a checkpoint was loaded, not what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+     "_attn_implementation_autoset", "_commit_hash", "architectures", "output_hidden_states",
+     "output_attentions", "return_dict", "use_cache"}
+)
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of an MLLM config (text + vision + projector settings), sorted keys, volatile keys dropped.
+
+    Hashing the weights of a 14 GB checkpoint would be too slow; see :func:`language_model_tensors`.
+    """
+
+    def stable(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: stable(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [stable(v) for v in value]
+        return value
+
+    text = json.dumps(stable(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def language_model_tensors(model: Any) -> list[torch.Tensor]:
+    """The language-model tensors every adapter's weights fingerprint samples first (embeddings, the first
+    layer's q_proj, the middle and last layers' down_proj); the adapter adds its vision side."""
+    lm = model.model.language_model
+    return [
+        lm.embed_tokens.weight,
+        lm.layers[0].self_attn.q_proj.weight,
+        lm.layers[len(lm.layers) // 2].mlp.down_proj.weight,
+        lm.layers[-1].mlp.down_proj.weight,
+    ]
+
+
+def head_sizes_for(config: Any, layer_type: str = "llama") -> dict:
+    """The ``LensConfig`` fields of a LENS head made of the decoder layers ``config`` describes.
+
+    ``llama``: RoPE theta 10000 unless the config names one; ``num_key_value_heads`` only with grouped-query
+    attention, so LLaVA-1.5's records stay as they were (absent = multi-head). ``qwen2`` (q/k/v biases):
+    theta 1e6 unless named, and ``layer_type`` and ``num_key_value_heads`` always.
+    """
+    rope = getattr(config, "rope_parameters", None) or {}
+    default_theta = 10000.0 if layer_type == "llama" else 1e6
+    sizes = {
+        "hidden_size": int(config.hidden_size),
+        "num_heads": int(config.num_attention_heads),
+        "mlp_size": int(config.intermediate_size),
+        "rms_norm_eps": float(config.rms_norm_eps),
+        "rope_theta": float(rope.get("rope_theta", getattr(config, "rope_theta", default_theta))),
+    }
+    if layer_type == "llama":
+        if getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads):
+            sizes["num_key_value_heads"] = int(config.num_key_value_heads)
+    else:
+        sizes["layer_type"] = layer_type
+        sizes["num_key_value_heads"] = int(config.num_key_value_heads or config.num_attention_heads)
+    return sizes
+
+
+class PrefixSharingBackbone:
+    """A frozen MLLM that returns its layer-``k`` hidden states (see module docstring).
+
+    An adapter sets the class attributes below, ``backbone_name``, and implements
+    :meth:`_configure_image`, :meth:`_token_count_error` and :meth:`_weights_fingerprint`; the other
+    hooks default to what needs nothing family-specific.
+
+    Args:
+        model: the ``*ForConditionalGeneration`` model, frozen by the caller (the loaders do that);
+            its device and dtype are used as they are.
+        processor: its processor (tokenizer + image processor).
+        name_or_path: recorded in the identity.
+        layers: cached layers, ``hidden_states`` indices in ``1..num_hidden_layers``.
+        prompt_template: ``{question}`` and :attr:`IMAGE_PLACEHOLDER` once each; ``None``: the processor's
+            chat template, else :attr:`DEFAULT_PROMPT_TEMPLATE`.
+        question_template: the question for a short referring phrase (``{text}``).
+        max_query_batch: most question suffixes run in one forward.
+    """
+
+    #: ``identity["backbone"]`` (an adapter may set it per instance).
+    backbone_name: str
+    #: The image's place in ``prompt_template``.
+    IMAGE_PLACEHOLDER: str
+    #: What :meth:`generate` cuts from the template when there is no image.
+    TEXT_ONLY_CUT: str
+    #: The prompt when the processor has no chat template.
+    DEFAULT_PROMPT_TEMPLATE: str
+    #: Texts a question may not hold besides the tokeniser's special and added tokens (chat markers).
+    SPECIAL_TEXTS: tuple[str, ...] = ()
+    #: Image-processor outputs the model takes besides ``pixel_values`` (image sizes, patch grids).
+    IMAGE_INPUT_KEYS: tuple[str, ...] = ()
+
+    #: Side of the image-token grid, row-major over SAM's padded frame (set by :meth:`_configure_image`).
+    grid_size: int
+    #: L_i, the image tokens cached per image (set by :meth:`_configure_image`).
+    num_image_tokens: int
+    #: The image tokens in the prompt, cached or not (set by :meth:`_configure_image`).
+    _sequence_image_tokens: int
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        name_or_path: str,
+        layers: Sequence[int],
+        prompt_template: str | None,
+        question_template: str,
+        max_query_batch: int,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.name_or_path = name_or_path
+        self.max_query_batch = max_query_batch
+        self._lm = model.model.language_model
+        text_config = model.config.text_config
+        self.num_hidden_layers = int(text_config.num_hidden_layers)
+        self.layers = tuple(sorted({int(k) for k in layers}))
+        if not self.layers or self.layers[0] < 1 or self.layers[-1] > self.num_hidden_layers:
+            raise UsageError(f"--layers must lie in 1..{self.num_hidden_layers} (hidden_states indices), got {tuple(layers)}")
+        self.hidden_size = int(text_config.hidden_size)
+        self.image_token_id = int(model.config.image_token_id)
+        self.device = model.device
+        self.dtype = model.dtype
+        # transformers >= 5.x names the KV cache ``cache`` (``past_key_values`` is deprecated there).
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+        self.question_template = question_template
+        self.prompt_template = prompt_template if prompt_template is not None else self._chat_prompt_template()
+        if self.prompt_template.count(QUESTION) != 1 or self.prompt_template.count(self.IMAGE_PLACEHOLDER) != 1:
+            raise UsageError(
+                f"prompt_template must contain {QUESTION!r} and {self.IMAGE_PLACEHOLDER!r} exactly once each")
+        self._configure_image()
+
+        reference_ids = self._processor_ids(self.question_for("object", is_sentence=False))
+        prefix, suffix = self._split_ids(self.question_for("object", is_sentence=False))
+        if prefix + suffix != reference_ids:  # must hold for any tokenizer that splits on special tokens
+            raise RuntimeError(
+                f"tokenising the prompt with one {getattr(processor, 'image_token', 'image token')} and expanding it "
+                "differs from the processor's ids")
+        self._prefix_ids = prefix
+        positions = [i for i, t in enumerate(prefix) if t == self.image_token_id]
+        if positions != list(range(positions[0], len(prefix))):
+            raise RuntimeError("the image tokens are not one run at the end of the prompt prefix")
+        self._text_before_image = positions[0]
+        #: Every image token of the prompt (OneVision's: its base grid, then the AnyRes tile, not cached).
+        self._image_positions = torch.tensor(positions, device=self.device)
+        #: The cached image tokens: the first ``num_image_tokens`` of the run.
+        self._cached_positions = self._image_positions[: self.num_image_tokens]
+        #: The grid, row-major: the last grid_size**2 cached tokens (a LLaVA with the ``full`` feature
+        #: strategy caches CLIP's CLS first, outside the grid).
+        self._grid_positions = self._cached_positions[-self.grid_size**2 :]
+        self.identity: dict = {
+            "backbone": self.backbone_name,
+            "name_or_path": name_or_path,
+            "config_hash": config_hash(model.config),
+            "weights_fingerprint": self._weights_fingerprint(),
+            "layers": list(self.layers),
+            "hidden_size": self.hidden_size,
+            "num_image_tokens": self.num_image_tokens,
+            **self._image_identity(),
+            "compute_dtype": dtype_name(self.dtype),
+            "prompt_template": self.prompt_template,
+            "question_template": question_template,
+        }
+
+    # ------------------------------------------------------------ adapter hooks
+
+    def _configure_image(self) -> None:
+        """Set ``grid_size``, ``num_image_tokens`` and ``_sequence_image_tokens`` (and the processor
+        settings the geometry needs), before the prompt's ids are checked against the processor."""
+        raise NotImplementedError
+
+    def _token_count_error(self, count: int, inputs: Any) -> ValueError:
+        """The one-line error when the processor gives ``count`` image tokens, not ``_sequence_image_tokens``,
+        naming the setting to change."""
+        raise NotImplementedError
+
+    def _weights_fingerprint(self) -> str:
+        """The adapter's cheap weights fingerprint (``identity["weights_fingerprint"]``)."""
+        raise NotImplementedError
+
+    def _image_identity(self) -> dict:
+        """Identity fields of the adapter's image geometry (after ``num_image_tokens``)."""
+        return {}
+
+    def model_image(self, image: Image.Image) -> Image.Image:
+        """SAM's padded square as the adapter hands it to the processor (as it is, unless overridden)."""
+        return image
+
+    def _check_pixels(self, pixels: Any) -> None:
+        """Refuse image-processor outputs that would not give the cached grid (nothing to check by default)."""
+
+    def _position_inputs(self, batch: int, start: int, length: int) -> dict[str, torch.Tensor]:
+        """``position_ids`` of prompt tokens ``start .. start + length - 1`` for ``batch`` rows, where the
+        family needs them given; none by default (the model counts on from its cache)."""
+        return {}
+
+    # ------------------------------------------------------------------ prompt
+
+    def _chat_prompt_template(self) -> str:
+        """The checkpoint's chat template rendered for one user turn [image, question] + generation prompt."""
+        if not getattr(self.processor, "chat_template", None):
+            return self.DEFAULT_PROMPT_TEMPLATE
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if text.count(_SENTINEL) != 1 or text.count(self.IMAGE_PLACEHOLDER) != 1:
+            raise UsageError(
+                "the checkpoint's chat template does not render one image and one question: pass prompt_template")
+        return text.replace(_SENTINEL, QUESTION)
+
+    def question_for(self, text: str, is_sentence: bool) -> str:
+        """The sentence itself for reasoning queries, else ``question_template`` with the phrase."""
+        return text if is_sentence else self.question_template.format(text=text)
+
+    def prompt_for(self, question: str) -> str:
+        """The full prompt text with a single image placeholder."""
+        return self._fill(self.prompt_template, question)
+
+    def _fill(self, template: str, question: str) -> str:
+        return template.replace(QUESTION, question)
+
+    def num_text_tokens(self, question: str) -> int:
+        """L_t: the number of tokens after the last image token."""
+        return len(self._split_ids(question)[1])
+
+    def _refused_texts(self) -> set[str]:
+        """Texts a question may not hold: the tokeniser would read them as tokens, not text."""
+        tokenizer = self.processor.tokenizer
+        specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+        return specials | set(self.SPECIAL_TEXTS)
+
+    def _image_texts(self) -> set[str]:
+        """Refused texts an error names "the image token" (by default it names each a special token)."""
+        return set()
+
+    def _check_question(self, question: str) -> None:
+        """Refuse a question the prompt cannot carry as plain text.
+
+        A special token written in the text (an image token, an end of turn, ...) is read by the
+        tokeniser as that token, not as text: it would add image slots or end the turn.
+
+        Raises:
+            BadSampleError: the question holds one (a build skips that query and lists it).
+        """
+        image_texts = self._image_texts()
+        found = sorted(token for token in image_texts | self._refused_texts() if token and token in question)
+        if found:
+            what = "the image token" if found[0] in image_texts else "a special token of the tokeniser"
+            shown = question if len(question) <= 80 else question[:77] + "..."
+            raise BadSampleError(f"the text contains {found[0]!r}, {what}, not text: {shown!r}")
+
+    def _prompt_ids(self, question: str) -> list[int]:
+        """The tokeniser's ids of the prompt with its one image token."""
+        return self.processor.tokenizer(self.prompt_for(question))["input_ids"]
+
+    def _split_ids(self, question: str) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt, split after the last image token: (prefix, suffix).
+
+        Raises:
+            BadSampleError: the question holds a special token, or the prompt would not fit the MLLM's
+                context (``max_position_embeddings``).
+        """
+        self._check_question(question)
+        ids = self._prompt_ids(question)
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(positions) != 1:
+            raise BadSampleError(f"expected one image token in the prompt, found {len(positions)}: {question!r}")
+        at = positions[0]
+        prefix, suffix = ids[:at] + [self.image_token_id] * self._sequence_image_tokens, ids[at + 1 :]
+        context = int(self.model.config.text_config.max_position_embeddings)
+        if len(prefix) + len(suffix) > context:
+            raise BadSampleError(
+                f"the prompt would be {len(prefix) + len(suffix)} tokens, more than the MLLM's context of {context}")
+        return prefix, suffix
+
+    def _processor_ids(self, question: str) -> list[int]:
+        """Input ids as the processor itself builds them for ``question`` and a blank SAM frame.
+
+        Raises:
+            ValueError: its image-token count is not the adapter's (one line, naming the setting).
+        """
+        frame = self.model_image(Image.new("RGB", (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE)))
+        inputs = self.processor(text=self.prompt_for(question), images=frame, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        count = sum(t == self.image_token_id for t in ids)
+        if count != self._sequence_image_tokens:
+            raise self._token_count_error(count, inputs)
+        self._check_pixels(inputs)
+        return ids
+
+    def _image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """The model's image inputs for a batch of SAM squares, on its device."""
+        pixels = self.processor.image_processor(images=[self.model_image(i) for i in images], return_tensors="pt")
+        self._check_pixels(pixels)
+        return {
+            "pixel_values": pixels["pixel_values"].to(self.device, self.dtype),
+            **{key: pixels[key].to(self.device) for key in self.IMAGE_INPUT_KEYS},
+        }
+
+    # ------------------------------------------------------------------ states
+
+    def encode(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[MllmStates]:
+        """Hidden states for a batch of images and the questions about each.
+
+        ``images`` are given as the MLLM should see them (the combined extractor passes SAM's padded
+        square).
+
+        Returns:
+            one :class:`~.mllm.MllmStates` per image: layer -> (L_i, d) image states and, per question,
+            layer -> (L_t, d) text states; float32 on the CPU.
+        """
+        from .mllm import MllmStates
+
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} question lists")
+        if not images:
+            return []
+        image_states, text_states = self._encode(images, questions)
+        return [
+            MllmStates(
+                image_states={k: plain(v[b]) for k, v in image_states.items()},
+                text_states=[{k: plain(v) for k, v in row.items()} for row in text_states[b]],
+            )
+            for b in range(len(images))
+        ]
+
+    @torch.inference_mode()
+    def _encode(
+        self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]
+    ) -> tuple[dict[int, torch.Tensor], list[list[dict[int, torch.Tensor]]]]:
+        from transformers import DynamicCache
+
+        suffixes = []
+        for qs in questions:
+            for q in qs:
+                prefix, suffix = self._split_ids(q)
+                if prefix != self._prefix_ids:
+                    raise RuntimeError(f"the prompt prefix changed with the question {q!r}: prefix sharing would be wrong")
+                suffixes.append(suffix)
+
+        # 1) the shared prefix of every image, once, in one batch (same length: no padding).
+        batch = len(images)
+        length = len(self._prefix_ids)
+        prefix_ids = torch.tensor(self._prefix_ids, device=self.device).repeat(batch, 1)
+        prefix_cache = DynamicCache(config=self.model.config)
+        states = self._forward_until(
+            input_ids=prefix_ids,
+            use_cache=True,
+            **self._image_inputs(images),
+            **self._position_inputs(batch, 0, length),
+            **{self._cache_kw: prefix_cache},
+        )
+        # One device-to-host copy per layer and batch (not per image or question).
+        image_states = {k: v[:, self._cached_positions].float().cpu() for k, v in states.items()}  # (B, L_i, d)
+
+        # 2) every question's suffix against its image's cache rows, right-padded, positions continued.
+        owner = [b for b, qs in enumerate(questions) for _ in qs]
+        text_states: list[list[dict[int, torch.Tensor]]] = [[] for _ in images]
+        pad_id = self.processor.tokenizer.pad_token_id or 0  # any id: padded positions are never read
+        deepest = self.layers[-1]
+        for start in range(0, len(suffixes), self.max_query_batch):
+            rows = range(start, min(start + self.max_query_batch, len(suffixes)))
+            lengths = [len(suffixes[r]) for r in rows]
+            width = max(lengths)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : lengths[i]] = torch.tensor(suffixes[r])
+            gather = torch.tensor([owner[r] for r in rows], device=self.device)
+            # Indexing copies, so the prefix cache stays intact for the next chunk.
+            cache = DynamicCache(
+                ddp_cache_data=[(layer.keys[gather], layer.values[gather]) for layer in prefix_cache.layers[:deepest]],
+                config=self.model.config,
+            )
+            states = self._forward_until(
+                input_ids=ids.to(self.device),
+                use_cache=True,
+                **self._position_inputs(len(rows), length, width),
+                **{self._cache_kw: cache},
+            )
+            states = {k: v.float().cpu() for k, v in states.items()}  # (R, S, d)
+            for i, r in enumerate(rows):
+                text_states[owner[r]].append({k: v[i, : lengths[i]] for k, v in states.items()})
+        return image_states, text_states
+
+    def _forward_until(self, **inputs: Any) -> dict[int, torch.Tensor]:
+        """Run ``model.model`` until the deepest cached layer; layer -> (B, S, d) raw layer outputs."""
+        return forward_until(self.model.model, self._lm.layers, self.layers, **inputs)
+
+    # -------------------------------------------------------------- attention
+
+    @torch.inference_mode()
+    def image_attention_by_layer(self, image: Image.Image, question: str) -> torch.Tensor:
+        """(num_hidden_layers, grid_size, grid_size) float32 CPU: for every decoder layer, the attention of
+        the prompt's last token (the start of the answer) to the grid's image tokens, averaged over heads.
+
+        One full forward of the prompt a store build runs (prefix + the question's suffix, the same
+        position ids), ``image`` as the MLLM should see it (SAM's padded square, like :meth:`encode`); the
+        model runs in transformers' eager attention for that forward only (restored after).
+
+        Raises:
+            BadSampleError: the question holds a special token, or the prompt exceeds the context.
+        """
+        prefix, suffix = self._split_ids(question)
+        ids = torch.tensor([prefix + suffix], device=self.device)
+        image_inputs = self._image_inputs([image])
+        with eager_attention(self.model):
+            out = self.model.model(
+                input_ids=ids,
+                **image_inputs,
+                **self._position_inputs(1, 0, len(prefix) + len(suffix)),
+                output_attentions=True,
+                use_cache=False,
+            )
+        return last_token_image_attention(out.attentions, self._grid_positions, self.grid_size)
+
+    # --------------------------------------------------------------- dialogue
+
+    def generate(
+        self,
+        image: Image.Image | None,
+        prompt_text: str,
+        max_new_tokens: int = 64,
+        *,
+        use_template: bool = True,
+        **generate_kwargs: Any,
+    ) -> str:
+        """The MLLM's greedy answer (for dialogue and the agent's router / follow-ups).
+
+        Args:
+            image: shown as SAM's padded square (the cache's geometry), or ``None``.
+            prompt_text: the user's message; with ``use_template`` it is put in the prompt template
+                (:attr:`TEXT_ONLY_CUT` dropped when there is no image), else used verbatim (it must then
+                hold the image token iff an image is given).
+        Returns:
+            the decoded new tokens, special tokens skipped, stripped.
+        """
+        from .geometry import sam_frame
+
+        if use_template:
+            template = self.prompt_template if image is not None else self.prompt_template.replace(self.TEXT_ONLY_CUT, "")
+            text = self._fill(template, prompt_text)
+        else:
+            text = prompt_text
+        images = [self.model_image(sam_frame(image).padded_image())] if image is not None else None
+        inputs = self.processor(text=text, images=images, return_tensors="pt").to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        generate_kwargs.setdefault("do_sample", False)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+        new_tokens = out[0, inputs["input_ids"].shape[1] :]
+        return self.processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------- warm start
+
+    @property
+    def text_config(self) -> Any:
+        """The decoder's config (heads, MLP size, RMSNorm eps, RoPE), for building a matching head."""
+        return self.model.config.text_config
+
+    @property
+    def head_sizes(self) -> dict:
+        """The ``LensConfig`` fields of a head made of this decoder's layers (see ``MllmBackbone``): LLaMA
+        layers here; a Qwen2 decoder's adapter overrides it."""
+        return head_sizes_for(self.text_config)
+
+    def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """CPU copy of ``language_model.layers[index]`` 's weights (transformers' names).
+
+        ``index`` is 0-based: layers k and k+1 read ``hidden_states[k]`` and ``hidden_states[k + 1]``,
+        i.e. the LENS head's warm start for layer-k features.
+        """
+        return decoder_layer_state_dict(self._lm.layers, index)

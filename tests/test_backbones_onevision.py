@@ -1,0 +1,345 @@
+"""The LLaVA-OneVision adapter against a plain full forward of the real transformers classes (tiny, CPU, float32):
+base-resolution grid positions, shared-prefix states, warm start into a Qwen2 head, a store and 2 training steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lens_cache.backbones import MLLM_ADAPTERS, MLLM_PRESETS, build_extractor, build_mllm
+from lens_cache.backbones.geometry import sam_frame
+from lens_cache.backbones.mllm import UnsupportedMllmError
+from lens_cache.backbones.onevision import ONEVISION_TEMPLATE, OnevisionBackbone
+from lens_cache.backbones.tiny_onevision import build_tiny_onevision, save_tiny_onevision
+from lens_core import LensConfig
+from lens_core.head import SegmentationHead
+from lens_train.training.presets import PRESET_DIR, load_preset
+
+ATOL = 1e-5
+LAYERS = (20, 27)  # the onevision-7b preset's main and late layers (28 decoder layers)
+GRID, BASE, RUN = 27, 729, 729 + 27 * 28  # grid side, base-grid tokens, image tokens in the LM sequence
+
+QUESTIONS_A = [
+    "Can you segment the red circle in this image?",
+    "What object in this picture would someone use to carry water on a long walk?",
+]
+QUESTIONS_B = ["Which shape is left of the blue square?"]
+
+
+def _image(seed: int, height: int, width: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def backbone() -> OnevisionBackbone:
+    return OnevisionBackbone.tiny(layers=LAYERS, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def squares() -> list[Image.Image]:
+    """Two non-square images brought into SAM's padded square, as the extractor feeds the MLLM."""
+    return [sam_frame(_image(0, 300, 500)).padded_image(), sam_frame(_image(1, 640, 480)).padded_image()]
+
+
+@pytest.fixture(scope="module")
+def encoded(backbone, squares):
+    return backbone.encode(squares, [QUESTIONS_A, QUESTIONS_B])
+
+
+def _reference(backbone, square: Image.Image, question: str):
+    """Plain full forward of the whole prompt through the processor's own inputs:
+    (inputs, positions of the <image> run, hidden_states)."""
+    inputs = backbone.processor(text=backbone.prompt_for(question), images=backbone.model_image(square),
+                                return_tensors="pt")
+    with torch.inference_mode():
+        out = backbone.model(**inputs, output_hidden_states=True)
+    run = (inputs["input_ids"][0] == backbone.model.config.image_token_id).nonzero()[:, 0]
+    return inputs, run, out.hidden_states
+
+
+def test_shared_prefix_states_equal_full_forward(backbone, squares, encoded):
+    """THE key test: prefix once per image (two images batched, KV cache), each question's suffix alone
+    with 1-D positions continued, right-padded == hidden_states[k] of a plain full forward, for the 729
+    base-grid tokens and every token after the image."""
+    lengths = {backbone.num_text_tokens(q) for q in (*QUESTIONS_A, *QUESTIONS_B)}
+    assert len(lengths) == 3  # three questions of different lengths: padding exercised
+    for square, questions, states in zip(squares, [QUESTIONS_A, QUESTIONS_B], encoded):
+        assert len(states.text_states) == len(questions)
+        for question, text_states in zip(questions, states.text_states):
+            inputs, run, hidden = _reference(backbone, square, question)
+            assert len(run) == RUN and torch.equal(run, torch.arange(int(run[0]), int(run[0]) + RUN))
+            text_pos = torch.arange(int(run[-1]) + 1, inputs["input_ids"].shape[1])
+            assert text_states[LAYERS[0]].shape[0] == len(text_pos) == backbone.num_text_tokens(question)
+            for k in LAYERS:
+                assert states.image_states[k].shape == (BASE, 64)
+                torch.testing.assert_close(states.image_states[k], hidden[k][0, run[:BASE]], atol=ATOL, rtol=0)
+                torch.testing.assert_close(text_states[k], hidden[k][0, text_pos], atol=ATOL, rtol=0)
+                # the duplicate tile later in the run holds other states at layer k (its own place in the sequence)
+                tile = hidden[k][0, run[BASE:]].reshape(GRID, GRID + 1, -1)[:, :GRID].reshape(BASE, -1)
+                assert (states.image_states[k] - tile).abs().max() > 100 * ATOL
+
+
+def test_grid_positions_are_the_projectors_base_features(backbone, squares):
+    """Which of the 1485 <image> positions hold the 27 x 27 base grid, proven against the vision tower
+    + projector run on their own: the first 729 (row-major); then the 1 x 1 AnyRes tile, the same
+    crop again, as 27 rows of 27 tokens each followed by image_newline."""
+    model = backbone.model.model
+    inputs, run, hidden = _reference(backbone, squares[1], QUESTIONS_B[0])
+    assert torch.equal(backbone._grid_positions, run[:BASE])
+    pixels = inputs["pixel_values"][0]
+    assert pixels.shape == (2, 3, 384, 384) and torch.equal(pixels[0], pixels[1])  # base crop, tile crop
+    # the crop is SAM's square at 378 px, zero-padded to 384: the 27 x 14 px patches tile SAM's frame exactly
+    frame = np.asarray(squares[1].resize((378, 378), Image.Resampling.BICUBIC), dtype=np.float32)
+    expected = torch.from_numpy((frame / 255 - 0.5) / 0.5).permute(2, 0, 1)
+    torch.testing.assert_close(pixels[0][:, :378, :378], expected, atol=1e-5, rtol=0)
+    assert bool((pixels[0][:, 378:, :] == -1).all() and (pixels[0][:, :, 378:] == -1).all())
+    with torch.inference_mode():
+        vision = model.vision_tower(pixels[:1], output_hidden_states=True)
+        base = model.multi_modal_projector(vision.hidden_states[-1])[0]  # (729, d): SigLIP's patches, row-major
+    assert base.shape == (BASE, 64)
+    embeds = hidden[0][0]  # the LM's input embeddings
+    torch.testing.assert_close(embeds[run[:BASE]], base, atol=1e-6, rtol=0)
+    tile = embeds[run[BASE:]].reshape(GRID, GRID + 1, -1)
+    torch.testing.assert_close(tile[:, :GRID].reshape(BASE, -1), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tile[:, GRID], model.image_newline.expand(GRID, -1), atol=0, rtol=0)
+    assert (base[1:] - base[:-1]).abs().amax(-1).min() > 0  # no two neighbours alike: the order is tested
+
+
+def test_image_token_count_check(backbone, squares, monkeypatch):
+    """Another layout than 729 + 27 x 28 is a one-line error naming the settings to change."""
+    from lens_cache.backbones import onevision
+
+    def two_by_two(model, processor, side):  # a 2 x 2 AnyRes grid instead of the base resolution
+        model.config.image_grid_pinpoints = processor.image_processor.image_grid_pinpoints = [[768, 768]]
+
+    monkeypatch.setattr(onevision, "configure_base_resolution", two_by_two)
+    model, processor = build_tiny_onevision()
+    with pytest.raises(ValueError) as err:
+        OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS)
+    message = str(err.value)
+    assert "\n" not in message and "3699 image tokens from 5 crops" in message and "not 1485" in message
+    assert "set image_grid_pinpoints to [[384, 384]]" in message
+    monkeypatch.undo()
+    # the 'default' feature strategy drops one patch per crop: 1484 tokens
+    model, processor = build_tiny_onevision()
+    processor.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match=r"1484 image tokens from 2 crops, not 1485 .* vision_feature_select_strategy"):
+        OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS)
+    # at encode time, when the processor is changed after construction
+    model, processor = build_tiny_onevision()
+    changed = OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS)
+    processor.image_processor.image_grid_pinpoints = [[384, 768]]
+    with pytest.raises(ValueError, match=r"crops of shape \(3, 3, 384, 384\).*set image_grid_pinpoints"):
+        changed.encode(squares[:1], [QUESTIONS_B])
+
+
+def test_warm_start_layers_load_strictly_into_a_qwen2_head(backbone, encoded):
+    """Layers k, k+1 load strictly into a head configured as Qwen2 (biases, GQA); its first layer computes
+    the backbone's layer k on the cached layer-k states with 1-D positions 0..L-1."""
+    extractor = build_extractor(mllm="tiny-onevision", sam="tiny", layers=LAYERS, device="cpu")
+    k = LAYERS[0]
+    sizes, state_dicts = extractor.decoder_layers([k, k + 1])
+    assert sizes == backbone.head_sizes
+    assert sizes["layer_type"] == "qwen2" and sizes["num_key_value_heads"] == 2 and sizes["rope_theta"] == 1e6
+    assert "self_attn.q_proj.bias" in state_dicts[0] and "self_attn.o_proj.bias" not in state_dicts[0]
+    cfg = LensConfig.from_dict({**load_preset("tiny").model.to_dict(), **sizes, "grid_size": GRID})
+    head = SegmentationHead(config=cfg).eval()
+    head.load_decoder_layers(state_dicts)  # strict
+    with pytest.raises(RuntimeError):
+        SegmentationHead(config=load_preset("tiny").model).load_decoder_layers(state_dicts)
+
+    states = encoded[0]
+    x = torch.cat([states.image_states[k], states.text_states[0][k]])[None]
+    length = x.shape[1]
+    lm = backbone.model.model.language_model
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        expected = lm.layers[k](x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, torch.arange(length)[None]))
+        ours, _ = head.layers[0](x, *head.rotary(length, x.device))
+        torch.testing.assert_close(ours, expected, atol=ATOL, rtol=1e-5)
+        other = lm.layers[k + 1](x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, torch.arange(length)[None]))
+        assert (ours - other).abs().max() > 10 * ATOL  # the layer matters: k, not k + 1
+        out = head(states.image_states[k][None], states.text_states[0][k][None],
+                   torch.tensor([states.text_states[0][k].shape[0]]))
+    assert out.heatmap.shape == (1, GRID, GRID) and torch.isfinite(out.heatmap).all()
+
+
+def test_image_attention_by_layer(backbone, squares):
+    """(layers, 27, 27): the last token's attention to the base grid, = an eager full forward's attentions."""
+    question = backbone.question_for("red circle", is_sentence=False)
+    maps = backbone.image_attention_by_layer(squares[0], question)
+    assert maps.shape == (28, GRID, GRID) and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all() and (maps >= 0).all() and (maps.sum((1, 2)) < 1).all()
+    inputs = backbone.processor(text=backbone.prompt_for(question), images=backbone.model_image(squares[0]),
+                                return_tensors="pt")
+    run = (inputs["input_ids"][0] == backbone.image_token_id).nonzero()[:, 0]
+    from lens_cache.backbones.layer_capture import eager_attention
+
+    with eager_attention(backbone.model), torch.inference_mode():
+        out = backbone.model(**inputs, output_attentions=True)
+    for layer in (0, 20, 27):
+        expected = out.attentions[layer][0, :, -1, run[:BASE]].mean(0).reshape(GRID, GRID)
+        torch.testing.assert_close(maps[layer], expected, atol=1e-6, rtol=0)
+
+
+def test_prompt_identity_and_registry(backbone):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]
+    rendered = backbone.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == ONEVISION_TEMPLATE.replace("{question}", "Q?") == backbone.prompt_for("Q?")
+    prefix, suffix = backbone._split_ids(QUESTIONS_A[0])
+    tokens = backbone.processor.tokenizer.convert_ids_to_tokens(prefix[:2] + suffix[-3:])
+    assert tokens == ["<|im_start|>", "user", "<|im_end|>", "<|im_start|>", "assistant"]
+    assert len(prefix) == 2 + RUN and prefix[2:] == [backbone.image_token_id] * RUN
+    for special in ("<image>", "<|im_end|>"):
+        with pytest.raises(ValueError, match="special token"):
+            backbone.num_text_tokens(f"What is {special} here?")
+    assert "tiny-onevision" in MLLM_PRESETS and "llava_onevision" in MLLM_ADAPTERS
+    ident = backbone.identity
+    assert ident["backbone"] == "llava-onevision" and ident["num_image_tokens"] == BASE and ident["grid_size"] == GRID
+    assert ident["image_grid_pinpoints"] == [[384, 384]] and ident["hidden_size"] == 64
+    assert backbone.image_geometry == "sam-pad-1024-to-378-pad-384"
+    with pytest.raises(ValueError, match="layers"):
+        OnevisionBackbone(backbone.model, backbone.processor, name_or_path="tiny", layers=(29,))
+
+
+def test_saved_tiny_loads_through_real_loader(tmp_path, backbone, squares, encoded):
+    folder = save_tiny_onevision(tmp_path / "tiny-onevision")
+    loaded = build_mllm(str(folder), layers=LAYERS, device="cpu")
+    assert isinstance(loaded, OnevisionBackbone) and loaded.model.dtype == torch.float32
+    assert loaded.identity["config_hash"] == backbone.identity["config_hash"]
+    assert loaded.identity["weights_fingerprint"] == backbone.identity["weights_fingerprint"]
+    assert loaded.prompt_template == ONEVISION_TEMPLATE  # from the saved chat template
+    assert loaded.model.config.image_grid_pinpoints == [[384, 384]]  # the saved 36 pinpoints are restricted
+    again = loaded.encode(squares, [QUESTIONS_A, QUESTIONS_B])
+    for a, b in zip(again, encoded):
+        for k in LAYERS:
+            torch.testing.assert_close(a.image_states[k], b.image_states[k], atol=0, rtol=0)
+            for ta, tb in zip(a.text_states, b.text_states):
+                torch.testing.assert_close(ta[k], tb[k], atol=0, rtol=0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(UnsupportedMllmError, match="not a LLaVA-OneVision"):
+        OnevisionBackbone.from_pretrained(str(tmp_path / "llama"))
+
+
+def test_generate_and_model_untouched(backbone, squares):
+    before = {name: p.detach().clone() for name, p in backbone.model.named_parameters()}
+    lm = backbone.model.model.language_model
+    hooks_before = [len(layer._forward_hooks) for layer in lm.layers]
+    answer = backbone.generate(_image(2, 200, 100), "What is in this image?", max_new_tokens=3, min_new_tokens=2)
+    assert isinstance(answer, str)
+    assert isinstance(backbone.generate(None, "Is this a question?", max_new_tokens=2, min_new_tokens=1), str)
+    deeper: list[int] = []
+    handle = lm.layers[LAYERS[-1]].register_forward_hook(lambda m, a, o: deeper.append(1))
+    try:
+        again = backbone.encode(squares[:1], [QUESTIONS_B])[0]
+    finally:
+        handle.remove()
+    assert deeper == []  # the forward stopped after decoder layer 26
+    for name, p in backbone.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert p.grad is None and not p.requires_grad
+    assert [len(layer._forward_hooks) for layer in lm.layers] == hooks_before
+    assert not again.image_states[20].is_inference() and again.image_states[20].dtype == torch.float32
+
+
+def test_registry_import_stays_light():
+    code = ("import sys, lens_cache.backbones as b; "
+            "assert 'tiny-onevision' in b.MLLM_PRESETS and 'llava_onevision' in b.MLLM_ADAPTERS; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name, layers, grid", [("onevision-7b", (20, 27), 27), ("qwen25vl-3b", (26, 35), 24)])
+def test_presets_fit_the_real_decoder_layers(name, layers, grid):
+    """The presets' heads are the real text models' decoder layers (sizes as recorded in each preset's
+    description): the layers load strictly into the preset's head on the meta device, and the adapters'
+    head_sizes equal the preset's fields."""
+    from types import SimpleNamespace
+
+    preset = load_preset(name)
+    assert (preset.main_layer, preset.late_layer) == layers
+    assert preset.model.grid_size == grid and preset.model.num_image_tokens == grid * grid
+    assert "not checked" in preset.description.lower() or "NOT checked" in preset.description
+    if name == "onevision-7b":
+        from transformers import Qwen2Config
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer as Layer
+
+        text = Qwen2Config(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        sizes = OnevisionBackbone.head_sizes.fget(SimpleNamespace(text_config=text))
+    else:
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig as Config
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer as Layer
+
+        from lens_cache.backbones.qwen2vl import Qwen2VLBackbone
+
+        text = Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                      num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+        sizes = Qwen2VLBackbone.head_sizes.fget(SimpleNamespace(text_config=text))
+    assert layers[1] == text.num_hidden_layers - 1
+    assert {key: getattr(preset.model, key) for key in sizes} == sizes
+    with torch.device("meta"):
+        decoder = [Layer(text, i) for i in (layers[0], layers[0] + 1)]
+        head = SegmentationHead(config=preset.model)
+    head.load_decoder_layers([layer.state_dict() for layer in decoder])  # strict: every name and shape
+    assert sum(p.numel() for p in head.parameters()) == 2 * sum(p.numel() for p in decoder[0].parameters())
+
+
+def test_cli_store_of_tiny_onevision_trains_a_grid27_head(tmp_path):
+    """End to end through the CLIs: `lens-cache build --mllm tiny-onevision` (tiny SAM, 2 synthetic images)
+    records 729 image tokens on a 27 grid and Qwen2 warm-start layers; `lens-train` with a grid-27 Qwen2
+    preset warm-starts from them and trains 2 steps."""
+    from typer.testing import CliRunner
+
+    from lens_cache.cli import app as cache_app
+    from lens_cache.store import FeatureStore
+    from lens_manifests.synthetic import write_synthetic
+    from lens_train.cli import train_app
+    from lens_train.evaluation.evaluate import load_run
+
+    runner = CliRunner()
+    write_synthetic(tmp_path / "data", seed=0, num_train_images=1, num_val_images=2, num_test_images=1, workers=1)
+    store_dir = tmp_path / "store"
+    result = runner.invoke(cache_app, [
+        "build", "--split", "synthetic-refer:val", "--data-root", str(tmp_path / "data"), "--out", str(store_dir),
+        "--mllm", "tiny-onevision", "--sam", "tiny", "--layers", "20", "--limit", "2", "--block-size", "1",
+        "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(store_dir)
+    assert store.num_images == 2 and store.num_image_tokens == BASE
+    assert store.identity["grid_size"] == GRID and store.identity["backbone"] == "llava-onevision"
+    assert store.identity["image_geometry"] == "sam-pad-1024-to-378-pad-384"
+    assert store.warm_start["head"]["layer_type"] == "qwen2"
+    sample = store.read_query(0, 20)
+    assert sample["image_states"].shape == (BASE, 64)
+
+    preset = json.loads((PRESET_DIR / "tiny.json").read_text())
+    preset.pop("synthetic", None)
+    preset["layers"] = {"main": 20, "late": 27}
+    preset["model"].update(hidden_size=64, num_heads=4, num_key_value_heads=2, mlp_size=128, rms_norm_eps=1e-6,
+                           rope_theta=1e6, layer_type="qwen2", grid_size=GRID)
+    (tmp_path / "onevision-tiny.json").write_text(json.dumps(preset))
+    run = tmp_path / "run"
+    result = runner.invoke(train_app, [
+        "--cache", str(store_dir), "--preset", str(tmp_path / "onevision-tiny.json"), "--out", str(run),
+        "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--warmup-steps", "1", "--workers", "0",
+        "--log-every", "1", "--warm-start", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-1] == 2
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert load_run(run).model.config.grid_size == GRID
+    warm = json.loads((run / "config.json").read_text())["warm_start"]
+    assert warm["used"] is True and warm["layers"] == [20, 21]
