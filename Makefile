@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
+.PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table1 reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
 
 # reproduce-table2/3: PRESET=paper needs DATA_ROOT, MLLM, SAM; PRESET=toy (and tiny) need nothing
 # (synthetic data, the shipped toy backbones, CPU). SEEDS=0,1,2 repeats Table 2's runs per seed.
@@ -36,7 +36,7 @@ test-fast: setup
 # The whole pipeline on the synthetic world with the shipped toy backbones: cache -> train -> eval on
 # held-out synthetic:val -> results/demo.md + figures.
 demo: setup
-	$(PY) -m lens_train.reproduce demo
+	$(PY) -m lens_train.reproduction demo
 
 # Remake the shipped toy backbones (cache/lens_cache/toy/weights): SAM, then LLaVA's three stages, then export.
 # Resumable: rerun after a kill. TOY_WORK keeps checkpoints and logs.
@@ -48,13 +48,17 @@ pretrain-toy: setup
 
 # The LENS core alone on planted synthetic tensors (no cache): a one-minute sanity check of the model.
 demo-core: setup
-	$(PY) -m lens_train.demo_core --out demo
+	$(PY) -m lens_train.reproduction.demo_core --out demo
+
+# Table 1 (general abilities kept vs a LISA-style fine-tune): PRESET=toy only (results/table1-toy.md).
+reproduce-table1: setup
+	$(PY) -m lens_train.reproduction table1 $(REPRO_ARGS)
 
 reproduce-table2: setup
-	$(PY) -m lens_train.reproduce table2 $(REPRO_ARGS)
+	$(PY) -m lens_train.reproduction table2 $(REPRO_ARGS)
 
 reproduce-table3: setup
-	$(PY) -m lens_train.reproduce table3 $(REPRO_ARGS)
+	$(PY) -m lens_train.reproduction table3 $(REPRO_ARGS)
 
 # Stage-2 step at the real dimensions (d=4096 head + SAM ViT-H decoder, bf16); meant for a GPU.
 bench-train: setup
@@ -65,9 +69,9 @@ bench-loader: setup
 	$(PY) benchmarks/bench_loader.py --hidden-size 4096 --images 64 --workers 8 --batch-size 2 --batches 200
 
 # Stage-1 cache build at the real dimensions (LLaVA-1.5-7B + SAM ViT-H, random weights, bf16) vs a naive
-# per-query baseline and the GPU's FLOP ceiling; needs a GPU.
+# per-query baseline and the GPU's FLOP ceiling; needs a GPU. BACKBONE=llava-1.5 (default)|qwen2vl-2b|onevision-7b.
 bench-cache: setup
-	$(PY) benchmarks/bench_cache.py --scale real --images 32
+	$(PY) benchmarks/bench_cache.py --scale real --images 32 $(if $(BACKBONE),--backbone $(BACKBONE))
 
 # Diagnostics (RESULTS.md, "What learns on CPU"): patch colour recoverable from the cached features, by layer;
 # whether the head alone learns grounding from the demo's stores (run `make demo` first).

@@ -6,7 +6,7 @@
 Without ``--store`` it writes a store at the given width with stage 1's deterministic fake
 backbone (real code path of ``lens_cache.build``; 576 image tokens, 256x64x64 SAM
 embedding, float16, the default compression) and reads it back with the training
-loader (``lens_train.data``: task-mixing sampler, workers, pinned memory on CUDA). The
+loader (``lens_train.training.data``: task-mixing sampler, workers, pinned memory on CUDA). The
 number to compare with is the training step rate of ``make bench-train`` times its batch:
 the loader keeps the GPU busy when it delivers more samples/s than the step consumes.
 Prints one JSON line.
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from lens_train.data import MixedBatchSampler, QueryDataset, make_loader
+    from lens_train.training.data import MixedBatchSampler, QueryDataset, make_loader
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ import torch
 
 from lens_core import build_lens
 from lens_core.losses import attention_loss, segmentation_loss
-from lens_train.presets import load_preset
+from lens_train.training.presets import load_preset
 
 
 def build_sam_decoder_only(variant: str):

@@ -70,8 +70,8 @@ def decompose(run_dir: Path, store: str) -> dict:
     from torch.utils.data import DataLoader
 
     from lens_core.metrics import intersection_union, query_iou
-    from lens_train.data import QueryDataset, collate
-    from lens_train.evaluate import load_run, predict
+    from lens_train.training.data import QueryDataset, collate
+    from lens_train.evaluation.evaluate import load_run, predict
 
     run = load_run(run_dir)
     grid = run.model.config.grid_size

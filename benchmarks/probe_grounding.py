@@ -28,8 +28,8 @@ import torch
 from lens_core.geometry import mask_to_padded_frame
 from lens_core.head import SegmentationHead
 from lens_core.losses import attention_loss
-from lens_train.data import QueryDataset, collate
-from lens_train.presets import load_preset
+from lens_train.training.data import QueryDataset, collate
+from lens_train.training.presets import load_preset
 
 
 def _frame_target(batch, k: int, grid: int) -> torch.Tensor:

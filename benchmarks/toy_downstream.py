@@ -30,9 +30,9 @@ def main() -> None:
 
     from lens_cache.build import build_cache
     from lens_manifests import build_manifest, write_synthetic
-    from lens_train.evaluate import evaluate
+    from lens_train.evaluation.evaluate import evaluate
     from lens_train.testing import fake_tiny_extractor
-    from lens_train.trainer import TrainRequest, train
+    from lens_train.training.trainer import TrainRequest, train
 
     started = time.perf_counter()
     root = args.work / "data"

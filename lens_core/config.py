@@ -1,6 +1,6 @@
 """Typed configuration of the LENS model.
 
-The presets in ``train/lens_train/presets/*.json`` (``paper``, ``official``, ``toy``, ``tiny``,
+The presets in ``train/lens_train/training/presets/*.json`` (``paper``, ``official``, ``toy``, ``tiny``,
 ``qwen2vl-2b``) fill this dataclass, and a run's ``config.json`` records all of it
 (``dataclasses.asdict``). Only ``hidden_size``, ``num_heads`` and ``mlp_size`` have no default.
 Every preset states the other architecture and keypoint numbers too (``rms_norm_eps``,

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import lens_train.agent as agent_module
-from lens_train.agent import (
+import lens_train.inference.agent as agent_module
+from lens_train.inference.agent import (
     FOLLOWUP_PROMPT,
     NO_IMAGE_REPLY,
     ROUTER_MAX_NEW_TOKENS,

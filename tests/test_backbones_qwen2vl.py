@@ -16,7 +16,7 @@ from lens_cache.backbones.qwen2vl import QWEN2_VL_TEMPLATE, Qwen2VLBackbone, mro
 from lens_cache.backbones.tiny_qwen2vl import build_tiny_qwen2vl, save_tiny_qwen2vl
 from lens_core import LensConfig
 from lens_core.head import SegmentationHead
-from lens_train.presets import load_preset
+from lens_train.training.presets import load_preset
 
 ATOL = 1e-5
 LAYERS = (20, 27)  # Qwen2-VL-2B's main and late layers (28 decoder layers)
@@ -288,7 +288,7 @@ def test_cache_built_with_qwen2vl_warm_starts_a_qwen2_head_only(tmp_path, toy_sa
     from lens_cache.build import build_cache
     from lens_manifests import build_manifest
     from lens_train.errors import UserError
-    from lens_train.stores import read_warm_start
+    from lens_train.training.stores import read_warm_start
     from lens_train.testing import small_synthetic
 
     root = small_synthetic(tmp_path / "synthetic", images=2)

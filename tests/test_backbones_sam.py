@@ -172,7 +172,7 @@ def test_toy_sam_store_is_read_and_trained_on_by_stage_2(toy_sam_store, tmp_path
 
     from lens_cache.store import verify_store
     from lens_train.errors import UserError
-    from lens_train.trainer import TrainRequest, train
+    from lens_train.training.trainer import TrainRequest, train
 
     store = toy_sam_store.store
     assert store.sam_channels == 64 and store.identity["sam"]["variant"] == "toy"

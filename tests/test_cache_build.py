@@ -226,7 +226,7 @@ def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, r
     import hashlib
 
     from lens_cache.backbones import LensFeatureExtractor, LlavaBackbone
-    from lens_cache.build import warm_start_file
+    from lens_cache.block_job import warm_start_file
     from lens_cache.store import WARM_START_FILE
     from safetensors.torch import load
 

@@ -29,7 +29,7 @@ def test_iou_by_hand_with_ignore_and_empty():
 
 
 def test_giou_ciou_from_counts_by_hand_and_as_lens_eval_reports_them():
-    from lens_train.evaluate import summarize
+    from lens_train.evaluation.evaluate import summarize
 
     inters, unions = [2, 0, 0, 7], [5, 0, 4, 7]  # a partial hit, nothing to find, a miss, a perfect mask
     giou = (2 / 5.00001 + 1.0 + 0.0 + 7 / 7.00001) / 4  # LISA: inter / (union + 1e-5), an empty union is 1

@@ -15,7 +15,7 @@ from lens_core import LensConfig, build_lens
 from lens_core.descriptor import KeypointDescriptor
 from lens_core.head import SegmentationHead, peak_normalize
 from lens_core.losses import attention_loss
-from lens_train.presets import load_preset
+from lens_train.training.presets import load_preset
 
 TINY = load_preset("tiny").model
 
@@ -431,7 +431,7 @@ def test_warm_start_is_strict():
 def test_warm_started_head_is_the_mllm_decoder_layer(toy_sam_store, layer):
     """An untrained head warm-started from a store computes, in its first layer, the MLLM's decoder
     layer k on the cached layer-k states (same positions 0..L-1, same causal mask), for each cached k."""
-    from lens_train.stores import read_warm_start
+    from lens_train.training.stores import read_warm_start
 
     store, mllm = toy_sam_store.store, toy_sam_store.extractor.mllm
     sizes = store.warm_start["head"]  # the tiny LLaVA's RMSNorm eps (1e-6) is not the tiny preset's (1e-5)

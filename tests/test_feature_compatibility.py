@@ -4,7 +4,7 @@ The rule is ``lens_cache.identity.feature_differences`` (the same weights at ano
 another set of cached layers are the same features; other weights are not) plus
 ``lens_cache.store.require_layer`` (the run's layer must be there). Each case below is put
 to the three entry points: training mixes the run's store with the case's store
-(``lens_train.trainer.prepare``), ``lens-eval`` evaluates the run on it, and ``lens-segment``
+(``lens_train.training.trainer.prepare``), ``lens-eval`` evaluates the run on it, and ``lens-segment``
 attaches the run to a live backbone of the case's identity.
 """
 
@@ -31,7 +31,7 @@ def world(tmp_path_factory):
     """A 2-step tiny run on a store cached with identity WEIGHTS at layer 14, and one store per case."""
     from lens_manifests import build_manifest
     from lens_train.testing import build_store, small_synthetic
-    from lens_train.trainer import TrainRequest, train
+    from lens_train.training.trainer import TrainRequest, train
 
     root = small_synthetic(tmp_path_factory.mktemp("synthetic"), images=2)
     out = tmp_path_factory.mktemp("stores")
@@ -51,7 +51,7 @@ def world(tmp_path_factory):
 
 
 def _training(world, case: str, tmp_path: Path) -> None:
-    from lens_train.trainer import TrainRequest, prepare
+    from lens_train.training.trainer import TrainRequest, prepare
 
     request = TrainRequest(caches=(world["run_store"], world["stores"][case]), out=tmp_path / "train", preset="tiny",
                            device="cpu", quiet=True)
@@ -59,13 +59,13 @@ def _training(world, case: str, tmp_path: Path) -> None:
 
 
 def _evaluation(world, case: str, tmp_path: Path) -> None:
-    from lens_train.evaluate import evaluate
+    from lens_train.evaluation.evaluate import evaluate
 
     evaluate(world["run_dir"], world["stores"][case], out=tmp_path / "eval", limit=1, figures=0, log=lambda line: None)
 
 
 def _segmentation(world, case: str, tmp_path: Path) -> None:
-    from lens_train.segment import Segmenter
+    from lens_train.inference.segment import Segmenter
     from lens_train.testing import fake_tiny_extractor
 
     identity, layers, _ = CASES[case]

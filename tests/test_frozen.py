@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lens_train.agent import LensAgent
-from lens_train.frozen import mllm_checksum, parameters_requiring_grad
-from lens_train.segment import Segmenter, segment_image
+from lens_train.inference.agent import LensAgent
+from lens_train.evaluation.frozen import mllm_checksum, parameters_requiring_grad
+from lens_train.inference.segment import Segmenter, segment_image
 from tests.helpers.tiny_real_run import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS, probe_answers
 
 
@@ -56,7 +56,7 @@ def test_training_beside_the_live_mllm_leaves_it_untouched(tiny_real_run):
     live features as the input), then a segmentation with the trained model: the MLLM is unchanged."""
     from lens_manifests import decode_target
 
-    from lens_train.trainer import compute_losses
+    from lens_train.training.trainer import compute_losses
 
     extractor = tiny_real_run.extractor
     model = extractor.mllm.model

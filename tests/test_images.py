@@ -7,12 +7,12 @@ import re
 import fsspec
 import numpy as np
 import pytest
-from lens_cache.build import FAILURE_CODES, load_image as build_load
+from lens_cache.block_job import FAILURE_CODES, load_image as build_load
 from lens_cache.images import ImageReadError, read_rgb
 from PIL import Image
 
-from lens_train.evaluate import _load_image as eval_load
-from lens_train.segment import load_image as segment_load
+from lens_train.evaluation.evaluate import _load_image as eval_load
+from lens_train.inference.segment import load_image as segment_load
 
 H, W = 12, 20
 

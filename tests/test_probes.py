@@ -58,7 +58,7 @@ def test_grounding_probe_scores_a_planted_map(monkeypatch):
                 maps[k, cells[0, 0], cells[0, 1]] = 1.0
             return type("Out", (), {"heatmap": maps})
 
-    from lens_train.data import Batch
+    from lens_train.training.data import Batch
 
     gts = [torch.zeros(8, 8, dtype=torch.uint8) for _ in range(2)]
     gts[0][:4, :4] = 1  # top-left quarter of the frame = 4 of 16 cells

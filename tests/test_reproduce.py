@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lens_train import reproduce
+from lens_train.reproduction import cli, reproduce, table1
 from lens_train.errors import UserError
 
 
@@ -23,7 +23,7 @@ def test_real_preset_names_every_missing_input(tmp_path):
         reproduce.check_inputs(settings)
     message = str(error.value)
     assert "DATA_ROOT" in message and "not a folder" in message and "MLLM=" in message and "SAM=" in message
-    assert reproduce.main(["table2", "--preset", "paper", "--work", str(tmp_path), "--quiet"]) == 2
+    assert cli.main(["table2", "--preset", "paper", "--work", str(tmp_path), "--quiet"]) == 2
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -42,13 +42,17 @@ def test_real_preset_names_every_missing_input(tmp_path):
       "--quiet"],
      {"preset": "toy", "work": Path("w"), "results": Path("r"), "steps": 3, "tiny_images": 5, "quiet": True}),
     (["demo", "--preset", "tiny"], {"preset": "tiny", "work": Path("work/demo-tiny"), "steps": None, "tiny_images": 48}),
+    # `make reproduce-table1 PRESET=toy`
+    (["table1", "--preset", "toy", "--data-root", "", "--mllm", "", "--sam", "", "--seeds", "0"],
+     {"preset": "toy", "work": Path("work/table1-toy"), "tiny_images": 48, "steps": None}),
 ])
 def test_command_line_defaults(monkeypatch, argv, expected):
     """The options and defaults of each command (those of the argparse command line it replaced)."""
     seen = {}
-    what = {"table2": "reproduce_table2", "table3": "reproduce_table3", "demo": "demo"}[argv[0]]
-    monkeypatch.setattr(reproduce, what, lambda settings: seen.setdefault("settings", settings))
-    assert reproduce.main(argv) == 0
+    module, what = {"table1": (table1, "reproduce_table1"), "table2": (reproduce, "reproduce_table2"),
+                    "table3": (reproduce, "reproduce_table3"), "demo": (reproduce, "demo")}[argv[0]]
+    monkeypatch.setattr(module, what, lambda settings: seen.setdefault("settings", settings))
+    assert cli.main(argv) == 0
     settings = seen["settings"]
     assert {key: getattr(settings, key) for key in expected} == expected
 
@@ -86,12 +90,12 @@ def test_table2_tiny_end_to_end_and_skips_what_is_done(tmp_path, monkeypatch):
         raise AssertionError("a complete stage was run again")
 
     import lens_cache.build
-    import lens_train.evaluate
-    import lens_train.trainer
+    import lens_train.evaluation.evaluate
+    import lens_train.training.trainer
 
     monkeypatch.setattr(lens_cache.build, "build_cache", fail)
-    monkeypatch.setattr(lens_train.trainer, "train", fail)
-    monkeypatch.setattr(lens_train.evaluate, "evaluate", fail)
+    monkeypatch.setattr(lens_train.training.trainer, "train", fail)
+    monkeypatch.setattr(lens_train.evaluation.evaluate, "evaluate", fail)
     assert reproduce.reproduce_table2(settings).read_text().splitlines()[4:] == text.splitlines()[4:]
 
     # Table 3 reuses the LENS run and adds the referring stores.

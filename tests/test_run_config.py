@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lens_core.config import PRESET_DEFAULTED, LensConfig
 from lens_train.errors import UserError
-from lens_train.run_config import RUN_FORMAT_VERSION, RunConfig, read_run_config
+from lens_train.training.run_config import RUN_FORMAT_VERSION, RunConfig, read_run_config
 
 #: config.json of the demo run (`make demo`, preset toy) as lens-train wrote it before RunConfig existed,
 #: copied byte for byte from its run folder
@@ -109,7 +109,7 @@ def test_round_trip_of_a_record():
 
 
 def test_presets_leave_to_the_defaults_only_what_lens_config_says():
-    from lens_train.presets import PRESET_DIR, available_presets
+    from lens_train.training.presets import PRESET_DIR, available_presets
 
     names = {f.name for f in fields(LensConfig)}
     assert PRESET_DEFAULTED <= names

@@ -15,12 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lens_train.errors import UserError
-from lens_train.segment import app, check_backbone, overlay_image, segment_image
+from lens_train.inference.segment import app, check_backbone, overlay_image, segment_image
 
 
 def _cached(tiny_real_run, item: int):
-    from lens_train.data import QueryDataset, collate
-    from lens_train.evaluate import load_run, predict
+    from lens_train.training.data import QueryDataset, collate
+    from lens_train.evaluation.evaluate import load_run, predict
 
     dataset = QueryDataset(tiny_real_run.store_url, 14)
     run = load_run(tiny_real_run.run_dir)
@@ -106,7 +106,7 @@ def test_cli_errors_are_one_line(tiny_real_run, tmp_path):
 
 
 def test_refuses_another_backbone(tiny_real_run):
-    from lens_train.run_config import read_run_config
+    from lens_train.training.run_config import read_run_config
 
     config = read_run_config(tiny_real_run.run_dir)
     live = dict(tiny_real_run.extractor.identity)

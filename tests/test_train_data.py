@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lens_train.data import (
+from lens_train.training.data import (
     MixedBatchSampler,
     QueryDataset,
     WorkerSeeder,

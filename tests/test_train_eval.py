@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lens_train.cli import eval_app
-from lens_train.trainer import TrainRequest, train
+from lens_train.training.trainer import TrainRequest, train
 
 FAST = {"batch_size": 2, "grad_accum": 1, "num_workers": 0, "log_every": 1, "warmup_steps": 1}
 
@@ -46,8 +46,8 @@ def _by_hand(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
 def test_metrics_match_an_independent_computation(trained, tmp_path):
     from lens_manifests import decode_target
 
-    from lens_train.data import QueryDataset, collate
-    from lens_train.evaluate import evaluate, load_run, predict
+    from lens_train.training.data import QueryDataset, collate
+    from lens_train.evaluation.evaluate import evaluate, load_run, predict
 
     out = tmp_path / "eval"
     metrics = evaluate(trained["run"], trained["val"].url, out=out, figures=3, log=lambda line: None)
@@ -102,8 +102,8 @@ def test_metrics_match_an_independent_computation(trained, tmp_path):
 def test_the_threshold_is_the_one_applied_to_the_logits(trained, tmp_path):
     from lens_manifests import decode_target
 
-    from lens_train.data import QueryDataset, collate
-    from lens_train.evaluate import evaluate, load_run, predict
+    from lens_train.training.data import QueryDataset, collate
+    from lens_train.evaluation.evaluate import evaluate, load_run, predict
 
     run = load_run(trained["run"])
     dataset = QueryDataset(trained["val"].url, 14)

@@ -32,7 +32,7 @@ def toy_stores(tmp_path_factory):
 
     from lens_train.testing import small_synthetic
 
-    from lens_train.presets import load_preset
+    from lens_train.training.presets import load_preset
 
     root = small_synthetic(tmp_path_factory.mktemp("synthetic"), images=IMAGES)
     layer = load_preset("toy").main_layer
@@ -44,8 +44,8 @@ def toy_stores(tmp_path_factory):
 
 
 def _run(stores, out, **overrides):
-    from lens_train.evaluate import evaluate
-    from lens_train.trainer import TrainRequest, train
+    from lens_train.evaluation.evaluate import evaluate
+    from lens_train.training.trainer import TrainRequest, train
 
     train(TrainRequest(caches=(stores["train"],), out=out, preset="toy", device="cpu", quiet=True,
                        train_overrides={"num_workers": 0, **overrides}))

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import lens_train.trainer as trainer_module
-from lens_train.checkpoint import checkpoint_step, load_checkpoint
+import lens_train.training.trainer as trainer_module
+from lens_train.training.checkpoint import checkpoint_step, load_checkpoint
 from lens_train.cli import train_app
 from lens_train.errors import NonFiniteLossError
-from lens_train.trainer import TrainRequest, train
+from lens_train.training.trainer import TrainRequest, train
 
 FAST = {"batch_size": 1, "grad_accum": 2, "num_workers": 0, "log_every": 1, "warmup_steps": 2}
 
@@ -96,7 +96,7 @@ def test_run_folder_contents(stores, tmp_path):
     assert all(s["identity_hash"] == config["identity_hash"] for s in config["stores"])
     assert config["warm_start"] == {"requested": False, "used": False}
     # The typed record reads it back, and writes exactly the JSON it was read from.
-    from lens_train.run_config import RunConfig, read_run_config
+    from lens_train.training.run_config import RunConfig, read_run_config
 
     record = read_run_config(run)
     assert record.to_json() == (run / "config.json").read_text()
@@ -146,8 +146,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(stores, tmp_path, mon
     assert len(lines) == 1 and "loss is nan at step 4" in lines[0] and "(step 2) is kept" in lines[0]
     assert checkpoint_step(run) == 2
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    from lens_train.run_config import read_run_config
-    from lens_train.trainer import build_model
+    from lens_train.training.run_config import read_run_config
+    from lens_train.training.trainer import build_model
 
     model_config = read_run_config(run).model
     assert model_config.detach_peak is False  # the CLI's model override is recorded in the run
@@ -194,6 +194,45 @@ def test_refuses_a_preset_of_another_width(stores, tmp_path):
     assert "was built with d=64 (fake-mllm backbone) but preset 'official' expects 4096: use --preset tiny" in line
 
 
+def test_refuses_a_preset_of_another_image_grid(stores, tmp_path):
+    """The grid the head reads comes from the preset and must be the store's: 27 x 27 (LLaVA-OneVision) on a
+    576-token store is one line, not a shape error at the first batch."""
+    import json
+
+    from lens_train.training.presets import PRESET_DIR
+
+    preset = json.loads((PRESET_DIR / "tiny.json").read_text())
+    preset["model"]["grid_size"] = 27
+    path = tmp_path / "grid27.json"
+    path.write_text(json.dumps(preset))
+    line = _cli_error(["--cache", stores["train"], "--preset", str(path), "--out", str(tmp_path / "r")])
+    assert "holds 576 image tokens per image but preset 'grid27' reads a 27 x 27 grid (729): " \
+           "give a preset with model.grid_size 24" in line
+
+
+def test_a_27_by_27_store_trains_and_evaluates(tmp_path):
+    """Nothing assumes 24 x 24: a store of 729 image tokens (LLaVA-OneVision's grid) with a grid_size-27
+    preset trains, evaluates and draws its overlays, the heatmap 27 x 27."""
+    from lens_manifests import build_manifest
+
+    from lens_train.evaluation.evaluate import evaluate, load_run
+    from lens_train.testing import build_store, small_synthetic
+    from lens_train.training.presets import PRESET_DIR
+
+    root = small_synthetic(tmp_path / "synthetic", images=2)
+    store = build_store(build_manifest("synthetic-reason:val", root), tmp_path / "store27", spec="synthetic-reason:val",
+                        grid_size=27)
+    assert store.num_image_tokens == 729
+    preset = json.loads((PRESET_DIR / "tiny.json").read_text())
+    preset["model"]["grid_size"] = 27
+    (tmp_path / "grid27.json").write_text(json.dumps(preset))
+    train(TrainRequest(caches=(store.url,), out=tmp_path / "run", preset=str(tmp_path / "grid27.json"),
+                       train_overrides=FAST, device="cpu", quiet=True))
+    assert load_run(tmp_path / "run").model.config.grid_size == 27
+    metrics = evaluate(tmp_path / "run", store.url, out=tmp_path / "eval", log=lambda line: None)
+    assert metrics["num_queries"] == store.num_queries and (tmp_path / "eval" / "overlays.png").is_file()
+
+
 def test_refuses_an_incomplete_store(stores, tmp_path):
     line = _cli_error(["--cache", stores["incomplete"], "--preset", "tiny", "--out", str(tmp_path / "r")])
     assert "incomplete" in line and "lens-cache build" in line
@@ -233,8 +272,8 @@ def test_format_2_store_warm_starts_its_first_layer(toy_sam_store, tmp_path):
 
     from lens_cache.identity import identity_hash
     from lens_cache.store import ATTRS_KEY, WARM_START_FILE, FeatureStore, open_group
-    from lens_train.presets import load_preset
-    from lens_train.stores import read_warm_start
+    from lens_train.training.presets import load_preset
+    from lens_train.training.stores import read_warm_start
     from safetensors.torch import load, save
 
     tiny = load_preset("tiny").model
@@ -265,8 +304,8 @@ def test_warm_start_that_does_not_fit_or_was_changed_is_refused(toy_sam_store, t
     from lens_cache.store import WARM_START_FILE, FeatureStore, verify_store
     from lens_core import LensConfig
     from lens_train.errors import UserError
-    from lens_train.presets import load_preset
-    from lens_train.stores import read_warm_start
+    from lens_train.training.presets import load_preset
+    from lens_train.training.stores import read_warm_start
 
     tiny = load_preset("tiny").model
     store = toy_sam_store.store
@@ -418,7 +457,7 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_tmp(stores, tmp_path
     import pyarrow.parquet
     from safetensors import SafetensorError
 
-    import lens_train.checkpoint
+    import lens_train.training.checkpoint
     from lens_train.cli import eval_app
 
     fix = {errno.ENOSPC: "no space left on the device: free some space or write elsewhere",
@@ -432,7 +471,7 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_tmp(stores, tmp_path
     train_args = ["--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1",
                   "--batch-size", "1", "--grad-accum", "1", "--workers", "0"]
     with monkeypatch.context() as patch:
-        patch.setattr(lens_train.checkpoint, "save_file", full_disk_save_file)
+        patch.setattr(lens_train.training.checkpoint, "save_file", full_disk_save_file)
         assert _cli_error(train_args) == f"error: cannot write {run}: {fix}"
     assert not {p.name for p in run.iterdir()} & {"model.safetensors.tmp", "optimizer.pt.tmp", "checkpoint.json"}
     assert CliRunner().invoke(train_app, [*train_args, "--device", "cpu", "--quiet", "--resume"]).exit_code == 0

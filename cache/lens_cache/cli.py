@@ -10,7 +10,7 @@ remove their temporary files first). Set ``LENS_DEBUG=1`` to get the traceback i
 Any other exception is a bug and keeps its traceback.
 
 The project's commands (``lens-cache``, ``lens-train``, ``lens-eval``, ``lens-segment``,
-``lens-chat``, ``lens-general``, ``python -m lens_train.reproduce``) are Typer apps made by
+``lens-chat``, ``lens-general``, ``python -m lens_train.reproduction``) are Typer apps made by
 :func:`command_app` that map errors to exit codes with :func:`user_errors`, both defined here
 once. (``lens-toy``, the toy backbones' pretraining in ``lens_cache.toy``, keeps its own app.)
 """
@@ -342,6 +342,53 @@ def export(
 
         path = export_hdf5(store, out, compression=compression)
         typer.echo(f"{path}: {_human(path.stat().st_size)}")
+
+
+@app.command("probe-layers")
+def probe_layers_command(
+    *,
+    split: Annotated[
+        str | None, typer.Option(help="Dataset split spec: synthetic:val, refcoco:val, reasonseg:val, ...")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="LISA-style dataset folder (not needed for synthetic specs).")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
+    ] = None,
+    mllm: Annotated[
+        str, typer.Option(help="LLaVA-1.5 / Qwen2-VL checkpoint folder or HF id, or 'toy', 'tiny', 'tiny-qwen2vl'.")
+    ] = "tiny",
+    limit: Annotated[int | None, typer.Option(help="Probe only the queries of the first N images.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for probe_layers.json, .csv and .png.")] = Path("probe-layers"),
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads of the MLLM when it runs on the CPU (default: half the cores, at least 1)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of manifest building (class sampling, synthetic data).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
+) -> None:
+    """Score every decoder layer's image attention against the ground truth (no training).
+
+    Per query: one forward of the image and the store's prompt; per decoder layer, the last token's
+    attention to the image tokens (mean of heads) on the adapter's grid, scored by the pointing game
+    and by IoU of the map above half its peak with the target cells; chance = target cells / grid cells.
+    Prints the table, writes OUT/probe_layers.json, .csv and .png, and names the best layers.
+    """
+    with user_errors(output=out):
+        from lens_cache.build import first_images
+        from lens_cache.probe_layers import format_table, run_probe
+
+        table, spec = _load_manifest(split, data_root, manifest, seed)
+        if limit is not None:
+            table = first_images(table, limit)
+        result, paths = run_probe(table, split=spec, mllm=mllm, out=out, device=device, progress=not quiet,
+                                  threads=threads)
+        typer.echo(f"{spec}, --mllm {mllm}: {result.num_layers} decoder layers, {result.grid_size}x{result.grid_size} "
+                   f"grid, {result.queries} queries scored ({result.meta['elapsed_s']:.1f}s)")
+        typer.echo(format_table(result))
+        typer.echo("wrote " + ", ".join(str(path) for path in paths))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lens_cache.backbones.base import FeatureExtractor
-from lens_cache.build import (
+from lens_cache.block_job import (
     BlockJob,
     BlockResult,
     ExtractorFactory,

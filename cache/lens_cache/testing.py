@@ -43,10 +43,10 @@ class FakeExtractor:
         sam_channels: C of the (C, 64, 64) SAM embedding.
         delay_s: sleep per ``extract`` call (to make a build slow enough to kill).
         call_log: file to which each ``extract`` call appends its number of images.
+        grid_size: side of the image-token grid (24: LLaVA-1.5's 576 tokens; 27: LLaVA-OneVision's 729).
     """
 
-    num_image_tokens = 576
-    #: no MLLM adapter to chat with (``lens_train.segment.Segmenter`` runs such an extractor on the CPU)
+    #: no MLLM adapter to chat with (``lens_train.inference.segment.Segmenter`` runs such an extractor on the CPU)
     mllm = None
 
     def __init__(
@@ -60,7 +60,10 @@ class FakeExtractor:
         sam_channels: int = 256,
         delay_s: float = 0.0,
         call_log: str | Path | None = None,
+        grid_size: int = 24,
     ) -> None:
+        self.grid_size = grid_size
+        self.num_image_tokens = grid_size**2
         self.hidden_size = hidden_size
         self.layers = tuple(layers)
         self.sam_channels = sam_channels
@@ -91,7 +94,7 @@ class FakeExtractor:
         return np.random.default_rng(1000 + layer).standard_normal((rows, self.hidden_size)).astype(np.float32)
 
     def extract(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[ImageFeatures]:
-        """Features for each image: (576, d) image states, (L_t, d) text states, (C, 64, 64) SAM."""
+        """Features for each image: (grid_size², d) image states, (L_t, d) text states, (C, 64, 64) SAM."""
         if len(images) != len(questions):
             raise ValueError("one list of questions per image")
         if self.delay_s:
@@ -100,7 +103,8 @@ class FakeExtractor:
         features = []
         for image, image_questions in zip(images, questions, strict=True):
             rgb = image.convert("RGB")
-            grid = np.asarray(rgb.resize((24, 24), Image.BILINEAR), dtype=np.float32).reshape(576, 3) / 255.0
+            side = self.grid_size
+            grid = np.asarray(rgb.resize((side, side), Image.BILINEAR), dtype=np.float32).reshape(side * side, 3) / 255.0
             small = np.asarray(rgb.resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255.0
             image_states = {
                 layer: torch.from_numpy(grid @ self._projection(layer, 3) + layer / 100.0) for layer in self.layers

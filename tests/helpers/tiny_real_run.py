@@ -7,7 +7,7 @@ live inference (``lens-segment``, ``lens-chat``) can be checked against the cach
 and the frozen guarantee can be checked on a real MLLM. It takes ~15 s on 2 CPU cores;
 ``tests/conftest.py`` builds it once per session (fixture ``tiny_real_run``).
 
-The MLLM's checksum (:func:`lens_train.frozen.mllm_checksum`) and its greedy answers to
+The MLLM's checksum (:func:`lens_train.evaluation.frozen.mllm_checksum`) and its greedy answers to
 :data:`PROBE_PROMPTS` are recorded before anything else touches it, and the checksum again
 after the cache build, so tests can compare them with later states. (Training reads the
 store, never the MLLM: ``tests/test_frozen.py`` trains LENS beside the live MLLM instead.)
@@ -26,9 +26,9 @@ from lens_cache.backbones.runtime import cpu_threads
 from lens_cache.build import build_cache
 from lens_cache.images import read_rgb
 from lens_manifests import build_manifest
-from lens_train.frozen import mllm_checksum
+from lens_train.evaluation.frozen import mllm_checksum
 from lens_train.testing import small_synthetic
-from lens_train.trainer import TrainRequest, train
+from lens_train.training.trainer import TrainRequest, train
 
 #: The synthetic split cached and trained on: 2 images with one query each (fast).
 TINY_REAL_SPEC = "synthetic-reason:val"

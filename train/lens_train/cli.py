@@ -85,9 +85,9 @@ def train(
     """
     with user_errors(output=out):
         # torch comes with these: imported here so that `lens-train --help` answers at once
-        from .data import parse_mix
-        from .trainer import TrainRequest
-        from .trainer import train as run_training
+        from .training.data import parse_mix
+        from .training.trainer import TrainRequest
+        from .training.trainer import train as run_training
 
         if heatmap_from is not None and heatmap_from not in ("last", "mean"):
             raise UserError(f"--heatmap-from takes last or mean, got {heatmap_from!r}")
@@ -132,7 +132,7 @@ def evaluate(
     """
     with user_errors(output=out):
         # torch comes with it: imported here so that `lens-eval --help` answers at once
-        from .evaluate import evaluate as run_evaluation
+        from .evaluation.evaluate import evaluate as run_evaluation
 
         run_evaluation(checkpoint, cache, threshold=threshold, out=out, limit=limit, figures=figures,
                        device=device, batch_size=batch_size, num_workers=workers, sam=sam)

@@ -20,7 +20,7 @@ TINY_SAM_IDENTITY = {"variant": "tiny", "weights": "tiny-seed0", "compute_dtype"
 
 def fake_tiny_extractor(
     *, hidden_size: int = 64, mllm: str = "fake-mllm", prompt_template: str | None = None, grounded: bool = False,
-    sam: str | None = None, layers: tuple[int, ...] = (14,), identity: dict | None = None,
+    sam: str | None = None, layers: tuple[int, ...] = (14,), identity: dict | None = None, grid_size: int = 24,
 ):
     """A ``lens_cache.testing.FakeExtractor`` of width ``hidden_size`` whose identity names the tiny SAM.
 
@@ -38,7 +38,8 @@ def fake_tiny_extractor(
     cls = _grounded_class() if grounded else FakeExtractor
     if sam is not None:
         cls = _real_sam_class(cls)
-    extractor = cls(hidden_size=hidden_size, mllm=mllm, prompt_template=prompt_template or FAKE_PROMPT, layers=layers)
+    extractor = cls(hidden_size=hidden_size, mllm=mllm, prompt_template=prompt_template or FAKE_PROMPT, layers=layers,
+                    grid_size=grid_size)
     extractor.identity["sam"] = dict(TINY_SAM_IDENTITY)
     extractor.identity.update(identity or {})
     if sam is not None:

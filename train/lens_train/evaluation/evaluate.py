@@ -38,12 +38,12 @@ from lens_cache.images import ImageReadError, read_rgb
 from lens_core import Lens, LensOutput
 from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
 
-from .checkpoint import atomic_write_text, load_checkpoint
-from .data import Batch, QueryDataset, collate
-from .errors import UserError
-from .figures import OverlayItem, heatmap_on_image, write_overlays
-from .run_config import RunConfig, read_run_config
-from .trainer import autocast_for, build_model
+from ..training.checkpoint import atomic_write_text, load_checkpoint
+from ..training.data import Batch, QueryDataset, collate
+from ..errors import UserError
+from ..figures import OverlayItem, heatmap_on_image, write_overlays
+from ..training.run_config import RunConfig, read_run_config
+from ..training.trainer import autocast_for, build_model
 
 
 #: Trivial predictors scored beside the model (see the module docstring).

@@ -14,7 +14,7 @@ One concept per module:
 - :mod:`.answer`: LLaVA-1.5's MME prompt and asking the frozen MLLM (plain, or with LENS attached);
 - :mod:`.mme_eval`: one MME run end to end (answers parquet + scores JSON);
 - :mod:`.routing`: the routing benchmark reader, tiers and metrics;
-- :mod:`.router`: the trigger decision, by the agent's own router (``lens_train.agent``);
+- :mod:`.router`: the trigger decision, by the agent's own router (``lens_train.inference.agent``);
 - :mod:`.toy_routing`: a toy routing set from the synthetic world;
 - :mod:`.routing_eval`: one routing run end to end;
 - :mod:`.outputs`: writing the per-item tables and reports;

@@ -4,7 +4,7 @@ The prompt (style ``llava``, the default) is LLaVA-1.5's for MME
 (``scripts/v1_5/eval/mme.sh``: ``model_vqa_loader`` with ``--conv-mode vicuna_v1
 --temperature 0``): the question, a new line, and :data:`MME_SUFFIX`, inside the Vicuna v1 template
 (``lens_cache.backbones.llava.VICUNA_V1_TEMPLATE``). Generation is the project's one
-path, ``LlavaBackbone.generate`` (greedy), the very call ``lens_train.agent`` makes
+path, ``LlavaBackbone.generate`` (greedy), the very call ``lens_train.inference.agent`` makes
 for dialogue in ``lens-chat``; the image is shown as the agent shows it (SAM's padded
 square, resized by the processor).
 
@@ -17,7 +17,7 @@ for LLaVA-1.5-7B); with and without LENS it is measured the same way.
 Two askers:
 
 - :class:`PlainAsker`: the MLLM alone.
-- :class:`LensAsker`: a LENS run attached (``lens_train.agent.LensAgent`` around a
+- :class:`LensAsker`: a LENS run attached (``lens_train.inference.agent.LensAgent`` around a
   ``Segmenter``). For each new image the agent first serves a segmentation turn for
   the image's first question (so LENS has read the MLLM's states of that image, as in
   ``lens-chat``), then the MLLM answers through the agent's generator. The answers must
@@ -34,7 +34,7 @@ from typing import Any
 from lens_cache.errors import UserError as AnyUserError
 from PIL import Image
 
-from ..agent import LensAgent
+from ..inference.agent import LensAgent
 from ..errors import UserError
 
 #: LLaVA-1.5's short-answer instruction, appended on a new line to every MME question.

@@ -1,8 +1,8 @@
-"""Does the agent trigger segmentation? Decided by ``lens_train.agent``'s own router.
+"""Does the agent trigger segmentation? Decided by ``lens_train.inference.agent``'s own router.
 
 Each routing sample is a fresh first turn: the current image is the sample's (none when
 it has none) and nothing has been segmented before. The frozen MLLM gets the agent's
-few-shot router prompt (``lens_train.agent.ROUTER_PROMPT``, via ``LensAgent.route``);
+few-shot router prompt (``lens_train.inference.agent.ROUTER_PROMPT``, via ``LensAgent.route``);
 its answer is parsed (``parse_intent``), with the agent's keyword fallback
 (``heuristic_intent``) when it names no intent. As in ``LensAgent.step``, a
 ``followup`` answer with an empty memory is decided afresh by the keywords (Algorithm
@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..agent import LensAgent, heuristic_intent
+from ..inference.agent import LensAgent, heuristic_intent
 
 
 @dataclass(frozen=True)

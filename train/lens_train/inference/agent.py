@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from PIL import Image
 
-from .cli import command_app, user_errors
-from .errors import UserError
-from .frozen import mllm_checksum  # noqa: F401  (re-exported: the agent's frozen guarantee)
+from ..cli import command_app, user_errors
+from ..errors import UserError
+from ..evaluation.frozen import mllm_checksum  # noqa: F401  (re-exported: the agent's frozen guarantee)
 from .segment import Segmenter, SegmentResult, load_image, overlay_image
 
 if TYPE_CHECKING:  # numpy/torch load with the models, not with `lens-chat --help`
@@ -248,7 +248,7 @@ class LensAgent:
         threshold: float | None = None,
         **kwargs: Any,
     ) -> "LensAgent":
-        """Load the run and its live backbones (see :class:`~lens_train.segment.Segmenter`)."""
+        """Load the run and its live backbones (see :class:`~lens_train.inference.segment.Segmenter`)."""
         segmenter = Segmenter(run_dir, mllm=mllm, sam=sam, device=device, dtype=dtype, threshold=threshold)
         return cls(segmenter, **kwargs)
 

@@ -7,9 +7,9 @@ features go through exactly the path cached features take in stage 2:
 1. each feature tensor is rounded to float16 with the function the cache builder stores
    them with (``lens_cache.store.to_float16``), because the run was trained on float16
    features;
-2. one sample shaped like :meth:`lens_train.data.QueryDataset.__getitem__` is collated
-   with :func:`lens_train.data.collate` and moved with :meth:`Batch.to`;
-3. :func:`lens_train.evaluate.predict` runs the model; the mask is
+2. one sample shaped like :meth:`lens_train.training.data.QueryDataset.__getitem__` is collated
+   with :func:`lens_train.training.data.collate` and moved with :meth:`Batch.to`;
+3. :func:`lens_train.evaluation.evaluate.predict` runs the model; the mask is
    ``sigmoid(logit) > threshold`` at the image's original size.
 
 So a live result equals the one ``lens-eval`` computes from a store built by the same
@@ -41,8 +41,8 @@ from lens_cache.identity import feature_differences, format_differences
 from lens_cache.images import read_rgb
 from PIL import Image, ImageDraw
 
-from .cli import command_app, user_errors
-from .errors import UserError
+from ..cli import command_app, user_errors
+from ..errors import UserError
 
 # numpy, torch and what imports them (lens_cache.store, lens_cache.backbones and this package's
 # .data, .evaluate, .trainer, .figures, .checkpoint) are imported where used, only to keep
@@ -52,9 +52,9 @@ if TYPE_CHECKING:
     import torch
     from lens_cache.backbones import ImageFeatures, LensFeatureExtractor
 
-    from .data import Batch
-    from .evaluate import LoadedRun
-    from .run_config import RunConfig
+    from ..training.data import Batch
+    from ..evaluation.evaluate import LoadedRun
+    from ..training.run_config import RunConfig
 
 #: Colour of the predicted region in overlays (RGB).
 MASK_COLOUR = (30, 220, 60)
@@ -151,7 +151,7 @@ class SegmentResult:
     @property
     def keypoints_xy(self) -> np.ndarray:
         """(m, 2) pixel (x, y) in the original image of the keypoints that prompted SAM."""
-        from .figures import grid_to_image_xy  # heavy: see the note on imports at the top
+        from ..figures import grid_to_image_xy  # heavy: see the note on imports at the top
 
         grid_size = int(self.heatmap.shape[-1])
         xy = grid_to_image_xy(self.points, self.input_size, self.original_size, grid_size)
@@ -194,7 +194,7 @@ def features_to_batch(features: "ImageFeatures", layer: int, sam_channels: int) 
     import torch  # heavy: see the note on imports at the top
     from lens_cache.store import require_layer, sam_embedding_shape, to_float16
 
-    from .data import collate
+    from ..training.data import collate
 
     require_layer(features.image_states, layer, holder="the live backbone")
     image_states = features.image_states[layer]
@@ -221,7 +221,7 @@ def features_to_batch(features: "ImageFeatures", layer: int, sam_channels: int) 
 class Segmenter:
     """A trained LENS run attached to its live frozen backbones (MLLM + SAM image encoder).
 
-    Build it once and call :meth:`segment` per request; the agent (``lens_train.agent``)
+    Build it once and call :meth:`segment` per request; the agent (``lens_train.inference.agent``)
     shares its MLLM for dialogue.
 
     Args:
@@ -256,8 +256,8 @@ class Segmenter:
 
         from lens_cache.backbones.runtime import resolve_device
 
-        from .evaluate import load_run
-        from .run_config import read_run_config
+        from ..evaluation.evaluate import load_run
+        from ..training.run_config import read_run_config
 
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
@@ -327,7 +327,7 @@ class Segmenter:
         """
         import torch  # heavy: see the note on imports at the top
 
-        from .evaluate import predict
+        from ..evaluation.evaluate import predict
 
         threshold = self.threshold if threshold is None else _check_threshold(threshold)
         check_instruction(instruction)
@@ -448,7 +448,7 @@ def write_panels(path: Path, result: SegmentResult) -> None:
     """image | heatmap + keypoints | prediction, like a row of ``lens-eval``'s overlays.png without ground truth."""
     import numpy as np  # heavy: see the note on imports at the top
 
-    from .figures import _pyplot, grid_to_image_xy, heatmap_on_image, save_figure
+    from ..figures import _pyplot, grid_to_image_xy, heatmap_on_image, save_figure
 
     plt = _pyplot()
     h, w = result.original_size
@@ -480,7 +480,7 @@ def write_result(out_dir: Path, result: SegmentResult, *, panels: bool = True) -
     """
     import numpy as np  # heavy: see the note on imports at the top
 
-    from .checkpoint import atomic_write_text
+    from ..training.checkpoint import atomic_write_text
 
     out_dir = check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
-"""``python -m lens_train.reproduction``: the tables' command line (:func:`.reproduce.main`)."""
+"""``python -m lens_train.reproduction``: the tables' command line (:func:`.cli.main`)."""
 
 import sys
 
-from .reproduce import main
+from .cli import main
 
 sys.exit(main())

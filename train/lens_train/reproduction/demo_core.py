@@ -1,7 +1,7 @@
 """`make demo-core`: the LENS core alone, trained on a planted task of synthetic tensors.
 
 A quick sanity check of the model; the whole pipeline is `make demo`
-(:mod:`lens_train.reproduce`). No MLLM and no cache: each sample's "image-token
+(:mod:`lens_train.reproduction.reproduce`). No MLLM and no cache: each sample's "image-token
 states" carry a hidden direction inside a random rectangle of the 24x24 grid, the
 question's start-of-answer token carries the same direction, and SAM's embedding
 carries a matching signal. LENS (tiny preset, tiny SAM built with the real classes)
@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +24,7 @@ from lens_core import build_lens
 from lens_core.losses import attention_loss, segmentation_loss
 from lens_core.metrics import giou_ciou
 
-from .presets import load_preset
+from ..training.presets import load_preset
 
 IMAGE_SIZE = 256  # original size of the planted "images" (square, so input_size is 1024x1024)
 

@@ -1,11 +1,11 @@
 """Reproduce the paper's tables end to end: caches -> training runs -> evaluations -> Markdown.
 
-``make reproduce-table2`` / ``make reproduce-table3`` / ``make demo`` call this module::
+``make reproduce-table2`` / ``make reproduce-table3`` / ``make demo`` run these stages (command line: :mod:`.cli`)::
 
-    python -m lens_train.reproduce table2 --preset paper --data-root DIR --mllm PATH --sam vit_h:PATH
-    python -m lens_train.reproduce table2 --preset toy         # synthetic data, toy backbones, CPU
-    python -m lens_train.reproduce table3 --preset toy
-    python -m lens_train.reproduce demo                        # --preset toy (default) or tiny
+    python -m lens_train.reproduction table2 --preset paper --data-root DIR --mllm PATH --sam vit_h:PATH
+    python -m lens_train.reproduction table2 --preset toy         # synthetic data, toy backbones, CPU
+    python -m lens_train.reproduction table3 --preset toy
+    python -m lens_train.reproduction demo                        # --preset toy (default) or tiny
 
 Each stage writes a self-describing output with a completion marker (a complete store,
 a run's final checkpoint, an evaluation's ``metrics.json``), and a stage whose output is
@@ -25,23 +25,20 @@ from __future__ import annotations
 import functools
 import json
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from lens_cache.files import write_bytes_atomically
 
-from .cli import command_app, user_errors
-from .errors import UserError
+from ..errors import UserError
 
-# torch, zarr, pyarrow and the modules that import them (.presets, .trainer, .evaluate, .checkpoint,
-# lens_cache's backbones, builder and store, lens_manifests) are imported inside the stages, so
-# `--help` answers at once; the stages look them up on each call (tests replace
-# lens_cache.build.build_cache, lens_train.trainer.train and lens_train.evaluate.evaluate to check
-# which stages run).
+# torch, zarr, pyarrow and the modules that import them (..training's presets, trainer and checkpoint,
+# ..evaluation.evaluate, lens_cache's backbones, builder and store, lens_manifests) are imported inside
+# the stages, so `--help` answers at once; the stages look them up on each call (tests replace
+# lens_cache.build.build_cache, lens_train.training.trainer.train and
+# lens_train.evaluation.evaluate.evaluate to check which stages run).
 
 # ----------------------------------------------------------------------------- the paper's numbers
 
@@ -132,7 +129,7 @@ class Settings:
 
     @property
     def loaded(self):
-        from .presets import load_preset
+        from ..training.presets import load_preset
 
         return load_preset(self.preset)
 
@@ -218,9 +215,9 @@ def train_run(settings: Settings, run: RunSpec, caches: list[str], prefix: str, 
 
     Seed 0 is the run ``PREFIX-NAME``; another seed is ``PREFIX-seedS-NAME``.
     """
-    from .checkpoint import checkpoint_step
-    from .presets import load_preset
-    from .trainer import TrainRequest, train
+    from ..training.checkpoint import checkpoint_step
+    from ..training.presets import load_preset
+    from ..training.trainer import TrainRequest, train
 
     out = settings.work / "runs" / (f"{prefix}-{run.name}" if seed == 0 else f"{prefix}-seed{seed}-{run.name}")
     overrides = dict(run.train_overrides)
@@ -242,8 +239,8 @@ def train_run(settings: Settings, run: RunSpec, caches: list[str], prefix: str, 
 
 def evaluate_run(settings: Settings, run_dir: Path, cache: str, spec: str) -> dict[str, Any]:
     """``metrics.json`` of ``run_dir`` on ``cache`` (computed, or read if it is up to date)."""
-    from .checkpoint import checkpoint_step
-    from .evaluate import evaluate
+    from ..training.checkpoint import checkpoint_step
+    from ..evaluation.evaluate import evaluate
 
     out = run_dir / f"eval-{spec.replace(':', '-')}"
     path = out / "metrics.json"
@@ -417,7 +414,7 @@ def _provenance(settings: Settings, seconds: float) -> str:
     import torch  # see the note at the imports
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    note = (f"Made by `python -m lens_train.reproduce` on {time.strftime('%Y-%m-%d')} ({platform.node()}, {device}, "
+    note = (f"Made by `python -m lens_train.reproduction` on {time.strftime('%Y-%m-%d')} ({platform.node()}, {device}, "
             f"{seconds / 60:.1f} min for the stages that ran). Backbones: MLLM `{settings.mllm}`, SAM `{settings.sam}`.")
     if settings.preset == "tiny":
         note += (" **Tiny scale:** random-weight tiny backbones and synthetic data in the real formats; these "
@@ -472,129 +469,3 @@ def demo(settings: Settings) -> Path:
     print("\n".join(lines[4:]))
     print(f"\nresults: {path}\noverlays: {eval_dir / 'overlays.png'}\ntraining curve: {run_dir / 'curve.png'}")
     return path
-
-
-# ----------------------------------------------------------------------------- command line
-
-PROG = "python -m lens_train.reproduce"
-app = command_app(
-    name=PROG, no_args_is_help=True,
-    help="Reproduce the paper's tables end to end: caches -> training runs -> evaluations -> Markdown. "
-         "A rerun continues where an interrupted one stopped.",
-)
-
-# The options every command takes (`make` passes the same REPRO_ARGS to each; an empty value is unset).
-DataRootOption = Annotated[str | None, typer.Option(help="LISA-style dataset folder (DATA_ROOT); real presets only.")]
-MllmOption = Annotated[str | None, typer.Option(
-    help="LLaVA-1.5 folder or HF id (MLLM); real presets only [synthetic presets: their own].")]
-SamOption = Annotated[str | None, typer.Option(help="vit_h:PATH (SAM); real presets only [synthetic presets: their own].")]
-WorkOption = Annotated[str | None, typer.Option(help="Where stores/ and runs/ go [work/<preset>; demo: work/demo-<preset>].")]
-ResultsOption = Annotated[str, typer.Option(help="Where the tables go.")]
-DeviceOption = Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available].")]
-StepsOption = Annotated[int | None, typer.Option(
-    help=f"Override the preset's training steps [preset's; tiny tables: {TINY_TABLE_STEPS}].")]
-SeedsOption = Annotated[str, typer.Option(help="Table 2: comma-separated training seeds.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress lines.")]
-TABLE_PRESETS = "paper, official, toy or tiny (the last two: synthetic data, CPU)"
-
-
-def _run(what: str, *, preset: str, data_root: str | None, mllm: str | None, sam: str | None, work: str | None,
-         results: str, device: str | None, steps: int | None, tiny_images: int, seeds: str, quiet: bool) -> None:
-    """Settings from the options, then the table (user errors: one line, exit 2)."""
-    with user_errors(also=(FileNotFoundError,)):
-        if steps is None and preset == "tiny" and what != "demo":
-            steps = TINY_TABLE_STEPS
-        try:
-            seed_list = tuple(int(v) for v in seeds.split(",") if v.strip())
-        except ValueError:
-            raise UserError(f"--seeds takes comma-separated integers (e.g. 0,1,2), got {seeds!r}") from None
-        settings = Settings(preset=preset, work=Path(work or (f"work/demo-{preset}" if what == "demo" else f"work/{preset}")),
-                            results=Path(results), data_root=Path(data_root) if data_root else None,
-                            mllm=mllm or None, sam=sam or None, device=device or None, steps=steps,
-                            tiny_images=tiny_images, quiet=quiet, seeds=seed_list)
-        {"table2": reproduce_table2, "table3": reproduce_table3, "demo": demo}[what](settings)
-
-
-@app.command(short_help="Table 2 (ReasonSeg): LENS and its ablations [default preset: paper].")
-def table2(
-    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "paper",
-    data_root: DataRootOption = None,
-    mllm: MllmOption = None,
-    sam: SamOption = None,
-    work: WorkOption = None,
-    results: ResultsOption = "results",
-    device: DeviceOption = None,
-    steps: StepsOption = None,
-    tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set (toy, tiny).")] = 16,
-    seeds: SeedsOption = "0",
-    quiet: QuietOption = False,
-) -> None:
-    """Table 2 (ReasonSeg): the caches, LENS and its four ablations, their val/test scores, results/table2.md.
-
-    Default preset: paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm,
-    --sam). --preset toy or tiny runs it on synthetic data with the project's own backbones.
-    """
-    _run("table2", preset=preset or "paper", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
-
-
-@app.command(short_help="Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run [default preset: paper].")
-def table3(
-    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "paper",
-    data_root: DataRootOption = None,
-    mllm: MllmOption = None,
-    sam: SamOption = None,
-    work: WorkOption = None,
-    results: ResultsOption = "results",
-    device: DeviceOption = None,
-    steps: StepsOption = None,
-    tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set (toy, tiny).")] = 16,
-    seeds: Annotated[str, typer.Option(help="Not used by Table 3 (its run is Table 2's seed-0 LENS run).")] = "0",
-    quiet: QuietOption = False,
-) -> None:
-    """Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run, results/table3.md.
-
-    Default preset: paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm,
-    --sam). --preset toy or tiny runs it on synthetic data with the project's own backbones.
-    """
-    _run("table3", preset=preset or "paper", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
-
-
-@app.command("demo", short_help="The whole pipeline on the synthetic world (make demo) [default preset: toy].")
-def demo_command(
-    preset: Annotated[str, typer.Option(help="toy (the shipped pretrained toy backbones) or tiny (random ones).")] = "toy",
-    data_root: DataRootOption = None,
-    mllm: MllmOption = None,
-    sam: SamOption = None,
-    work: WorkOption = None,
-    results: ResultsOption = "results",
-    device: DeviceOption = None,
-    steps: Annotated[int | None, typer.Option(help="Override the preset's training steps [preset's].")] = None,
-    tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set.")] = DEMO_IMAGES,
-    seeds: Annotated[str, typer.Option(help="Not used by the demo (one run, seed 0).")] = "0",
-    quiet: QuietOption = False,
-) -> None:
-    """The whole pipeline on the synthetic world (make demo): cache -> train -> eval on held-out
-    synthetic:val -> results/demo.md + figures.
-
-    Default preset: toy (the project's toy LLaVA and SAM, pretrained on synthetic scenes and
-    shipped in cache/lens_cache/toy/weights; CPU, minutes).
-    """
-    _run("demo", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit status
-    (0; 2 for a user error, printed as one line)."""
-    try:
-        app(args=argv, prog_name=PROG)
-    except SystemExit as exit_:
-        code = exit_.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,7 +35,7 @@ from torch import nn
 
 from lens_cache.files import removed_on_failure, torch_save, write_bytes_atomically
 
-from .errors import UserError
+from ..errors import UserError
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)

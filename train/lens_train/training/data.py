@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from .errors import UsageError
+from ..errors import UsageError
 
 TASKS = ("semantic", "referring", "reasoning")
 

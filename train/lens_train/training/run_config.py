@@ -29,7 +29,7 @@ from lens_cache.files import write_bytes_atomically
 from lens_core.config import LensConfig
 
 from .config import TrainConfig
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["CONFIG_FILE", "RUN_FORMAT", "RUN_FORMAT_VERSION", "RunConfig", "StoreRecord", "read_run_config",
            "write_run_config"]
@@ -99,7 +99,7 @@ class RunConfig:
         versions: ``{"torch": ..., "lens": ...}`` of the code that trained it.
         created: when it started (``%Y-%m-%dT%H:%M:%S%z``).
         warm_start: what the head was initialised from (``{"requested", "used", ...}``); None
-            only before :func:`lens_train.trainer.train` has decided it.
+            only before :func:`lens_train.training.trainer.train` has decided it.
         format_version: the format of the file it was read from (:data:`RUN_FORMAT_VERSION`
             for a new run).
     """

@@ -17,7 +17,7 @@ from safetensors.torch import load
 
 from lens_core import LensConfig
 
-from .errors import UserError
+from ..errors import UserError
 from .presets import available_presets, load_preset
 
 #: Head settings that must equal the store's warm-start layers' (else they cannot be loaded):
@@ -40,7 +40,8 @@ def _config_setting(config: LensConfig, key: str):
     return config.kv_heads if key == "num_key_value_heads" else getattr(config, key)
 
 
-def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim: int, preset_name: str):
+def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim: int, preset_name: str,
+                grid_size: int | None = None):
     """Open complete stores that can be trained on together with a preset.
 
     Raises:
@@ -48,8 +49,9 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim
             (DamagedStoreError), the stores were cached with different backbones (the
             message names the settings that differ), or one does not cache ``layer``
             (MissingLayerError).
-        UserError: the preset's hidden size / prompt width is not the store's (``prompt_dim``
-            must be the C of its (C, 64, 64) SAM embeddings).
+        UserError: the preset's hidden size / prompt width / image grid is not the store's (``prompt_dim``
+            must be the C of its (C, 64, 64) SAM embeddings; ``grid_size`` squared its number of image tokens:
+            24 x 24 = 576 for LLaVA-1.5 and Qwen2-VL at 672 px, 27 x 27 = 729 for LLaVA-OneVision).
     """
     from lens_cache.store import FeatureStore, check_compatible, require_layer  # zarr: loaded when a store is opened
 
@@ -68,6 +70,14 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim
         raise UserError(
             f"store {reference.url} was built with d={reference.hidden_size} ({backbone_name(reference.identity)} "
             f"backbone) but preset {preset_name!r} expects {hidden_size}: {preset_hint(reference.hidden_size)}"
+        )
+    if grid_size is not None and reference.num_image_tokens != grid_size**2:
+        side = round(reference.num_image_tokens**0.5)
+        fix = (f"give a preset with model.grid_size {side}" if side**2 == reference.num_image_tokens
+               else "cache a square grid of image tokens (for LLaVA: vision_feature_select_strategy 'default')")
+        raise UserError(
+            f"store {reference.url} holds {reference.num_image_tokens} image tokens per image but preset "
+            f"{preset_name!r} reads a {grid_size} x {grid_size} grid ({grid_size**2}): {fix}"
         )
     if reference.sam_channels != prompt_dim:
         raise UserError(

@@ -5,15 +5,15 @@ the SAM that belongs to the cached embeddings, build the model from a preset, an
 AdamW (warm-up + linear decay, gradient accumulation, clipping, bf16 autocast on CUDA)
 on ``L = L_seg + attn_weight * L_attn``. The run folder holds::
 
-    config.json        preset, LensConfig, TrainConfig, stores (identity, paths), CLI args (lens_train.run_config)
+    config.json        preset, LensConfig, TrainConfig, stores (identity, paths), CLI args (lens_train.training.run_config)
     metrics.jsonl      one row per optimizer step: loss parts, lr, grad norm, samples/s
     model.safetensors  trainable weights   } the checkpoint, every ckpt_every steps and at the end,
-    optimizer.pt       optimizer + RNG     } written atomically (see lens_train.checkpoint)
+    optimizer.pt       optimizer + RNG     } written atomically (see lens_train.training.checkpoint)
     checkpoint.json    step (written last) }
     curve.png          the training curve
 
 One seed fixes everything: model init, the sample sequence (a function of the step,
-see :class:`~lens_train.data.MixedBatchSampler`) and the global-only dropout's
+see :class:`~lens_train.training.data.MixedBatchSampler`) and the global-only dropout's
 generator (saved in the checkpoint). ``resume=True`` therefore continues exactly: on
 the same device the losses of a resumed run equal an uninterrupted run's, bit for bit.
 """
@@ -43,8 +43,8 @@ from lens_core.losses import attention_loss, segmentation_loss
 from .checkpoint import atomic_write_text, checkpoint_step, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import Batch, MixedBatchSampler, QueryDataset, concat_datasets, make_loader
-from .errors import NonFiniteLossError, UserError
-from .figures import write_curve
+from ..errors import NonFiniteLossError, UserError
+from ..figures import write_curve
 from .presets import Preset, load_preset
 from .run_config import RunConfig, StoreRecord, read_run_config, write_run_config
 from .stores import open_stores, read_warm_start, resolve_sam_spec
@@ -229,7 +229,7 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
         layer = request.layer if request.layer is not None else preset.main_layer
 
     stores = open_stores(request.caches, layer=layer, hidden_size=model_config.hidden_size,
-                         prompt_dim=model_config.prompt_dim, preset_name=preset.name)
+                         prompt_dim=model_config.prompt_dim, preset_name=preset.name, grid_size=model_config.grid_size)
     if resuming:
         trained = [(s.identity_hash, s.manifest_hash) for s in recorded.stores]
         given = [(s.identity_hash, s.manifest_hash) for s in stores]

@@ -1,0 +1,415 @@
+"""One block of a build: the job, its result, and running it with an extractor.
+
+This is the worker's side of a build (:mod:`lens_cache.build` in the parent process,
+or a dask worker of :mod:`lens_cache.distributed`), everything that needs the
+backbone: describing the extractor (identity, sizes, every row's question and L_t),
+writing the head's warm start (the MLLM's decoder layers k and k+1 for each cached
+layer k, :func:`warm_start_file`), and extracting and writing one block
+(:func:`run_block`: images decoded ahead in threads, one batch extracted while the
+previous one is written, the block's done flag set last).
+
+A :class:`BlockJob` holds everything a worker needs to write its block (no manifest
+access needed); the parent makes the jobs (:func:`lens_cache.build.make_jobs`) and
+gets a :class:`BlockResult` back per block. One bad sample never stops a block: an
+image that is missing, unreadable, of another size than the manifest says or too
+thin for SAM's frame (:func:`load_image`), or whose every question the backbone
+refused, is skipped and reported in the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from lens_cache.backbones.base import FeatureExtractor, ImageFeatures, NoDecoderLayers
+from lens_cache.backbones.geometry import frame_problem
+from lens_cache.errors import BadSampleError
+from lens_cache.identity import normalise_json
+from lens_cache.images import ImageReadError, decoded_rgb, opened_image
+from lens_cache.store_format import (
+    BAD_TEXT,
+    FAILURE_REASONS,
+    WARM_START_FILE,
+    image_array_name,
+    sample_arrays,
+    text_array_name,
+    to_float16,
+)
+from lens_cache.store_location import StoreLocation
+from lens_cache.store_writer import StoreWriter
+from PIL import Image
+
+ExtractorFactory = Callable[[], FeatureExtractor]
+
+#: images decoded ahead of the one being extracted (overlaps JPEG decoding with the GPU)
+PREFETCH_IMAGES = 8
+LOADER_THREADS = 4
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything a worker needs to write one block (no manifest access needed).
+
+    Attributes:
+        block: block index.
+        image_start: index of the block's first image.
+        image_paths: path or fsspec URL of each image of the block.
+        image_sizes: (h, w) of each image according to the manifest.
+        query_start: index of the block's first query.
+        questions: per image, the questions put to the MLLM (its usable queries only).
+        query_rows: per image, the block-local query of each of its questions.
+        image_queries: per image, how many queries it has (usable or not).
+        text_len: per query of the block, L_t promised by tokenisation (0: text refused, skipped).
+    """
+
+    block: int
+    image_start: int
+    image_paths: tuple[str, ...]
+    image_sizes: tuple[tuple[int, int], ...]
+    query_start: int
+    questions: tuple[tuple[str, ...], ...]
+    query_rows: tuple[tuple[int, ...], ...]
+    image_queries: tuple[int, ...]
+    text_len: tuple[int, ...]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.text_len)
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What a finished block reports back: counts, skipped images, time taken.
+
+    ``failures`` holds (image index, FAILURE_REASONS code, message) per skipped image.
+    """
+
+    block: int
+    num_images: int
+    num_queries: int
+    failures: tuple[tuple[int, int, str], ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """What the parent needs from the extractor before creating the store.
+
+    ``identity`` is the extractor's plus ``warm_start`` (see :func:`warm_start_file`);
+    ``questions``/``text_len`` have one entry per manifest row; a row whose text the
+    backbone refused has ``text_len`` 0 and its reason in ``text_failures``.
+    """
+
+    identity: dict
+    layers: tuple[int, ...]
+    hidden_size: int
+    num_image_tokens: int
+    sam_channels: int
+    questions: list[str]
+    text_len: np.ndarray
+    text_failures: dict[int, str]
+
+
+def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
+    """The extractor's identity (with its warm-start record) and sizes, and every row's question and L_t."""
+    questions = [
+        extractor.question_for(text, bool(sentence)) for text, sentence in zip(texts, is_sentence, strict=True)
+    ]
+    text_len, failures = text_lengths(extractor, questions)
+    warm_start, _ = warm_start_file(extractor)
+    return ExtractorInfo(
+        identity={**extractor.identity, "warm_start": warm_start},
+        layers=tuple(int(layer) for layer in extractor.layers),
+        hidden_size=int(extractor.hidden_size),
+        num_image_tokens=int(extractor.num_image_tokens),
+        sam_channels=int(extractor.sam_channels),
+        questions=questions,
+        text_len=text_len,
+        text_failures=failures,
+    )
+
+
+def text_lengths(extractor: FeatureExtractor, questions: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """L_t of every question, 0 for one the backbone refuses (:class:`BadSampleError`), with its reason."""
+    lengths = np.zeros(len(questions), dtype=np.int32)
+    failures: dict[int, str] = {}
+    for row, question in enumerate(questions):
+        try:
+            lengths[row] = extractor.num_text_tokens(question)
+        except BadSampleError as error:
+            failures[row] = str(error)
+    return lengths, failures
+
+
+# ----------------------------------------------------------------------------- images
+
+
+#: ``images/failed`` code of each ``lens_cache.images.ImageReadError`` reason (missing, unreadable)
+FAILURE_CODES = {reason: code for code, reason in FAILURE_REASONS.items()}
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image as RGB, or why it could not be used (``code`` from FAILURE_REASONS)."""
+
+    image: Image.Image | None
+    code: int = 0
+    message: str = ""
+
+
+def load_image(path: str, expected_size: tuple[int, int]) -> LoadedImage:
+    """Read ``path`` (local or fsspec URL) as RGB; a missing/corrupt/mis-sized image is reported, not raised.
+
+    The file is read as every path reads images (:mod:`lens_cache.images`: pixels as stored,
+    any mode to RGB), so a live backbone sees what the cache stored.
+
+    ``expected_size`` is the manifest's (h, w): masks are stored at that size, so an
+    image of another size would be silently misaligned with its targets. The size and
+    the shape are checked on the header, before the pixels are decoded; an image too
+    thin for SAM's frame (:func:`~lens_cache.backbones.geometry.frame_problem`) is
+    reported as ``bad_geometry``.
+    """
+    try:
+        with opened_image(path) as image:
+            problem = _header_problem(image, expected_size)
+            if problem is not None:
+                return problem
+            return LoadedImage(decoded_rgb(image, path))
+    except ImageReadError as error:
+        return LoadedImage(None, FAILURE_CODES[error.reason], f"{error.reason}: {error}")
+
+
+def _header_problem(image: Image.Image, expected_size: tuple[int, int]) -> LoadedImage | None:
+    """Why an opened (not yet decoded) image cannot be used: another size than the manifest's, or
+    a shape SAM's frame cannot take; None when it can."""
+    size = (image.height, image.width)
+    if size != tuple(expected_size):
+        return LoadedImage(
+            None, 3, f"size_mismatch: image is {size[0]}x{size[1]}, manifest says {expected_size[0]}x{expected_size[1]}"
+        )
+    problem = frame_problem(*size)
+    if problem is not None:
+        return LoadedImage(None, 4, f"bad_geometry: {problem}")
+    return None
+
+
+def prefetched(
+    pool: ThreadPoolExecutor, function: Callable[..., Any], items: Sequence[tuple], ahead: int
+) -> Iterator[Any]:
+    """``function(*item)`` for each item, in order, computed up to ``ahead`` items in advance."""
+    futures: list[Future] = []
+    position = 0
+    for index in range(len(items)):
+        while position < len(items) and position < index + ahead:
+            futures.append(pool.submit(function, *items[position]))
+            position += 1
+        yield futures[index].result()
+        futures[index] = None  # type: ignore[call-overload]  # free the decoded image
+
+
+# ----------------------------------------------------------------------------- a block
+
+
+def pack_batch(
+    writer: StoreWriter, job: BlockJob, images: range, features: Mapping[int, ImageFeatures], query_offsets: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The float16 arrays of one batch of the block, ready for :meth:`StoreWriter.write_batch`.
+
+    Args:
+        images: block-local indices of the batch's images.
+        features: block-local image index -> its features (failed images absent:
+            their rows stay zero, which zarr does not store).
+        query_offsets: (num_images + 1,) block-local first query of each image.
+
+    Returns:
+        array name -> (len(images), ...) for image arrays, (queries of the batch, T, d)
+        for text arrays (right-padded with zeros).
+    """
+    d, sam_shape = writer.hidden_size, writer.row_shape("images/sam")
+    q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
+    arrays = {
+        name: writer.empty_rows(name, q_stop - q_start if name.startswith("queries/") else len(images))
+        for name in sample_arrays(writer.layers)
+    }
+    for i, feature in features.items():
+        row = i - images.start
+        where = f"image {job.image_start + i} ({job.image_paths[i]})"
+        arrays["images/sam"][row] = to_float16(feature.sam_embedding, sam_shape, f"sam_embedding of {where}")
+        if len(feature.text_states) != len(job.questions[i]):
+            raise RuntimeError(
+                f"backbone returned {len(feature.text_states)} text states for {len(job.questions[i])} questions "
+                f"of {where}"
+            )
+        for layer in writer.layers:
+            arrays[image_array_name(layer)][row] = to_float16(
+                feature.image_states[layer],
+                writer.row_shape(image_array_name(layer)),
+                f"layer-{layer} image states of {where}",
+            )
+            for k, states in enumerate(feature.text_states):
+                query = job.query_rows[i][k]
+                length = job.text_len[query]
+                # A shape mismatch means num_text_tokens() and extract() tokenise differently: a backbone bug.
+                arrays[text_array_name(layer)][query - q_start, :length] = to_float16(
+                    states[layer],
+                    (length, d),
+                    f"layer-{layer} text states of query {job.query_start + query} ({where})",
+                )
+    return arrays
+
+
+def run_block(
+    job: BlockJob,
+    extractor: FeatureExtractor,
+    writer: StoreWriter,
+    *,
+    batch_size: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> BlockResult:
+    """Extract and write one block; returns its result after the done flag is set.
+
+    Batches of ``batch_size`` consecutive images go through ``extractor.extract``;
+    images are decoded ahead in threads and each batch is written in a thread
+    while the next one is extracted (at most one write in flight, bounding memory).
+    """
+    started = time.monotonic()
+    original_size = np.zeros((job.num_images, 2), dtype=np.int32)
+    input_size = np.zeros((job.num_images, 2), dtype=np.int32)
+    failed = np.zeros(job.num_images, dtype=np.uint8)
+    failures: list[tuple[int, int, str]] = []
+    query_offsets = np.concatenate([[0], np.cumsum(job.image_queries)]).astype(np.int64)
+    checksums = {
+        name: np.zeros(job.num_queries if name.startswith("queries/") else job.num_images, dtype=np.uint32)
+        for name in sample_arrays(writer.layers)
+    }
+
+    def collect(write: Future, images: range) -> None:
+        """Wait for a batch's write and keep the checksums of what it wrote (block-local rows)."""
+        for name, values in write.result().items():
+            if name.startswith("queries/"):
+                checksums[name][int(query_offsets[images.start]) : int(query_offsets[images.stop])] = values
+            else:
+                checksums[name][images.start : images.stop] = values
+
+    with ThreadPoolExecutor(LOADER_THREADS) as loader, ThreadPoolExecutor(1) as write_pool:
+        sources = list(zip(job.image_paths, job.image_sizes, strict=True))
+        loaded = prefetched(loader, load_image, sources, PREFETCH_IMAGES)
+        pending_write: tuple[Future, range] | None = None
+        for batch_start in range(0, job.num_images, batch_size):
+            images = range(batch_start, min(batch_start + batch_size, job.num_images))
+            batch = {i: next(loaded) for i in images}
+            for i, image in batch.items():
+                if image.code == 0 and not job.questions[i]:
+                    image = batch[i] = LoadedImage(None, BAD_TEXT, "bad_text: every query of it has a refused text")
+                if image.code:
+                    failed[i] = image.code
+                    failures.append((job.image_start + i, image.code, f"{job.image_paths[i]}: {image.message}"))
+            ok = [i for i, image in batch.items() if image.code == 0]
+            features: dict[int, ImageFeatures] = {}
+            if ok:
+                extracted = extractor.extract([batch[i].image for i in ok], [list(job.questions[i]) for i in ok])
+                if len(extracted) != len(ok):
+                    raise RuntimeError(f"backbone returned features for {len(extracted)} of {len(ok)} images")
+                features = dict(zip(ok, extracted, strict=True))
+            for i, feature in features.items():
+                original_size[i] = feature.original_size
+                input_size[i] = feature.input_size
+            arrays = pack_batch(writer, job, images, features, query_offsets)
+            if pending_write is not None:
+                collect(*pending_write)
+            q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
+            pending_write = (
+                write_pool.submit(writer.write_batch, job.image_start + images.start, job.query_start + q_start, arrays),
+                images,
+            )
+            if on_batch is not None:
+                on_batch(len(images), q_stop - q_start)
+        if pending_write is not None:
+            collect(*pending_write)
+    writer.finish_block(job.block, job.image_start, original_size, input_size, failed, checksums)
+    return BlockResult(
+        block=job.block,
+        num_images=job.num_images,
+        num_queries=job.num_queries,
+        failures=tuple(failures),
+        seconds=time.monotonic() - started,
+    )
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def warm_start_layers(layer: int) -> tuple[int, int]:
+    """The MLLM's decoder layers (0-based) that warm-start a head reading ``hidden_states[layer]``.
+
+    Decoder layer ``layer`` is the one that reads ``hidden_states[layer]`` (paper 3.1: layers
+    14 and 15 for layer-14 features), so an untrained head's first layer computes what the
+    MLLM computes next.
+    """
+    return layer, layer + 1
+
+
+def warm_start_file(extractor: FeatureExtractor) -> tuple[dict, bytes | None]:
+    """The warm-start record and file of a store cached by ``extractor``: for each cached layer k, the
+    MLLM's decoder layers k and k+1 (:func:`warm_start_layers`), each decoder layer saved once.
+
+    Returns:
+        the record ``{"file", "sha256", "head": sizes, "by_layer": {"k": [k, k + 1] or None},
+        "layers": the first layer's pair or None}`` (plus ``"reason"`` when the first layer has
+        none) and the safetensors bytes (keys ``decoder.<i>.<name>``, ``i`` the 0-based decoder
+        layer); or ``{"layers": None, "reason": why}`` and None when no cached layer has its
+        two layers in the MLLM (``k`` is its last layer, or it exposes none).
+    """
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    by_layer: dict[str, list[int] | None] = {}
+    reasons: dict[int, str] = {}
+    head = None
+    for layer in extractor.layers:
+        pair = warm_start_layers(layer)
+        try:
+            head, state_dicts = extractor.decoder_layers(pair)
+        except NoDecoderLayers as why:
+            by_layer[str(layer)] = None
+            reasons[layer] = f"no warm start for layer {layer}: {why}"
+            continue
+        by_layer[str(layer)] = list(pair)
+        for index, state in zip(pair, state_dicts):
+            tensors.update({f"decoder.{index}.{name}": t.contiguous() for name, t in state.items()})
+    first = extractor.layers[0]
+    if not tensors:
+        return {"layers": None, "reason": reasons[first]}, None
+    data = save(tensors)
+    record = {"file": WARM_START_FILE, "layers": by_layer[str(first)], "by_layer": by_layer,
+              "sha256": hashlib.sha256(data).hexdigest(), "head": head}
+    if first in reasons:
+        record["reason"] = reasons[first]
+    return record, data
+
+
+def write_warm_start(extractor: FeatureExtractor, location: StoreLocation, record: dict) -> None:
+    """Write the warm-start file that ``record`` (the store's ``identity["warm_start"]``) describes.
+
+    Written atomically (temporary name + rename where local); nothing when the record holds none.
+
+    Raises:
+        RuntimeError: the extractor's layers are not the ones the record was made from.
+    """
+    ours, data = warm_start_file(extractor)
+    if normalise_json(ours) != normalise_json(record):
+        raise RuntimeError(f"the backbone's warm start {ours} is not the one the store records ({record})")
+    if data is not None:
+        location.write_bytes(WARM_START_FILE, data)
