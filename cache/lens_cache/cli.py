@@ -144,7 +144,7 @@ def build(
     manifest: Annotated[
         Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
     ] = None,
-    mllm: Annotated[str, typer.Option(help="LLaVA-1.5 / Qwen2-VL checkpoint folder or HF id, or 'tiny' ('tiny-qwen2vl').")] = "tiny",
+    mllm: Annotated[str, typer.Option(help="LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint folder or HF id, or 'toy', 'tiny' ('tiny-qwen2vl', 'tiny-qwen2.5vl' = 'tiny-qwen25vl', 'tiny-onevision').")] = "tiny",
     sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), 'tiny', or 'toy' (toy:PATH).")] = "tiny",
     layers: Annotated[str, typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index).")] = "14",
     batch_size: Annotated[int, typer.Option(help="Images per backbone call.")] = 4,
@@ -357,7 +357,7 @@ def probe_layers_command(
         Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
     ] = None,
     mllm: Annotated[
-        str, typer.Option(help="LLaVA-1.5 / Qwen2-VL checkpoint folder or HF id, or 'toy', 'tiny', 'tiny-qwen2vl'.")
+        str, typer.Option(help="LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint folder or HF id, or 'toy', 'tiny', 'tiny-qwen2vl', 'tiny-onevision'.")
     ] = "tiny",
     limit: Annotated[int | None, typer.Option(help="Probe only the queries of the first N images.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for probe_layers.json, .csv and .png.")] = Path("probe-layers"),

@@ -17,7 +17,8 @@ b. ``align``: tower frozen; projector and LLaMA learn to caption scenes ("a big 
    LLaMA is pretrained; ours starts from scratch, so this stage is its text pretraining too.
 c. ``instruct``: projector and LLaMA learn multi-turn conversations
    (:mod:`lens_cache.toy.conversations`): attributes, yes/no, counts, relations and
-   LLaVA-1.5's region grounding (boxes as text); only answer tokens are supervised. Unlike
+   LLaVA-1.5's region grounding (boxes as text); only answer tokens are supervised, every
+   answer with the same weight (:func:`answer_weights`: box answers are long). Unlike
    LLaVA-1.5 the tower is fine-tuned too, at a tenth of the lr: stage a's read-outs leave
    shape kinds weakly separated and the questions need them.
 
@@ -186,7 +187,7 @@ STAGE_OFFSETS = {"vision": 10_000_000, "align": 20_000_000, "instruct": 30_000_0
 
 
 def pretrain_llava(
-    work: Path, *, vision_steps: int = 3600, align_steps: int = 200, instruct_steps: int = 1600, batch: int = 8,
+    work: Path, *, vision_steps: int = 3600, align_steps: int = 200, instruct_steps: int = 1800, batch: int = 8,
     seed: int = 0, log=print,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Run stages a-c (each resumed from ``work`` if interrupted); see the module docstring."""
