@@ -50,9 +50,12 @@ pretrain-toy: setup
 demo-core: setup
 	$(PY) -m lens_train.reproduction.demo_core --out demo
 
-# Table 1 (general abilities kept vs a LISA-style fine-tune): PRESET=toy only (results/table1-toy.md).
+# Table 1 (general abilities kept vs a LISA-style fine-tune): PRESET=toy (results/table1-toy.md, CPU), or
+# PRESET=paper with DATA_ROOT, MLLM, SAM as for Table 2 plus MME_ROOT (and LISA_MLLM, a llava-hf folder, optional).
+MME_ROOT  ?=
+LISA_MLLM ?=
 reproduce-table1: setup
-	$(PY) -m lens_train.reproduction table1 $(REPRO_ARGS)
+	$(PY) -m lens_train.reproduction table1 $(REPRO_ARGS) $(if $(MME_ROOT),--mme-root "$(MME_ROOT)") $(if $(LISA_MLLM),--lisa-mllm "$(LISA_MLLM)")
 
 reproduce-table2: setup
 	$(PY) -m lens_train.reproduction table2 $(REPRO_ARGS)

@@ -343,3 +343,10 @@ def test_cli_store_of_tiny_onevision_trains_a_grid27_head(tmp_path):
     assert load_run(run).model.config.grid_size == GRID
     warm = json.loads((run / "config.json").read_text())["warm_start"]
     assert warm["used"] is True and warm["layers"] == [20, 21]
+    from lens_train.cli import eval_app
+
+    result = runner.invoke(eval_app, ["--checkpoint", str(run), "--cache", str(store_dir), "--out", str(tmp_path / "eval"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_queries"] == store.num_queries and 0.0 <= metrics["giou"] <= 1.0

@@ -319,3 +319,15 @@ def test_cache_built_with_qwen2vl_warm_starts_a_qwen2_head_only(tmp_path, toy_sa
     with pytest.raises(UserError) as err:
         read_warm_start(store, layer=20, config=llama)
     assert "layer_type qwen2 (preset: llama), num_key_value_heads 2 (preset: 4)" in str(err.value)
+
+    # ... and trains and evaluates end to end with a Qwen2 preset of the tiny model's shape
+    from lens_train.evaluation.evaluate import evaluate
+    from lens_train.training.trainer import TrainRequest, train
+
+    overrides = {**record, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "prompt_dim": store.sam_channels}
+    train(TrainRequest(caches=(store.url,), out=tmp_path / "run", preset="tiny", model_overrides=overrides, layer=20,
+                       train_overrides={"steps": 2, "batch_size": 1, "grad_accum": 1, "num_workers": 0,
+                                        "warmup_steps": 1}, sam=f"toy:{toy_sam_file}", device="cpu", quiet=True))
+    metrics = evaluate(tmp_path / "run", store.url, out=tmp_path / "eval", sam=f"toy:{toy_sam_file}",
+                       log=lambda line: None)
+    assert metrics["num_queries"] == 1 and 0.0 <= metrics["giou"] <= 1.0

@@ -47,7 +47,7 @@ def test_the_table_shows_what_it_was_given():
     vqa = {row: {f"acc_{t}": v for t in table1.VQA_TYPES} for row, v in
            (("random", 0.25), ("mllm", 0.9), ("lisa", 0.5), ("lens", 0.9))}
     stats = {"lens": {"peak_rss_bytes": 2**30, "wall_s": 120.0}, "lisa": {"peak_rss_bytes": 3 * 2**30, "wall_s": 600.0}}
-    settings = type("S", (), {"preset": "toy"})()
+    settings = type("S", (), {"preset": "toy", "mllm": "toy"})()
     text = table1.render_table1(settings, seg=seg, mme=mme, vqa=vqa, stats=stats, params={"lens": 1234, "lisa": 5678},
                                 checksums={"toy": "a", "lens": "a", "lisa": "b"}, lisa_steps=600, provenance="made here")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -57,5 +57,39 @@ def test_the_table_shows_what_it_was_given():
         in rows["LISA-style (toy)"]
     assert "300.0 (expected) (1050.0)" in rows["random guess"] and "| 25.0 |" in rows["random guess"]
     assert "| 90.0 |" in rows["toy LLaVA alone"]
-    assert "answers identical to the plain toy LLaVA's (0 differ); MLLM checksum unchanged by LENS: True; " \
-           "changed by the LISA-style fine-tune: True" in text
+    assert "LENS attached: toy-MME answers identical to the plain MLLM's (0 differ)" in text
+    assert "checksum equal to the toy LLaVA's after LENS: True; changed by the LISA-style fine-tune: True" in text
+
+
+def test_paper_preset_asks_mme_with_and_without_lens(tmp_path, monkeypatch):
+    """--preset paper: Table 2's LENS run (stages replaced here), its ReasonSeg test score, MME from MME_ROOT
+    asked of the MLLM alone and with LENS attached; the LISA row only with --lisa-mllm; no MME_ROOT: one line."""
+    from lens_train.reproduction import reproduce
+
+    asked = []
+    monkeypatch.setattr(reproduce, "train_run", lambda settings, run, caches, prefix: tmp_path / "runs" / "lens")
+    monkeypatch.setattr(table1, "training_stores", lambda settings: ["train-store"])
+    monkeypatch.setattr(table1, "build_store", lambda settings, spec, layers: f"store:{spec}")
+    monkeypatch.setattr(table1, "evaluate_run", lambda settings, run, cache, spec: {"giou": 0.5, "ciou": 0.6})
+    monkeypatch.setattr(table1, "trained_parameters", lambda run, kind: 42)
+
+    def fake_mme(root, out, *, mllm=None, checkpoint=None, say):
+        asked.append((mllm, checkpoint))
+        return _mme(100.0, subtasks=14, lens={"identical": True, "differences": 0, "mllm_unchanged": True}
+                    if checkpoint else None)
+
+    monkeypatch.setattr(table1, "toy_mme_score", fake_mme)
+    (tmp_path / "mme").mkdir()
+    settings = reproduce.Settings(preset="paper", work=tmp_path / "work", results=tmp_path / "results",
+                                  data_root=tmp_path, mllm="/ckpt/llava", sam="vit_h:/ckpt/sam.pth",
+                                  mme_root=tmp_path / "mme", quiet=True)
+    text = table1.reproduce_table1(settings).read_text()
+    assert asked == [("/ckpt/llava", None), (None, tmp_path / "runs" / "lens")]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 50.0 / 60.0 (57.3) |" in rows["LENS"] and "| 1400.0 (1801.4) |" in rows["LENS"]
+    assert "| — | — (56.9) | — | — (184.5) |" in rows["LISA-style"]
+    assert "1050.0 (expected) (1050.0)" in rows["random guess"]
+    assert "MME answers identical to the plain MLLM's (0 differ), MLLM checksum unchanged: True" in text
+    settings.mme_root = None
+    with pytest.raises(UserError, match="needs MME_ROOT"):
+        table1.reproduce_table1(settings)

@@ -41,7 +41,8 @@ TABLE_PRESETS = "paper, official, toy or tiny (the last two: synthetic data, CPU
 
 
 def _run(what: str, *, preset: str, data_root: str | None, mllm: str | None, sam: str | None, work: str | None,
-         results: str, device: str | None, steps: int | None, tiny_images: int, seeds: str, quiet: bool) -> None:
+         results: str, device: str | None, steps: int | None, tiny_images: int, seeds: str, quiet: bool,
+         mme_root: str | None = None, lisa_mllm: str | None = None) -> None:
     """Settings from the options, then the table (user errors: one line, exit 2)."""
     with user_errors(also=(FileNotFoundError,)):
         if steps is None and preset == "tiny" and what != "demo":
@@ -54,16 +55,17 @@ def _run(what: str, *, preset: str, data_root: str | None, mllm: str | None, sam
         settings = Settings(preset=preset, work=Path(work or default_work),
                             results=Path(results), data_root=Path(data_root) if data_root else None,
                             mllm=mllm or None, sam=sam or None, device=device or None, steps=steps,
-                            tiny_images=tiny_images, quiet=quiet, seeds=seed_list)
+                            tiny_images=tiny_images, quiet=quiet, seeds=seed_list,
+                            mme_root=Path(mme_root) if mme_root else None, lisa_mllm=lisa_mllm or None)
         # looked up at call time (tests replace the stages)
         stage = {"table1": lambda: table_one.reproduce_table1, "table2": lambda: reproduce.reproduce_table2,
                  "table3": lambda: reproduce.reproduce_table3, "demo": lambda: reproduce.demo}[what]()
         stage(settings)
 
 
-@app.command(short_help="Table 1 at toy scale: general abilities kept (LENS) vs lost (LISA-style) [preset: toy].")
+@app.command(short_help="Table 1: general abilities kept (LENS) vs lost (LISA-style) [default preset: toy].")
 def table1(
-    preset: Annotated[str, typer.Option(help="toy (the only preset Table 1 runs at).")] = "toy",
+    preset: Annotated[str, typer.Option(help="toy (everything on the CPU) or paper (real weights and data).")] = "toy",
     data_root: DataRootOption = None,
     mllm: MllmOption = None,
     sam: SamOption = None,
@@ -74,15 +76,21 @@ def table1(
     tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set.")] = DEMO_IMAGES,
     seeds: Annotated[str, typer.Option(help="Not used by Table 1 (one run each, seed 0).")] = "0",
     quiet: QuietOption = False,
+    mme_root: Annotated[str | None, typer.Option(help="MME_Benchmark_release_version/ (MME_ROOT); paper preset.")] = None,
+    lisa_mllm: Annotated[str | None, typer.Option(
+        help="A LISA-style MLLM as a llava-hf folder (lens-lisa export) for the LISA row; paper preset, optional.")] = None,
 ) -> None:
-    """Table 1 at toy scale (results/table1-toy.md): random guess, the toy LLaVA, a LISA-style fine-tune
-    and LENS; training memory, time and parameters, held-out segmentation, toy MME, VQA by type.
+    """Table 1: random guess, the MLLM alone, a LISA-style fine-tune and LENS; training memory, time and
+    parameters, held-out segmentation, MME, VQA by type.
 
-    The toy LLaVA must answer questions for this table to mean anything, so it runs at --preset toy
-    only; real-weight general abilities: lens-general general --benchmark mme (see train/README.md).
+    Default preset: toy (results/table1-toy.md; CPU, about 20 minutes). --preset paper (results/table1.md)
+    reads LLaVA-1.5-7B, the data and SAM as Table 2 does (--data-root, --mllm, --sam), reuses Table 2's LENS
+    run (trained if absent) and asks MME from --mme-root with the MLLM alone and with LENS attached; the LISA
+    row needs --lisa-mllm.
     """
     _run("table1", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
+         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet, mme_root=mme_root,
+         lisa_mllm=lisa_mllm)
 
 
 @app.command(short_help="Table 2 (ReasonSeg): LENS and its ablations [default preset: paper].")

@@ -121,6 +121,8 @@ class Settings:
     tiny_images: int = 16  # synthetic images per split and set at the synthetic presets
     seeds: tuple[int, ...] = (0,)  # Table 2: one set of five runs per seed (noise between seeds)
     quiet: bool = False
+    mme_root: Path | None = None  # Table 1 at real presets: the MME release on disk
+    lisa_mllm: str | None = None  # Table 1 at real presets: a LISA-style MLLM folder (optional)
 
     @property
     def synthetic(self) -> bool:
