@@ -34,8 +34,10 @@ from lens_cache.images import ImageReadError, decoded_rgb, opened_image
 from lens_cache.store_format import (
     BAD_TEXT,
     FAILURE_REASONS,
+    SAM_EMBEDDINGS,
     WARM_START_FILE,
     image_array_name,
+    is_query_array,
     sample_arrays,
     text_array_name,
     to_float16,
@@ -237,16 +239,16 @@ def pack_batch(
         array name -> (len(images), ...) for image arrays, (queries of the batch, T, d)
         for text arrays (right-padded with zeros).
     """
-    d, sam_shape = writer.hidden_size, writer.row_shape("images/sam")
+    d, sam_shape = writer.hidden_size, writer.row_shape(SAM_EMBEDDINGS.name)
     q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
     arrays = {
-        name: writer.empty_rows(name, q_stop - q_start if name.startswith("queries/") else len(images))
+        name: writer.empty_rows(name, q_stop - q_start if is_query_array(name) else len(images))
         for name in sample_arrays(writer.layers)
     }
     for i, feature in features.items():
         row = i - images.start
         where = f"image {job.image_start + i} ({job.image_paths[i]})"
-        arrays["images/sam"][row] = to_float16(feature.sam_embedding, sam_shape, f"sam_embedding of {where}")
+        arrays[SAM_EMBEDDINGS.name][row] = to_float16(feature.sam_embedding, sam_shape, f"sam_embedding of {where}")
         if len(feature.text_states) != len(job.questions[i]):
             raise RuntimeError(
                 f"backbone returned {len(feature.text_states)} text states for {len(job.questions[i])} questions "
@@ -291,14 +293,14 @@ def run_block(
     failures: list[tuple[int, int, str]] = []
     query_offsets = np.concatenate([[0], np.cumsum(job.image_queries)]).astype(np.int64)
     checksums = {
-        name: np.zeros(job.num_queries if name.startswith("queries/") else job.num_images, dtype=np.uint32)
+        name: np.zeros(job.num_queries if is_query_array(name) else job.num_images, dtype=np.uint32)
         for name in sample_arrays(writer.layers)
     }
 
     def collect(write: Future, images: range) -> None:
         """Wait for a batch's write and keep the checksums of what it wrote (block-local rows)."""
         for name, values in write.result().items():
-            if name.startswith("queries/"):
+            if is_query_array(name):
                 checksums[name][int(query_offsets[images.start]) : int(query_offsets[images.stop])] = values
             else:
                 checksums[name][images.start : images.stop] = values
@@ -374,7 +376,7 @@ def warm_start_file(extractor: FeatureExtractor) -> tuple[dict, bytes | None]:
     """
     from safetensors.torch import save
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Any] = {}  # name -> torch.Tensor (torch is imported by the extractor, not here)
     by_layer: dict[str, list[int] | None] = {}
     reasons: dict[int, str] = {}
     head = None

@@ -17,6 +17,7 @@ docstring is the full contract, with the table :func:`layout_table` renders) re-
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -146,6 +147,16 @@ SAM_EMBEDDINGS = ArraySpec("images/sam", ("N_img", "C", SAM_EMBEDDING_SIZE, SAM_
                            (1, "C", SAM_EMBEDDING_SIZE, SAM_EMBEDDING_SIZE), BY_BLOCK, SAMPLE, CODEC_FEATURES,
                            "SAM image embedding")
 
+#: The bookkeeping arrays' names (their rows in :data:`SCHEMA`).
+ORIGINAL_SIZE = "images/original_size"
+INPUT_SIZE = "images/input_size"
+IMAGE_FAILED = "images/failed"
+FIRST_QUERY = "images/first_query"
+TEXT_LEN = "queries/text_len"
+IMAGE_INDEX = "queries/image_index"
+QUERY_FAILED = "queries/failed"
+BLOCK_DONE = "blocks/done"
+
 #: Every array of a store (format version 3; versions 1 and 2 have the same, version 1 without the
 #: checksums). Arrays in ``images/`` have one row per image, in ``queries/`` one per query, in
 #: ``blocks/`` one per block; a run of ``{L}`` rows repeats, as a group, for each cached layer.
@@ -153,21 +164,21 @@ SCHEMA: tuple[ArraySpec, ...] = (
     IMAGE_STATES,
     TEXT_STATES,
     SAM_EMBEDDINGS,
-    ArraySpec("images/original_size", ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(ORIGINAL_SIZE, ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
               "(h, w)"),
-    ArraySpec("images/input_size", ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(INPUT_SIZE, ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
               "(h, w) before padding"),
-    ArraySpec("images/failed", ("N_img",), "uint8", ("B",), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(IMAGE_FAILED, ("N_img",), "uint8", ("B",), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
               "0 ok, else FAILURE_REASONS"),
-    ArraySpec("images/first_query", ("N_img",), "int64", ("I_img",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(FIRST_QUERY, ("N_img",), "int64", ("I_img",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
               "first query of each image"),
-    ArraySpec("queries/text_len", ("N_q",), "int32", ("I_q",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(TEXT_LEN, ("N_q",), "int32", ("I_q",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
               "L_t; 0: text refused"),
-    ArraySpec("queries/image_index", ("N_q",), "int64", ("I_q",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(IMAGE_INDEX, ("N_q",), "int64", ("I_q",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
               "image of each query"),
-    ArraySpec("queries/failed", ("N_q",), "uint8", ("I_q",), BY_COMPLETION, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(QUERY_FAILED, ("N_q",), "uint8", ("I_q",), BY_COMPLETION, BOOKKEEPING, CODEC_ZSTD,
               "its image's code or bad_text"),
-    ArraySpec("blocks/done", ("N_blocks",), "uint8", (1,), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
+    ArraySpec(BLOCK_DONE, ("N_blocks",), "uint8", (1,), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
               "1 once block b is written"),
     ArraySpec(checksum_array_name(SAM_EMBEDDINGS.name), ("N_img",), "uint32", ("B",), BY_BLOCK, CHECKSUM,
               CODEC_ZSTD, "crc32 per image"),
@@ -264,6 +275,30 @@ def sample_arrays(layers: Sequence[int]) -> list[str]:
     """The per-sample feature arrays of a store: the SAM embeddings, then image and text states per layer."""
     samples = [spec for spec in SCHEMA if spec.kind == SAMPLE]
     return _names(layers, [s for s in samples if not s.per_layer]) + _names(layers, [s for s in samples if s.per_layer])
+
+
+@functools.cache
+def array_spec(name: str) -> ArraySpec:
+    """The :data:`SCHEMA` row of the store array ``name`` (``images/mllm_l14`` -> :data:`IMAGE_STATES`).
+
+    Raises:
+        KeyError: ``name`` is no array of the store format.
+    """
+    for spec in SCHEMA:
+        if not spec.per_layer:
+            if spec.name == name:
+                return spec
+            continue
+        prefix, _, suffix = spec.name.partition(LAYER_FIELD)
+        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+            if name[len(prefix) : len(name) - len(suffix)].isdigit():  # the layer
+                return spec
+    raise KeyError(f"{name!r} is no array of the store format")
+
+
+def is_query_array(name: str) -> bool:
+    """Whether the store array ``name`` has one row per query (its :data:`SCHEMA` shape starts with ``N_q``)."""
+    return array_spec(name).shape[0] == "N_q"
 
 
 #: The Zarr groups that hold the arrays (``blocks``, ``images``, ``queries``).

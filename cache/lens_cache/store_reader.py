@@ -28,15 +28,24 @@ from lens_cache.store_format import (
     ATTRS_KEY,
     BAD_TEXT,
     BLOCK_CHECKSUM_ARRAY,
+    BLOCK_DONE,
     FAILURE_REASONS,
+    FIRST_QUERY,
+    IMAGE_FAILED,
+    IMAGE_INDEX,
+    INPUT_SIZE,
     MANIFEST_FILE,
+    ORIGINAL_SIZE,
+    SAM_EMBEDDINGS,
     SUPPORTED_FORMAT_VERSIONS,
+    TEXT_LEN,
     WARM_START_FILE,
     StoreDescription,
     block_checksum,
     block_images,
     checksum_array_name,
     image_array_name,
+    is_query_array,
     manifest_hash,
     query_end,
     sample_arrays,
@@ -300,17 +309,17 @@ class FeatureStore:
     @cached_property
     def text_len(self) -> np.ndarray:
         """(N_q,) int32: L_t of every query."""
-        return self.checked_index_array("queries/text_len")
+        return self.checked_index_array(TEXT_LEN)
 
     @cached_property
     def image_index(self) -> np.ndarray:
         """(N_q,) int64: the image of every query."""
-        return self.checked_index_array("queries/image_index")
+        return self.checked_index_array(IMAGE_INDEX)
 
     @cached_property
     def first_query(self) -> np.ndarray:
         """(N_img,) int64: the first query of every image."""
-        return self.checked_index_array("images/first_query")
+        return self.checked_index_array(FIRST_QUERY)
 
     @property
     def checksums(self) -> dict | None:
@@ -338,16 +347,16 @@ class FeatureStore:
 
     @cached_property
     def _original_size(self) -> np.ndarray:
-        return self._read_whole("images/original_size")
+        return self._read_whole(ORIGINAL_SIZE)
 
     @cached_property
     def _input_size(self) -> np.ndarray:
-        return self._read_whole("images/input_size")
+        return self._read_whole(INPUT_SIZE)
 
     @cached_property
     def image_failures(self) -> np.ndarray:
         """(N_img,) uint8: 0 = cached, else a ``FAILURE_REASONS`` code (image skipped)."""
-        return self._read_whole("images/failed")
+        return self._read_whole(IMAGE_FAILED)
 
     def _read_whole(self, name: str) -> np.ndarray:
         """A block-chunked bookkeeping array (checked per block by :meth:`block_checksums`)."""
@@ -416,12 +425,12 @@ class FeatureStore:
 
     def done_flags(self) -> np.ndarray:
         """(N_blocks,) bool: which blocks are written (read fresh every call)."""
-        return self.array("blocks/done")[:] == 1
+        return self.array(BLOCK_DONE)[:] == 1
 
     def is_block_done(self, block: int) -> bool:
         if not 0 <= block < self.num_blocks:
             raise IndexError(f"block {block} out of range (store has {self.num_blocks})")
-        return bool(self.array("blocks/done")[block] == 1)
+        return bool(self.array(BLOCK_DONE)[block] == 1)
 
     def missing_blocks(self) -> list[int]:
         return [int(block) for block in np.flatnonzero(~self.done_flags())]
@@ -467,15 +476,15 @@ class FeatureStore:
         what = f"block {block} (images {images.start}-{images.stop - 1})"
         rows: dict[str, np.ndarray] = {}
         for name in sample_arrays(self.layers):
-            if name.startswith("queries/"):
+            if is_query_array(name):
                 rows[name] = self._read_rows(checksum_array_name(name), block, what, block)[: len(queries)]
             else:
                 rows[name] = self._read_rows(checksum_array_name(name), slice(images.start, images.stop), what, block)
         recorded = int(self._read_rows(BLOCK_CHECKSUM_ARRAY, block, what, block))
         actual = block_checksum(
-            self._read_rows("images/original_size", slice(images.start, images.stop), what, block),
-            self._read_rows("images/input_size", slice(images.start, images.stop), what, block),
-            self._read_rows("images/failed", slice(images.start, images.stop), what, block),
+            self._read_rows(ORIGINAL_SIZE, slice(images.start, images.stop), what, block),
+            self._read_rows(INPUT_SIZE, slice(images.start, images.stop), what, block),
+            self._read_rows(IMAGE_FAILED, slice(images.start, images.stop), what, block),
         )
         if actual != recorded:
             raise self._damaged(what, block, "its image sizes or failure codes changed (checksum mismatch)")
@@ -491,7 +500,7 @@ class FeatureStore:
         Raises:
             DamagedStoreError: its chunk is missing, does not decode, or holds other bytes than were written.
         """
-        if name.startswith("queries/"):
+        if is_query_array(name):
             image = int(self.image_index[row])
             what = f"query {row} (image {image})"
         else:
@@ -501,7 +510,7 @@ class FeatureStore:
         checksums = self.block_checksums(block)
         if checksums is None:  # format version 1: no checksums
             return values
-        if name.startswith("queries/"):
+        if is_query_array(name):
             recorded = int(checksums[name][row - int(self.first_query[block * self.block_size])])
         else:
             recorded = int(checksums[name][row - block * self.block_size])
@@ -520,7 +529,7 @@ class FeatureStore:
         problems = []
         images, queries = self.block_image_range(block), self.block_query_range(block)
         for name in sample_arrays(self.layers):
-            for row in queries if name.startswith("queries/") else images:
+            for row in queries if is_query_array(name) else images:
                 try:
                     self.read_sample(name, row)
                 except DamagedStoreError as error:
@@ -555,7 +564,7 @@ class FeatureStore:
         end = self._query_end(image)
         return {
             "image_states": self.read_sample(image_array_name(layer), image),
-            "sam_embedding": self.read_sample("images/sam", image),
+            "sam_embedding": self.read_sample(SAM_EMBEDDINGS.name, image),
             "original_size": self._original_size[image].astype(np.int64),
             "input_size": self._input_size[image].astype(np.int64),
             "image_index": int(image),

@@ -19,7 +19,17 @@ import numpy as np
 import pyarrow as pa
 from lens_cache.errors import DamagedStoreError, StoreError
 from lens_cache.identity import identity_hash
-from lens_cache.store_format import INDEX_ARRAYS, MANIFEST_FILE, expected_arrays, manifest_hash, sample_arrays
+from lens_cache.store_format import (
+    IMAGE_FAILED,
+    INDEX_ARRAYS,
+    MANIFEST_FILE,
+    QUERY_FAILED,
+    TEXT_LEN,
+    expected_arrays,
+    is_query_array,
+    manifest_hash,
+    sample_arrays,
+)
 from lens_cache.store_reader import FeatureStore
 
 #: Threads that read and check samples in :func:`scan_store` (decoding and crc32 release the GIL).
@@ -99,7 +109,7 @@ def unfilled_blocks(store: FeatureStore) -> list[int]:
     """The finished blocks with a sample whose chunk is not listed in storage."""
     blocks: set[int] = set()
     for name, rows in unwritten_samples(store).items():
-        images = store.image_index[sorted(rows)] if name.startswith("queries/") else np.asarray(sorted(rows))
+        images = store.image_index[sorted(rows)] if is_query_array(name) else np.asarray(sorted(rows))
         blocks |= {int(image) // store.block_size for image in images}
     return sorted(blocks)
 
@@ -121,7 +131,7 @@ def unwritten_samples(store: FeatureStore) -> dict[str, set[int]]:
     cached = np.isin(store.image_index, sorted(expected_images)) & (store.text_len > 0)  # refused texts: no chunk
     expected_queries = {int(q) for q in np.flatnonzero(cached)}
     for name in sample_arrays(store.layers):
-        expected = expected_queries if name.startswith("queries/") else expected_images
+        expected = expected_queries if is_query_array(name) else expected_images
         missing = expected - stored_chunk_rows(store, name)
         if missing:
             found[name] = missing
@@ -230,8 +240,8 @@ def verify_store(
         return report
     try:
         report.problems += check_filled(store)
-        if store.complete and not np.array_equal(store.array("queries/failed")[:], store.query_failures()):
-            report.problems.append("queries/failed disagrees with images/failed and queries/text_len")
+        if store.complete and not np.array_equal(store.array(QUERY_FAILED)[:], store.query_failures()):
+            report.problems.append(f"{QUERY_FAILED} disagrees with {IMAGE_FAILED} and {TEXT_LEN}")
         report.failed_images = store.failed_images()
         report.failed_queries = store.failed_queries()
     except DamagedStoreError as error:

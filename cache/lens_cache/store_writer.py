@@ -25,23 +25,32 @@ from lens_cache.store_format import (
     ATTRS_KEY,
     BITROUND_KEEPBITS,
     BLOCK_CHECKSUM_ARRAY,
+    BLOCK_DONE,
     BY_BLOCK,
     CHECKSUM_ALGORITHM,
     CODEC_FEATURES,
     CODEC_ZSTD,
     COMPRESSIONS,
     FAILURE_REASONS,
+    FIRST_QUERY,
     FORMAT_VERSION,
+    IMAGE_FAILED,
+    IMAGE_INDEX,
     INDEX_ARRAYS,
+    INPUT_SIZE,
     MANIFEST_FILE,
+    ORIGINAL_SIZE,
     PARTIAL_KEY,
+    QUERY_FAILED,
     STORAGE_DTYPE,
+    TEXT_LEN,
     ZSTD_LEVEL,
     ImagePlan,
     StoreArray,
     StoreDescription,
     block_checksum,
     checksum_array_name,
+    is_query_array,
     sample_arrays,
     sample_checksum,
     store_arrays,
@@ -208,9 +217,9 @@ def create_store(
 def index_arrays(plan: ImagePlan, text_len: np.ndarray) -> dict[str, np.ndarray]:
     """The arrays the parent writes once at creation (:data:`INDEX_ARRAYS`, in its order), as stored."""
     values = {
-        "images/first_query": plan.first_query.astype(np.int64),
-        "queries/image_index": plan.image_index.astype(np.int64),
-        "queries/text_len": np.asarray(text_len, dtype=np.int32),
+        FIRST_QUERY: plan.first_query.astype(np.int64),
+        IMAGE_INDEX: plan.image_index.astype(np.int64),
+        TEXT_LEN: np.asarray(text_len, dtype=np.int32),
     }
     return {name: values[name] for name in INDEX_ARRAYS}
 
@@ -267,7 +276,7 @@ class StoreWriter:
         for name, values in arrays.items():
             if self._bitround is not None:
                 values = self._bitround.decode(self._bitround.encode(values)).reshape(values.shape)
-            start = query_start if name.startswith("queries/") else image_start
+            start = query_start if is_query_array(name) else image_start
             self.arrays[name][start : start + len(values)] = values
             checksums[name] = [sample_checksum(row) for row in values]
         return checksums
@@ -288,21 +297,21 @@ class StoreWriter:
         (text arrays) of the block.
         """
         images = slice(image_start, image_start + len(failed))
-        self.arrays["images/original_size"][images] = original_size
-        self.arrays["images/input_size"][images] = input_size
-        self.arrays["images/failed"][images] = failed
+        self.arrays[ORIGINAL_SIZE][images] = original_size
+        self.arrays[INPUT_SIZE][images] = input_size
+        self.arrays[IMAGE_FAILED][images] = failed
         if self.checksums is not None:
             if checksums is None or set(checksums) != set(sample_arrays(self.layers)):
                 raise RuntimeError(f"block {block}: the checksums of every sample array are needed")
             for name, values in checksums.items():
-                if name.startswith("queries/"):  # the block's row, padded: one whole chunk
+                if is_query_array(name):  # the block's row, padded: one whole chunk
                     row = np.zeros(self.checksums["block_queries"], dtype=np.uint32)
                     row[: len(values)] = values
                     self.arrays[checksum_array_name(name)][block] = row
                 else:
                     self.arrays[checksum_array_name(name)][images] = np.asarray(values, dtype=np.uint32)
             self.arrays[BLOCK_CHECKSUM_ARRAY][block] = block_checksum(original_size, input_size, failed)
-        self.arrays["blocks/done"][block] = 1
+        self.arrays[BLOCK_DONE][block] = 1
 
 
 # ----------------------------------------------------------------------------- a build's store: create or resume, repair, finish
@@ -405,7 +414,7 @@ def repair_damage(
     if store.complete and not stale:
         try:
             store.warm_start_bytes()
-            failed = store.array("queries/failed")[:]
+            failed = store.array(QUERY_FAILED)[:]
             stale = not np.array_equal(failed, store.query_failures())
         except StoreError:
             stale = True
@@ -418,7 +427,7 @@ def repair_damage(
         attrs["complete"] = False
         group.attrs.put({ATTRS_KEY: attrs})
     for block, problems in sorted(damaged.items()):
-        group["blocks/done"][block] = 0
+        group[BLOCK_DONE][block] = 0
         say(progress, f"block {block} of {store.url} is damaged ({problems[0]}): recomputing it")
     for line in repaired:
         say(progress, f"{store.url}: {line} (it was damaged)")
@@ -439,14 +448,14 @@ def finalize_store(store: FeatureStore) -> FeatureStore:
         )
     problems = check_filled(store)
     if problems:
-        done = open_group(store.location, mode="r+")["blocks/done"]
+        done = open_group(store.location, mode="r+")[BLOCK_DONE]
         for block in unfilled_blocks(store):
             done[block] = 0
         raise StoreError(f"store {store.url}: {problems[0]}: rerun the same `lens-cache build` command")
     store.warm_start_bytes()  # the file is there and is the one recorded (else StoreError)
     group = open_group(store.location, mode="r+")
-    failures = store.array("images/failed")[:]
-    group["queries/failed"][:] = store.query_failures()
+    failures = store.array(IMAGE_FAILED)[:]
+    group[QUERY_FAILED][:] = store.query_failures()
     attrs = dict(group.attrs[ATTRS_KEY])
     attrs["num_failed_images"] = int(np.count_nonzero(failures))
     attrs["complete"] = True
