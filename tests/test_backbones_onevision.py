@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lens_cache.backbones import MLLM_ADAPTERS, MLLM_PRESETS, build_extractor, build_mllm
+from lens_cache.backbones import MLLM_ADAPTERS, BUILTIN_MLLMS, build_extractor, build_mllm
 from lens_cache.backbones.geometry import sam_frame
 from lens_cache.backbones.mllm import UnsupportedMllmError
 from lens_cache.backbones.onevision import ONEVISION_TEMPLATE, OnevisionBackbone
@@ -200,7 +200,7 @@ def test_prompt_identity_and_registry(backbone):
     for special in ("<image>", "<|im_end|>"):
         with pytest.raises(ValueError, match="special token"):
             backbone.num_text_tokens(f"What is {special} here?")
-    assert "tiny-onevision" in MLLM_PRESETS and "llava_onevision" in MLLM_ADAPTERS
+    assert "tiny-onevision" in BUILTIN_MLLMS and "llava_onevision" in MLLM_ADAPTERS
     ident = backbone.identity
     assert ident["backbone"] == "llava-onevision" and ident["num_image_tokens"] == BASE and ident["grid_size"] == GRID
     assert ident["image_grid_pinpoints"] == [[384, 384]] and ident["hidden_size"] == 64
@@ -254,7 +254,7 @@ def test_generate_and_model_untouched(backbone, squares):
 
 def test_registry_import_stays_light():
     code = ("import sys, lens_cache.backbones as b; "
-            "assert 'tiny-onevision' in b.MLLM_PRESETS and 'llava_onevision' in b.MLLM_ADAPTERS; "
+            "assert 'tiny-onevision' in b.BUILTIN_MLLMS and 'llava_onevision' in b.MLLM_ADAPTERS; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lens_cache.backbones import MLLM_ADAPTERS, MLLM_PRESETS, build_extractor, build_mllm
+from lens_cache.backbones import MLLM_ADAPTERS, BUILTIN_MLLMS, build_extractor, build_mllm
 from lens_cache.backbones.geometry import sam_frame
 from lens_cache.backbones.mllm import UnsupportedMllmError
 from lens_cache.backbones.qwen2vl import QWEN2_VL_TEMPLATE, Qwen2VLBackbone, mrope_positions
@@ -183,7 +183,7 @@ def test_warm_start_layers_load_strictly_into_a_qwen2_head(backbone, encoded):
 
 
 def test_registry_presets_adapters_and_identity(backbone, squares, encoded):
-    assert "tiny-qwen2vl" in MLLM_PRESETS and {"qwen2_vl", "qwen2_5_vl"} <= set(MLLM_ADAPTERS)
+    assert "tiny-qwen2vl" in BUILTIN_MLLMS and {"qwen2_vl", "qwen2_5_vl"} <= set(MLLM_ADAPTERS)
     ident = backbone.identity
     assert ident["backbone"] == "qwen2-vl" and ident["layers"] == list(LAYERS)
     assert ident["num_image_tokens"] == 576 and ident["image_size"] == 672 and ident["hidden_size"] == 64
@@ -250,7 +250,7 @@ def test_registry_import_stays_light():
     import subprocess
 
     code = ("import sys, lens_cache.backbones as b; "
-            "assert 'tiny-qwen2vl' in b.MLLM_PRESETS and 'qwen2_vl' in b.MLLM_ADAPTERS; "
+            "assert 'tiny-qwen2vl' in b.BUILTIN_MLLMS and 'qwen2_vl' in b.MLLM_ADAPTERS; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -1,14 +1,14 @@
 """Frozen backbones of stage 1: an MLLM adapter + SAM's image encoder behind one FeatureExtractor.
 
-MLLMs are found through two registries, so another family (LLaVA-NeXT; Qwen2-VL is one, in
-:mod:`.qwen2vl`) is one new adapter and one ``register_mllm_adapter`` call, with nothing else touched:
+MLLMs are found through two registries, so another family is one new adapter module that calls
+``register_mllm_adapter`` (and ``register_builtin_mllm`` for its tiny model), plus its import line below:
 
-- presets by name: ``"tiny"`` (random, built in code), ``"tiny-qwen2vl"`` (a random
-  Qwen2-VL built in code, :mod:`.qwen2vl`) and ``"toy"`` (the project's
-  pretrained toy LLaVA, shipped in ``cache/lens_cache/toy/weights``);
+- built-in MLLMs by name (``--mllm NAME``; models built in code or shipped, not the training
+  presets of ``lens_train.training.presets``): ``"tiny"`` (random LLaVA), ``"tiny-qwen2vl"``,
+  ``"tiny-qwen25vl"``, ``"tiny-onevision"`` (random, :mod:`.qwen2vl`, :mod:`.onevision`) and ``"toy"``
+  (the project's pretrained toy LLaVA, shipped in ``cache/lens_cache/toy/weights``);
 - adapters by the checkpoint's ``config.model_type`` (``"llava"``, ``"qwen2_vl"``,
-  ``"qwen2_5_vl"``), for local folders
-  or names in the offline Hugging Face cache.
+  ``"qwen2_5_vl"``, ``"llava_onevision"``), for local folders or names in the offline Hugging Face cache.
 
 Typical use::
 
@@ -53,8 +53,8 @@ _LAZY = {
 
 #: ``loader(name_or_path, *, layers, device, dtype) -> MllmBackbone``
 MllmLoader = Callable[..., "MllmBackbone"]
-#: ``preset(*, layers, device, dtype) -> MllmBackbone``
-MllmPreset = Callable[..., "MllmBackbone"]
+#: ``builtin(*, layers, device, dtype) -> MllmBackbone``: an MLLM selected by name, built in code or shipped
+BuiltinMllm = Callable[..., "MllmBackbone"]
 
 
 def _llava_from_pretrained(name_or_path: str, **kwargs: Any) -> "MllmBackbone":
@@ -76,7 +76,7 @@ def _llava_toy(**kwargs: Any) -> "MllmBackbone":
 
 
 MLLM_ADAPTERS: dict[str, MllmLoader] = {"llava": _llava_from_pretrained}
-MLLM_PRESETS: dict[str, MllmPreset] = {"tiny": _llava_tiny, "toy": _llava_toy}
+BUILTIN_MLLMS: dict[str, BuiltinMllm] = {"tiny": _llava_tiny, "toy": _llava_toy}
 
 
 def register_mllm_adapter(model_type: str, loader: MllmLoader) -> None:
@@ -84,12 +84,12 @@ def register_mllm_adapter(model_type: str, loader: MllmLoader) -> None:
     MLLM_ADAPTERS[model_type] = loader
 
 
-def register_mllm_preset(name: str, preset: MllmPreset) -> None:
-    """Make ``--mllm NAME`` build ``preset`` (a model built in code)."""
-    MLLM_PRESETS[name] = preset
+def register_builtin_mllm(name: str, build: BuiltinMllm) -> None:
+    """Make ``--mllm NAME`` call ``build`` (a model built in code, or shipped)."""
+    BUILTIN_MLLMS[name] = build
 
 
-# Adapters in modules of their own register themselves (register_mllm_adapter / register_mllm_preset)
+# Adapters in modules of their own register themselves (register_mllm_adapter / register_builtin_mllm)
 # when imported here; they import transformers only when a model is built.
 from . import qwen2vl as _qwen2vl  # noqa: E402,F401  (Qwen2-VL, Qwen2.5-VL; --mllm tiny-qwen2vl)
 from . import onevision as _onevision  # noqa: E402,F401  (LLaVA-OneVision; --mllm tiny-onevision)
@@ -102,16 +102,16 @@ def build_mllm(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> "MllmBackbone":
-    """The frozen MLLM adapter for a preset name or a checkpoint (folder or HF-cache name).
+    """The frozen MLLM adapter for a built-in name (``tiny``, ``toy``, ...) or a checkpoint (folder or HF-cache name).
 
     Raises:
-        MllmCheckpointNotFoundError: no such preset or checkpoint (one-line message).
+        MllmCheckpointNotFoundError: no such built-in MLLM or checkpoint (one-line message).
         UnsupportedMllmError: the checkpoint's model type has no registered adapter.
     """
     from .mllm import UnsupportedMllmError, load_mllm_config
 
-    if mllm in MLLM_PRESETS:
-        return MLLM_PRESETS[mllm](layers=layers, device=device, dtype=dtype)
+    if mllm in BUILTIN_MLLMS:
+        return BUILTIN_MLLMS[mllm](layers=layers, device=device, dtype=dtype)
     model_type = load_mllm_config(mllm).model_type
     if model_type not in MLLM_ADAPTERS:
         raise UnsupportedMllmError(
@@ -150,7 +150,7 @@ def build_extractor(
 __all__ = [
     "IMAGE_GEOMETRY",
     "MLLM_ADAPTERS",
-    "MLLM_PRESETS",
+    "BUILTIN_MLLMS",
     "FeatureExtractor",
     "ImageFeatures",
     "LensFeatureExtractor",
@@ -166,7 +166,7 @@ __all__ = [
     "build_mllm",
     "build_sam",
     "register_mllm_adapter",
-    "register_mllm_preset",
+    "register_builtin_mllm",
     "sam_frame",
     "sam_identity",
 ]

@@ -1,6 +1,6 @@
 """LLaVA-OneVision as a frozen LENS backbone: transformers' ``LlavaOnevisionForConditionalGeneration``
 (e.g. ``llava-hf/llava-onevision-qwen2-7b-ov-hf``: SigLIP 384 px / 14 px patches + Qwen2-7B), registered
-as the adapter of ``model_type`` ``llava_onevision`` and as the preset ``--mllm tiny-onevision``
+as the adapter of ``model_type`` ``llava_onevision`` and as the built-in ``--mllm tiny-onevision``
 (:mod:`.tiny_onevision`).
 
 How the states are computed (and why they equal a plain forward's ``hidden_states``):
@@ -52,7 +52,7 @@ from PIL import Image
 
 from lens_core.geometry import SAM_IMAGE_SIZE
 
-from . import register_mllm_adapter, register_mllm_preset
+from . import register_mllm_adapter, register_builtin_mllm
 from .layer_capture import tensors_fingerprint
 from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors
 from .runtime import resolve_device, resolve_dtype
@@ -265,4 +265,4 @@ def _tiny(**kwargs: Any) -> OnevisionBackbone:
 
 
 register_mllm_adapter(MODEL_TYPE, _from_pretrained)
-register_mllm_preset("tiny-onevision", _tiny)
+register_builtin_mllm("tiny-onevision", _tiny)

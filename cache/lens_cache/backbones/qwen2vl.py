@@ -1,6 +1,6 @@
 """Qwen2-VL (and Qwen2.5-VL) as a frozen LENS backbone: transformers' ``Qwen2VLForConditionalGeneration``
 (``Qwen2_5_VLForConditionalGeneration``), registered as the adapter of ``model_type`` ``qwen2_vl``
-(``qwen2_5_vl``) and as the preset ``--mllm tiny-qwen2vl`` (:mod:`.tiny_qwen2vl`).
+(``qwen2_5_vl``) and as the built-in ``--mllm tiny-qwen2vl`` (:mod:`.tiny_qwen2vl`).
 
 How the states are computed (and why they equal a plain forward's ``hidden_states``):
 
@@ -41,7 +41,7 @@ import torch
 from lens_cache.errors import UsageError
 from lens_core.geometry import SAM_IMAGE_SIZE
 
-from . import register_mllm_adapter, register_mllm_preset
+from . import register_mllm_adapter, register_builtin_mllm
 from .layer_capture import tensors_fingerprint
 from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors
 from .runtime import resolve_device, resolve_dtype
@@ -265,6 +265,6 @@ def _tiny_qwen25(**kwargs: Any) -> Qwen2VLBackbone:
 
 register_mllm_adapter("qwen2_vl", _from_pretrained)
 register_mllm_adapter("qwen2_5_vl", _from_pretrained)
-register_mllm_preset("tiny-qwen2vl", _tiny)
-register_mllm_preset("tiny-qwen2.5vl", _tiny_qwen25)
-register_mllm_preset("tiny-qwen25vl", _tiny_qwen25)  # the spelling of the presets (qwen25vl-3b)
+register_builtin_mllm("tiny-qwen2vl", _tiny)
+register_builtin_mllm("tiny-qwen2.5vl", _tiny_qwen25)
+register_builtin_mllm("tiny-qwen25vl", _tiny_qwen25)  # the spelling of the presets (qwen25vl-3b)

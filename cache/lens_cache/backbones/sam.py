@@ -13,7 +13,7 @@ A SAM spec is a string:
 
 Stage 2 calls :func:`build_sam` with the spec recorded in the cache identity to get
 the prompt encoder and mask decoder that belong to the cached image embeddings, so the
-tiny preset must be (and is) exactly reproducible.
+tiny SAM must be (and is) exactly reproducible.
 """
 
 from __future__ import annotations
