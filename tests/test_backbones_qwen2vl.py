@@ -281,7 +281,8 @@ def test_qwen2vl_2b_preset_fits_the_real_decoder_layers():
     assert sum(p.numel() for p in head.parameters()) == 2 * sum(p.numel() for p in layers[0].parameters())
 
 
-def test_cache_built_with_qwen2vl_warm_starts_a_qwen2_head_only(tmp_path, toy_sam_file):
+@pytest.mark.parametrize("mllm", ["tiny-qwen2vl", "tiny-qwen25vl"])
+def test_cache_built_with_qwen2vl_warm_starts_a_qwen2_head_only(tmp_path, toy_sam_file, mllm):
     """End to end through a store: a cache of the tiny Qwen2-VL (one image, one query) records Qwen2
     decoder layers; a Qwen2 head reads them and its first layer is the MLLM's layer k on the cached
     states; a LLaMA head (every preset before) is refused with the setting that differs."""
@@ -293,7 +294,7 @@ def test_cache_built_with_qwen2vl_warm_starts_a_qwen2_head_only(tmp_path, toy_sa
 
     root = small_synthetic(tmp_path / "synthetic", images=2)
     manifest = build_manifest("synthetic-reason:val", root).take([0])
-    extractor = build_extractor(mllm="tiny-qwen2vl", sam=f"toy:{toy_sam_file}", layers=(20,), device="cpu")
+    extractor = build_extractor(mllm=mllm, sam=f"toy:{toy_sam_file}", layers=(20,), device="cpu")
     store = build_cache(manifest, tmp_path / "store", lambda: extractor, spec="synthetic-reason:val",
                         batch_size=1, progress=False)
     record = store.warm_start["head"]
