@@ -350,3 +350,17 @@ def test_cli_store_of_tiny_onevision_trains_a_grid27_head(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_queries"] == store.num_queries and 0.0 <= metrics["giou"] <= 1.0
+
+
+def test_adapters_register_through_entry_points_not_the_registry_module():
+    """A backbone is its own module declared under the entry-point group: the registry module names none."""
+    from importlib.metadata import entry_points
+
+    import lens_cache.backbones as registry
+    from pathlib import Path
+
+    declared = {e.name: e.value for e in entry_points(group=registry.ADAPTER_ENTRY_POINTS)}
+    assert declared == {"qwen2vl": "lens_cache.backbones.qwen2vl", "onevision": "lens_cache.backbones.onevision"}
+    source = Path(registry.__file__).read_text()
+    assert "qwen2vl" not in source.split("def build_mllm")[0].split('"""', 2)[2]  # no import of an adapter by name
+    assert {"qwen2_vl", "qwen2_5_vl", "llava_onevision"} <= set(registry.MLLM_ADAPTERS)

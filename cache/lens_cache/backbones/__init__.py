@@ -1,7 +1,8 @@
 """Frozen backbones of stage 1: an MLLM adapter + SAM's image encoder behind one FeatureExtractor.
 
 MLLMs are found through two registries, so another family is one new adapter module that calls
-``register_mllm_adapter`` (and ``register_builtin_mllm`` for its tiny model), plus its import line below:
+``register_mllm_adapter`` (and ``register_builtin_mllm`` for its tiny model), declared as an entry point of
+the group ``lens_cache.mllm_adapters`` (``pyproject.toml``; this module is not edited):
 
 - built-in MLLMs by name (``--mllm NAME``; models built in code or shipped, not the training
   presets of ``lens_train.training.presets``): ``"tiny"`` (random LLaVA), ``"tiny-qwen2vl"``,
@@ -89,10 +90,21 @@ def register_builtin_mllm(name: str, build: BuiltinMllm) -> None:
     BUILTIN_MLLMS[name] = build
 
 
-# Adapters in modules of their own register themselves (register_mllm_adapter / register_builtin_mllm)
-# when imported here; they import transformers only when a model is built.
-from . import qwen2vl as _qwen2vl  # noqa: E402,F401  (Qwen2-VL, Qwen2.5-VL; --mllm tiny-qwen2vl)
-from . import onevision as _onevision  # noqa: E402,F401  (LLaVA-OneVision; --mllm tiny-onevision)
+#: Entry-point group of adapter modules: each registers itself (register_mllm_adapter / register_builtin_mllm)
+#: when imported, and imports transformers only when a model is built. This project's own (Qwen2-VL,
+#: LLaVA-OneVision) are declared in pyproject.toml; another package adds a backbone the same way, without
+#: editing this module.
+ADAPTER_ENTRY_POINTS = "lens_cache.mllm_adapters"
+
+
+def _load_adapter_modules() -> None:
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ADAPTER_ENTRY_POINTS):
+        entry.load()
+
+
+_load_adapter_modules()
 
 
 def build_mllm(
