@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from lens_cache.backbones import build_extractor, build_mllm
-from lens_cache.backbones.geometry import sam_frame
 from lens_cache.backbones.llava import VICUNA_V1_TEMPLATE, LlavaBackbone
 from lens_cache.backbones.mllm import MllmCheckpointNotFoundError, UnsupportedMllmError
 from lens_cache.backbones.tiny_llava import build_tiny_llava, save_tiny_llava
+from tests.helpers.images import padded_squares, random_image
 
 ATOL = 1e-5
 
@@ -25,11 +24,6 @@ QUESTIONS_A = [
 QUESTIONS_B = ["Can you segment the green triangle in this image?"]
 
 
-def _image(seed: int, height: int, width: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def backbone() -> LlavaBackbone:
     return LlavaBackbone.tiny(layers=(14, 30), device="cpu", dtype=torch.float32)
@@ -38,7 +32,7 @@ def backbone() -> LlavaBackbone:
 @pytest.fixture(scope="module")
 def squares() -> list[Image.Image]:
     """Two non-square images brought into SAM's padded square, as the extractor feeds LLaVA."""
-    return [sam_frame(_image(0, 300, 500)).padded_image(), sam_frame(_image(1, 640, 480)).padded_image()]
+    return padded_squares()
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +230,7 @@ def test_missing_or_wrong_mllm_checkpoint(tmp_path):
 
 
 def test_generate_and_decoder_layer_weights(backbone):
-    image = _image(2, 200, 100)
+    image = random_image(2, 200, 100)
     answer = backbone.generate(image, "What is in this image?", max_new_tokens=4, min_new_tokens=2)
     assert isinstance(answer, str) and answer
     assert answer == backbone.generate(image, "What is in this image?", max_new_tokens=4, min_new_tokens=2)
@@ -257,7 +251,7 @@ def test_generate_and_decoder_layer_weights(backbone):
 def test_extractor_uses_sam_frame_for_both_backbones(backbone, squares, encoded):
     """build_extractor end to end: the MLLM sees SAM's padded square, SAM gives 256x64x64."""
     extractor = build_extractor(mllm="tiny", sam="tiny", layers=(14, 30), device="cpu")
-    images = [_image(0, 300, 500), _image(1, 640, 480)]
+    images = [random_image(0, 300, 500), random_image(1, 640, 480)]
     features = extractor.extract(images, [QUESTIONS_A, QUESTIONS_B])
     assert [f.original_size for f in features] == [(300, 500), (640, 480)]
     assert [f.input_size for f in features] == [(614, 1024), (1024, 768)]
@@ -284,7 +278,7 @@ def test_cuda_matches_cpu_and_runs_in_bfloat16(squares, encoded):
         torch.testing.assert_close(a.text_states[0][14], b.text_states[0][14], atol=1e-3, rtol=1e-3)
     extractor = build_extractor(mllm="tiny", sam="tiny", layers=(14,), device="cuda")
     assert extractor.identity["compute_dtype"] == "bfloat16" and extractor.identity["sam"]["compute_dtype"] == "bfloat16"
-    features = extractor.extract([_image(3, 100, 200)], [QUESTIONS_B])[0]
+    features = extractor.extract([random_image(3, 100, 200)], [QUESTIONS_B])[0]
     assert features.image_states[14].dtype == torch.float32 and features.sam_embedding.shape == (256, 64, 64)
     assert torch.isfinite(features.text_states[0][14]).all()
 

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from lens_cache.backbones import MLLM_ADAPTERS, BUILTIN_MLLMS, build_extractor, build_mllm
-from lens_cache.backbones.geometry import sam_frame
 from lens_cache.backbones.mllm import UnsupportedMllmError
 from lens_cache.backbones.onevision import ONEVISION_TEMPLATE, OnevisionBackbone
 from lens_cache.backbones.tiny_onevision import build_tiny_onevision, save_tiny_onevision
 from lens_core import LensConfig
 from lens_core.head import SegmentationHead
 from lens_train.training.presets import PRESET_DIR, load_preset
+from tests.helpers.images import padded_squares, random_image
 
 ATOL = 1e-5
 LAYERS = (20, 27)  # the onevision-7b preset's main and late layers (28 decoder layers)
@@ -32,11 +32,6 @@ QUESTIONS_A = [
 QUESTIONS_B = ["Which shape is left of the blue square?"]
 
 
-def _image(seed: int, height: int, width: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def backbone() -> OnevisionBackbone:
     return OnevisionBackbone.tiny(layers=LAYERS, device="cpu", dtype=torch.float32)
@@ -45,7 +40,7 @@ def backbone() -> OnevisionBackbone:
 @pytest.fixture(scope="module")
 def squares() -> list[Image.Image]:
     """Two non-square images brought into SAM's padded square, as the extractor feeds the MLLM."""
-    return [sam_frame(_image(0, 300, 500)).padded_image(), sam_frame(_image(1, 640, 480)).padded_image()]
+    return padded_squares()
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +230,7 @@ def test_generate_and_model_untouched(backbone, squares):
     before = {name: p.detach().clone() for name, p in backbone.model.named_parameters()}
     lm = backbone.model.model.language_model
     hooks_before = [len(layer._forward_hooks) for layer in lm.layers]
-    answer = backbone.generate(_image(2, 200, 100), "What is in this image?", max_new_tokens=3, min_new_tokens=2)
+    answer = backbone.generate(random_image(2, 200, 100), "What is in this image?", max_new_tokens=3, min_new_tokens=2)
     assert isinstance(answer, str)
     assert isinstance(backbone.generate(None, "Is this a question?", max_new_tokens=2, min_new_tokens=1), str)
     deeper: list[int] = []

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from lens_cache.backbones import MLLM_ADAPTERS, BUILTIN_MLLMS, build_extractor, build_mllm
-from lens_cache.backbones.geometry import sam_frame
 from lens_cache.backbones.mllm import UnsupportedMllmError
 from lens_cache.backbones.qwen2vl import QWEN2_VL_TEMPLATE, Qwen2VLBackbone, mrope_positions
 from lens_cache.backbones.tiny_qwen2vl import build_tiny_qwen2vl, save_tiny_qwen2vl
 from lens_core import LensConfig
 from lens_core.head import SegmentationHead
 from lens_train.training.presets import load_preset
+from tests.helpers.images import padded_squares, random_image
 
 ATOL = 1e-5
 LAYERS = (20, 27)  # Qwen2-VL-2B's main and late layers (28 decoder layers)
@@ -28,11 +27,6 @@ QUESTIONS_A = [
 QUESTIONS_B = ["Can you segment the green triangle in this image?"]
 
 
-def _image(seed: int, height: int, width: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def backbone() -> Qwen2VLBackbone:
     return Qwen2VLBackbone.tiny(layers=LAYERS, device="cpu", dtype=torch.float32)
@@ -41,7 +35,7 @@ def backbone() -> Qwen2VLBackbone:
 @pytest.fixture(scope="module")
 def squares() -> list[Image.Image]:
     """Two non-square images brought into SAM's padded square, as the extractor feeds the MLLM."""
-    return [sam_frame(_image(0, 300, 500)).padded_image(), sam_frame(_image(1, 640, 480)).padded_image()]
+    return padded_squares()
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +185,7 @@ def test_registry_presets_adapters_and_identity(backbone, squares, encoded):
     extractor = build_extractor(mllm="tiny-qwen2vl", sam="tiny", layers=LAYERS, device="cpu")
     assert extractor.identity["image_geometry"] == "sam-pad-1024-to-672"
     assert (extractor.layers, extractor.hidden_size, extractor.num_image_tokens) == (LAYERS, 64, 576)
-    features = extractor.extract([_image(0, 300, 500)], [QUESTIONS_A[:1]])[0]
+    features = extractor.extract([random_image(0, 300, 500)], [QUESTIONS_A[:1]])[0]
     torch.testing.assert_close(features.image_states[27], encoded[0].image_states[27], atol=ATOL, rtol=0)
     assert features.sam_embedding.shape == (256, 64, 64)
     with pytest.raises(ValueError, match="layers"):
@@ -224,7 +218,7 @@ def test_generate_and_model_untouched(backbone, squares):
     before = {name: p.detach().clone() for name, p in backbone.model.named_parameters()}
     lm = backbone.model.model.language_model
     hooks_before = [len(layer._forward_hooks) for layer in lm.layers]
-    answer = backbone.generate(_image(2, 200, 100), "What is in this image?", max_new_tokens=3, min_new_tokens=2)
+    answer = backbone.generate(random_image(2, 200, 100), "What is in this image?", max_new_tokens=3, min_new_tokens=2)
     assert isinstance(answer, str)
     assert isinstance(backbone.generate(None, "Is this a question?", max_new_tokens=2, min_new_tokens=1), str)
     deeper: list[int] = []
