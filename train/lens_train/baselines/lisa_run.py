@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lens_cache.images import read_rgb
+from lens_core.geometry import postprocess_masks
 from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
 
 from ..errors import UserError
@@ -120,27 +121,33 @@ class LisaQueries:
         }
 
 
-def _backbones(cache: str, mllm: str | None, sam: str | None) -> tuple[Any, Any, str, str]:
-    """The store's MLLM adapter and SAM, checked against its identity."""
-    from lens_cache.backbones import build_mllm
-    from lens_cache.backbones.sam import build_sam
+def _specs(cache: str, mllm: str | None, sam: str | None) -> tuple[str, str]:
+    """The ``--mllm`` and ``--sam`` specs of the store's backbones (the MLLM: the name its identity records)."""
     from lens_cache.store import FeatureStore
 
     from ..training.stores import resolve_sam_spec
 
     identity = FeatureStore.open(cache).identity
-    mllm = mllm or identity["name_or_path"]
+    return mllm or identity["name_or_path"], resolve_sam_spec(identity, sam)
+
+
+def _backbones(cache: str, mllm: str | None, sam: str | None) -> tuple[Any, Any]:
+    """The store's MLLM adapter and SAM, the MLLM checked against the store's weights fingerprint."""
+    from lens_cache.backbones import build_mllm
+    from lens_cache.backbones.sam import build_sam
+    from lens_cache.store import FeatureStore
+
+    mllm, sam = _specs(cache, mllm, sam)
     backbone = build_mllm(mllm, layers=(1,), device="cpu")
-    if backbone.identity.get("weights_fingerprint") != identity.get("weights_fingerprint"):
+    if backbone.identity.get("weights_fingerprint") != FeatureStore.open(cache).identity.get("weights_fingerprint"):
         raise UserError(f"--mllm {mllm} is not the MLLM store {cache} was built with (weights fingerprints differ): "
                         "pass the store's MLLM")
-    sam_spec = resolve_sam_spec(identity, sam)
-    return backbone, build_sam(sam_spec), mllm, sam_spec
+    return backbone, build_sam(sam)
 
 
 def build_lisa(config: LisaRunConfig) -> tuple[LisaStyle, Any]:
     """A fresh LISA-style model (seeded) and the MLLM adapter whose model it fine-tunes."""
-    backbone, sam, _, _ = _backbones(config.cache, config.mllm, config.sam)
+    backbone, sam = _backbones(config.cache, config.mllm, config.sam)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         seg = add_seg_token(backbone.model, backbone.processor.tokenizer)
@@ -159,7 +166,7 @@ def train_lisa(
         raise UserError(f"need --steps >= 1, --batch >= 1, --lr > 0 and --lora-rank >= 0; got {steps}, {batch}, {lr}, "
                         f"{lora_rank}")
     out = Path(out)
-    _, _, mllm, sam = _backbones(cache, mllm, sam)
+    mllm, sam = _specs(cache, mllm, sam)
     config = LisaRunConfig(cache=str(cache), mllm=mllm, sam=sam, steps=steps, batch=batch, lr=lr, lora_rank=lora_rank,
                            seed=seed)
     if (out / CONFIG_FILE).exists():
@@ -225,8 +232,6 @@ def evaluate_lisa(run: Path, cache: str, *, out: Path | None = None, limit: int 
         b = queries.batch(list(range(start, min(start + batch, count))))
         _, low_res = lisa(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], b["image_embeddings"])
         for k, s in enumerate(b["samples"]):
-            from lens_core.geometry import postprocess_masks
-
             logits = postprocess_masks(low_res[k][None, None], *b["sizes"][k])[0, 0]
             pred = (torch.sigmoid(logits) > MASK_THRESHOLD).numpy()
             inter, union = intersection_union(pred, s["gt"].numpy())
