@@ -166,6 +166,19 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
     assert textwrap.indent(layout_table(), "    ") in lens_cache.store.__doc__
 
 
+def test_rows_per_image_or_query_follow_the_schema(store):
+    """``is_image_array``/``is_query_array`` (used by ``lens-cache info`` for bytes per image and per
+    query) agree with each array's actual first dimension; the text checksums have a row per block."""
+    from lens_cache.store_format import is_image_array, is_query_array
+
+    counts = {"image": store.num_images, "query": store.num_queries, "block": store.num_blocks}
+    assert len(set(counts.values())) == 3  # 5 images, more queries, 3 blocks: the kinds can be told apart
+    group = open_group(store.location, mode="r")
+    for name in store.array_names():
+        kind = "image" if is_image_array(name) else "query" if is_query_array(name) else "block"
+        assert group[name].shape[0] == counts[kind], name
+
+
 def test_read_query_returns_the_backbone_features(store, manifest):
     extractor = FakeExtractor()
     for query in (0, manifest.num_rows - 1):

@@ -1,6 +1,5 @@
 """Keypoint NMS (S1.1) and the sub-pixel Newton step (S1.2) against independent computations."""
 
-import math
 
 import numpy as np
 import pytest

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from PIL import Image
 from torch import nn

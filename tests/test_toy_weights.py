@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lens_cache.toy import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR
-from lens_cache.files import sha256_file
 from lens_cache.toy.export import load_toy_llava, load_toy_sam, read_manifest, verify_weights
+from lens_manifests.files import sha256_file
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / MANIFEST_FILE).is_file(), reason="no shipped toy weights")
 

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 import lens_train.training.trainer as trainer_module
 from lens_train.training.checkpoint import checkpoint_step, load_checkpoint
 from lens_train.cli import train_app
-from lens_train.errors import NonFiniteLossError
 from lens_train.training.trainer import TrainRequest, train
 
 FAST = {"batch_size": 1, "grad_accum": 2, "num_workers": 0, "log_every": 1, "warmup_steps": 2}
@@ -440,12 +439,12 @@ def test_torch_save_reports_a_full_disk_as_the_oserror(tmp_path, monkeypatch):
     the OSError itself (errno 28) reaches the CLI."""
     import builtins
 
-    import lens_cache.files
+    import lens_manifests.files
 
-    monkeypatch.setattr(lens_cache.files, "open", lambda *a, **k: _FullDiskFile(builtins.open(*a, **k), 100),
+    monkeypatch.setattr(lens_manifests.files, "open", lambda *a, **k: _FullDiskFile(builtins.open(*a, **k), 100),
                         raising=False)
     with pytest.raises(OSError) as error:
-        lens_cache.files.torch_save({"x": torch.zeros(1000)}, tmp_path / "x.pt")
+        lens_manifests.files.torch_save({"x": torch.zeros(1000)}, tmp_path / "x.pt")
     assert error.value.errno == errno.ENOSPC
 
 

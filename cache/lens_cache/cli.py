@@ -268,6 +268,7 @@ def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> No
     """Identity, sizes, bytes on disk per image and per query, completion."""
     with user_errors():
         from lens_cache.store import FeatureStore, failure_lines
+        from lens_cache.store_format import is_image_array, is_query_array
         from lens_manifests import get_skipped
 
         opened = FeatureStore.open(store, require_complete=False)
@@ -276,8 +277,8 @@ def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> No
         per_array = {name: opened.location.bytes_under(name) for name in opened.array_names()}
         failed_images, failed_queries = opened.failed_images(), opened.failed_queries()
         left_out = get_skipped(opened.unchecked_manifest())  # what the manifest's adapter skipped, and why
-        image_bytes = sum(size for name, size in per_array.items() if name.startswith("images/"))
-        query_bytes = sum(size for name, size in per_array.items() if name.startswith("queries/"))
+        image_bytes = sum(size for name, size in per_array.items() if is_image_array(name))
+        query_bytes = sum(size for name, size in per_array.items() if is_query_array(name))
         lines = [
             f"store        {opened.url}",
             f"format       lens_cache v{attrs['format_version']} ({attrs['created_by']})",

@@ -301,6 +301,11 @@ def is_query_array(name: str) -> bool:
     return array_spec(name).shape[0] == "N_q"
 
 
+def is_image_array(name: str) -> bool:
+    """Whether the store array ``name`` has one row per image (its :data:`SCHEMA` shape starts with ``N_img``)."""
+    return array_spec(name).shape[0] == "N_img"
+
+
 #: The Zarr groups that hold the arrays (``blocks``, ``images``, ``queries``).
 ARRAY_GROUPS = tuple(sorted({spec.name.split("/", 1)[0] for spec in SCHEMA}))
 

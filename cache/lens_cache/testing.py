@@ -212,7 +212,7 @@ def make_test_manifest(
     return pa.table(columns, schema=MANIFEST_SCHEMA)
 
 
-#: The ways a chunk file gets damaged that the stores must notice (issue 11).
+#: The ways a chunk file gets damaged that the stores must notice.
 DAMAGE_KINDS = ("deleted", "truncated", "flipped")
 
 

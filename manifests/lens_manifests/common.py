@@ -6,7 +6,7 @@ them (``query_id`` = row index) and returns a table of ``MANIFEST_SCHEMA``.
 Images an adapter had to leave out are reported, not hidden: they are logged
 and listed, as JSON, under the table's schema metadata key ``lens_skipped``.
 
-Two guards every adapter applies to what a dataset file says (issue 11):
+Two guards every adapter applies to what a dataset file says:
 
 * **Sizes.** A height/width declared by a dataset file (REFER's or a COCO
   ``instances.json``) is checked against the image's own header where the image is

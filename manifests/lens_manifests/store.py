@@ -11,13 +11,13 @@ A manifest file carries, in its Parquet key-value metadata:
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .common import ManifestError
+from .files import replaced_on_success
 from .schema import MANIFEST_FORMAT_VERSION, MANIFEST_SCHEMA
 
 VERSION_KEY = b"lens_manifest_version"
@@ -74,13 +74,8 @@ def write_manifest(table: pa.Table, path: str | Path, *, spec: str | None = None
         meta[SPEC_KEY] = spec.encode()
     out = canonical(table).replace_schema_metadata(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replaced_on_success(path) as tmp:
         pq.write_table(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return digest
 
 

@@ -7,7 +7,7 @@ about LLaVA or SAM; any backbone that implements this interface can be cached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
 
-from lens_cache.files import sha256_file
+from lens_manifests.files import sha256_file
 
 from .layer_capture import tensors_fingerprint
 from .mllm import UnsupportedMllmError, load_mllm_config

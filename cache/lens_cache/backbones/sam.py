@@ -29,8 +29,8 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from lens_cache.errors import UsageError, UserError
 
-from lens_cache.files import sha256_file
 from lens_core.geometry import SAM_IMAGE_SIZE
+from lens_manifests.files import sha256_file
 
 from .runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import SamFrame

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lens_cache.files import sha256_file
+from lens_manifests.files import folder_replaced_on_success, sha256_file
 
 from . import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR
 
@@ -36,27 +36,23 @@ def _commit() -> str:
 def export_weights(work: Path, out: Path | None = None, *, command: str = "") -> Path:
     """Copy the final toy SAM and LLaVA of ``work`` to ``out`` and write MANIFEST.json."""
     out = Path(out) if out is not None else WEIGHTS_DIR
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = torch.load(work / "sam_final.pt", map_location="cpu", weights_only=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / TOY_SAM_FILE)
-    shutil.copytree(work / "llava_final", tmp / TOY_LLAVA_DIR)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {
-        "made": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
-        "command": command,
-        "files": {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
-        "held_out": {
-            "sam": json.loads((work / "sam_eval.json").read_text()),
-            "llava": json.loads((work / "llava_eval.json").read_text()),
-            "quick": quick_scores(tmp),
-        },
-    }
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with folder_replaced_on_success(out) as tmp:
+        state = torch.load(work / "sam_final.pt", map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / TOY_SAM_FILE)
+        shutil.copytree(work / "llava_final", tmp / TOY_LLAVA_DIR)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "made": time.strftime("%Y-%m-%d"),
+            "commit": _commit(),
+            "command": command,
+            "files": {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
+            "held_out": {
+                "sam": json.loads((work / "sam_eval.json").read_text()),
+                "llava": json.loads((work / "llava_eval.json").read_text()),
+                "quick": quick_scores(tmp),
+            },
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 

@@ -6,8 +6,8 @@ that computes the loss of optimizer step ``step`` (its batch is a pure function 
 owns AdamW, the schedule (linear warm-up, constant, linear decay over the last
 ``decay_frac`` of the steps: a constant phase keeps the lr up through the late
 break-outs from-scratch models show), gradient clipping, a progress line (steps/s,
-ETA) and a checkpoint every ``ckpt_every`` steps (model, optimizer, step; written to
-a temporary file and renamed, loaded with ``weights_only=True``). Rerunning the same
+ETA) and a checkpoint every ``ckpt_every`` steps (model, optimizer, step; written beside and renamed,
+loaded with ``weights_only=True``). Rerunning the same
 command after a kill resumes from the last checkpoint and gives the same weights as an
 uninterrupted run.
 """
@@ -15,7 +15,6 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable, Iterable
 import torch
 
 from lens_cache.progress import format_duration
+from lens_manifests.files import replaced_on_success, torch_save
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,8 @@ def run_stage(
                 f"ETA {format_duration((schedule.steps - done) / max(rate, 1e-9))}")
             sums, count = {}, 0
         if done % ckpt_every == 0 or done == schedule.steps:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done}, tmp)
-            os.replace(tmp, ckpt)
+            with replaced_on_success(ckpt) as tmp:
+                torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done}, tmp)
     model.eval()
     return history
 

@@ -15,9 +15,7 @@ parameters). Batches are a pure function of ``(seed, step)``.
 from __future__ import annotations
 
 import json
-import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -31,9 +29,9 @@ import torch
 from lens_cache.images import read_rgb
 from lens_core.geometry import postprocess_masks
 from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
+from lens_manifests.files import folder_replaced_on_success, write_text_atomically
 
 from ..errors import UserError
-from ..training.checkpoint import atomic_write_text
 from .lisa import ANSWER, LisaStyle, add_seg_token
 
 CONFIG_FILE = "lisa_config.json"
@@ -175,7 +173,7 @@ def train_lisa(
             raise UserError(f"{out} holds a LISA-style run with other settings ({out / CONFIG_FILE}): "
                             "use another --out or the same options")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
+    write_text_atomically(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
     lisa, backbone = build_lisa(config)
     queries = LisaQueries(cache, backbone)
     if len(queries) == 0:
@@ -196,7 +194,7 @@ def train_lisa(
     stats = {"steps": steps, "batch": batch, "wall_s_this_process": round(time.monotonic() - started, 1),
              "peak_rss_bytes": peak_rss_bytes(), "trained_parameters": int(sum(p.numel() for p in trainable)),
              "mllm_parameters_changed": True, "lora_rank": lora_rank}
-    atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
+    write_text_atomically(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     return stats
 
 
@@ -252,10 +250,10 @@ def evaluate_lisa(run: Path, cache: str, *, out: Path | None = None, limit: int 
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         per_query = [{"query_id": q, "task": t, "is_sentence": s, "iou": query_iou(i, u)}
                      for q, t, s, i, u in zip(ids, tasks, sentence, inters, unions)]
-        atomic_write_text(out / "per_query.json", json.dumps(per_query) + "\n")
+        write_text_atomically(out / "per_query.json", json.dumps(per_query) + "\n")
     log(f"LISA-style gIoU {metrics['giou']:.4f} cIoU {metrics['ciou']:.4f} on {metrics['num_queries']} queries")
     return metrics
 
@@ -269,13 +267,7 @@ def export_mllm(run: Path, folder: Path) -> Path:
     lisa, backbone, _ = load_lisa(run)
     merged = lisa.merged_mllm()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:  # written beside, renamed when complete: no half-written checkpoint under the name
+    with folder_replaced_on_success(folder) as tmp:  # no half-written checkpoint under the name
         merged.save_pretrained(tmp)
         backbone.processor.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

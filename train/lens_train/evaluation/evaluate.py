@@ -32,13 +32,13 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 
 from lens_cache.backbones.runtime import resolve_device
-from lens_cache.files import replaced_on_success
 from lens_cache.identity import feature_differences, format_differences
 from lens_cache.images import ImageReadError, read_rgb
 from lens_core import Lens, LensOutput
 from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
+from lens_manifests.files import replaced_on_success, write_text_atomically
 
-from ..training.checkpoint import atomic_write_text, load_checkpoint
+from ..training.checkpoint import load_checkpoint
 from ..training.data import Batch, QueryDataset, collate
 from ..errors import UserError
 from ..figures import OverlayItem, heatmap_on_image, write_overlays
@@ -213,7 +213,7 @@ def evaluate(
     for name, values in baselines.items():
         records[f"iou_{name}"] = [query_iou(i, u) for i, u in zip(values["inter"], values["union"])]
     _write_parquet(out_dir / "per_query.parquet", records)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_overlays(out_dir / "overlays.png", items, grid_size=run.model.config.grid_size)
     whole, heat = metrics["baselines"]["whole_image"], metrics["baselines"]["heatmap"]
     say(f"gIoU {overall['giou']:.4f} cIoU {overall['ciou']:.4f} on {overall['num_queries']} queries "

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lens_cache.files import replaced_on_success, write_bytes_atomically
+from lens_manifests.files import replaced_on_success, write_text_atomically
 
 from ..errors import UserError
 
@@ -35,7 +35,7 @@ def write_table(
         raise UserError(f"--format takes {' or '.join(TABLE_FORMATS)}, got {fmt!r}")
     if fmt == "jsonl":
         text = "".join(json.dumps({c: r.get(c) for c in columns}, ensure_ascii=False) + "\n" for r in records)
-        write_bytes_atomically(path, text.encode(), fsync=False)
+        write_text_atomically(path, text, fsync=False)
         return path
     import pyarrow as pa  # on use: `lens-general --help` imports this module and must not wait for pyarrow
     import pyarrow.parquet as pq
@@ -48,5 +48,5 @@ def write_table(
 
 def write_json(report: Mapping[str, Any], path: Path) -> Path:
     """``report`` as indented JSON at ``path``."""
-    write_bytes_atomically(path, (json.dumps(report, indent=2, default=str) + "\n").encode(), fsync=False)
+    write_text_atomically(path, json.dumps(report, indent=2, default=str) + "\n", fsync=False)
     return path

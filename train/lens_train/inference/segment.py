@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from lens_cache.files import replaced_on_success
 from lens_cache.identity import feature_differences, format_differences
 from lens_cache.images import read_rgb
+from lens_manifests.files import replaced_on_success, write_text_atomically
 from PIL import Image, ImageDraw
 
 from ..cli import command_app, user_errors
@@ -480,7 +480,6 @@ def write_result(out_dir: Path, result: SegmentResult, *, panels: bool = True) -
     """
     import numpy as np  # heavy: see the note on imports at the top
 
-    from ..training.checkpoint import atomic_write_text
 
     out_dir = check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -495,7 +494,7 @@ def write_result(out_dir: Path, result: SegmentResult, *, panels: bool = True) -
     if panels:
         paths["panels"] = out_dir / "panels.png"
         write_panels(paths["panels"], result)
-    atomic_write_text(paths["result"], json.dumps(result.summary(), indent=2) + "\n")
+    write_text_atomically(paths["result"], json.dumps(result.summary(), indent=2) + "\n")
     return paths
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lens_cache.files import write_bytes_atomically
+from lens_manifests.files import write_text_atomically
 
 from ..errors import UserError
 
@@ -429,7 +429,7 @@ def _provenance(settings: Settings, seconds: float) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomically(path, text.encode())
+    write_text_atomically(path, text)
 
 
 # ----------------------------------------------------------------------------- demo

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lens_cache.files import write_bytes_atomically
+from lens_manifests.files import write_text_atomically
 
 from ..errors import UserError
 from .reproduce import _pct, _provenance, _write_text, build_store, check_inputs, evaluate_run, training_stores
@@ -77,7 +77,7 @@ def measured_child(cmd: list[str], stats_path: Path, *, say, interval: float = 0
     else:  # no /proc: the child's ru_maxrss (an upper bound, see above)
         peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
     stats = {"wall_s": round(time.monotonic() - started, 1), "peak_rss_bytes": int(peak), "command": cmd}
-    write_bytes_atomically(stats_path, (json.dumps(stats, indent=2) + "\n").encode())
+    write_text_atomically(stats_path, json.dumps(stats, indent=2) + "\n")
     return stats
 
 
@@ -158,7 +158,7 @@ def vqa(model: Any, processor: Any, path: Path, *, say) -> dict:
         return json.loads(path.read_text())
     say(f"held-out VQA -> {path}")
     result = evaluate_llava(model, processor, scenes=VQA_SCENES, boxes=False)
-    write_bytes_atomically(path, (json.dumps(result, indent=2) + "\n").encode())
+    write_text_atomically(path, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lens_cache.files import removed_on_failure, torch_save, write_bytes_atomically
+from lens_manifests.files import removed_on_failure, torch_save, write_text_atomically
 
 from ..errors import UserError
 
@@ -41,16 +41,6 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 MARKER_FILE = "checkpoint.json"
 WEIGHTS_FORMAT = "lens-trainable-v1"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + rename (readers never see half a file;
-    a failed write leaves no ``path.tmp``)."""
-    write_bytes_atomically(path, data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -152,7 +142,7 @@ def save_checkpoint(
         optimizer_tmp.replace(run_dir / OPTIMIZER_FILE)
     marker = {"step": step, "files": [MODEL_FILE, OPTIMIZER_FILE], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **(extra or {})}
-    atomic_write_text(run_dir / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
+    write_text_atomically(run_dir / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
 
 
 def checkpoint_step(run_dir: Path) -> int | None:

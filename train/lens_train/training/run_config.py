@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lens_cache.files import write_bytes_atomically
+from lens_manifests.files import write_text_atomically
 
 from lens_core.config import LensConfig
 
@@ -220,5 +220,5 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 def write_run_config(run_dir: str | Path, config: RunConfig) -> Path:
     """Write ``config`` as ``run_dir/config.json`` (atomically: a reader sees the old file or the new one)."""
     path = Path(run_dir) / CONFIG_FILE
-    write_bytes_atomically(path, config.to_json().encode())
+    write_text_atomically(path, config.to_json())
     return path

@@ -26,7 +26,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,12 @@ import torch
 from lens_cache.backbones.runtime import cpu_threads, resolve_device
 from lens_cache.version import lens_version
 from lens_cache.locks import exclusive
-from torch import nn
 
 from lens_core import Lens, LensConfig, LensOutput, build_lens
+from lens_manifests.files import write_text_atomically
 from lens_core.losses import attention_loss, segmentation_loss
 
-from .checkpoint import atomic_write_text, checkpoint_step, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import checkpoint_step, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import Batch, MixedBatchSampler, QueryDataset, concat_datasets, make_loader
 from ..errors import NonFiniteLossError, UserError
@@ -167,7 +167,7 @@ def _metrics_rows(run_dir: Path, up_to: int | None = None) -> list[dict[str, Any
 
 def _rewrite_metrics(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Keep only rows up to the checkpoint (a crash after it may have logged more steps)."""
-    atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomically(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _format_seconds(seconds: float) -> str:

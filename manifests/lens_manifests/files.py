@@ -1,10 +1,15 @@
-"""Writing files so that a failure leaves nothing behind (issue 11).
+"""Writing files so that a failure leaves nothing behind.
 
 Every output file of the tools is written under a temporary name beside it and renamed
 over it once complete, so a reader sees the old file or the new one, never half of one.
 When the writing fails (a full disk, a read-only folder, any error), the temporary file
 is removed before the error goes on: a full disk is not filled further by leftovers.
 The CLIs then print the error as one line (:func:`lens_cache.errors.output_error`).
+A folder (an exported checkpoint) is written the same way: :func:`folder_replaced_on_success`.
+
+This is the lowest stage package, so every stage writes its files with these helpers.
+The one exception is the synthetic dataset's folder (:func:`lens_manifests.synthetic._publish`):
+several processes may build the same set at once, so it keeps whichever finishes first.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +68,30 @@ def replaced_on_success(path: str | Path, *, suffix: str = TMP_SUFFIX) -> Iterat
         os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def folder_replaced_on_success(path: str | Path, *, suffix: str = ".partial") -> Iterator[Path]:
+    """A temporary folder beside ``path`` (created empty): it replaces ``path`` (and whatever was
+    there) when the block succeeds and is removed when it fails, so no half-written folder is
+    ever found under the name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
 def write_bytes_atomically(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary file (+ fsync) and a rename; nothing is left on failure."""
     with replaced_on_success(path) as tmp:
@@ -70,6 +100,11 @@ def write_bytes_atomically(path: str | Path, data: bytes, *, fsync: bool = True)
             file.flush()
             if fsync:
                 os.fsync(file.fileno())
+
+
+def write_text_atomically(path: str | Path, text: str, *, fsync: bool = True) -> None:
+    """:func:`write_bytes_atomically` of ``text`` encoded as UTF-8."""
+    write_bytes_atomically(path, text.encode("utf-8"), fsync=fsync)
 
 
 class _WriteErrorKeeper:
