@@ -6,9 +6,10 @@ PIP    := $(VENV)/bin/pip
 
 .PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table1 reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
 
-# reproduce-table2/3: PRESET=paper needs DATA_ROOT, MLLM, SAM; PRESET=toy (and tiny) need nothing
-# (synthetic data, the shipped toy backbones, CPU). SEEDS=0,1,2 repeats Table 2's runs per seed.
-PRESET    ?= paper
+# reproduce-table1/2/3: the default PRESET=toy needs nothing (synthetic data, the shipped toy backbones,
+# CPU), as every command's default; PRESET=paper is the paper's setting and needs DATA_ROOT, MLLM, SAM.
+# SEEDS=0,1,2 repeats Table 2's runs per seed.
+PRESET    ?= toy
 SEEDS     ?= 0
 DATA_ROOT ?=
 MLLM      ?=

@@ -54,7 +54,8 @@ def test_build_info_verify_export(fake_backbones, manifest_file, tmp_path):
     )
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
-    assert store.attrs["spec"] == "testset:val" and store.identity["mllm"]["name"] == "fake-tiny"
+    assert store.attrs["spec"] == "testset:val" and store.identity["mllm"]["name"] == "fake-toy"
+    assert list(store.layers) == [3]  # the default backbones are the toy ones, at the toy preset's main layer
 
     result = runner.invoke(app, ["info", str(out)])
     assert result.exit_code == 0, result.output
@@ -68,9 +69,9 @@ def test_build_info_verify_export(fake_backbones, manifest_file, tmp_path):
     assert result.exit_code == 0 and result.stdout.strip().endswith("OK")
     assert "skipped image 2 (img_0002, unreadable)" in result.stdout
 
-    result = runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(out), "--layers", "14,30"])
+    result = runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(out), "--layers", "3,4"])
     assert one_line_error(result) == (
-        f"error: store {out} was built with layers [14] but this build asks for [14, 30]: use another --out or --overwrite"
+        f"error: store {out} was built with layers [3] but this build asks for [3, 4]: use another --out or --overwrite"
     )
 
     result = runner.invoke(app, ["export", str(out), str(tmp_path / "store.h5")])
@@ -189,11 +190,12 @@ def test_end_to_end_with_the_tiny_backbones(tmp_path):
 
     write_synthetic(tmp_path / "data", seed=0, num_train_images=1, num_val_images=2, num_test_images=1, workers=1)
     out = tmp_path / "store"
-    args = ["build", "--split", "synthetic-refer:val", "--data-root", str(tmp_path / "data"), "--out", str(out)]
+    args = ["build", "--split", "synthetic-refer:val", "--data-root", str(tmp_path / "data"), "--out", str(out),
+            "--mllm", "tiny", "--sam", "tiny"]
     result = runner.invoke(app, [*args, "--limit", "2", "--block-size", "1", "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
-    assert store.identity["name_or_path"] == "tiny" and store.num_images == 2
+    assert store.identity["name_or_path"] == "tiny" and store.num_images == 2 and list(store.layers) == [14]
     sample = store.read_query(0, 14)
     assert sample["image_states"].shape == (576, store.hidden_size)
     assert sample["sam_embedding"].shape == (256, 64, 64)
@@ -204,7 +206,8 @@ def test_end_to_end_with_the_tiny_backbones(tmp_path):
 def test_verify_reads_every_value_and_build_repairs(fake_backbones, manifest_file, tmp_path):
     """`verify` reads every value (progress on stderr), `--quick` only the structure; `build` repairs."""
     out = tmp_path / "store"
-    build = ["build", "--manifest", str(manifest_file), "--out", str(out), "--block-size", "2", "--quiet"]
+    build = ["build", "--manifest", str(manifest_file), "--out", str(out), "--block-size", "2", "--layers", "14",
+             "--quiet"]
     assert runner.invoke(app, build).exit_code == 0
     damage_chunk(out / "images" / "mllm_l14" / "c" / "3" / "0" / "0", "flipped")  # image 3: block 1
 
@@ -269,7 +272,7 @@ def test_bad_samples_are_skipped_and_listed_the_rest_is_built(tmp_path):
     item("thin", (3000, 1), ["the strip"], [[0, 0], [2999, 0], [10, 0]])
     out = tmp_path / "store"
     result = runner.invoke(app, ["build", "--split", "reasonseg:train", "--data-root", str(tmp_path / "data"),
-                                 "--out", str(out), "--device", "cpu", "--quiet"])
+                                 "--out", str(out), "--device", "cpu", "--quiet", "--mllm", "tiny", "--sam", "tiny"])
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
     assert store.complete and (store.num_images, store.num_queries) == (2, 3)

@@ -193,6 +193,28 @@ def test_refuses_a_preset_of_another_width(stores, tmp_path):
     assert "was built with d=64 (fake-mllm backbone) but preset 'official' expects 4096: use --preset tiny" in line
 
 
+def test_without_preset_the_store_chooses_it(stores, toy_sam_store, tmp_path):
+    """One default story: lens-cache build defaults to the toy backbones, lens-train to the preset made for
+    the store's MLLM (tiny LLaVA store -> tiny; a backbone no preset is made for -> one line naming the fix)."""
+    from lens_cache.backbones import default_layers
+    from lens_train.training.presets import available_presets, load_preset, preset_for_mllm
+    from lens_train.training.stores import default_preset
+
+    assert default_preset([toy_sam_store.store.url]) == "tiny"
+    assert [preset_for_mllm(b, d) for b, d in
+            [("llava-1.5", 128), ("llava-1.5", 4096), ("qwen2-vl", 1536), ("llava-onevision", 3584)]] == [
+        "toy", "official", "qwen2vl-2b", "onevision-7b"]
+    for name in available_presets():  # a preset is made for an MLLM of its own width, and stage 1's
+        preset = load_preset(name)     # default layers for a built-in MLLM are its preset's main layer
+        if preset.made_for is not None:
+            assert preset.made_for["hidden_size"] == preset.model.hidden_size, name
+        if preset.synthetic is not None:
+            assert default_layers(preset.synthetic["mllm"]) == (preset.main_layer,), name
+    line = _cli_error(["--cache", stores["train"], "--out", str(tmp_path / "r")])  # the fake backbone
+    assert line == ("error: no preset is made for this store's MLLM (fake-mllm, hidden size 64): pass --preset NAME "
+                    f"(one of {available_presets()}) or a preset .json with model.hidden_size 64")
+
+
 def test_refuses_a_preset_of_another_image_grid(stores, tmp_path):
     """The grid the head reads comes from the preset and must be the store's: 27 x 27 (LLaVA-OneVision) on a
     576-token store is one line, not a shape error at the first batch."""

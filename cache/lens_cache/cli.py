@@ -144,9 +144,12 @@ def build(
     manifest: Annotated[
         Path | None, typer.Option(help="Use this manifest .parquet instead of building one from --split.")
     ] = None,
-    mllm: Annotated[str, typer.Option(help="LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint folder or HF id, or 'toy', 'tiny' ('tiny-qwen2vl', 'tiny-qwen2.5vl' = 'tiny-qwen25vl', 'tiny-onevision').")] = "tiny",
-    sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), 'tiny', or 'toy' (toy:PATH).")] = "tiny",
-    layers: Annotated[str, typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index).")] = "14",
+    mllm: Annotated[str, typer.Option(help="LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint folder or HF id, or 'toy', 'tiny' ('tiny-qwen2vl', 'tiny-qwen2.5vl' = 'tiny-qwen25vl', 'tiny-onevision').")] = "toy",
+    sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), 'tiny', or 'toy' (toy:PATH).")] = "toy",
+    layers: Annotated[
+        str | None,
+        typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index) [3 for toy, else 14].", show_default=False),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backbone call.")] = 4,
     block_size: Annotated[
         int | None,
@@ -176,10 +179,11 @@ def build(
 ) -> None:
     """Cache the backbone features of one dataset split (resumes an interrupted build).
 
-    Default backbones: --mllm tiny --sam tiny, random-weight tiny models built from code (a
-    pipeline check: their features carry no meaning; lens-train --preset tiny fits them).
-    Pass a checkpoint (--mllm PATH --sam vit_h:PATH) for real features, or --mllm toy
-    --sam toy for the shipped toy backbones.
+    Default backbones: --mllm toy --sam toy, the toy-world LLaVA and SAM shipped with the
+    project (no download; run on a CPU), layer 3. For the paper's setting name the
+    checkpoints: --mllm llava-hf/llava-1.5-7b-hf --sam vit_h:PATH (layer 14). lens-train
+    then picks the preset made for the store's MLLM. --mllm tiny --sam tiny are random-weight
+    models built in code, for pipeline tests only.
     """
     with user_errors(output=out):
         import functools
@@ -187,7 +191,9 @@ def build(
         from lens_cache.build import build_cache, first_images
 
         started = time.monotonic()
-        layer_list = parse_layers(layers)
+        from lens_cache.backbones import default_layers
+
+        layer_list = parse_layers(layers) if layers is not None else default_layers(mllm)
         table, spec = _load_manifest(split, data_root, manifest, seed)
         if limit is not None:
             table = first_images(table, limit)
@@ -359,7 +365,7 @@ def probe_layers_command(
     ] = None,
     mllm: Annotated[
         str, typer.Option(help="LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint folder or HF id, or 'toy', 'tiny', 'tiny-qwen2vl', 'tiny-onevision'.")
-    ] = "tiny",
+    ] = "toy",
     limit: Annotated[int | None, typer.Option(help="Probe only the queries of the first N images.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for probe_layers.json, .csv and .png.")] = Path("probe-layers"),
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,

@@ -147,13 +147,16 @@ def fake_factory(**kwargs) -> functools.partial:
 
 
 def fake_build_extractor(
-    mllm: str = "tiny",
-    sam: str = "tiny",
-    layers: Sequence[int] = (14,),
+    mllm: str = "toy",
+    sam: str = "toy",
+    layers: Sequence[int] | None = None,
     device: str | None = None,
     dtype: object = None,
 ) -> FakeExtractor:
     """Stands in for ``lens_cache.backbones.build_extractor`` in CLI tests (monkeypatched)."""
+    from lens_cache.backbones import default_layers
+
+    layers = tuple(layers) if layers is not None else default_layers(mllm)
     return FakeExtractor(layers=layers, mllm=f"fake-{mllm}", sam=f"fake-{sam}")
 
 

@@ -49,7 +49,7 @@ def _given(**values: Any) -> dict[str, Any]:
 def train(
     cache: Annotated[list[str], typer.Option("--cache", help="Feature store (repeat for several; same backbone).")],
     mix: Annotated[str | None, typer.Option(help="Task ratio semantic:referring:reasoning, e.g. 9:3:1 [preset's].")] = None,
-    preset: Annotated[str | None, typer.Option(help="paper, official, toy, tiny, qwen2vl-2b or a preset .json [official; the run's on --resume].")] = None,
+    preset: Annotated[str | None, typer.Option(help="paper, official, toy, tiny, qwen2vl-2b, ... or a preset .json [the one made for the store's MLLM: toy, official, ...; the run's on --resume].")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder [runs/<preset>-<time>].")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [preset's].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per micro-batch [preset's].")] = None,
@@ -79,9 +79,9 @@ def train(
 ) -> None:
     """Train the head, keypoint descriptor and SAM's mask decoder from cached features.
 
-    Default preset: official (the official code's settings at LLaVA-1.5-7B's size, d=4096,
-    layer 14), or the run's own with --resume. Stores of the tiny or toy backbones need
-    --preset tiny or --preset toy.
+    Default preset: the one made for the store's MLLM (toy backbones: toy; LLaVA-1.5-7B:
+    official, the authors' code's settings; Qwen2-VL-2B: qwen2vl-2b; ...), or the run's own
+    with --resume. The paper's stated settings are --preset paper.
     """
     with user_errors(output=out):
         # torch comes with these: imported here so that `lens-train --help` answers at once
@@ -94,7 +94,9 @@ def train(
         if out is None:
             if resume:
                 raise UserError("--resume needs --out RUN_DIR (the run to continue)")
-            name = Path(preset).stem if preset else "official"
+            from .training.stores import default_preset
+
+            name = Path(preset).stem if preset else default_preset(cache)
             out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         model_overrides = _given(heatmap_from=heatmap_from, detach_peak=detach_peak,
                                  use_keypoint_description=keypoint_description,

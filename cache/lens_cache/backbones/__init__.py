@@ -80,6 +80,17 @@ MLLM_ADAPTERS: dict[str, MllmLoader] = {"llava": _llava_from_pretrained}
 BUILTIN_MLLMS: dict[str, BuiltinMllm] = {"tiny": _llava_tiny, "toy": _llava_toy}
 
 
+#: ``lens-cache build``'s default ``--layers`` for a built-in MLLM (the main layer of the training
+#: preset made for it); any other MLLM: :data:`DEFAULT_LAYER`, LLaVA-1.5-7B's layer 14 as in the paper.
+BUILTIN_DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {"toy": (3,)}
+DEFAULT_LAYER = 14
+
+
+def default_layers(mllm: str) -> tuple[int, ...]:
+    """The layers ``lens-cache build --mllm MLLM`` caches when ``--layers`` is not given."""
+    return BUILTIN_DEFAULT_LAYERS.get(mllm, (DEFAULT_LAYER,))
+
+
 def register_mllm_adapter(model_type: str, loader: MllmLoader) -> None:
     """Make checkpoints whose ``config.model_type`` is ``model_type`` loadable with ``loader``."""
     MLLM_ADAPTERS[model_type] = loader
@@ -108,9 +119,9 @@ _load_adapter_modules()
 
 
 def build_mllm(
-    mllm: str = "tiny",
+    mllm: str = "toy",
     *,
-    layers: Sequence[int] = (14,),
+    layers: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> "MllmBackbone":
@@ -122,6 +133,7 @@ def build_mllm(
     """
     from .mllm import UnsupportedMllmError, load_mllm_config
 
+    layers = tuple(layers) if layers is not None else default_layers(mllm)
     if mllm in BUILTIN_MLLMS:
         return BUILTIN_MLLMS[mllm](layers=layers, device=device, dtype=dtype)
     model_type = load_mllm_config(mllm).model_type
@@ -133,9 +145,9 @@ def build_mllm(
 
 
 def build_extractor(
-    mllm: str = "tiny",
-    sam: str = "tiny",
-    layers: Sequence[int] = (14,),
+    mllm: str = "toy",
+    sam: str = "toy",
+    layers: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> "LensFeatureExtractor":
@@ -144,7 +156,8 @@ def build_extractor(
     Args:
         mllm: ``"toy"``, ``"tiny"``, ``"tiny-qwen2vl"`` or a llava-hf / Qwen2-VL folder or HF-cache name.
         sam: ``"toy"``, ``"tiny"`` or ``vit_h:PATH`` (``vit_l:``, ``vit_b:``).
-        layers: cached MLLM layers (``hidden_states`` indices), e.g. ``(14,)`` or ``(14, 30)``.
+        layers: cached MLLM layers (``hidden_states`` indices), e.g. ``(14,)`` or ``(14, 30)``;
+            default :func:`default_layers` of ``mllm``.
         device: default CUDA when available, else CPU.
         dtype: compute dtype of both models; default bfloat16 on CUDA, float32 on CPU.
     """
@@ -162,7 +175,9 @@ def build_extractor(
 __all__ = [
     "IMAGE_GEOMETRY",
     "MLLM_ADAPTERS",
+    "BUILTIN_DEFAULT_LAYERS",
     "BUILTIN_MLLMS",
+    "DEFAULT_LAYER",
     "FeatureExtractor",
     "ImageFeatures",
     "LensFeatureExtractor",
@@ -175,6 +190,7 @@ __all__ = [
     "SamImageEncoder",
     "UnsupportedMllmError",
     "build_extractor",
+    "default_layers",
     "build_mllm",
     "build_sam",
     "register_mllm_adapter",

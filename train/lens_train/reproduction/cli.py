@@ -93,9 +93,9 @@ def table1(
          lisa_mllm=lisa_mllm)
 
 
-@app.command(short_help="Table 2 (ReasonSeg): LENS and its ablations [default preset: paper].")
+@app.command(short_help="Table 2 (ReasonSeg): LENS and its ablations [default preset: toy].")
 def table2(
-    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "paper",
+    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "toy",
     data_root: DataRootOption = None,
     mllm: MllmOption = None,
     sam: SamOption = None,
@@ -109,16 +109,16 @@ def table2(
 ) -> None:
     """Table 2 (ReasonSeg): the caches, LENS and its four ablations, their val/test scores, results/table2.md.
 
-    Default preset: paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm,
-    --sam). --preset toy or tiny runs it on synthetic data with the project's own backbones.
+    Default preset: toy (synthetic data, the shipped toy backbones, CPU). The paper's table is
+    --preset paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm, --sam).
     """
-    _run("table2", preset=preset or "paper", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
+    _run("table2", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
          device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
 
 
-@app.command(short_help="Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run [default preset: paper].")
+@app.command(short_help="Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run [default preset: toy].")
 def table3(
-    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "paper",
+    preset: Annotated[str, typer.Option(help=TABLE_PRESETS + ".")] = "toy",
     data_root: DataRootOption = None,
     mllm: MllmOption = None,
     sam: SamOption = None,
@@ -132,10 +132,10 @@ def table3(
 ) -> None:
     """Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run, results/table3.md.
 
-    Default preset: paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm,
-    --sam). --preset toy or tiny runs it on synthetic data with the project's own backbones.
+    Default preset: toy (synthetic data, the shipped toy backbones, CPU). The paper's table is
+    --preset paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm, --sam).
     """
-    _run("table3", preset=preset or "paper", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
+    _run("table3", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
          device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
 
 

@@ -2,8 +2,14 @@
 beside this module (data, not code); a path to another JSON file of the same shape works too.
 
 A preset names the LENS model and training settings, the MLLM layers it taps (``main``,
-and ``late`` for Table 2's "14th -> 30th layer" row) and, for the presets that run on
+and ``late`` for Table 2's "14th -> 30th layer" row), the MLLM it is made for (``made_for``:
+the store identity's ``backbone`` and ``hidden_size``) and, for the presets that run on
 the synthetic world, the backbones they are matched to (``synthetic``: ``toy`` or ``tiny``).
+
+``lens-train`` without ``--preset`` trains with the preset made for the store's MLLM
+(:func:`preset_for_mllm`): ``toy`` for a store of the toy backbones, ``official`` for
+LLaVA-1.5-7B, ``qwen2vl-2b`` for Qwen2-VL-2B, ... ``paper`` is made for LLaVA-1.5-7B too but
+is never chosen by default: it is the paper's own settings, asked for by name.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class Preset:
     late_layer: int = 30
     #: {"mllm": ..., "sam": ...} for presets that run on the synthetic world; None for real data
     synthetic: dict | None = None
+    #: {"backbone": ..., "hidden_size": ...}: the MLLM this preset is the default for (None: asked by name only)
+    made_for: dict | None = None
 
 
 def load_preset(name_or_path: str, *, model_overrides: dict | None = None, train_overrides: dict | None = None) -> Preset:
@@ -54,4 +62,21 @@ def load_preset(name_or_path: str, *, model_overrides: dict | None = None, train
         main_layer=int(raw.get("layers", {}).get("main", 14)),
         late_layer=int(raw.get("layers", {}).get("late", 30)),
         synthetic=raw.get("synthetic"),
+        made_for=raw.get("made_for"),
+    )
+
+
+def preset_for_mllm(backbone: str | None, hidden_size: int, *, shown_as: str | None = None) -> str:
+    """The name of the preset made for an MLLM (``backbone`` as a store identity names it, and its width).
+
+    Raises:
+        UsageError: no preset is made for that MLLM (the message names it as ``shown_as`` and says what to pass).
+    """
+    for name in available_presets():
+        made_for = load_preset(name).made_for
+        if made_for is not None and made_for == {"backbone": backbone, "hidden_size": hidden_size}:
+            return name
+    raise UsageError(
+        f"no preset is made for this store's MLLM ({shown_as or backbone}, hidden size {hidden_size}): pass "
+        f"--preset NAME (one of {available_presets()}) or a preset .json with model.hidden_size {hidden_size}"
     )

@@ -18,7 +18,7 @@ from safetensors.torch import load
 from lens_core import LensConfig
 
 from ..errors import UserError
-from .presets import available_presets, load_preset
+from .presets import available_presets, load_preset, preset_for_mllm
 
 #: Head settings that must equal the store's warm-start layers' (else they cannot be loaded):
 #: sizes, and the layer's parameter layout (``layer_type``: biases; ``num_key_value_heads``: k/v widths).
@@ -85,6 +85,16 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim
             f"{preset_name!r} has prompt_dim {prompt_dim}: give a preset with model.prompt_dim {reference.sam_channels}"
         )
     return stores
+
+
+def default_preset(urls: Sequence[str]) -> str:
+    """The preset made for the MLLM of the first store (``lens-train`` without ``--preset``)."""
+    from lens_cache.store import FeatureStore
+
+    if not urls:
+        raise UserError("give at least one --cache STORE")
+    store = FeatureStore.open(urls[0])
+    return preset_for_mllm(store.identity.get("backbone"), store.hidden_size, shown_as=backbone_name(store.identity))
 
 
 def backbone_name(identity: dict) -> str:

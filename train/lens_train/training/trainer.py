@@ -47,7 +47,7 @@ from ..errors import NonFiniteLossError, UserError
 from ..figures import write_curve
 from .presets import Preset, load_preset
 from .run_config import RunConfig, StoreRecord, read_run_config, write_run_config
-from .stores import open_stores, read_warm_start, resolve_sam_spec
+from .stores import default_preset, open_stores, read_warm_start, resolve_sam_spec
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "curve.png"
@@ -60,7 +60,8 @@ class TrainRequest:
     Attributes:
         caches: store paths/URLs, all of one backbone identity.
         out: run folder.
-        preset: preset name or JSON path; None = ``official`` (or the run's own on resume).
+        preset: preset name or JSON path; None = the preset made for the first store's MLLM (``toy``,
+            ``official``, ...; :func:`lens_train.training.presets.preset_for_mllm`), or the run's own on resume.
         model_overrides, train_overrides: LensConfig / TrainConfig fields set on the command
             line (only those given: on resume they must match the run's).
         layer: cached MLLM layer to read [the preset's main layer: 14, or 3 for ``toy``].
@@ -93,9 +94,6 @@ class TrainResult:
     final_loss: float
     seconds: float
     resumed_from: int
-
-
-DEFAULT_PRESET = "official"
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
@@ -221,7 +219,7 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
         layer = recorded.layer
     else:
         try:
-            preset = load_preset(request.preset or DEFAULT_PRESET, model_overrides=request.model_overrides,
+            preset = load_preset(request.preset or default_preset(request.caches), model_overrides=request.model_overrides,
                                  train_overrides=request.train_overrides)
         except ValueError as error:  # an unknown preset, a preset file or override that does not validate
             raise UserError(str(error)) from None
