@@ -32,7 +32,6 @@ Progress goes to stderr; the last line on stdout is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -42,10 +41,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+import typer
+
+from lens_cache.cli import command_app
 
 # ----------------------------------------------------------------------------- FLOP counting
 #
@@ -592,57 +595,77 @@ def say(text: str) -> None:
     print(f"[bench-cache] {text}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", choices=("real", "tiny"), default="real")
-    p.add_argument("--images", type=int, default=32, help="images of the manifest to cache (the measured build)")
-    p.add_argument("--split", default="synthetic:val", help="manifest spec (synthetic data is generated if absent)")
-    p.add_argument("--data-root", default=None, help="folder of the data (default: generated synthetic set)")
-    p.add_argument("--backbone", choices=tuple(BACKBONES), default="llava-1.5",
-                   help="MLLM: llava-1.5 (LLaVA-1.5-7B), qwen2vl-2b (Qwen2-VL-2B), onevision-7b (LLaVA-OneVision-7B); "
-                        "--scale tiny uses its tiny counterpart (tiny, tiny-qwen2vl, tiny-onevision)")
-    p.add_argument("--layers", default=None, help="cached layers, comma-separated [llava-1.5: 14; qwen2vl-2b, onevision-7b: 20]")
-    p.add_argument("--batch-size", type=int, default=4, help="images per extract call (build_cache's default)")
-    p.add_argument("--warmup-images", type=int, default=2, help="images of an untimed build first (kernels, allocator)")
-    p.add_argument("--baseline-queries", type=int, default=None, help="timed naive queries [real: 8, tiny: 2]")
-    p.add_argument("--sam", default="vit_h", choices=("vit_h", "vit_l", "vit_b"), help="SAM variant (real scale)")
-    p.add_argument("--device", default=None, help="default: cuda for real, cpu for tiny")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP/s of the device, in TFLOP/s")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (tiny scale; default: half the cores)")
-    p.add_argument("--out", default=None, help="also write the JSON object to this file")
-    return p.parse_args(argv)
+class Scale(str, Enum):
+    """``--scale``: the real dimensions on a GPU, or the tiny counterparts on the CPU."""
+
+    real = "real"
+    tiny = "tiny"
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+#: ``--backbone``: the names of :data:`BACKBONES`.
+Backbone = Enum("Backbone", {name: name for name in BACKBONES}, type=str)
+
+
+class SamVariant(str, Enum):
+    """``--sam``: the SAM image encoder built at real scale."""
+
+    vit_h = "vit_h"
+    vit_l = "vit_l"
+    vit_b = "vit_b"
+
+
+app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.command(help=__doc__.splitlines()[0])
+def bench(
+    scale: Annotated[Scale, typer.Option()] = Scale.real,
+    images: Annotated[int, typer.Option(help="images of the manifest to cache (the measured build)")] = 32,
+    split: Annotated[str, typer.Option(help="manifest spec (synthetic data is generated if absent)")] = "synthetic:val",
+    data_root: Annotated[str | None, typer.Option(help="folder of the data (default: generated synthetic set)")] = None,
+    backbone: Annotated[Backbone, typer.Option(
+        help="MLLM: llava-1.5 (LLaVA-1.5-7B), qwen2vl-2b (Qwen2-VL-2B), onevision-7b (LLaVA-OneVision-7B); "
+             "--scale tiny uses its tiny counterpart (tiny, tiny-qwen2vl, tiny-onevision)")] = Backbone["llava-1.5"],
+    layers: Annotated[str | None, typer.Option(
+        help="cached layers, comma-separated [llava-1.5: 14; qwen2vl-2b, onevision-7b: 20]")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per extract call (build_cache's default)")] = 4,
+    warmup_images: Annotated[int, typer.Option(help="images of an untimed build first (kernels, allocator)")] = 2,
+    baseline_queries: Annotated[int | None, typer.Option(help="timed naive queries [real: 8, tiny: 2]")] = None,
+    sam: Annotated[SamVariant, typer.Option(help="SAM variant (real scale)")] = SamVariant.vit_h,
+    device: Annotated[str | None, typer.Option(help="default: cuda for real, cpu for tiny")] = None,
+    peak_tflops: Annotated[float | None, typer.Option(help="peak dense FLOP/s of the device, in TFLOP/s")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (tiny scale; default: half the cores)")] = None,
+    out: Annotated[str | None, typer.Option(help="also write the JSON object to this file")] = None,
+) -> dict[str, Any]:
     """Run the benchmark; prints progress to stderr and the JSON object to stdout, and returns it."""
     from lens_cache.backbones.runtime import cpu_threads
     from lens_cache.build import build_cache, first_images
     from lens_manifests import build_manifest
 
-    args = parse_args(argv)
-    if args.images < 1:
+    scale, backbone, sam = scale.value, backbone.value, sam.value  # the choices as plain strings
+    if images < 1:
         raise SystemExit("--images must be >= 1")
-    layers = tuple(sorted({int(v) for v in (args.layers or DEFAULT_LAYERS[args.backbone]).split(",")}))
-    device = torch.device(args.device or ("cuda" if args.scale == "real" else "cpu"))
+    layers = tuple(sorted({int(v) for v in (layers or DEFAULT_LAYERS[backbone]).split(",")}))
+    device = torch.device(device or ("cuda" if scale == "real" else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
-            f"--scale real needs a CUDA GPU ({args.backbone} at its real size + SAM ViT-H in bf16); "
+            f"--scale real needs a CUDA GPU ({backbone} at its real size + SAM ViT-H in bf16); "
             "run --scale tiny for a CPU smoke check, or pass --device cpu to insist"
         )
-    dtype = torch.bfloat16 if args.scale == "real" else torch.float32
-    baseline_queries = args.baseline_queries or (8 if args.scale == "real" else 2)
+    dtype = torch.bfloat16 if scale == "real" else torch.float32
+    baseline_queries = baseline_queries or (8 if scale == "real" else 2)
 
-    with cpu_threads(args.threads, device), tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
-        manifest_all = build_manifest(args.split, args.data_root)
-        manifest = first_images(manifest_all, args.images)
-        warm = first_images(manifest_all, max(1, min(args.warmup_images, args.images)))
+    with cpu_threads(threads, device), tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
+        manifest_all = build_manifest(split, data_root)
+        manifest = first_images(manifest_all, images)
+        warm = first_images(manifest_all, max(1, min(warmup_images, images)))
 
-        say(f"building the {args.scale} backbones on {device} ({str(dtype).removeprefix('torch.')})")
+        say(f"building the {scale} backbones on {device} ({str(dtype).removeprefix('torch.')})")
         started = time.perf_counter()
-        if args.scale == "real":
-            extractor = build_real_extractor(device, dtype, layers, args.sam, args.backbone)
+        if scale == "real":
+            extractor = build_real_extractor(device, dtype, layers, sam, backbone)
         else:
-            extractor = build_tiny_extractor(device, dtype, layers, args.backbone)
+            extractor = build_tiny_extractor(device, dtype, layers, backbone)
         synchronize(device)
         setup_s = time.perf_counter() - started
         if device.type == "cuda":
@@ -652,15 +675,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             synchronize(device)
             t0 = time.perf_counter()
             store = build_cache(
-                table, Path(tmp) / name, lambda: extractor, spec=args.split, batch_size=args.batch_size, progress=True
+                table, Path(tmp) / name, lambda: extractor, spec=split, batch_size=batch_size, progress=True
             )
             synchronize(device)
             return store, time.perf_counter() - t0
 
-        if args.warmup_images > 0:
-            say(f"warm-up build: {warm.num_rows} queries of {min(args.warmup_images, args.images)} image(s)")
+        if warmup_images > 0:
+            say(f"warm-up build: {warm.num_rows} queries of {min(warmup_images, images)} image(s)")
             build(warm, "warmup")
-        say(f"measured build: {args.images} image(s), {manifest.num_rows} queries")
+        say(f"measured build: {images} image(s), {manifest.num_rows} queries")
         store, build_s = build(manifest, "store")
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         num_images, num_queries = store.num_images, store.num_queries
@@ -668,8 +691,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         say(f"naive baseline: {baseline_queries} queries, full forward + SAM each")
         naive = naive_baseline(extractor, manifest, baseline_queries, layers, device)
-        if args.peak_tflops is not None:
-            peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
+        if peak_tflops is not None:
+            peak, peak_source = peak_tflops * 1e12, "--peak-tflops"
         elif device.type == "cuda":
             peak, key = gpu_peak_flops(torch.cuda.get_device_name(device))
             peak_source = f"datasheet dense bf16 ({key})" if peak else "unknown GPU: pass --peak-tflops"
@@ -703,8 +726,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "bench": "cache_build",
         "date": datetime.date.today().isoformat(),
-        "scale": args.scale,
-        "backbone": args.backbone,
+        "scale": scale,
+        "backbone": backbone,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
@@ -712,8 +735,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"attn {mllm.model.config._attn_implementation})",
         "sam": extractor.sam.identity["variant"],
         "layers": list(layers),
-        "split": args.split,
-        "batch_size": args.batch_size,
+        "split": split,
+        "batch_size": batch_size,
         "images": num_images,
         "queries": num_queries,
         "prefix_tokens": workload.prefix_tokens,
@@ -758,10 +781,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     line = json.dumps(result)
     print(line, flush=True)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    if out:
+        Path(out).write_text(line + "\n")
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark on the command line ``argv`` (default: ``sys.argv[1:]``) and return its JSON object.
+
+    Unlike ``app()`` (the script's entry point), a bad command line raises Click's ``UsageError``
+    rather than printing it and exiting 2.
+    """
+    return app(args=list(argv) if argv is not None else None, standalone_mode=False)
+
+
 if __name__ == "__main__":
-    main()
+    app()

@@ -14,11 +14,15 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lens_cache.cli import command_app
 
 
 def build_fake_store(out: Path, hidden_size: int, images: int) -> str:
@@ -34,31 +38,34 @@ def build_fake_store(out: Path, hidden_size: int, images: int) -> str:
     return store.url
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", default=None, help="existing store (else one is built)")
-    parser.add_argument("--hidden-size", type=int, default=4096, help="width of the built store")
-    parser.add_argument("--images", type=int, default=64, help="images of the built store")
-    parser.add_argument("--layer", type=int, default=14)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=200)
-    parser.add_argument("--device", default=None, help="copy batches to this device (cuda when available)")
-    args = parser.parse_args(argv)
+app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
 
+
+@app.command(help=__doc__.split("\n")[0])
+def bench(
+    store: Annotated[str | None, typer.Option(help="existing store (else one is built)")] = None,
+    hidden_size: Annotated[int, typer.Option(help="width of the built store")] = 4096,
+    images: Annotated[int, typer.Option(help="images of the built store")] = 64,
+    layer: Annotated[int, typer.Option()] = 14,
+    workers: Annotated[int, typer.Option()] = 8,
+    batch_size: Annotated[int, typer.Option()] = 2,
+    num_batches: Annotated[int, typer.Option("--batches")] = 200,  # `batches` is the loader's iterator below
+    device: Annotated[str | None, typer.Option(help="copy batches to this device (cuda when available)")] = None,
+) -> dict:
+    """Measure the loader; prints the JSON line and returns it as a dict."""
     import torch
 
     from lens_train.training.data import MixedBatchSampler, QueryDataset, make_loader
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        url = args.store or build_fake_store(Path(tmp), args.hidden_size, args.images)
+        url = store or build_fake_store(Path(tmp), hidden_size, images)
         build_s = time.perf_counter() - started
-        dataset = QueryDataset(url, args.layer)
+        dataset = QueryDataset(url, layer)
         sampler = MixedBatchSampler(dataset.tasks, {"semantic": 9, "referring": 3, "reasoning": 1},
-                                    batch_size=args.batch_size, seed=0, end_step=args.batches)
-        loader = make_loader(dataset, sampler, num_workers=args.workers, device=device, seed=0)
+                                    batch_size=batch_size, seed=0, end_step=num_batches)
+        loader = make_loader(dataset, sampler, num_workers=workers, device=device, seed=0)
         batches = iter(loader)
         first = next(batches).to(device)  # worker start-up is not throughput
         nbytes = sum(t.numel() * 2 for t in (first.image_states, first.text_states, first.sam_embeddings))
@@ -72,11 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.perf_counter() - started
         timed = samples - len(first)
         result = {
-            "store": args.store or f"built: d={args.hidden_size}, {args.images} images ({build_s:.1f} s)",
+            "store": store or f"built: d={hidden_size}, {images} images ({build_s:.1f} s)",
             "hidden_size": int(dataset.store.hidden_size),
             "device": str(device),
-            "workers": args.workers,
-            "batch_size": args.batch_size,
+            "workers": workers,
+            "batch_size": batch_size,
             "batches": count,
             "samples_per_s": timed / seconds if seconds > 0 else None,
             "feature_mb_per_s": timed * nbytes / len(first) / seconds / 1e6 if seconds > 0 else None,
@@ -86,5 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark on the command line ``argv`` (default: ``sys.argv[1:]``) and return its JSON object.
+
+    Unlike ``app()`` (the script's entry point), a bad command line raises Click's ``UsageError``
+    rather than printing it and exiting 2.
+    """
+    return app(args=argv, standalone_mode=False)
+
+
 if __name__ == "__main__":
-    main()
+    app()

@@ -10,13 +10,15 @@ Reports peak GPU memory, step time and samples/s as JSON. Runs on CPU too (slowl
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
+from typing import Annotated
 
 import torch
+import typer
 
+from lens_cache.cli import command_app
 from lens_core import build_lens
 from lens_core.losses import attention_loss, segmentation_loss
 from lens_train.training.presets import load_preset
@@ -30,29 +32,32 @@ def build_sam_decoder_only(variant: str):
     return sam_model_registry[variant](checkpoint=None)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="official")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--text-len", type=int, default=40)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--sam", default="vit_h")
-    p.add_argument("--orig-size", default="480,640")
-    args = p.parse_args()
+app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
 
+
+@app.command(help=__doc__.splitlines()[0])
+def main(
+    preset_name: Annotated[str, typer.Option("--preset")] = "official",
+    batch_size: Annotated[int, typer.Option()] = 2,
+    text_len: Annotated[int, typer.Option()] = 40,
+    steps: Annotated[int, typer.Option()] = 20,
+    warmup: Annotated[int, typer.Option()] = 3,
+    sam_variant: Annotated[str, typer.Option("--sam")] = "vit_h",
+    orig_size: Annotated[str, typer.Option()] = "480,640",
+) -> None:
+    """Time the training step; prints one JSON line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = load_preset(args.preset)
+    preset = load_preset(preset_name)
     torch.manual_seed(0)
-    sam = build_sam_decoder_only(args.sam)
+    sam = build_sam_decoder_only(sam_variant)
     del sam.image_encoder  # not used in stage 2: its output is cached
     lens = build_lens(preset.model, sam).to(device)
     params = lens.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=preset.train.lr, betas=preset.train.betas, weight_decay=preset.train.weight_decay)
     n_params = sum(q.numel() for q in params)
 
-    b, lt, d = args.batch_size, args.text_len, preset.model.hidden_size
-    h, w = (int(v) for v in args.orig_size.split(","))
+    b, lt, d = batch_size, text_len, preset.model.hidden_size
+    h, w = (int(v) for v in orig_size.split(","))
     scale = 1024 / max(h, w)
     input_size = (int(h * scale + 0.5), int(w * scale + 0.5))
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -79,22 +84,22 @@ def main() -> None:
         opt.step()
         return loss.item()
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.steps
+    dt = (time.perf_counter() - t0) / steps
     result = {
         "bench": "train_step",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "preset": args.preset,
+        "preset": preset_name,
         "batch_size": b,
         "text_len": lt,
         "trainable_params_M": round(n_params / 1e6, 1),
@@ -107,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app()

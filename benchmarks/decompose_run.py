@@ -17,12 +17,15 @@ decoder) achieves when grounding is right; the peak-hit rate is how often ground
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+import typer
+
+from lens_cache.cli import command_app
 
 #: A grid cell is on the target when the target covers at least this share of it.
 CELL_ON_TARGET = 0.5
@@ -90,14 +93,18 @@ def decompose(run_dir: Path, store: str) -> dict:
     return {**summarize(records), "by_task": {task: summarize(rs) for task, rs in sorted(by_task.items())}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path, help="a lens-train run folder")
-    parser.add_argument("store", help="a feature store cached with the run's backbone (held out)")
-    args = parser.parse_args()
+app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.command(help=__doc__.split("\n")[0])
+def main(
+    run: Annotated[Path, typer.Argument(help="a lens-train run folder")],
+    store: Annotated[str, typer.Argument(help="a feature store cached with the run's backbone (held out)")],
+) -> None:
+    """Decompose the run's gIoU on the store; prints the JSON object."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(json.dumps(decompose(args.run, args.store), indent=1))
+    print(json.dumps(decompose(run, store), indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    app()

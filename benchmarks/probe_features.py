@@ -12,16 +12,18 @@ Random-weight backbones lose spatial detail with depth; this says how much, per 
 
 from __future__ import annotations
 
-import argparse
 import json
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import typer
 from PIL import Image
 
 from lens_cache.backbones import build_extractor
 from lens_cache.backbones.geometry import sam_frame
+from lens_cache.cli import command_app
 from lens_manifests.synthetic import make_scene
 
 
@@ -47,26 +49,30 @@ def ridge_r2(features: list[torch.Tensor], targets: list[torch.Tensor], num_fit:
     return float(1 - residual / ((y_test - y_fit.mean(0)) ** 2).sum())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mllm", default="tiny")
-    parser.add_argument("--sam", default="tiny")
-    parser.add_argument("--layers", default="1,7,14,30", help="MLLM layers (hidden_states indices)")
-    parser.add_argument("--images", type=int, default=12)
-    parser.add_argument("--fit", type=int, default=8, help="images the probe is fitted on; the rest are held out")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    if not 0 < args.fit < args.images:
-        parser.error("--fit must be between 1 and --images - 1")
+app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
 
-    torch.set_num_threads(args.threads)
-    layers = tuple(int(v) for v in args.layers.split(","))
-    extractor = build_extractor(mllm=args.mllm, sam=args.sam, layers=layers, device=args.device)
+
+@app.command(help=__doc__.splitlines()[0])
+def main(
+    mllm: Annotated[str, typer.Option()] = "tiny",
+    sam: Annotated[str, typer.Option()] = "tiny",
+    layers: Annotated[str, typer.Option(help="MLLM layers (hidden_states indices)")] = "1,7,14,30",
+    images: Annotated[int, typer.Option()] = 12,
+    fit: Annotated[int, typer.Option(help="images the probe is fitted on; the rest are held out")] = 8,
+    device: Annotated[str | None, typer.Option()] = None,
+    threads: Annotated[int, typer.Option()] = 1,
+) -> None:
+    """Fit and score the probes; prints one JSON line."""
+    if not 0 < fit < images:
+        raise typer.BadParameter("--fit must be between 1 and --images - 1")
+
+    torch.set_num_threads(threads)
+    layers = tuple(int(v) for v in layers.split(","))
+    extractor = build_extractor(mllm=mllm, sam=sam, layers=layers, device=device)
     grid = int(round(extractor.num_image_tokens ** 0.5))
     mllm_states: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     sam_states, mllm_targets, sam_targets = [], [], []
-    for index in range(args.images):
+    for index in range(images):
         image = Image.fromarray(make_scene(np.random.default_rng(index), rule="cv2").image)
         features = extractor.extract([image], [["what is in the image?"]])[0]
         for layer in layers:
@@ -75,11 +81,11 @@ def main() -> None:
         sam_states.append(embedding.reshape(embedding.shape[0], -1).T)
         mllm_targets.append(patch_colours(image, grid))
         sam_targets.append(patch_colours(image, embedding.shape[-1]))
-    result = {f"mllm_layer_{layer}": round(ridge_r2(mllm_states[layer], mllm_targets, args.fit), 3) for layer in layers}
-    result["sam_embedding"] = round(ridge_r2(sam_states, sam_targets, args.fit), 3)
-    print(json.dumps({"held_out_colour_r2": result, "mllm": args.mllm, "sam": args.sam,
-                      "images": args.images, "fit": args.fit}))
+    result = {f"mllm_layer_{layer}": round(ridge_r2(mllm_states[layer], mllm_targets, fit), 3) for layer in layers}
+    result["sam_embedding"] = round(ridge_r2(sam_states, sam_targets, fit), 3)
+    print(json.dumps({"held_out_colour_r2": result, "mllm": mllm, "sam": sam,
+                      "images": images, "fit": fit}))
 
 
 if __name__ == "__main__":
-    main()
+    app()

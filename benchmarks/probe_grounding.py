@@ -17,14 +17,17 @@ Defaults read ``work/demo/stores/synthetic-{train,val}-L14`` (what ``make demo``
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
+from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 
+from lens_cache.cli import command_app
 from lens_core.geometry import mask_to_padded_frame
 from lens_core.head import SegmentationHead
 from lens_core.losses import attention_loss
@@ -58,50 +61,62 @@ def score(head: torch.nn.Module, items: list, grid: int, batch_size: int = 16) -
             "peak_hit": round(sum(hits) / n, 4), "chance": round(sum(fractions) / n, 4)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", default="work/demo/stores/synthetic-train-L14")
-    parser.add_argument("--val", default="work/demo/stores/synthetic-val-L14")
-    parser.add_argument("--layer", type=int, default=14)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--heatmap-from", choices=("last", "mean"), default=None)
-    parser.add_argument("--detach-peak", action=argparse.BooleanOptionalAction, default=None,
-                        help="divide by the detached peak (official; the preset's default) or not")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 cores)")
-    args = parser.parse_args()
+class HeatmapFrom(str, Enum):
+    """``--heatmap-from``: the start-of-answer token (last) or all text tokens (mean)."""
 
-    for url in (args.train, args.val):
+    last = "last"
+    mean = "mean"
+
+
+app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.command(help=__doc__.splitlines()[0])
+def main(
+    train: Annotated[str, typer.Option()] = "work/demo/stores/synthetic-train-L14",
+    val: Annotated[str, typer.Option()] = "work/demo/stores/synthetic-val-L14",
+    layer: Annotated[int, typer.Option()] = 14,
+    preset_name: Annotated[str, typer.Option("--preset")] = "tiny",
+    heatmap_from: Annotated[HeatmapFrom | None, typer.Option()] = None,
+    detach_peak: Annotated[bool | None, typer.Option(
+        "--detach-peak/--no-detach-peak",
+        help="divide by the detached peak (official; the preset's default) or not")] = None,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    steps: Annotated[int, typer.Option()] = 300,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    eval_every: Annotated[int, typer.Option()] = 50,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads (1 is fastest on 2 cores)")] = 1,
+) -> None:
+    """Train the head on L_attn alone; prints one JSON line per evaluation."""
+    heatmap_from = heatmap_from.value if heatmap_from is not None else None  # the choice as a plain string
+    for url in (train, val):
         if "://" not in url and not Path(url).is_dir():
-            parser.error(f"no feature store at {url}: run `make demo` first (it writes the default stores) "
-                         "or pass --train/--val")
-    torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in (("heatmap_from", args.heatmap_from), ("detach_peak", args.detach_peak)) if v is not None}
-    preset = load_preset(args.preset, model_overrides=overrides)
-    torch.manual_seed(args.seed)  # the head is the first module build_lens makes: same init as lens-train's
+            raise typer.BadParameter(f"no feature store at {url}: run `make demo` first (it writes the default stores) "
+                                     "or pass --train/--val")
+    torch.set_num_threads(threads)
+    overrides = {k: v for k, v in (("heatmap_from", heatmap_from), ("detach_peak", detach_peak)) if v is not None}
+    preset = load_preset(preset_name, model_overrides=overrides)
+    torch.manual_seed(seed)  # the head is the first module build_lens makes: same init as lens-train's
     head = SegmentationHead(config=preset.model)
     grid = preset.model.grid_size
-    train_set, val_set = QueryDataset(args.train, args.layer), QueryDataset(args.val, args.layer)
+    train_set, val_set = QueryDataset(train, layer), QueryDataset(val, layer)
     train_items = [train_set[i] for i in range(len(train_set))]
     val_items = [val_set[i] for i in range(len(val_set))]
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = random.Random(args.seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(seed)
     print(f"head only, L_attn only: heatmap_from={preset.model.heatmap_from} detach_peak={preset.model.detach_peak} "
-          f"lr={args.lr} {args.steps} steps x {args.batch_size}; {len(train_items)} train / {len(val_items)} "
+          f"lr={lr} {steps} steps x {batch_size}; {len(train_items)} train / {len(val_items)} "
           "held-out queries", flush=True)
     start = time.perf_counter()
-    for step in range(args.steps + 1):
-        if step % args.eval_every == 0 or step == args.steps:
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
             row = {"step": step, "train": score(head, train_items, grid), "held_out": score(head, val_items, grid),
                    "seconds": round(time.perf_counter() - start, 1)}
             print(json.dumps(row), flush=True)
-        if step == args.steps:
+        if step == steps:
             break
-        batch = collate(rng.sample(train_items, min(args.batch_size, len(train_items))))
+        batch = collate(rng.sample(train_items, min(batch_size, len(train_items))))
         heatmap = head(batch.image_states.float(), batch.text_states.float(), batch.text_lengths).heatmap
         sizes = [tuple(int(v) for v in s) for s in batch.input_sizes.tolist()]
         loss = attention_loss(heatmap, batch.gts, sizes)
@@ -112,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app()

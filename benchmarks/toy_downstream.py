@@ -13,21 +13,28 @@ layers) on ``synthetic:train`` and scores held-out ``synthetic:val``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import time
 from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lens_cache.cli import command_app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=48, help="synthetic images per split and set")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--work", type=Path, default=Path("work/toy-downstream"))
-    parser.add_argument("--sam", default="toy", help="SAM spec [toy: the shipped toy SAM]")
-    args = parser.parse_args()
+app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
 
+
+@app.command(help=__doc__.split("\n")[0])
+def main(
+    images: Annotated[int, typer.Option(help="synthetic images per split and set")] = 48,
+    steps: Annotated[int, typer.Option()] = 300,
+    work: Annotated[Path, typer.Option()] = Path("work/toy-downstream"),
+    sam: Annotated[str, typer.Option(help="SAM spec [toy: the shipped toy SAM]")] = "toy",
+) -> None:
+    """Cache, train and evaluate; prints the summary as JSON."""
     from lens_cache.build import build_cache
     from lens_manifests import build_manifest, write_synthetic
     from lens_train.evaluation.evaluate import evaluate
@@ -35,20 +42,20 @@ def main() -> None:
     from lens_train.training.trainer import TrainRequest, train
 
     started = time.perf_counter()
-    root = args.work / "data"
-    write_synthetic(root, seed=0, num_train_images=args.images, num_val_images=args.images, num_test_images=2)
-    factory = functools.partial(fake_tiny_extractor, hidden_size=128, grounded=True, sam=args.sam)
+    root = work / "data"
+    write_synthetic(root, seed=0, num_train_images=images, num_val_images=images, num_test_images=2)
+    factory = functools.partial(fake_tiny_extractor, hidden_size=128, grounded=True, sam=sam)
     stores = {}
     for split in ("train", "val"):
-        url = str(args.work / f"store-{split}")
+        url = str(work / f"store-{split}")
         build_cache(build_manifest(f"synthetic:{split}", root), url, factory, spec=f"synthetic:{split}",
                     progress=True, overwrite=True)
         stores[split] = url
-    run = args.work / "run"
+    run = work / "run"
     train(TrainRequest(caches=(stores["train"],), out=run, preset="toy", layer=14,
-                       train_overrides={"steps": args.steps, "warm_start": False}, device="cpu", sam=args.sam,
+                       train_overrides={"steps": steps, "warm_start": False}, device="cpu", sam=sam,
                        resume=(run / "checkpoint.json").is_file()))
-    metrics = evaluate(run, stores["val"], out=run / "eval-val", device="cpu", sam=args.sam)
+    metrics = evaluate(run, stores["val"], out=run / "eval-val", device="cpu", sam=sam)
     base = metrics["baselines"]
     summary = {
         "giou": metrics["giou"], "ciou": metrics["ciou"], "queries": metrics["num_queries"],
@@ -59,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app()
