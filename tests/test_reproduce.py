@@ -34,7 +34,8 @@ def test_real_preset_names_every_missing_input(tmp_path):
     (["table2", "--preset", "paper", "--data-root", "", "--mllm", "", "--sam", "", "--seeds", "0"],
      {"preset": "paper", "work": Path("work/paper"), "tiny_images": 16, "steps": None, "seeds": (0,),
       "mllm": None, "sam": None, "data_root": None}),
-    (["table2"], {"preset": "paper", "work": Path("work/paper")}),
+    (["table2"], {"preset": "toy", "work": Path("work/toy")}),  # every command's default: the toy world
+    (["table3"], {"preset": "toy", "work": Path("work/toy")}),
     (["table2", "--preset", "tiny", "--seeds", "0,1,2", "--device", "cpu"],
      {"preset": "tiny", "work": Path("work/tiny"), "steps": reproduce.TINY_TABLE_STEPS, "seeds": (0, 1, 2),
       "device": "cpu"}),
@@ -47,7 +48,7 @@ def test_real_preset_names_every_missing_input(tmp_path):
      {"preset": "toy", "work": Path("work/table1-toy"), "tiny_images": 48, "steps": None}),
 ])
 def test_command_line_defaults(monkeypatch, argv, expected):
-    """The options and defaults of each command (those of the argparse command line it replaced)."""
+    """The options and defaults of each command."""
     seen = {}
     module, what = {"table1": (table1, "reproduce_table1"), "table2": (reproduce, "reproduce_table2"),
                     "table3": (reproduce, "reproduce_table3"), "demo": (reproduce, "demo")}[argv[0]]

@@ -14,17 +14,18 @@ starts it as a real subprocess and SIGKILLs it)::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 import torch
+import typer
 from lens_cache.backbones.base import ImageFeatures, NoDecoderLayers
 from PIL import Image
 
@@ -264,29 +265,28 @@ def hold_lock(target: str | Path, command: str = "lens-cache build"):
     return process
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(
+    manifest: Annotated[str, typer.Option()],
+    out: Annotated[str, typer.Option()],
+    block_size: Annotated[int, typer.Option()] = 2,
+    batch_size: Annotated[int, typer.Option()] = 1,
+    delay: Annotated[float, typer.Option(help="seconds of sleep per extract call")] = 0.0,
+    log: Annotated[str | None, typer.Option(help="file that counts extracted images")] = None,
+) -> None:
     """Build a store from a manifest file with the fake backbone (a real, killable run)."""
     import pyarrow.parquet as pq
     from lens_cache.build import build_cache
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--block-size", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per extract call")
-    parser.add_argument("--log", default=None, help="file that counts extracted images")
-    args = parser.parse_args(argv)
     build_cache(
-        pq.read_table(args.manifest),
-        args.out,
-        fake_factory(delay_s=args.delay, call_log=args.log),
+        pq.read_table(manifest),
+        out,
+        fake_factory(delay_s=delay, call_log=log),
         spec="testset:val",
-        batch_size=args.batch_size,
-        block_size=args.block_size,
+        batch_size=batch_size,
+        block_size=block_size,
         progress=bool(os.environ.get("LENS_PROGRESS")),
     )
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

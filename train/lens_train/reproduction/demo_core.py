@@ -11,15 +11,17 @@ must learn to put its heatmap, keypoints and mask on the rectangle. It writes a 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+import typer
 
 from lens_cache.backbones.sam import build_sam
+from lens_cache.cli import command_app
 from lens_core import build_lens
 from lens_core.losses import attention_loss, segmentation_loss
 from lens_core.metrics import giou_ciou
@@ -60,27 +62,30 @@ def evaluate(lens, data, threshold_logit: float = 0.0):
     return giou_ciou(preds, [m.numpy() for m in masks]), out, preds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo", help="output folder")
-    parser.add_argument("--steps", type=int, default=40, help="training steps")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    out_dir = Path(args.out)
+app = command_app()
+
+
+@app.command(help=__doc__.splitlines()[0])
+def main(
+    out: Annotated[str, typer.Option(help="output folder")] = "demo",
+    steps: Annotated[int, typer.Option(help="training steps")] = 40,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     preset = load_preset("tiny")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     lens = build_lens(preset.model, build_sam("tiny"))
     opt = torch.optim.AdamW(lens.trainable_parameters(), lr=preset.train.lr, betas=preset.train.betas)
-    eval_data = planted_batch(16, preset.model.hidden_size, torch.Generator().manual_seed(10_000 + args.seed))
+    eval_data = planted_batch(16, preset.model.hidden_size, torch.Generator().manual_seed(10_000 + seed))
     (g0, c0), _, _ = evaluate(lens, eval_data)
     print(f"untrained: gIoU {g0:.3f} cIoU {c0:.3f}")
 
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     curve = []
     start = time.time()
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         lens.train()
         image, text, lengths, sam, masks = planted_batch(4, preset.model.hidden_size, gen)
         out = lens(image, text, lengths, sam, generator=gen)
@@ -94,15 +99,15 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(lens.trainable_parameters(), preset.train.grad_clip)
         opt.step()
         curve.append({"step": step, "loss": loss.item(), "seg": seg["seg"].item(), "attn": attn.item()})
-        if step % 10 == 0 or step == args.steps:
+        if step % 10 == 0 or step == steps:
             rate = step / (time.time() - start)
-            eta = (args.steps - step) / rate
-            print(f"step {step}/{args.steps} loss {loss.item():.3f} (seg {seg['seg'].item():.3f}, attn {attn.item():.3f})"
+            eta = (steps - step) / rate
+            print(f"step {step}/{steps} loss {loss.item():.3f} (seg {seg['seg'].item():.3f}, attn {attn.item():.3f})"
                   f" {rate:.2f} steps/s ETA {eta:.0f}s", flush=True)
 
     (g1, c1), out, preds = evaluate(lens, eval_data)
     print(f"trained:   gIoU {g1:.3f} cIoU {c1:.3f}")
-    metrics = {"untrained": {"giou": g0, "ciou": c0}, "trained": {"giou": g1, "ciou": c1}, "steps": args.steps,
+    metrics = {"untrained": {"giou": g0, "ciou": c0}, "trained": {"giou": g1, "ciou": c1}, "steps": steps,
                "note": "planted task on synthetic tensors, no cache and no MLLM: a check of the LENS core alone (the full pipeline is make demo)"}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out_dir / "curve.jsonl", "w") as f:
@@ -143,4 +148,4 @@ def write_figures(out_dir: Path, curve, out, preds, masks, rows: int = 4) -> Non
 
 
 if __name__ == "__main__":
-    main()
+    app()
