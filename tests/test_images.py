@@ -38,11 +38,11 @@ def _grayscale(path):
 
 def _exif_rotated_jpeg(path):
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels are read as they are
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": every reader shows it upright
     Image.fromarray(_pixels(3)).save(path, quality=95, exif=exif)
     with Image.open(path) as stored:
         assert stored.getexif().get(0x0112) == 6
-        return np.asarray(stored.convert("RGB"))
+        return np.rot90(np.asarray(stored.convert("RGB")), k=-1)  # clockwise, computed here without PIL
 
 
 def _rgba(path):
@@ -58,16 +58,27 @@ WRITERS = {"palette.png": _palette, "gray.png": _grayscale, "rotated.jpg": _exif
 def test_build_segment_and_eval_see_the_same_rgb_pixels(tmp_path, name):
     path = tmp_path / name
     expected = WRITERS[name](path)
-    built = build_load(str(path), (H, W))
+    size = expected.shape[:2]  # the manifest's (h, w): as displayed ((W, H) for the rotated photo)
+    built = build_load(str(path), size)
     assert built.code == 0, built.message
     cached = np.asarray(built.image)
-    assert cached.dtype == np.uint8 and cached.shape == (H, W, 3)  # as stored: no EXIF rotation
+    assert cached.dtype == np.uint8 and cached.shape == (*size, 3)
     np.testing.assert_array_equal(cached, expected)
     np.testing.assert_array_equal(np.asarray(segment_load(str(path))), cached)
     np.testing.assert_array_equal(np.asarray(segment_load(path)), cached)
     np.testing.assert_array_equal(eval_load(str(path)), cached)
     with Image.open(path) as opened:  # a PIL image handed in: converted the same way
         np.testing.assert_array_equal(np.asarray(segment_load(opened)), cached)
+
+
+def test_a_rotated_photo_annotated_in_its_stored_frame_is_skipped_as_mis_sized(tmp_path):
+    """A manifest size in the stored frame of a photo rotated by 90 degrees (LabelMe and LISA see it upright)
+    cannot match the pixels the model sees: the builder skips it, naming both sizes."""
+    path = tmp_path / "rotated.jpg"
+    _exif_rotated_jpeg(path)
+    built = build_load(str(path), (H, W))
+    assert (built.image, built.code) == (None, 3)
+    assert built.message == f"size_mismatch: image is {W}x{H}, manifest says {H}x{W}"
 
 
 def _corrupt(path):

@@ -44,6 +44,7 @@ from lens_cache.store_format import (
 )
 from lens_cache.store_location import StoreLocation
 from lens_cache.store_writer import StoreWriter
+from lens_manifests.common import displayed_size
 from PIL import Image
 
 ExtractorFactory = Callable[[], FeatureExtractor]
@@ -174,7 +175,7 @@ class LoadedImage:
 def load_image(path: str, expected_size: tuple[int, int]) -> LoadedImage:
     """Read ``path`` (local or fsspec URL) as RGB; a missing/corrupt/mis-sized image is reported, not raised.
 
-    The file is read as every path reads images (:mod:`lens_cache.images`: pixels as stored,
+    The file is read as every path reads images (:mod:`lens_cache.images`: pixels as displayed,
     any mode to RGB), so a live backbone sees what the cache stored.
 
     ``expected_size`` is the manifest's (h, w): masks are stored at that size, so an
@@ -196,7 +197,7 @@ def load_image(path: str, expected_size: tuple[int, int]) -> LoadedImage:
 def _header_problem(image: Image.Image, expected_size: tuple[int, int]) -> LoadedImage | None:
     """Why an opened (not yet decoded) image cannot be used: another size than the manifest's, or
     a shape SAM's frame cannot take; None when it can."""
-    size = (image.height, image.width)
+    size = displayed_size(image)
     if size != tuple(expected_size):
         return LoadedImage(
             None, 3, f"size_mismatch: image is {size[0]}x{size[1]}, manifest says {expected_size[0]}x{expected_size[1]}"

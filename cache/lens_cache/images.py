@@ -5,9 +5,12 @@ which path read the file:
 
 * sources: a local path (``~`` expanded) or any fsspec URL (``s3://...``); a PIL image
   handed in is used as it is;
-* pixels as stored: the EXIF orientation tag is *not* applied (the cache has always read
-  images so; ``lens_manifests.common.image_header`` names both sizes), so a rotated photo
-  is seen unrotated by every path alike;
+* pixels as displayed: the EXIF orientation tag is applied (PIL's ``exif_transpose``), as
+  LISA's ``cv2.imread`` applies it and as LabelMe applied it when ReasonSeg's polygons were
+  drawn, so a rotated photo is upright and matches its annotations. A dataset whose
+  annotations are in the stored frame of a photo rotated by 90 degrees (a COCO image with
+  an orientation tag) then disagrees in size with its manifest and the builder skips the
+  image as ``size_mismatch`` (:func:`lens_manifests.common.displayed_size` gives the size checked, from the header);
 * any PIL mode (palette, grayscale, RGBA, CMYK, 16-bit) becomes RGB with PIL's
   ``convert("RGB")`` (alpha is dropped, not composited);
 * a file that is not there is :class:`ImageReadError` with reason ``missing``; one PIL
@@ -25,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lens_cache.errors import UsageError
 
@@ -45,6 +48,11 @@ class ImageReadError(UsageError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` with its EXIF orientation applied (itself when it has none)."""
+    return ImageOps.exif_transpose(image)
 
 
 def _local(source: str | Path) -> Path | None:
@@ -82,7 +90,7 @@ def opened_image(source: str | Path) -> Iterator[Image.Image]:
 
 
 def decoded_rgb(image: Image.Image, source: str | Path) -> Image.Image:
-    """The pixels of an opened image as an RGB image (decoded now, independent of the file).
+    """The pixels of an opened image as an RGB image, as displayed (decoded now, independent of the file).
 
     Args:
         image: from :func:`opened_image`.
@@ -92,7 +100,7 @@ def decoded_rgb(image: Image.Image, source: str | Path) -> Image.Image:
     """
     try:
         image.load()
-        return image.convert("RGB")
+        return _upright(image).convert("RGB")
     except Exception as error:  # a truncated or corrupt body: OSError, SyntaxError, ValueError, ...
         raise _unreadable(source, error) from None
 
@@ -101,11 +109,11 @@ def read_rgb(source: str | Path | Image.Image) -> Image.Image:
     """The RGB image at ``source`` (a path or URL), or a PIL image converted to RGB.
 
     Returns:
-        RGB PIL image, size (W, H) as stored.
+        RGB PIL image, upright (EXIF orientation applied), size (W, H) as displayed.
     Raises:
         ImageReadError: missing or unreadable (see the module docstring).
     """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return _upright(source).convert("RGB")
     with opened_image(source) as image:
         return decoded_rgb(image, source)

@@ -49,6 +49,22 @@ DEFAULT_MAX_IMAGE_SIDE = 16384
 
 #: EXIF orientations that swap width and height (transpose / rotate 90 / transverse / rotate 270)
 _EXIF_SWAPS_AXES = {5, 6, 7, 8}
+#: the EXIF tag of the orientation
+_EXIF_ORIENTATION = 0x0112
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """``(h, w)`` of an opened image as displayed: with its EXIF orientation applied (header only).
+
+    An orientation that cannot be read (a file cut short before it) counts as none: the pixels
+    of such a file do not decode either, which its reader reports.
+    """
+    stored = (int(image.height), int(image.width))
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # PIL raises struct.error, OSError, SyntaxError, ... for a broken header
+        orientation = 1
+    return stored[::-1] if orientation in _EXIF_SWAPS_AXES else stored
 
 
 class ManifestError(ValueError):
@@ -132,14 +148,12 @@ def image_header(path: Path) -> tuple[tuple[int, int], tuple[int, int]]:
     """``((h, w) as stored, (h, w) as displayed)`` of an image, from its header only.
 
     PIL's ``open`` is lazy (no pixel decoding). "Displayed" applies the EXIF
-    orientation tag (LISA's ``cv2.imread`` applies it; the cache builder's loader
-    does not), so the two differ for a rotated photo.
+    orientation tag, as every reader of the project does (:mod:`lens_cache.images`), as
+    LISA's ``cv2.imread`` does and as LabelMe did when ReasonSeg's polygons were drawn;
+    the two differ for a rotated photo.
     """
     with Image.open(path) as im:
-        width, height = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    stored = (int(height), int(width))
-    return stored, (stored[::-1] if orientation in _EXIF_SWAPS_AXES else stored)
+        return (int(im.height), int(im.width)), displayed_size(im)
 
 
 def declared_size_problem(path: Path, height: object, width: object) -> str | None:
