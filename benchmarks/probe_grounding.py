@@ -12,7 +12,7 @@ Every ``--eval-every`` steps it prints, on the training store and on a held-out 
     python benchmarks/probe_grounding.py                       # the demo's stores (make demo first)
     python benchmarks/probe_grounding.py --no-detach-peak --heatmap-from mean --lr 1e-3
 
-Defaults read ``work/demo/stores/synthetic-{train,val}-L14`` (what ``make demo`` writes).
+Defaults read ``work/demo-toy/stores/synthetic-{train,val}-L3`` (what ``make demo`` writes) with the toy preset.
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
 
 @app.command(help=__doc__.splitlines()[0])
 def main(
-    train: Annotated[str, typer.Option()] = "work/demo/stores/synthetic-train-L14",
-    val: Annotated[str, typer.Option()] = "work/demo/stores/synthetic-val-L14",
-    layer: Annotated[int, typer.Option()] = 14,
-    preset_name: Annotated[str, typer.Option("--preset")] = "tiny",
+    train: Annotated[str, typer.Option()] = "work/demo-toy/stores/synthetic-train-L3",
+    val: Annotated[str, typer.Option()] = "work/demo-toy/stores/synthetic-val-L3",
+    layer: Annotated[int, typer.Option()] = 3,
+    preset_name: Annotated[str, typer.Option("--preset")] = "toy",
     heatmap_from: Annotated[HeatmapFrom | None, typer.Option()] = None,
     detach_peak: Annotated[bool | None, typer.Option(
         "--detach-peak/--no-detach-peak",

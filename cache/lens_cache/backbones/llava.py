@@ -27,7 +27,7 @@ from .layer_capture import tensors_fingerprint
 from .mllm import UnsupportedMllmError, load_mllm_config
 from .prefix_sharing import config_hash  # noqa: F401  (importable from here, as before it moved)
 from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, language_model_tensors
-from .runtime import resolve_device, resolve_dtype
+from .runtime import no_loading_bar, resolve_device, resolve_dtype
 
 #: LLaVA-1.5's conversation template (vicuna_v1); ``<image>`` stands for the image tokens.
 VICUNA_V1_TEMPLATE = (
@@ -167,7 +167,8 @@ class LlavaBackbone(PrefixSharingBackbone):
             raise MllmCheckpointNotFoundError(
                 f"toy LLaVA weights not found in {path}: check out the repository's cache/lens_cache/toy/weights "
                 "or remake them with `lens-toy pretrain-llava` + `lens-toy export`")
-        backbone = cls.from_pretrained(str(path), layers=layers, device=device, dtype=dtype, **kwargs)
+        with no_loading_bar():
+            backbone = cls.from_pretrained(str(path), layers=layers, device=device, dtype=dtype, **kwargs)
         backbone.identity["name_or_path"] = "toy"
         backbone.identity["weights_sha256"] = sha256_file(path / "model.safetensors")
         return backbone

@@ -93,3 +93,18 @@ def cpu_threads(threads: int | None, device: torch.device) -> Iterator[int]:
         yield wanted
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" progress bar off inside the block (a few-MB model loads at once;
+    a bar on stderr would be noise before a one-line message)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()

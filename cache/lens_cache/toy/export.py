@@ -91,7 +91,10 @@ def load_toy_sam(weights: Path | None = None):
 def load_toy_llava(weights: Path | None = None):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from lens_cache.backbones.runtime import no_loading_bar
+
     folder = (weights or WEIGHTS_DIR) / TOY_LLAVA_DIR
-    model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    with no_loading_bar():
+        model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     return model.eval().requires_grad_(False), processor
