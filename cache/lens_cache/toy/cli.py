@@ -54,7 +54,7 @@ def pretrain_llava_cmd(
     work: Annotated[Path, typer.Option(help="Folder for checkpoints and logs.")] = Path("toy_work"),
     vision_steps: Annotated[int, typer.Option(help="Stage a: vision tower, 16 scenes a step.")] = 3600,
     align_steps: Annotated[int, typer.Option(help="Stage b: captions, --batch scenes a step.")] = 200,
-    instruct_steps: Annotated[int, typer.Option(help="Stage c: conversations, --batch scenes a step.")] = 1800,
+    instruct_steps: Annotated[int, typer.Option(help="Stage c: conversations, --batch scenes a step.")] = 4200,
     batch: Annotated[int, typer.Option()] = 8,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,

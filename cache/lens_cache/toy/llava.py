@@ -187,7 +187,7 @@ STAGE_OFFSETS = {"vision": 10_000_000, "align": 20_000_000, "instruct": 30_000_0
 
 
 def pretrain_llava(
-    work: Path, *, vision_steps: int = 3600, align_steps: int = 200, instruct_steps: int = 1800, batch: int = 8,
+    work: Path, *, vision_steps: int = 3600, align_steps: int = 200, instruct_steps: int = 4200, batch: int = 8,
     seed: int = 0, log=print,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Run stages a-c (each resumed from ``work`` if interrupted); see the module docstring."""
