@@ -286,6 +286,28 @@ def test_rebuild_repairs_exactly_the_damaged_blocks(manifest, reference, tmp_pat
     assert count_logged_images(log) == 6  # intact and complete: the rerun only checks
 
 
+def test_a_build_killed_while_creating_the_store_is_recreated(manifest, reference, tmp_path, monkeypatch):
+    """A kill between the group's creation and its last metadata write leaves a store marked partial (the marker
+    is in the group's first write), which the next build recreates; it was once refused as "not a lens store"."""
+    import zarr.core.attributes
+    from lens_cache.store_location import StoreLocation, store_state
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, *args, **kwargs):
+        raise Killed
+
+    out = tmp_path / "store"
+    monkeypatch.setattr(zarr.core.attributes.Attributes, "put", killed)  # every later metadata write "kills" it
+    with pytest.raises(Killed):
+        build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=2, progress=False)
+    monkeypatch.undo()
+    assert store_state(StoreLocation(str(out))) == "partial"
+    finished = build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=2, batch_size=1, progress=False)
+    assert_stores_identical(finished, reference)
+
+
 def test_a_second_build_of_a_store_is_refused_and_a_dead_builds_lock_taken_over(manifest, reference, tmp_path, capsys):
     """Issue 11: two builds on one store both ran; now the second is refused, naming the first."""
     manifest_file = tmp_path / "manifest.parquet"

@@ -87,10 +87,11 @@ class StoreLocation:
         return int(fs.du(path, total=True)) if fs.exists(path) else 0
 
 
-def open_group(location: StoreLocation, mode: str) -> zarr.Group:
-    """The store's root group (``mode`` as in :func:`zarr.open_group`)."""
+def open_group(location: StoreLocation, mode: str, *, attributes: dict | None = None) -> zarr.Group:
+    """The store's root group (``mode`` as in :func:`zarr.open_group`); ``attributes`` are written with the
+    group's own metadata when it is created (one write: a kill never leaves a group without them)."""
     with quiet_numcodecs():
-        return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode)
+        return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode, attributes=attributes)
 
 
 class quiet_numcodecs(warnings.catch_warnings):

@@ -195,8 +195,9 @@ def create_store(
         "complete": False,
     }
 
-    group = open_group(location, mode="w")
-    group.attrs.put({PARTIAL_KEY: {"format_version": FORMAT_VERSION}})
+    # Created with the partial marker in its first metadata write: a build killed from here on left a
+    # store that a rerun recognises as its own (store_state "partial") and recreates, never "foreign".
+    group = open_group(location, mode="w", attributes={PARTIAL_KEY: {"format_version": FORMAT_VERSION}})
     location.write_bytes(MANIFEST_FILE, manifest_to_parquet_bytes(manifest, spec=description.spec))
     with quiet_numcodecs():
         for array in store_arrays(attrs):
