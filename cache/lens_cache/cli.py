@@ -188,11 +188,10 @@ def build(
     with user_errors(output=out):
         import functools
 
+        from lens_cache.backbones import default_layers
         from lens_cache.build import build_cache, first_images
 
         started = time.monotonic()
-        from lens_cache.backbones import default_layers
-
         layer_list = parse_layers(layers) if layers is not None else default_layers(mllm)
         table, spec = _load_manifest(split, data_root, manifest, seed)
         if limit is not None:

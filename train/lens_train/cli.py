@@ -96,8 +96,8 @@ def train(
                 raise UserError("--resume needs --out RUN_DIR (the run to continue)")
             from .training.stores import default_preset
 
-            name = Path(preset).stem if preset else default_preset(cache)
-            out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            preset = preset or default_preset(cache)  # resolved once: it names the run folder too
+            out = Path("runs") / f"{Path(preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         model_overrides = _given(heatmap_from=heatmap_from, detach_peak=detach_peak,
                                  use_keypoint_description=keypoint_description,
                                  use_global_description=global_description)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lens_cache.backbones.runtime import no_loading_bar
 from lens_manifests.files import folder_replaced_on_success, sha256_file
 
 from . import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR
@@ -90,8 +91,6 @@ def load_toy_sam(weights: Path | None = None):
 
 def load_toy_llava(weights: Path | None = None):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from lens_cache.backbones.runtime import no_loading_bar
 
     folder = (weights or WEIGHTS_DIR) / TOY_LLAVA_DIR
     with no_loading_bar():

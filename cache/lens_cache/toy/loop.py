@@ -6,10 +6,9 @@ that computes the loss of optimizer step ``step`` (its batch is a pure function 
 owns AdamW, the schedule (linear warm-up, constant, linear decay over the last
 ``decay_frac`` of the steps: a constant phase keeps the lr up through the late
 break-outs from-scratch models show), gradient clipping, a progress line (steps/s,
-ETA) and a checkpoint every ``ckpt_every`` steps (model, optimizer, step; written beside and renamed,
-loaded with ``weights_only=True``). Rerunning the same
-command after a kill resumes from the last checkpoint and gives the same weights as an
-uninterrupted run.
+ETA) and a checkpoint every ``ckpt_every`` steps (model, optimizer, step; written beside
+and renamed, loaded with ``weights_only=True``). Rerunning the same command after a kill
+resumes from the last checkpoint and gives the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
