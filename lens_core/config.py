@@ -21,12 +21,26 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 HeatmapFrom = Literal["last", "mean"]
+#: What the head reads: the paper's ``[F_i; F_t]`` or the authors' whole layer-k sequence (prefix first).
+HeadInput = Literal["image_text", "full_sequence"]
+HEAD_INPUTS = ("image_text", "full_sequence")
+#: The descriptor's structure: this project's reading of the paper, or the authors' code.
+DescriptorKind = Literal["paper", "official"]
+DESCRIPTOR_KINDS = ("paper", "official")
+#: How grid cells map to SAM's frame: cell centres ``(x + 0.5) / g`` or the authors' ``x / (g - 1)``.
+Coords = Literal["cell_center", "align_corners"]
+COORDS = ("cell_center", "align_corners")
 #: The decoder-layer family the head mirrors (its backbone's), with transformers' parameter names.
 LayerType = Literal["llama", "qwen2"]
 LAYER_TYPES = ("llama", "qwen2")
 #: the fields a preset may leave to their defaults (see the module docstring); a test holds every preset to it
 PRESET_DEFAULTED = frozenset({"layer_type", "num_key_value_heads", "detach_peak", "use_keypoint_description",
-                              "use_global_description", "mask_output_index"})
+                              "use_global_description", "mask_output_index", "descriptor_ffn_size",
+                              "descriptor_encoder_ffn_size", "descriptor_dropout", "final_norm_eps"})
+#: The switches where the paper's text and the authors' code differ (the fidelity table's rows 3-8 in
+#: lens_core); every preset states each of them, so a run's config says which it trained.
+FIDELITY_SWITCHES = ("head_input", "final_norm", "descriptor", "global_only_after_descriptor", "coords",
+                     "keypoint_strict", "detach_subpixel", "cls_position_std", "train_iou_head")
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,30 @@ class LensConfig:
         use_global_description: False = Table 2 "w/o global description"
             (the keypoint descriptions alone prompt SAM).
         mask_output_index: which of SAM's mask tokens is the answer (0 = single-mask).
+        head_input: ``image_text`` = the head reads ``[F_i; F_t]`` with positions 0..L-1 (paper eq. 2);
+            ``full_sequence`` = the whole layer-k sequence, the pre-image prefix (BOS, system prompt,
+            ``USER:``) first, positions 0..P+L-1 (authors' ``GroundingHeadWithLlamaModel.forward``).
+        final_norm: apply a fresh RMSNorm (``final_norm_eps``) to layer 2's output before the
+            descriptor reads it (the authors' head is a ``LlamaModel``: ``last_hidden_state``).
+        final_norm_eps: its epsilon (a default ``LlamaConfig``'s 1e-6 in the authors' code).
+        descriptor: ``paper`` = pre-LN cross-attention and self-attention, one projection;
+            ``official`` = post-LN cross-attention + FFN (GELU), one ``nn.TransformerEncoderLayer``
+            over {d_i} U {f_s}, an MLP d -> d -> C (ReLU), 3 x 3 samples with border padding.
+        descriptor_ffn_size: the official cross-attention block's FFN width (None = ``mlp_size``).
+        descriptor_encoder_ffn_size: the official encoder layer's feed-forward width (torch's 2048).
+        descriptor_dropout: the official encoder layer's dropout (torch's 0.1).
+        global_only_after_descriptor: the S1.4 dropout removes keypoints from SAM's prompt only
+            (authors), not also from the descriptor's self-attention (False).
+        coords: ``cell_center`` maps cell x to ``(x + 0.5) / g`` of SAM's frame and upsamples the
+            heatmap with ``align_corners=False``; ``align_corners`` maps it to ``x / (g - 1)`` and
+            upsamples with ``align_corners=True`` (authors).
+        keypoint_strict: a keypoint is valid if its score is ``>`` (authors) rather than ``>=``
+            ``keypoint_min_ratio`` x the peak.
+        detach_subpixel: True keeps the Newton step out of the graph; False lets the gradient flow
+            from the descriptor's sampling positions into the heatmap (authors).
+        cls_position_std: init std of the global token's learned position (authors' ``randn``: 1.0).
+        train_iou_head: whether SAM's IoU prediction head is trained with the mask decoder (the
+            authors freeze it).
     """
 
     hidden_size: int
@@ -89,6 +127,19 @@ class LensConfig:
     use_keypoint_description: bool = True
     use_global_description: bool = True
     mask_output_index: int = 0
+    head_input: HeadInput = "image_text"
+    final_norm: bool = False
+    final_norm_eps: float = 1e-6
+    descriptor: DescriptorKind = "paper"
+    descriptor_ffn_size: int | None = None
+    descriptor_encoder_ffn_size: int = 2048
+    descriptor_dropout: float = 0.1
+    global_only_after_descriptor: bool = False
+    coords: Coords = "cell_center"
+    keypoint_strict: bool = False
+    detach_subpixel: bool = True
+    cls_position_std: float = 0.02
+    train_iou_head: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -109,6 +160,11 @@ class LensConfig:
             raise ValueError(f"heatmap_from must be 'last' or 'mean', got {self.heatmap_from!r}")
         if not (self.use_keypoint_description or self.use_global_description):
             raise ValueError("at least one of use_keypoint_description / use_global_description must be on")
+        for name, value, allowed in (("head_input", self.head_input, HEAD_INPUTS),
+                                     ("descriptor", self.descriptor, DESCRIPTOR_KINDS),
+                                     ("coords", self.coords, COORDS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
         if self.neighborhood < 1 or self.neighborhood % 2 == 0:
             raise ValueError(f"neighborhood must be odd and >= 1, got {self.neighborhood}")
 
@@ -116,6 +172,11 @@ class LensConfig:
     def kv_heads(self) -> int:
         """Key/value heads of the head's attention (``num_key_value_heads``, or ``num_heads``)."""
         return self.num_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
+    def descriptor_ffn(self) -> int:
+        """The official descriptor's cross-attention FFN width (``descriptor_ffn_size`` or ``mlp_size``)."""
+        return self.mlp_size if self.descriptor_ffn_size is None else self.descriptor_ffn_size
 
     @property
     def num_image_tokens(self) -> int:

@@ -4,6 +4,11 @@ SAM sees the image resized so its longest side is 1024 and zero-padded right and
 bottom to 1024 x 1024. LLaVA is fed the same padded square (resized to 336), so
 cell (x, y) of the 24 x 24 token grid covers the same part of the padded frame
 as SAM's pixels ``[x * 1024 / 24, (x + 1) * 1024 / 24)``.
+
+Two conventions place a cell coordinate in that frame (``LensConfig.coords``):
+``cell_center`` puts cell x at its centre, ``(x + 0.5) * 1024 / g``; ``align_corners``
+(the authors' code: keypoints normalised by ``x / (g - 1)``, heatmaps upsampled with
+``align_corners=True``) puts cell 0 at pixel 0 and cell g - 1 at pixel 1024.
 """
 
 from __future__ import annotations
@@ -21,15 +26,22 @@ def resized_shape(height: int, width: int, long_side: int = SAM_IMAGE_SIZE) -> t
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def grid_to_sam_coords(points: torch.Tensor, grid_size: int, image_size: int = SAM_IMAGE_SIZE) -> torch.Tensor:
+def grid_to_sam_coords(
+    points: torch.Tensor, grid_size: int, image_size: int = SAM_IMAGE_SIZE, *, coords: str = "cell_center"
+) -> torch.Tensor:
     """Map grid-cell coordinates to SAM's padded-frame pixel coordinates.
 
     Args:
-        points: (..., 2) float (x, y) in grid cells; integer values are cell centres.
+        points: (..., 2) float (x, y) in grid cells; integer values are cells.
+        coords: ``cell_center`` (``(x + 0.5) * size / g``) or ``align_corners`` (``x * size / (g - 1)``).
     Returns:
         (..., 2) float (x, y) in pixels of the 1024 x 1024 padded frame.
     """
-    return (points + 0.5) * (image_size / grid_size)
+    if coords == "cell_center":
+        return (points + 0.5) * (image_size / grid_size)
+    if coords == "align_corners":
+        return points * (image_size / (grid_size - 1))
+    raise ValueError(f"coords must be 'cell_center' or 'align_corners', got {coords!r}")
 
 
 def postprocess_masks(

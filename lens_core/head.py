@@ -10,7 +10,13 @@ MLLM's layers k and k+1 by loading their state dicts as they are, strictly.
 Layer 1's text-to-image attention becomes the grounding heatmap A_c^1; layer 2's
 output gives the image features F_i^2 and the start-of-answer token f_s^2.
 
-Positions are the paper's: plain 1-D rotary positions 0..L-1 over ``[F_i; F_t]``. For
+What the head reads is ``LensConfig.head_input``: the paper's ``[F_i; F_t]``, or (``full_sequence``,
+the authors' code) the whole layer-k sequence ``[F_p; F_i; F_t]`` with the pre-image prefix F_p (BOS,
+system prompt, ``USER:``: the same states for every image of a causal MLLM, cached once per store).
+Its layer-2 output optionally passes a fresh final RMSNorm (``final_norm``), as the authors' head is a
+``LlamaModel`` whose ``last_hidden_state`` the descriptor reads.
+
+Positions are plain 1-D rotary positions 0..L-1 over what the head reads. For
 LLaVA-1.5 these are the MLLM's own positions shifted by the prefix length (RoPE only
 sees differences). For Qwen2-VL they are NOT the MLLM's: its M-RoPE gives the image
 tokens 2-D (row, column) positions and the text after the image starts at the image's
@@ -223,6 +229,8 @@ class SegmentationHead(nn.Module):
             for _ in range(2)
         )
         self.rotary = RotaryEmbedding(config.hidden_size // config.num_heads, theta=config.rope_theta)
+        # A LlamaModel's final norm (fresh, not warm-started) when the config asks for it.
+        self.norm = RMSNorm(config.hidden_size, eps=config.final_norm_eps) if config.final_norm else None
 
     def load_decoder_layers(self, state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """Warm start from two decoder-layer state dicts of the backbone (e.g. LLaVA's layers 14 and 15),
@@ -235,13 +243,22 @@ class SegmentationHead(nn.Module):
         for layer, state in zip(self.layers, state_dicts):
             layer.load_state_dict(dict(state), strict=True)
 
-    def forward(self, image_states: torch.Tensor, text_states: torch.Tensor, text_lengths: torch.Tensor) -> HeadOutput:
+    def forward(
+        self,
+        image_states: torch.Tensor,
+        text_states: torch.Tensor,
+        text_lengths: torch.Tensor,
+        prefix_states: torch.Tensor | None = None,
+    ) -> HeadOutput:
         """
         Args:
             image_states: (B, L_i, d) cached image-token states F_i, L_i = g * g.
             text_states: (B, L_t, d) cached text states F_t, right-padded; the last
                 valid row of each is the start-of-answer token.
             text_lengths: (B,) number of valid text rows (>= 1).
+            prefix_states: (P, d) or (B, P, d) states of the tokens before the image (BOS, system
+                prompt, ``USER:``); required when ``config.head_input`` is ``full_sequence``, not
+                read otherwise.
         Returns:
             HeadOutput.
         """
@@ -266,12 +283,17 @@ class SegmentationHead(nn.Module):
 
         dtype = self.layers[0].input_layernorm.weight.dtype
         num_image = cfg.num_image_tokens
+        parts = [image_states, text_states]
+        if cfg.head_input == "full_sequence":
+            parts.insert(0, self._batched_prefix(prefix_states, batch, image_states))
+        start = parts[0].shape[1] if len(parts) == 3 else 0  # where the image tokens begin
         # Right padding is harmless under the causal mask: a valid token never attends to a later pad.
-        x = torch.cat((image_states, text_states), dim=1).to(dtype)
+        x = torch.cat([p.to(dtype) for p in parts], dim=1)
         cos, sin = self.rotary(x.shape[1], x.device)
 
         x, probs = self.layers[0](x, cos, sin, return_attention=True)
-        text_to_image = probs.mean(dim=1)[:, num_image:, :num_image]  # (B, L_t, L_i), averaged over heads
+        text_begin = start + num_image
+        text_to_image = probs.mean(dim=1)[:, text_begin:, start:text_begin]  # (B, L_t, L_i), averaged over heads
         rows = torch.arange(text_states.shape[1], device=x.device)
         if cfg.heatmap_from == "last":
             select = (rows[None, :] == (text_lengths - 1)[:, None]).float()
@@ -281,6 +303,22 @@ class SegmentationHead(nn.Module):
         heatmap = peak_normalize(grounding, detach_peak=cfg.detach_peak).view(batch, cfg.grid_size, cfg.grid_size)
 
         x, _ = self.layers[1](x, cos, sin)
-        image_features = x[:, :num_image].transpose(1, 2).reshape(batch, cfg.hidden_size, cfg.grid_size, cfg.grid_size)
-        start_token = x[torch.arange(batch, device=x.device), num_image + text_lengths - 1]
+        if self.norm is not None:
+            x = self.norm(x)
+        image_features = x[:, start:text_begin].transpose(1, 2).reshape(batch, cfg.hidden_size, cfg.grid_size, cfg.grid_size)
+        start_token = x[torch.arange(batch, device=x.device), text_begin + text_lengths - 1]
         return HeadOutput(heatmap=heatmap, image_features=image_features, start_token=start_token)
+
+    def _batched_prefix(self, prefix_states: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, P, d) prefix states from (P, d) or (B, P, d); a one-line error when they are missing or misshapen."""
+        d = self.config.hidden_size
+        if prefix_states is None:
+            raise ValueError(
+                "head_input 'full_sequence' needs the pre-image prefix states (BOS, system prompt, USER:):"
+                " rebuild the store with a lens-cache that caches them, or train with head_input 'image_text'"
+            )
+        if prefix_states.dim() == 2:
+            prefix_states = prefix_states.unsqueeze(0).expand(batch, -1, -1)
+        if prefix_states.dim() != 3 or prefix_states.shape[0] != batch or prefix_states.shape[2] != d:
+            raise ValueError(f"prefix_states must be (P, {d}) or (B={batch}, P, {d}), got {tuple(prefix_states.shape)}")
+        return prefix_states.to(like.device)

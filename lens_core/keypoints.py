@@ -24,6 +24,8 @@ def nms_keypoints(
     max_points: int = 16,
     radius: float = 4.0,
     min_ratio: float = 0.4,
+    *,
+    strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS: take the argmax, zero every cell within Euclidean ``radius`` of it, repeat.
 
@@ -35,10 +37,11 @@ def nms_keypoints(
         max_points: K, the most points kept per map.
         radius: suppression radius in cells (cells at distance <= radius are zeroed).
         min_ratio: a picked point is valid if its score >= min_ratio x the map's peak.
+        strict: valid only if the score is > min_ratio x the peak (the authors' rule).
     Returns:
         points: (B, K, 2) float (x, y) integer cell coordinates, ordered by score;
             slots never picked hold (0, 0).
-        valid: (B, K) bool, picked and score >= min_ratio x peak.
+        valid: (B, K) bool, picked and score >= (``strict``: >) min_ratio x peak.
     """
     _check_heatmap(heatmap)
     batch, height, width = heatmap.shape
@@ -64,7 +67,9 @@ def nms_keypoints(
         work = work.masked_fill(suppress, 0.0)
         if not bool(alive.any()):
             break
-    valid = picked & (scores >= min_ratio * peak.unsqueeze(1)) & (peak.unsqueeze(1) > 0)
+    bar = min_ratio * peak.unsqueeze(1)
+    above = scores > bar if strict else scores >= bar
+    valid = picked & above & (peak.unsqueeze(1) > 0)
     return points, valid
 
 
@@ -75,8 +80,9 @@ _STENCIL = torch.tensor(
 )
 
 
-def sample_grid(values: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of a map at cell coordinates (align_corners=True, zeros outside).
+def sample_grid(values: torch.Tensor, points: torch.Tensor, *, padding_mode: str = "zeros") -> torch.Tensor:
+    """Bilinear samples of a map at cell coordinates (align_corners=True; outside the grid: zeros, or the
+    nearest border value with ``padding_mode="border"``).
 
     Args:
         values: (B, C, H, W).
@@ -88,7 +94,8 @@ def sample_grid(values: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     norm = torch.stack(
         (2.0 * points[..., 0] / (width - 1) - 1.0, 2.0 * points[..., 1] / (height - 1) - 1.0), dim=-1
     ).to(values.dtype)
-    sampled = F.grid_sample(values, norm.unsqueeze(2), mode="bilinear", align_corners=True)  # (B, C, N, 1)
+    sampled = F.grid_sample(values, norm.unsqueeze(2), mode="bilinear", padding_mode=padding_mode,
+                            align_corners=True)  # (B, C, N, 1)
     return sampled.squeeze(-1).transpose(1, 2)
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .geometry import mask_to_padded_frame
+from .geometry import SAM_IMAGE_SIZE, mask_to_padded_frame
 from .metrics import IGNORE_LABEL
 
 
@@ -78,6 +78,8 @@ def attention_loss(
     input_sizes: Sequence[tuple[int, int]],
     *,
     size: int = 128,
+    align_corners: bool = False,
+    target_resize: str = "area",
 ) -> torch.Tensor:
     """L_attn: BCE between the heatmap and the ground truth on the padded frame at ``size``.
 
@@ -85,18 +87,34 @@ def attention_loss(
         heatmap: (B, g, g) values in (0, 1) (peak-normalised grounding map).
         gts: B tensors (H_b, W_b) uint8 0/1/255 at the original sizes.
         input_sizes: B (h, w) resized sizes inside SAM's 1024 frame.
+        align_corners: how the heatmap is upsampled to ``size`` (True in the authors' code, matching
+            ``LensConfig.coords == "align_corners"``).
+        target_resize: ``area``: the mask's coverage of each target cell, > 0.5; ``nearest`` (authors):
+            the mask on SAM's padded 1024 frame, resized to ``size`` with mode ``nearest``, > 0.5.
     Returns:
         scalar, mean over the batch of each map's mean BCE on non-ignored cells.
     """
     if heatmap.dim() != 3 or heatmap.shape[0] != len(gts):
         raise ValueError(f"heatmap must be (B, g, g) with B={len(gts)}, got {tuple(heatmap.shape)}")
-    up = F.interpolate(heatmap.unsqueeze(1).float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
+    if target_resize not in ("area", "nearest"):
+        raise ValueError(f"target_resize must be 'area' or 'nearest', got {target_resize!r}")
+    up = F.interpolate(heatmap.unsqueeze(1).float(), (size, size), mode="bilinear", align_corners=align_corners)[:, 0]
     up = up.clamp(1e-6, 1 - 1e-6)
     losses = []
     for b, (gt, input_size) in enumerate(zip(gts, input_sizes)):
-        target = (mask_to_padded_frame((gt == 1).float(), input_size, size) > 0.5).float()
-        ignored = mask_to_padded_frame((gt == IGNORE_LABEL).float(), input_size, size) > 0.5
+        target = (_target_on_frame((gt == 1).float(), input_size, size, target_resize) > 0.5).float()
+        ignored = _target_on_frame((gt == IGNORE_LABEL).float(), input_size, size, target_resize) > 0.5
         weight = (~ignored).float()
         loss = F.binary_cross_entropy(up[b], target, reduction="none")
         losses.append((loss * weight).sum() / weight.sum().clamp_min(1.0))
     return torch.stack(losses).mean()
+
+
+def _target_on_frame(mask: torch.Tensor, input_size: tuple[int, int], size: int, how: str) -> torch.Tensor:
+    """(size, size) float: a mask at the original size on SAM's padded frame (see :func:`attention_loss`)."""
+    if how == "area":
+        return mask_to_padded_frame(mask, input_size, size)
+    h, w = int(input_size[0]), int(input_size[1])
+    frame = F.interpolate(mask[None, None], (h, w), mode="bilinear", align_corners=False, antialias=True)
+    frame = F.pad(frame, (0, SAM_IMAGE_SIZE - w, 0, SAM_IMAGE_SIZE - h))
+    return F.interpolate(frame, (size, size), mode="nearest")[0, 0]

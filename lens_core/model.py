@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import LensConfig
-from .descriptor import KeypointDescriptor
+from .descriptor import build_descriptor
 from .geometry import postprocess_masks
 from .head import SegmentationHead
 from .keypoints import nms_keypoints, subpixel_refine
@@ -48,7 +48,7 @@ class Lens(nn.Module):
         *,
         config: LensConfig,
         head: SegmentationHead,
-        descriptor: KeypointDescriptor,
+        descriptor: nn.Module,
         prompt_decoder: SamPromptDecoder,
     ) -> None:
         super().__init__()
@@ -64,6 +64,7 @@ class Lens(nn.Module):
         text_lengths: torch.Tensor,
         sam_embeddings: torch.Tensor,
         *,
+        prefix_states: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> LensOutput:
         """
@@ -73,19 +74,25 @@ class Lens(nn.Module):
             text_lengths: (B,) valid text rows; the last one is the start-of-answer token.
             sam_embeddings: (B, C, 64, 64) SAM image embeddings, C = ``config.prompt_dim``
                 (256 for SAM, 64 for the toy SAM).
+            prefix_states: (P, d) or (B, P, d) states of the tokens before the image; read only when
+                ``config.head_input`` is ``full_sequence``.
             generator: RNG for the training-time global-only dropout (S1.4).
         Returns:
             LensOutput.
         """
         cfg = self.config
-        head_out = self.head(image_states, text_states, text_lengths)
+        head_out = self.head(image_states, text_states, text_lengths, prefix_states)
         heatmap = head_out.heatmap
         integer_points, valid = nms_keypoints(
-            heatmap, max_points=cfg.max_keypoints, radius=cfg.nms_radius, min_ratio=cfg.keypoint_min_ratio
+            heatmap, max_points=cfg.max_keypoints, radius=cfg.nms_radius, min_ratio=cfg.keypoint_min_ratio,
+            strict=cfg.keypoint_strict,
         )
-        # Positions are not trained through the Newton step: the heatmap is supervised by
-        # L_attn directly, and gradients through argmax-selected stencils are noise.
-        points = subpixel_refine(heatmap.detach().float(), integer_points).detach()
+        if cfg.detach_subpixel:
+            # The heatmap is supervised by L_attn alone; the Newton step stays out of the graph.
+            points = subpixel_refine(heatmap.detach().float(), integer_points).detach()
+        else:
+            # The authors' code: the descriptor's sampling positions carry gradient into the heatmap.
+            points = subpixel_refine(heatmap.float(), integer_points)
 
         used = valid.clone()
         if self.training and cfg.use_global_description and cfg.global_only_prob > 0:
@@ -94,15 +101,19 @@ class Lens(nn.Module):
             used &= ~drop.to(valid.device).unsqueeze(1)
         if not cfg.use_keypoint_description:
             used = torch.zeros_like(valid)
+        # The authors drop keypoints from SAM's prompt only; the descriptor still sees every valid one.
+        described = valid if cfg.global_only_after_descriptor and cfg.use_keypoint_description else used
 
         descriptions = self.descriptor(
             head_out.image_features,
             head_out.start_token,
             points,
-            used,
+            described,
             include_global=cfg.use_global_description,
             include_keypoints=cfg.use_keypoint_description,
         )
+        # SAM's positional encoding of the keypoints is not trained through (authors: under no_grad).
+        points = points.detach()
         low_res, iou = self.prompt_decoder(
             descriptions, points, used, sam_embeddings, has_global=cfg.use_global_description
         )
@@ -135,11 +146,10 @@ def build_lens(config: LensConfig, sam: nn.Module) -> Lens:
     if config.prompt_dim != sam.prompt_encoder.embed_dim:
         raise ValueError(f"config.prompt_dim {config.prompt_dim} != SAM prompt dim {sam.prompt_encoder.embed_dim}")
     head = SegmentationHead(config=config)
-    descriptor = KeypointDescriptor(
-        dim=config.hidden_size, num_heads=config.descriptor_heads, out_dim=config.prompt_dim, neighborhood=config.neighborhood
-    )
+    descriptor = build_descriptor(config)
     prompt_decoder = SamPromptDecoder(
         prompt_encoder=sam.prompt_encoder, mask_decoder=sam.mask_decoder, grid_size=config.grid_size,
-        mask_index=config.mask_output_index,
+        mask_index=config.mask_output_index, coords=config.coords, cls_position_std=config.cls_position_std,
+        train_iou_head=config.train_iou_head,
     )
     return Lens(config=config, head=head, descriptor=descriptor, prompt_decoder=prompt_decoder)

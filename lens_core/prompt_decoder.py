@@ -18,15 +18,34 @@ from .geometry import SAM_IMAGE_SIZE, grid_to_sam_coords
 class SamPromptDecoder(nn.Module):
     """SAM's prompt encoder (frozen) and mask decoder (trainable) fed with keypoint descriptions."""
 
-    def __init__(self, *, prompt_encoder: nn.Module, mask_decoder: nn.Module, grid_size: int, mask_index: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        grid_size: int,
+        mask_index: int = 0,
+        coords: str = "cell_center",
+        cls_position_std: float = 0.02,
+        train_iou_head: bool = True,
+    ) -> None:
+        """
+        Args:
+            coords: how a cell maps to SAM's frame (``lens_core.geometry.grid_to_sam_coords``).
+            cls_position_std: init std of the global token's learned position.
+            train_iou_head: False freezes SAM's IoU prediction head (the authors' code).
+        """
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.grid_size = grid_size
         self.mask_index = mask_index
+        self.coords = coords
         self.prompt_encoder.requires_grad_(False)
+        if not train_iou_head:
+            self.mask_decoder.iou_prediction_head.requires_grad_(False)
         embed_dim = prompt_encoder.embed_dim
-        self.cls_position = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.cls_position = nn.Parameter(torch.randn(1, 1, embed_dim) * cls_position_std)
         self.image_size = (int(prompt_encoder.input_image_size[0]), int(prompt_encoder.input_image_size[1]))
         if self.image_size != (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE):
             raise ValueError(f"SAM input size {self.image_size} != {SAM_IMAGE_SIZE}: the token grid assumes SAM's 1024 frame")
@@ -66,7 +85,7 @@ class SamPromptDecoder(nn.Module):
             positions.append(self.cls_position.expand(batch, 1, -1).to(descriptions.dtype))
             present.append(torch.ones(batch, 1, dtype=torch.bool, device=descriptions.device))
         if num_keypoint_tokens:
-            coords = grid_to_sam_coords(points[:, :num_keypoint_tokens].float(), self.grid_size)
+            coords = grid_to_sam_coords(points[:, :num_keypoint_tokens].float(), self.grid_size, coords=self.coords)
             positions.append(self.prompt_encoder.pe_layer.forward_with_coords(coords, self.image_size).to(descriptions.dtype))
             present.append(keypoint_mask[:, :num_keypoint_tokens])
         sparse = descriptions + torch.cat(positions, dim=1)

@@ -56,7 +56,12 @@ def test_a_run_folder_written_before_the_record_existed_loads(run_dir):
     raw_model, written_model = raw.pop("model"), written.pop("model")
     assert written == raw
     assert {key: written_model[key] for key in raw_model} == raw_model
-    assert set(written_model) - set(raw_model) == {"layer_type", "num_key_value_heads"}
+    assert set(written_model) - set(raw_model) == {
+        "layer_type", "num_key_value_heads", "head_input", "final_norm", "final_norm_eps", "descriptor",
+        "descriptor_ffn_size", "descriptor_encoder_ffn_size", "descriptor_dropout", "global_only_after_descriptor",
+        "coords", "keypoint_strict", "detach_subpixel", "cls_position_std", "train_iou_head"}
+    # ... at the values that mean what the run was trained with (the structure before the fidelity switches)
+    assert config.model.head_input == "image_text" and config.model.descriptor == "paper" and not config.model.final_norm
 
 
 def test_a_newer_format_is_one_line_naming_the_file_and_the_fix(run_dir):
