@@ -52,9 +52,11 @@ def test_self_description_is_pinned(store, manifest):
     assert set(attrs) == {
         "format_version", "identity", "identity_hash", "manifest_hash", "spec", "layers", "hidden_size",
         "num_image_tokens", "sam_channels", "num_images", "num_queries", "num_blocks", "max_text_len", "storage_dtype",
-        "compression", "block_size", "failure_reasons", "checksums", "num_failed_images", "created_by", "complete",
+        "compression", "block_size", "failure_reasons", "checksums", "prefix", "num_failed_images", "created_by",
+        "complete",
     }  # fmt: skip
-    assert attrs["format_version"] == 3
+    assert attrs["format_version"] == 4
+    assert attrs["prefix"] is None  # the fake backbone gives no prefix states (tests/test_cache_fidelity_prefix.py)
     assert attrs["complete"] is True
     assert attrs["storage_dtype"] == "float16"
     assert attrs["compression"] == "lossless"
@@ -108,6 +110,7 @@ def test_self_description_is_pinned(store, manifest):
 #: lists them) with layers (3, 7), d = 8 and the toy SAM's C = 64, built over this module's manifest
 #: with block_size 2: N_img = 5, N_q = 11, N_blocks = 3, T = max_text_len = 13, Q = block_queries = 5,
 #: P = 576 image tokens; index chunks min(N, 65536) = N. Change it only with a new format_version.
+#: (A version-4 store without prefix states has the same.)
 PINNED_LAYOUT_V3 = [
     ("images/mllm_l3", ((5, 576, 8), "float16", (1, 576, 8))),
     ("queries/text_l3", ((11, 13, 8), "float16", (1, 13, 8))),
@@ -129,6 +132,14 @@ PINNED_LAYOUT_V3 = [
     ("queries/text_l7_crc32", ((3, 5), "uint32", (1, 5))),
     ("blocks/crc32", ((3,), "uint32", (1,))),
 ]
+#: Version 4 with prefix states: P_pre = 4 prompt tokens before the image, one (P_pre, d) array per layer
+#: after SAM's embeddings.
+PINNED_LAYOUT_V4 = [
+    *PINNED_LAYOUT_V3[:5],
+    ("prefix/mllm_l3", ((4, 8), "float16", (4, 8))),
+    ("prefix/mllm_l7", ((4, 8), "float16", (4, 8))),
+    *PINNED_LAYOUT_V3[5:],
+]
 
 
 def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
@@ -136,9 +147,9 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
     disk, what verify expects, what the block writer opens and the docstring's table all come from it."""
     import lens_cache.store
 
-    assert FORMAT_VERSION == 3, "a new format version: pin its layout here"
+    assert FORMAT_VERSION == 4, "a new format version: pin its layout here"
     two_layers = build_cache(
-        manifest, tmp_path / "store", fake_factory(layers=(3, 7), hidden_size=8, sam_channels=64),
+        manifest, tmp_path / "store", fake_factory(layers=(3, 7), hidden_size=8, sam_channels=64, prefix_tokens=4),
         spec="testset:val", block_size=2, batch_size=2, progress=False,
     )  # fmt: skip
     attrs = two_layers.attrs
@@ -149,8 +160,12 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
         array = two_layers.array(name)
         on_disk[name] = (tuple(array.shape), str(array.dtype), tuple(array.chunks))
         assert array.fill_value == 0, name
-    assert on_disk == dict(PINNED_LAYOUT_V3)
-    assert list(expected_arrays(attrs).items()) == PINNED_LAYOUT_V3  # verify's table, in the schema's order
+    assert on_disk == dict(PINNED_LAYOUT_V4)
+    assert list(expected_arrays(attrs).items()) == PINNED_LAYOUT_V4  # verify's table, in the schema's order
+    assert attrs["prefix"] == {"length": 4, "token_ids": [1, 2, 3, 4]}
+    # without prefix states (a version-3 store, or a backbone that gives none): the version-3 layout
+    assert list(expected_arrays({**attrs, "prefix": None}).items()) == PINNED_LAYOUT_V3
+    assert list(expected_arrays({key: v for key, v in attrs.items() if key != "prefix"}).items()) == PINNED_LAYOUT_V3
     block_written = {name for name, _ in PINNED_LAYOUT_V3 if name not in INDEX_ARRAYS and name != "queries/failed"}
     assert set(StoreWriter(two_layers.url).arrays) == block_written
     assert INDEX_ARRAYS == ("images/first_query", "queries/image_index", "queries/text_len")
@@ -158,7 +173,7 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
         "images/sam", "images/mllm_l3", "queries/text_l3", "images/mllm_l7", "queries/text_l7"
     ]
     # a version-1 store: the same arrays without the checksums, and C = 256 (it did not record sam_channels)
-    v1 = {key: value for key, value in attrs.items() if key not in ("sam_channels", "checksums")}
+    v1 = {key: value for key, value in attrs.items() if key not in ("sam_channels", "checksums", "prefix")}
     v1_layout = [row for row in PINNED_LAYOUT_V3 if "crc32" not in row[0]]
     v1_layout[4] = ("images/sam", ((5, 256, 64, 64), "float16", (1, 256, 64, 64)))
     assert list(expected_arrays({**v1, "format_version": 1}).items()) == v1_layout

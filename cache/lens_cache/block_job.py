@@ -36,6 +36,7 @@ from lens_cache.store_format import (
     FAILURE_REASONS,
     SAM_EMBEDDINGS,
     WARM_START_FILE,
+    StorePrefix,
     image_array_name,
     is_query_array,
     sample_arrays,
@@ -112,7 +113,8 @@ class ExtractorInfo:
 
     ``identity`` is the extractor's plus ``warm_start`` (see :func:`warm_start_file`);
     ``questions``/``text_len`` have one entry per manifest row; a row whose text the
-    backbone refused has ``text_len`` 0 and its reason in ``text_failures``.
+    backbone refused has ``text_len`` 0 and its reason in ``text_failures``; ``prefix`` the
+    states of the prompt's tokens before the image (:func:`store_prefix`), None if the extractor gives none.
     """
 
     identity: dict
@@ -123,10 +125,12 @@ class ExtractorInfo:
     questions: list[str]
     text_len: np.ndarray
     text_failures: dict[int, str]
+    prefix: StorePrefix | None = None
 
 
 def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
-    """The extractor's identity (with its warm-start record) and sizes, and every row's question and L_t."""
+    """The extractor's identity (with its warm-start record) and sizes, every row's question and L_t, and
+    the prefix states the store keeps once (:func:`store_prefix`)."""
     questions = [
         extractor.question_for(text, bool(sentence)) for text, sentence in zip(texts, is_sentence, strict=True)
     ]
@@ -141,6 +145,29 @@ def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sen
         questions=questions,
         text_len=text_len,
         text_failures=failures,
+        prefix=store_prefix(extractor),
+    )
+
+
+def store_prefix(extractor: FeatureExtractor) -> StorePrefix | None:
+    """The prompt's tokens before the image and their states at every cached layer, as the store keeps
+    them (float16, once per store), from the extractor's optional ``prefix_states()``: None where it has
+    none (a fake backbone) or gives none.
+
+    Raises:
+        RuntimeError: the states are not (P_pre, d) per cached layer, or not finite in float16.
+    """
+    get = getattr(extractor, "prefix_states", None)
+    found = get() if get is not None else None
+    if found is None:
+        return None
+    token_ids, states = found
+    if not token_ids:
+        return None
+    shape = (len(token_ids), int(extractor.hidden_size))
+    return StorePrefix(
+        token_ids=tuple(int(t) for t in token_ids),
+        states={int(k): to_float16(states[k], shape, f"layer-{k} prefix states") for k in extractor.layers},
     )
 
 

@@ -10,6 +10,9 @@ half-written sample as finished.
 Before the first block, the head's warm start is written beside the features: the
 MLLM's decoder layers k and k+1 for each cached layer k
 (:func:`~lens_cache.block_job.warm_start_file`), its sha256 recorded in the store's identity.
+The states of the prompt's tokens before the image (the same for every image of a causal MLLM)
+are computed once with the extractor's description and written when the store is created
+(``prefix/mllm_l{L}``, :func:`~lens_cache.block_job.store_prefix`).
 
 Serial (``workers=0``) the parent runs every block itself; otherwise the blocks go
 to dask.distributed workers (see :mod:`lens_cache.distributed`).
@@ -268,10 +271,13 @@ def _build_cache(
             compression=compression,
         )
         store = prepare_store(
-            location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite
+            location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite,
+            prefix=info.prefix,
         )
         if existed:  # resume or rerun: first find what of the store is damaged, to redo it
-            store = repair_damage(store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress)
+            store = repair_damage(
+                store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress, prefix=info.prefix
+            )
         for row, reason in info.text_failures.items():
             say(progress, f"skipped query {row}: {reason}")
         if store.complete:

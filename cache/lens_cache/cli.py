@@ -148,7 +148,7 @@ def build(
     sam: Annotated[str, typer.Option(help="SAM as vit_h:PATH (vit_l:/vit_b:), 'tiny', or 'toy' (toy:PATH).")] = "toy",
     layers: Annotated[
         str | None,
-        typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index) [3 for toy, else 14].", show_default=False),
+        typer.Option(help="MLLM layers to cache, comma-separated (hidden_states index) [the main layer of the preset made for the MLLM: 3 for toy, 14 for LLaVA-1.5, 20 for Qwen2-VL, 26 for Qwen2.5-VL, 20 for OneVision; else 14].", show_default=False),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backbone call.")] = 4,
     block_size: Annotated[
@@ -291,6 +291,8 @@ def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> No
             f"complete     {attrs['complete']} ({done}/{opened.num_blocks} blocks of {opened.block_size} images)",
             f"identity     {attrs['identity_hash'][:16]}",
             f"layers       {list(opened.layers)}  (d={opened.hidden_size}, {opened.num_image_tokens} image tokens)",
+            "prefix       " + (f"{len(opened.prefix_token_ids)} tokens before the image, stored once per layer"
+                               if opened.prefix_token_ids is not None else "none (format 3 or older, or none given)"),
             f"size         {opened.num_images} images, {opened.num_queries} queries, max_text_len {opened.max_text_len}",
             f"storage      {attrs['storage_dtype']}, compression {attrs['compression']}",
             f"manifest     {attrs['manifest_hash'][:16]}",
@@ -348,6 +350,32 @@ def export(
 
         path = export_hdf5(store, out, compression=compression)
         typer.echo(f"{path}: {_human(path.stat().st_size)}")
+
+
+@app.command("prompt")
+def prompt_command(
+    *,
+    question: Annotated[str, typer.Option(help="A short phrase (put in the question template) or, with --sentence, a sentence.")],
+    mllm: Annotated[
+        str, typer.Option(help="LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision checkpoint folder or HF id, or 'toy', 'tiny', 'tiny-qwen2vl', 'tiny-onevision'.")
+    ] = "toy",
+    sentence: Annotated[bool, typer.Option("--sentence", help="Ask the text as it is (a reasoning query), as build does for sentence rows.")] = False,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cpu: nothing runs, the model is only loaded).")] = "cpu",
+) -> None:
+    """Print the exact prompt and token ids the MLLM sees for one question (no forward).
+
+    The MLLM is loaded as build loads it; printed: the prompt text with the image span marked
+    (<image xN>), the ids with the image run collapsed ([ID x N]), the prefix length P (tokens before
+    the image, stored once per store), the text tokens after the image (L_t) and the start-of-answer token.
+    """
+    with user_errors():
+        from lens_cache.backbones import build_mllm, default_layers
+        from lens_cache.prompt_view import view_prompt
+
+        # bfloat16: nothing runs but the loader's checks, so a 7B checkpoint loads in half the memory on a CPU
+        loaded = build_mllm(mllm, layers=default_layers(mllm), device=device, dtype="bfloat16")
+        for line in view_prompt(loaded, question, name=mllm, is_sentence=sentence).lines():
+            typer.echo(line)
 
 
 @app.command("probe-layers")

@@ -19,13 +19,17 @@ docstring holds it, and pins the schema of a small store against the format vers
 ``images/`` array has one row per image, a ``queries/`` array one per query, a ``blocks/``
 array one per block; a ``{L}`` row is one array per cached layer L (the states of
 ``hidden_states[L]``); the checksums (``*_crc32``, ``blocks/crc32``) are absent from a
-version-1 store. Every array's fill value is 0::
+version-1 store; a ``prefix/`` array is one per store and layer (the states of the P_pre prompt tokens
+before the first image token, the same for every image of a causal MLLM; token ids in
+``attrs["prefix"]``), absent before version 4 and where the backbone gives none (a fake one). Every
+array's fill value is 0::
 
     N_img     images (num_images)
     N_q       queries (num_queries), rows of the manifest
     N_blocks  blocks (num_blocks), ceil(N_img / B)
     B         images per block (block_size)
     P         image tokens (num_image_tokens, 576 for LLaVA-1.5)
+    P_pre     prompt tokens before the first image token (prefix.length: BOS, system prompt, USER:)
     d         the MLLM's hidden size (hidden_size)
     T         max_text_len, the longest L_t
     C         sam_channels, SAM's prompt width: 256 for SAM, 64 for the toy SAM (format 1: always 256)
@@ -43,6 +47,7 @@ version-1 store. Every array's fill value is 0::
     images/mllm_l{L}         (N_img, P, d)       float16  (1, P, d)       block   store  MLLM image-token states
     queries/text_l{L}        (N_q, T, d)         float16  (1, T, d)       block   store  text states, right-padded
     images/sam               (N_img, C, 64, 64)  float16  (1, C, 64, 64)  block   store  SAM image embedding
+    prefix/mllm_l{L}         (P_pre, d)          float16  (P_pre, d)      create  zstd   states before the image
     images/original_size     (N_img, 2)          int32    (B, 2)          block   zstd   (h, w)
     images/input_size        (N_img, 2)          int32    (B, 2)          block   zstd   (h, w) before padding
     images/failed            (N_img,)            uint8    (B,)            block   zstd   0 ok, else FAILURE_REASONS
@@ -86,7 +91,10 @@ Format version 2 added ``sam_channels``, the warm start (for the first layer onl
 ``layers.0.*``/``layers.1.*``) and the checksums; a version-1 store reads as ``C = 256``
 without a warm start and without checksum checks. Version 3 keeps the warm start of every
 cached layer (``by_layer``; keys ``decoder.<i>.*``, each decoder layer once); a version-2
-store still warm-starts its first layer.
+store still warm-starts its first layer. Version 4 adds ``prefix/mllm_l{L}`` and ``attrs["prefix"]``
+(``length``, ``token_ids``; None where there is none), written at creation with the index arrays,
+their checksums in ``attrs["checksums"]["index"]``; a version-3 store reads with
+:meth:`FeatureStore.prefix_states` None.
 
 Skipped samples (one bad sample never stops a build): an image that is missing,
 unreadable, of another size than the manifest says, or of a shape SAM's frame cannot

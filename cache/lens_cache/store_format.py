@@ -27,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 from lens_cache.identity import normalise_json
 
-FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+#: 4: the prompt's tokens before the image, once per layer (``prefix/mllm_l{L}``, ``attrs["prefix"]``).
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
 ATTRS_KEY = "lens_cache"
 #: Written first at creation and replaced (atomically, in one metadata write) by
 #: ``ATTRS_KEY`` once every array exists: a store killed while being created is
@@ -66,6 +67,7 @@ DIMENSIONS = {
     "N_blocks": "blocks (num_blocks), ceil(N_img / B)",
     "B": "images per block (block_size)",
     "P": "image tokens (num_image_tokens, 576 for LLaVA-1.5)",
+    "P_pre": "prompt tokens before the first image token (prefix.length: BOS, system prompt, USER:)",
     "d": "the MLLM's hidden size (hidden_size)",
     "T": "max_text_len, the longest L_t",
     "C": "sam_channels, SAM's prompt width: 256 for SAM, 64 for the toy SAM (format 1: always 256)",
@@ -83,8 +85,9 @@ WRITERS = {
 }
 
 #: What an array holds (the ``kind`` of a row): per-sample features (one chunk per sample),
-#: checksums (format version 2 on: absent from a version-1 store), or bookkeeping.
-SAMPLE, CHECKSUM, BOOKKEEPING = "sample", "checksum", "bookkeeping"
+#: checksums (format version 2 on: absent from a version-1 store), bookkeeping, or features shared by
+#: every sample (format version 4 on, and only where the backbone gave them: ``attrs["prefix"]``).
+SAMPLE, CHECKSUM, BOOKKEEPING, SHARED = "sample", "checksum", "bookkeeping", "shared"
 #: The codecs of an array (the ``codec`` column of the layout).
 CODEC_FEATURES, CODEC_ZSTD = "store", "zstd"
 CODECS = {
@@ -132,6 +135,11 @@ def text_array_name(layer: int) -> str:
     return _layer_name(TEXT_STATES, layer)
 
 
+def prefix_array_name(layer: int) -> str:
+    """Array of the states of the prompt's tokens before the image, at ``layer``: (P_pre, d), once per store."""
+    return _layer_name(PREFIX_STATES, layer)
+
+
 def checksum_array_name(name: str) -> str:
     """Array of the per-sample checksums of the feature array ``name`` (``images/sam`` -> ``images/sam_crc32``)."""
     return f"{name}{CHECKSUM_SUFFIX}"
@@ -143,6 +151,11 @@ IMAGE_STATES = ArraySpec("images/mllm_l{L}", ("N_img", "P", "d"), STORAGE_DTYPE,
                          CODEC_FEATURES, "MLLM image-token states")
 TEXT_STATES = ArraySpec("queries/text_l{L}", ("N_q", "T", "d"), STORAGE_DTYPE, (1, "T", "d"), BY_BLOCK, SAMPLE,
                         CODEC_FEATURES, "text states, right-padded")
+#: A causal MLLM's states of the tokens before the first image token do not depend on the image: one
+#: copy per layer, written with the index arrays (lossless whatever the compression; checksum in
+#: ``attrs["checksums"]["index"]``).
+PREFIX_STATES = ArraySpec("prefix/mllm_l{L}", ("P_pre", "d"), STORAGE_DTYPE, ("P_pre", "d"), BY_CREATION, SHARED,
+                          CODEC_ZSTD, "states before the image")
 SAM_EMBEDDINGS = ArraySpec("images/sam", ("N_img", "C", SAM_EMBEDDING_SIZE, SAM_EMBEDDING_SIZE), STORAGE_DTYPE,
                            (1, "C", SAM_EMBEDDING_SIZE, SAM_EMBEDDING_SIZE), BY_BLOCK, SAMPLE, CODEC_FEATURES,
                            "SAM image embedding")
@@ -157,13 +170,15 @@ IMAGE_INDEX = "queries/image_index"
 QUERY_FAILED = "queries/failed"
 BLOCK_DONE = "blocks/done"
 
-#: Every array of a store (format version 3; versions 1 and 2 have the same, version 1 without the
-#: checksums). Arrays in ``images/`` have one row per image, in ``queries/`` one per query, in
-#: ``blocks/`` one per block; a run of ``{L}`` rows repeats, as a group, for each cached layer.
+#: Every array of a store (format version 4; versions 2 and 3 have the same without ``prefix/``, version 1
+#: also without the checksums). Arrays in ``images/`` have one row per image, in ``queries/`` one per
+#: query, in ``blocks/`` one per block, in ``prefix/`` one per store; a run of ``{L}`` rows repeats, as a
+#: group, for each cached layer.
 SCHEMA: tuple[ArraySpec, ...] = (
     IMAGE_STATES,
     TEXT_STATES,
     SAM_EMBEDDINGS,
+    PREFIX_STATES,
     ArraySpec(ORIGINAL_SIZE, ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
               "(h, w)"),
     ArraySpec(INPUT_SIZE, ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
@@ -221,6 +236,9 @@ def dimensions(attrs: dict) -> dict[str, int]:
     checksums = stored_checksums(attrs)
     if checksums is not None:
         values["Q"] = int(checksums["block_queries"])
+    prefix = stored_prefix(attrs)
+    if prefix is not None:
+        values["P_pre"] = int(prefix["length"])
     return values
 
 
@@ -243,9 +261,14 @@ def _expanded(layers: Sequence[int], specs: Sequence[ArraySpec]) -> Iterator[tup
 
 def store_arrays(attrs: dict) -> list[StoreArray]:
     """Every array a store with these ``lens_cache`` attributes holds, in :data:`SCHEMA`'s order
-    (the checksums only where the store has them: format version 2 on)."""
+    (the checksums only where the store has them: format version 2 on; the prefix only where
+    ``attrs["prefix"]`` records one: format version 4 on)."""
     sizes = dimensions(attrs)
-    specs = [spec for spec in SCHEMA if spec.kind != CHECKSUM or stored_checksums(attrs) is not None]
+    specs = [
+        spec for spec in SCHEMA
+        if (spec.kind != CHECKSUM or stored_checksums(attrs) is not None)
+        and (spec.kind != SHARED or stored_prefix(attrs) is not None)
+    ]
 
     def numbers(symbols: tuple[str | int, ...]) -> tuple[int, ...]:
         return tuple(value if isinstance(value, int) else sizes[value] for value in symbols)
@@ -309,9 +332,18 @@ def is_image_array(name: str) -> bool:
 #: The Zarr groups that hold the arrays (``blocks``, ``images``, ``queries``).
 ARRAY_GROUPS = tuple(sorted({spec.name.split("/", 1)[0] for spec in SCHEMA}))
 
-#: Arrays written once by the parent at creation (sorted by name), their checksums in
+#: The bookkeeping arrays written once by the parent at creation (sorted by name), their checksums in
 #: ``attrs["checksums"]["index"]`` in this order.
-INDEX_ARRAYS = tuple(sorted(spec.name for spec in SCHEMA if spec.written_by == BY_CREATION))
+INDEX_ARRAYS = tuple(
+    sorted(spec.name for spec in SCHEMA if spec.written_by == BY_CREATION and spec.kind == BOOKKEEPING)
+)
+
+
+def creation_arrays(attrs: dict) -> list[str]:
+    """Every array the parent writes at creation and checks as a whole against ``attrs["checksums"]["index"]``:
+    :data:`INDEX_ARRAYS`, then the prefix states of each layer where the store has them."""
+    prefix = [prefix_array_name(layer) for layer in attrs["layers"]] if stored_prefix(attrs) is not None else []
+    return [*INDEX_ARRAYS, *prefix]
 
 
 def layout_table() -> str:
@@ -359,6 +391,12 @@ def stored_checksums(attrs: dict) -> dict | None:
 def sam_embedding_shape(channels: int) -> tuple[int, int, int]:
     """(C, 64, 64): one cached SAM image embedding, C = 256 for SAM, 64 for the toy SAM."""
     return tuple(channels if size == "C" else size for size in SAM_EMBEDDINGS.shape[1:])  # type: ignore[return-value]
+
+
+def stored_prefix(attrs: dict) -> dict | None:
+    """``attrs["prefix"]`` (``length`` P_pre, ``token_ids``), or None: a store of format version 3 or older, or
+    one whose backbone gives no prefix states (a fake one)."""
+    return attrs.get("prefix")
 
 
 def stored_sam_channels(attrs: dict) -> int:
@@ -451,6 +489,30 @@ class ImagePlan:
     def max_block_queries(self) -> int:
         """The most queries of any block (the width of the query-checksum arrays)."""
         return max(len(self.query_range(block)) for block in range(self.num_blocks))
+
+
+# ----------------------------------------------------------------------------- the prefix
+
+
+@dataclass(frozen=True)
+class StorePrefix:
+    """What a build stores once for the prompt's tokens before the image (format version 4).
+
+    Attributes:
+        token_ids: the P_pre token ids (BOS, system prompt, ``USER:``), recorded in ``attrs["prefix"]``.
+        states: layer -> (P_pre, d) float16, as stored in ``prefix/mllm_l{L}``.
+    """
+
+    token_ids: tuple[int, ...]
+    states: dict[int, np.ndarray]
+
+    def record(self) -> dict:
+        """``attrs["prefix"]``."""
+        return {"length": len(self.token_ids), "token_ids": [int(t) for t in self.token_ids]}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Array name -> stored values."""
+        return {prefix_array_name(layer): values for layer, values in self.states.items()}
 
 
 # ----------------------------------------------------------------------------- self-description

@@ -47,10 +47,12 @@ from lens_cache.store_format import (
     image_array_name,
     is_query_array,
     manifest_hash,
+    prefix_array_name,
     query_end,
     sample_arrays,
     sample_checksum,
     stored_checksums,
+    stored_prefix,
     stored_sam_channels,
     text_array_name,
 )
@@ -303,8 +305,31 @@ class FeatureStore:
         names = []
         for folder in ARRAY_GROUPS:
             with quiet_numcodecs():
+                if folder not in self._group:  # ``prefix/``: absent before format version 4
+                    continue
                 names += [f"{folder}/{name}" for name in self._group[folder].array_keys()]
         return sorted(names)
+
+    @property
+    def prefix_token_ids(self) -> list[int] | None:
+        """The P_pre token ids of the prompt before its first image token (BOS, system prompt, ``USER:``),
+        or None for a store without prefix states (format version 3 or older, or a backbone that gives none)."""
+        prefix = stored_prefix(self._attrs)
+        return None if prefix is None else [int(t) for t in prefix["token_ids"]]
+
+    def prefix_states(self, layer: int) -> np.ndarray | None:
+        """(P_pre, d) float32: the MLLM's layer-``layer`` states of the prompt's tokens before the image
+        (the same for every image of a causal MLLM, so stored once), checked against their checksum;
+        None for a store without them (see :attr:`prefix_token_ids`).
+
+        Raises:
+            MissingLayerError: the store does not cache ``layer``.
+            DamagedStoreError: the array does not decode or its bytes changed.
+        """
+        require_layer(self.layers, layer, holder=f"store {self.url}")
+        if stored_prefix(self._attrs) is None:
+            return None
+        return self.checked_index_array(prefix_array_name(int(layer))).astype(np.float32)
 
     @cached_property
     def text_len(self) -> np.ndarray:

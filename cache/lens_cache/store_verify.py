@@ -21,10 +21,10 @@ from lens_cache.errors import DamagedStoreError, StoreError
 from lens_cache.identity import identity_hash
 from lens_cache.store_format import (
     IMAGE_FAILED,
-    INDEX_ARRAYS,
     MANIFEST_FILE,
     QUERY_FAILED,
     TEXT_LEN,
+    creation_arrays,
     expected_arrays,
     is_query_array,
     manifest_hash,
@@ -229,14 +229,14 @@ def verify_store(
     if not present >= set(expected):
         return report
     index_ok = True
-    for name in INDEX_ARRAYS:
+    for name in creation_arrays(attrs):
         try:
             store.checked_index_array(name)
         except DamagedStoreError as error:
             report.problems.append(error.detail)
             index_ok = False
     if not index_ok:
-        report.problems.append(f"the store's index arrays are damaged: {store.repair_hint}")
+        report.problems.append(f"the store's index or prefix arrays are damaged: {store.repair_hint}")
         return report
     try:
         report.problems += check_filled(store)

@@ -48,8 +48,10 @@ from lens_cache.store_format import (
     ImagePlan,
     StoreArray,
     StoreDescription,
+    StorePrefix,
     block_checksum,
     checksum_array_name,
+    creation_arrays,
     is_query_array,
     sample_arrays,
     sample_checksum,
@@ -143,12 +145,13 @@ def create_store(
     manifest: pa.Table,
     plan: ImagePlan,
     text_len: np.ndarray,
+    prefix: StorePrefix | None = None,
 ) -> None:
     """Create every array of a new store (the parent does this once, before any worker).
 
     The arrays are :data:`~lens_cache.store_format.SCHEMA`'s for the attributes the store will
-    have (:func:`~lens_cache.store_format.store_arrays`); the index arrays are written here, and
-    the attributes last.
+    have (:func:`~lens_cache.store_format.store_arrays`); the index arrays and the prefix states are
+    written here, and the attributes last (so a store killed before has no attributes and is recreated).
 
     Args:
         location: where; must be empty (the caller removes an old store first).
@@ -156,6 +159,8 @@ def create_store(
         manifest: the manifest table, stored beside the arrays.
         plan: rows grouped into images and blocks.
         text_len: (N_q,) int, L_t of every query (by tokenisation, known up front).
+        prefix: the states of the prompt's tokens before the image, one (P_pre, d) float16 array per
+            cached layer (``prefix/mllm_l{L}``); None: the backbone gives none (the store has no ``prefix/``).
     """
     codecs = {  # a bad compression name raises its one-line error here, before anything is written
         CODEC_FEATURES: feature_codecs(description.compression),
@@ -166,6 +171,10 @@ def create_store(
     if text_len.shape != (num_queries,) or text_len.min() < 0:
         raise ValueError("text_len must give a length for every query (0: a refused text)")
     index = index_arrays(plan, text_len)
+    if prefix is not None and (not prefix.token_ids or set(prefix.states) != set(description.layers)):
+        raise ValueError("the prefix needs at least one token and one array per cached layer")
+    if prefix is not None:
+        index.update(prefix.arrays())
     attrs = {
         "format_version": FORMAT_VERSION,
         "identity": normalise_json(description.identity),
@@ -190,6 +199,7 @@ def create_store(
             "block_queries": plan.max_block_queries,
             "index": {name: sample_checksum(values) for name, values in index.items()},
         },
+        "prefix": prefix.record() if prefix is not None else None,
         "num_failed_images": None,
         "created_by": created_by(),
         "complete": False,
@@ -326,8 +336,11 @@ def prepare_store(
     plan: ImagePlan,
     text_len: np.ndarray,
     overwrite: bool,
+    prefix: StorePrefix | None = None,
 ) -> FeatureStore:
     """Create the store, or reopen it for a resume after checking it is the same build.
+
+    ``prefix``: see :func:`create_store` (a resumed store keeps its own, :func:`repair_damage` mends it).
 
     Raises:
         StoreError: the location holds something else, or a store of another
@@ -349,7 +362,7 @@ def prepare_store(
             return existing
     if state == "partial":  # killed while being created: nothing computed yet, start again
         location.remove()
-    create_store(location, description=description, manifest=manifest, plan=plan, text_len=text_len)
+    create_store(location, description=description, manifest=manifest, plan=plan, text_len=text_len, prefix=prefix)
     return FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
 
 
@@ -372,12 +385,19 @@ def refuse_if_different(existing: FeatureStore, wanted: StoreDescription) -> Non
 
 
 def repair_damage(
-    store: FeatureStore, *, manifest: pa.Table, plan: ImagePlan, text_len: np.ndarray, progress: bool
+    store: FeatureStore,
+    *,
+    manifest: pa.Table,
+    plan: ImagePlan,
+    text_len: np.ndarray,
+    progress: bool,
+    prefix: StorePrefix | None = None,
 ) -> FeatureStore:
     """Check an existing store before building on it, and make this build redo what is damaged.
 
-    The manifest file and the index arrays are rewritten if they are not what the store
-    recorded (the build has both). Every sample of every finished block is read back and
+    The manifest file, the index arrays and the prefix states are rewritten if they are not what
+    the store recorded (the build has them all; a rewritten prefix's checksum is recorded anew, as
+    another device may round its last bit differently). Every sample of every finished block is read back and
     checked (:func:`~lens_cache.store.scan_store`); a block with a damaged or missing
     sample loses its done flag, so the build recomputes exactly those blocks. A complete
     store that needs any repair (or whose warm-start file or ``queries/failed`` is
@@ -397,12 +417,24 @@ def repair_damage(
         repaired.append(f"rewrote {MANIFEST_FILE}")
     if store.checksums is not None:
         expected = index_arrays(plan, text_len)
-        for name in INDEX_ARRAYS:
+        shared = prefix.arrays() if prefix is not None else {}
+        rechecked: dict[str, int] = {}
+        for name in creation_arrays(store.attrs):
             try:
                 store.checked_index_array(name)
             except DamagedStoreError:
-                group[name][:] = expected[name]
+                if name in expected:
+                    group[name][:] = expected[name]
+                elif name in shared and group[name].shape == shared[name].shape:
+                    group[name][:] = shared[name]
+                    rechecked[name] = sample_checksum(shared[name])
+                else:
+                    raise
                 repaired.append(f"rewrote {name}")
+        if rechecked:
+            attrs = dict(group.attrs[ATTRS_KEY])
+            attrs["checksums"] = {**attrs["checksums"], "index": {**attrs["checksums"]["index"], **rechecked}}
+            group.attrs.put({ATTRS_KEY: attrs})
     if repaired:
         store = FeatureStore.open(store.url, require_complete=False, storage_options=location.storage_options)
     finished = [int(block) for block in np.flatnonzero(store.done_flags())]

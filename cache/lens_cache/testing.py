@@ -45,6 +45,8 @@ class FakeExtractor:
         delay_s: sleep per ``extract`` call (to make a build slow enough to kill).
         call_log: file to which each ``extract`` call appends its number of images.
         grid_size: side of the image-token grid (24: LLaVA-1.5's 576 tokens; 27: LLaVA-OneVision's 729).
+        prefix_tokens: P of the prompt's tokens before the image whose states :meth:`prefix_states` gives
+            (0: none, the store then has no ``prefix/``, as one of format version 3).
     """
 
     #: no MLLM adapter to chat with (``lens_train.inference.segment.Segmenter`` runs such an extractor on the CPU)
@@ -62,8 +64,10 @@ class FakeExtractor:
         delay_s: float = 0.0,
         call_log: str | Path | None = None,
         grid_size: int = 24,
+        prefix_tokens: int = 0,
     ) -> None:
         self.grid_size = grid_size
+        self.prefix_tokens = prefix_tokens
         self.num_image_tokens = grid_size**2
         self.hidden_size = hidden_size
         self.layers = tuple(layers)
@@ -133,6 +137,16 @@ class FakeExtractor:
             with open(self.call_log, "a") as log:
                 log.write(f"{len(images)}\n")
         return features
+
+    def prefix_states(self) -> tuple[list[int], dict[int, torch.Tensor]] | None:
+        """``prefix_tokens`` ids (1, 2, ...) and deterministic (P, d) states per layer; None when 0."""
+        if not self.prefix_tokens:
+            return None
+        rng = np.random.default_rng(99)
+        base = rng.standard_normal((self.prefix_tokens, self.hidden_size)).astype(np.float32)
+        return list(range(1, self.prefix_tokens + 1)), {
+            layer: torch.from_numpy(base + layer / 100.0) for layer in self.layers
+        }
 
     def extract_one(self, image: Image.Image, question: str) -> ImageFeatures:
         """Features of one image and one question (live segmentation, as ``LensFeatureExtractor``'s)."""

@@ -24,6 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+# ``lens-cache build``'s default ``--layers`` (the main layer of the preset made for the MLLM), the warm start,
+# the grid and the preset of every backbone: the one table of :mod:`.defaults`.
+from .defaults import DEFAULT_LAYER, default_layers
+
 if TYPE_CHECKING:
     from .base import FeatureExtractor, ImageFeatures
     from .extractor import LensFeatureExtractor
@@ -80,15 +84,6 @@ MLLM_ADAPTERS: dict[str, MllmLoader] = {"llava": _llava_from_pretrained}
 BUILTIN_MLLMS: dict[str, BuiltinMllm] = {"tiny": _llava_tiny, "toy": _llava_toy}
 
 
-#: ``lens-cache build``'s default ``--layers`` for a built-in MLLM (the main layer of the training
-#: preset made for it); any other MLLM: :data:`DEFAULT_LAYER`, LLaVA-1.5-7B's layer 14 as in the paper.
-BUILTIN_DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {"toy": (3,)}
-DEFAULT_LAYER = 14
-
-
-def default_layers(mllm: str) -> tuple[int, ...]:
-    """The layers ``lens-cache build --mllm MLLM`` caches when ``--layers`` is not given."""
-    return BUILTIN_DEFAULT_LAYERS.get(mllm, (DEFAULT_LAYER,))
 
 
 def register_mllm_adapter(model_type: str, loader: MllmLoader) -> None:
@@ -175,7 +170,6 @@ def build_extractor(
 __all__ = [
     "IMAGE_GEOMETRY",
     "MLLM_ADAPTERS",
-    "BUILTIN_DEFAULT_LAYERS",
     "BUILTIN_MLLMS",
     "DEFAULT_LAYER",
     "FeatureExtractor",

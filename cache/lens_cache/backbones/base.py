@@ -7,7 +7,7 @@ about LLaVA or SAM; any backbone that implements this interface can be cached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -28,6 +28,8 @@ class ImageFeatures:
             of the extractor (256 for SAM, 64 for the toy SAM).
         original_size: (h, w) of the image as loaded.
         input_size: (h, w) after resizing the longest side to 1024 (before padding).
+        prefix_states: layer -> (P, d) float tensor, the states of the prompt's P tokens before the
+            image (the same for every image: a store keeps them once); empty where the backbone gives none.
     """
 
     image_states: dict[int, torch.Tensor]
@@ -35,6 +37,7 @@ class ImageFeatures:
     sam_embedding: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    prefix_states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class NoDecoderLayers(LookupError):
@@ -64,6 +67,9 @@ class FeatureExtractor(Protocol):
         The image prefix is run once per image and reused (KV cache) for all its
         questions; the forward stops after the deepest cached layer.
         """
+
+    # Optional: ``prefix_states() -> (token_ids, layer -> (P, d) tensor) | None``, the prompt's tokens before
+    # the image and their states; a build stores them once (``lens_cache.block_job.store_prefix``).
 
     def decoder_layers(self, indices: Sequence[int]) -> tuple[dict, list[dict[str, torch.Tensor]]]:
         """The MLLM's decoder layers ``indices`` (0-based), for the LENS head's warm start.

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from lens_core.geometry import SAM_IMAGE_SIZE
+
 from .base import ImageFeatures, NoDecoderLayers
 from .geometry import IMAGE_GEOMETRY, sam_frame
 from .mllm import MllmBackbone
@@ -53,7 +55,7 @@ class LensFeatureExtractor:
         Returns:
             one :class:`ImageFeatures` per image: layer -> (L_i, d) image states, per
             question layer -> (L_t, d) text states, the (C, 64, 64) SAM embedding,
-            original and resized sizes; float32 on the CPU.
+            original and resized sizes, layer -> (P, d) prefix states; float32 on the CPU.
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} question lists")
@@ -67,9 +69,21 @@ class LensFeatureExtractor:
                 sam_embedding=embeddings[b],
                 original_size=frame.original_size,
                 input_size=frame.input_size,
+                prefix_states=s.prefix_states,
             )
             for b, (frame, s) in enumerate(zip(frames, states))
         ]
+
+    def prefix_states(self) -> tuple[list[int], dict[int, torch.Tensor]] | None:
+        """The MLLM's prompt tokens before the image and their states: (P token ids, layer -> (P, d) float32
+        CPU), from one :meth:`~.prefix_sharing.PrefixSharingBackbone.encode` of a blank SAM frame (the
+        prefix does not see the image); None for an adapter that gives none."""
+        token_ids = getattr(self.mllm, "prefix_token_ids", None)
+        if not token_ids:
+            return None
+        blank = sam_frame(Image.new("RGB", (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE))).padded_image()
+        states = self.mllm.encode([blank], [[]])[0].prefix_states
+        return (list(token_ids), dict(states)) if states else None
 
     def extract_one(self, image: Image.Image, question: str) -> ImageFeatures:
         """Features of one image and one question (interactive segmentation)."""

@@ -29,10 +29,13 @@ from .prefix_sharing import config_hash  # noqa: F401  (importable from here, as
 from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, language_model_tensors
 from .runtime import no_loading_bar, resolve_device, resolve_dtype
 
-#: LLaVA-1.5's conversation template (vicuna_v1); ``<image>`` stands for the image tokens.
+#: LLaVA-1.5's conversation template as the LENS authors render it: LISA's ``conv_vicuna_v1``
+#: (LISA/model_lisa/llava/conversation.py, ``SeparatorStyle.TWO``, an empty assistant message): the system
+#: prompt, one space, ``USER: <image>\n{question}``, one space, ``ASSISTANT:``. ``<image>`` stands for the
+#: image tokens. (The toy LLaVA keeps the template it was trained with: ``lens_cache.toy.TOY_PROMPT_TEMPLATE``.)
 VICUNA_V1_TEMPLATE = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions. "
     "USER: <image>\n{question} ASSISTANT:"
 )
 
@@ -156,9 +159,12 @@ class LlavaBackbone(PrefixSharingBackbone):
         """The project's toy LLaVA (``lens_cache.toy``), loaded from its shipped llava-hf folder.
 
         Loaded by :meth:`from_pretrained` like any checkpoint; its identity names it ``toy``
-        (not the folder's path) and adds the sha256 of its weights file.
+        (not the folder's path) and adds the sha256 of its weights file. Its default prompt is the one
+        its conversations were trained on (:data:`lens_cache.toy.TOY_PROMPT_TEMPLATE`), not LLaVA-1.5's.
         """
-        from lens_cache.toy import TOY_LLAVA_DIR, WEIGHTS_DIR
+        from lens_cache.toy import TOY_LLAVA_DIR, TOY_PROMPT_TEMPLATE, WEIGHTS_DIR
+
+        kwargs.setdefault("prompt_template", TOY_PROMPT_TEMPLATE)  # the template it was trained with
 
         path = Path(folder) if folder is not None else WEIGHTS_DIR / TOY_LLAVA_DIR
         if not (path / "model.safetensors").is_file():

@@ -9,7 +9,7 @@ the SAM-aligned geometry) and returns the intermediate hidden states LENS reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -60,10 +60,15 @@ class MllmStates:
         image_states: layer -> (L_i, d) float32, the image-token states (``hidden_states[layer]``).
         text_states: one per question, layer -> (L_t, d) float32, the tokens after the image;
             the last row is the start-of-answer token.
+        prefix_states: layer -> (P, d) float32, the P prompt tokens before the first image token (BOS,
+            system prompt, ``USER:``; Qwen2-VL's also ``<|vision_start|>``). A causal decoder computes
+            them without seeing the image, so they are the same for every image (one tensor shared by
+            the images of a batch); empty where the adapter gives none.
     """
 
     image_states: dict[int, torch.Tensor]
     text_states: list[dict[int, torch.Tensor]]
+    prefix_states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class MllmBackbone(Protocol):

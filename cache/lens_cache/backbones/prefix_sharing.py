@@ -283,6 +283,15 @@ class PrefixSharingBackbone:
         """L_t: the number of tokens after the last image token."""
         return len(self._split_ids(question)[1])
 
+    def prompt_token_ids(self, question: str) -> tuple[list[int], list[int]]:
+        """The ids the MLLM sees for ``question``: (everything up to the last image token, the image run
+        expanded; the L_t tokens after it, the last one the start of the answer) (``lens-cache prompt``).
+
+        Raises:
+            BadSampleError: the question holds a special token, or the prompt exceeds the context.
+        """
+        return self._split_ids(question)
+
     def _refused_texts(self) -> set[str]:
         """Texts a question may not hold: the tokeniser would read them as tokens, not text."""
         tokenizer = self.processor.tokenizer
@@ -366,8 +375,9 @@ class PrefixSharingBackbone:
         square).
 
         Returns:
-            one :class:`~.mllm.MllmStates` per image: layer -> (L_i, d) image states and, per question,
-            layer -> (L_t, d) text states; float32 on the CPU.
+            one :class:`~.mllm.MllmStates` per image: layer -> (L_i, d) image states, per question,
+            layer -> (L_t, d) text states, and layer -> (P, d) states of the :attr:`prefix_token_ids`
+            (taken from the prefix forward, row 0 of the batch, shared by every image); float32 on the CPU.
         """
         from .mllm import MllmStates
 
@@ -375,19 +385,28 @@ class PrefixSharingBackbone:
             raise ValueError(f"{len(images)} images but {len(questions)} question lists")
         if not images:
             return []
-        image_states, text_states = self._encode(images, questions)
+        image_states, text_states, prefix_states = self._encode(images, questions)
+        prefix = {k: plain(v) for k, v in prefix_states.items()}
         return [
             MllmStates(
                 image_states={k: plain(v[b]) for k, v in image_states.items()},
                 text_states=[{k: plain(v) for k, v in row.items()} for row in text_states[b]],
+                prefix_states=prefix,
             )
             for b in range(len(images))
         ]
 
+    @property
+    def prefix_token_ids(self) -> list[int]:
+        """The P token ids of the prompt before its first image token (BOS, system prompt, ``USER:``; with
+        Qwen2-VL's template also ``<|vision_start|>``): the same for every image and question, and, the
+        decoder being causal, so are their states (:attr:`~.mllm.MllmStates.prefix_states`)."""
+        return list(self._prefix_ids[: self._text_before_image])
+
     @torch.inference_mode()
     def _encode(
         self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]
-    ) -> tuple[dict[int, torch.Tensor], list[list[dict[int, torch.Tensor]]]]:
+    ) -> tuple[dict[int, torch.Tensor], list[list[dict[int, torch.Tensor]]], dict[int, torch.Tensor]]:
         from transformers import DynamicCache
 
         suffixes = []
@@ -412,6 +431,8 @@ class PrefixSharingBackbone:
         )
         # One device-to-host copy per layer and batch (not per image or question).
         image_states = {k: v[:, self._cached_positions].float().cpu() for k, v in states.items()}  # (B, L_i, d)
+        # The tokens before the image: the same for every image (causal), row 0 stands for all: (P, d).
+        prefix_states = {k: v[0, : self._text_before_image].float().cpu() for k, v in states.items()}
 
         # 2) every question's suffix against its image's cache rows, right-padded, positions continued.
         owner = [b for b, qs in enumerate(questions) for _ in qs]
@@ -440,7 +461,7 @@ class PrefixSharingBackbone:
             states = {k: v.float().cpu() for k, v in states.items()}  # (R, S, d)
             for i, r in enumerate(rows):
                 text_states[owner[r]].append({k: v[i, : lengths[i]] for k, v in states.items()})
-        return image_states, text_states
+        return image_states, text_states, prefix_states
 
     def _forward_until(self, **inputs: Any) -> dict[int, torch.Tensor]:
         """Run ``model.model`` until the deepest cached layer; layer -> (B, S, d) raw layer outputs."""

@@ -30,6 +30,10 @@ TINY_SEED = 0
 
 # LLaMA's special tokens first (<unk>=0, <s>=1, </s>=2 as in LLaMA), then LLaVA's.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+#: Words of LLaVA-1.5's prompt (``VICUNA_V1_TEMPLATE``) beyond the shared vocabulary: the ``s`` of
+#: "user's" (the tokenizer splits it as ``user ' s``), so the tiny LLaVA's prompt has no ``<unk>``.
+#: Only the tiny LLaVA adds them: the toy's vocabulary (and its shipped weights) stay as trained.
+PROMPT_WORDS = ("s",)
 
 
 def build_tiny_tokenizer(
@@ -81,11 +85,14 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
 
 
 def build_tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
-    """A real LlavaProcessor: CLIP preprocessing at 336 px; ``<image>`` -> (336/14)^2 + 1 - 1 = 576 tokens."""
+    """A real LlavaProcessor: CLIP preprocessing at 336 px; ``<image>`` -> (336/14)^2 + 1 - 1 = 576 tokens.
+
+    Without ``tokenizer``: the tiny LLaVA's, :func:`build_tiny_tokenizer` with :data:`PROMPT_WORDS`.
+    """
     image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer if tokenizer is not None else build_tiny_tokenizer(),
+        tokenizer=tokenizer if tokenizer is not None else build_tiny_tokenizer(PROMPT_WORDS),
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS, removed again by the "default" strategy

@@ -15,3 +15,12 @@ TOY_SAM_FILE = "toy_sam.safetensors"
 TOY_LLAVA_DIR = "toy_llava"
 #: Hashes, held-out scores and provenance of the shipped weights.
 MANIFEST_FILE = "MANIFEST.json"
+#: The prompt the toy LLaVA was trained with (its conversations, ``lens_cache.toy.llava``) and its stores
+#: record: the vicuna_v1 text as the project wrote it before LLaVA-1.5's adapter took LISA's wording
+#: ("user", ``lens_cache.backbones.llava.VICUNA_V1_TEMPLATE``). Changing it would change the toy's inputs
+#: and every toy store's identity; ``<image>`` stands for the image tokens.
+TOY_PROMPT_TEMPLATE = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+    "USER: <image>\n{question} ASSISTANT:"
+)

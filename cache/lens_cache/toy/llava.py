@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from lens_cache.backbones.llava import REFERRING_QUESTION_TEMPLATE, VICUNA_V1_TEMPLATE
+from lens_cache.backbones.llava import REFERRING_QUESTION_TEMPLATE
 from lens_cache.backbones.tiny_llava import build_tiny_processor, build_tiny_tokenizer
 
+from . import TOY_PROMPT_TEMPLATE
 from .conversations import BOX_SYMBOLS, CAPTION_QUESTION, caption, grounding_phrases, parse_box, turns, vocabulary_words
 from .loop import Schedule, run_stage, seeded
 from .world import COLOUR_NAMES, HELD_OUT, KIND_NAMES, TRAIN, ToyScene, draw_scene
@@ -46,7 +47,7 @@ from .world import COLOUR_NAMES, HELD_OUT, KIND_NAMES, TRAIN, ToyScene, draw_sce
 GRID = 24
 OCCUPANCY_SUB = 4
 NUM_IMAGE_TOKENS = GRID * GRID
-SYSTEM, _, _ = VICUNA_V1_TEMPLATE.partition("USER:")
+SYSTEM, _, _ = TOY_PROMPT_TEMPLATE.partition("USER:")
 
 
 def build_toy_processor() -> LlavaProcessor:
