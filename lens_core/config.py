@@ -30,13 +30,17 @@ DESCRIPTOR_KINDS = ("paper", "official")
 #: How grid cells map to SAM's frame: cell centres ``(x + 0.5) / g`` or the authors' ``x / (g - 1)``.
 Coords = Literal["cell_center", "align_corners"]
 COORDS = ("cell_center", "align_corners")
+#: The head's rotary positions: 1-D (LLaMA, Qwen2) or Qwen2-VL's 3-D multimodal RoPE.
+Rope = Literal["1d", "mrope"]
+ROPES = ("1d", "mrope")
 #: The decoder-layer family the head mirrors (its backbone's), with transformers' parameter names.
 LayerType = Literal["llama", "qwen2"]
 LAYER_TYPES = ("llama", "qwen2")
 #: the fields a preset may leave to their defaults (see the module docstring); a test holds every preset to it
 PRESET_DEFAULTED = frozenset({"layer_type", "num_key_value_heads", "detach_peak", "use_keypoint_description",
                               "use_global_description", "mask_output_index", "descriptor_ffn_size",
-                              "descriptor_encoder_ffn_size", "descriptor_dropout", "final_norm_eps"})
+                              "descriptor_encoder_ffn_size", "descriptor_dropout", "final_norm_eps", "rope",
+                              "mrope_section"})
 #: The switches where the paper's text and the authors' code differ (the fidelity table's rows 3-8 in
 #: lens_core); every preset states each of them, so a run's config says which it trained.
 FIDELITY_SWITCHES = ("head_input", "final_norm", "descriptor", "global_only_after_descriptor", "coords",
@@ -105,6 +109,10 @@ class LensConfig:
         cls_position_std: init std of the global token's learned position (authors' ``randn``: 1.0).
         train_iou_head: whether SAM's IoU prediction head is trained with the mask decoder (the
             authors freeze it).
+        rope: ``1d`` = positions 0..L-1; ``mrope`` = Qwen2-VL's multimodal RoPE: text tokens (t, h, w)
+            all equal to their index, image token (row, col) at (s, s + row, s + col) with s the image's
+            first index, the text after it from s + max(g_h, g_w) on (transformers' ``get_rope_index``).
+        mrope_section: frequency pairs per (t, h, w) component (Qwen2-VL: 16, 24, 24); None = that.
     """
 
     hidden_size: int
@@ -140,6 +148,8 @@ class LensConfig:
     detach_subpixel: bool = True
     cls_position_std: float = 0.02
     train_iou_head: bool = True
+    rope: Rope = "1d"
+    mrope_section: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -160,7 +170,12 @@ class LensConfig:
             raise ValueError(f"heatmap_from must be 'last' or 'mean', got {self.heatmap_from!r}")
         if not (self.use_keypoint_description or self.use_global_description):
             raise ValueError("at least one of use_keypoint_description / use_global_description must be on")
-        for name, value, allowed in (("head_input", self.head_input, HEAD_INPUTS),
+        if self.mrope_section is not None:
+            object.__setattr__(self, "mrope_section", tuple(int(v) for v in self.mrope_section))
+            if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.hidden_size // self.num_heads // 2:
+                raise ValueError(f"mrope_section must be 3 sizes summing to head_dim / 2 = "
+                                 f"{self.hidden_size // self.num_heads // 2}, got {list(self.mrope_section)}")
+        for name, value, allowed in (("head_input", self.head_input, HEAD_INPUTS), ("rope", self.rope, ROPES),
                                      ("descriptor", self.descriptor, DESCRIPTOR_KINDS),
                                      ("coords", self.coords, COORDS)):
             if value not in allowed:

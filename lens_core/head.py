@@ -59,19 +59,40 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """LLaMA's rotary position embedding (default rope type)."""
+    """LLaMA's rotary position embedding (default rope type), and Qwen2-VL's multimodal variant."""
 
-    def __init__(self, head_dim: int, *, theta: float) -> None:
+    def __init__(self, head_dim: int, *, theta: float, mrope_section: tuple[int, ...] | None = None) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.mrope_section = mrope_section
 
-    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (length, head_dim), float32."""
-        positions = torch.arange(length, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (L, head_dim), float32, for positions (L,) or, with ``mrope_section``, (3, L):
+        frequency pair j takes its angle from component 0, 1 or 2 as the section it falls in (Qwen2-VL's
+        ``recomposition_frequencies``)."""
+        inv_freq = self.inv_freq.to(positions.device)
+        if positions.dim() == 1:
+            freqs = positions.float()[:, None] * inv_freq[None, :]
+        else:
+            per_component = positions.float()[:, :, None] * inv_freq[None, None, :]  # (3, L, hd/2)
+            component = torch.repeat_interleave(
+                torch.arange(3, device=positions.device), torch.tensor(self.mrope_section, device=positions.device))
+            freqs = per_component.gather(0, component.view(1, 1, -1).expand(1, per_component.shape[1], -1))[0]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+
+def mrope_positions(prefix_length: int, grid_size: int, text_length: int, device=None) -> torch.Tensor:
+    """(3, P + g*g + L_t) Qwen2-VL position ids of [prefix; image grid; text] (``get_rope_index`` for one image
+    whose merged grid is g x g): the prefix and the text count on in all three components; image token
+    (row, col) is at (P, P + row, P + col); the text starts at P + g."""
+    prefix = torch.arange(prefix_length, device=device).expand(3, -1)
+    rows, cols = torch.meshgrid(torch.arange(grid_size, device=device), torch.arange(grid_size, device=device),
+                                indexing="ij")
+    image = torch.stack((torch.zeros_like(rows.flatten()), rows.flatten(), cols.flatten())) + prefix_length
+    text = (torch.arange(text_length, device=device) + prefix_length + grid_size).expand(3, -1)
+    return torch.cat((prefix, image, text), dim=1)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -228,7 +249,11 @@ class SegmentationHead(nn.Module):
             )
             for _ in range(2)
         )
-        self.rotary = RotaryEmbedding(config.hidden_size // config.num_heads, theta=config.rope_theta)
+        head_dim = config.hidden_size // config.num_heads
+        section = (config.mrope_section or (16, 24, 24)) if config.rope == "mrope" else None
+        if section is not None and sum(section) != head_dim // 2:
+            raise ValueError(f"mrope_section {list(section)} does not cover head_dim / 2 = {head_dim // 2}: set mrope_section")
+        self.rotary = RotaryEmbedding(head_dim, theta=config.rope_theta, mrope_section=section)
         # A LlamaModel's final norm (fresh, not warm-started) when the config asks for it.
         self.norm = RMSNorm(config.hidden_size, eps=config.final_norm_eps) if config.final_norm else None
 
@@ -289,7 +314,11 @@ class SegmentationHead(nn.Module):
         start = parts[0].shape[1] if len(parts) == 3 else 0  # where the image tokens begin
         # Right padding is harmless under the causal mask: a valid token never attends to a later pad.
         x = torch.cat([p.to(dtype) for p in parts], dim=1)
-        cos, sin = self.rotary(x.shape[1], x.device)
+        if cfg.rope == "mrope":
+            positions = mrope_positions(start, cfg.grid_size, text_states.shape[1], device=x.device)
+        else:
+            positions = torch.arange(x.shape[1], device=x.device)
+        cos, sin = self.rotary(positions)
 
         x, probs = self.layers[0](x, cos, sin, return_attention=True)
         text_begin = start + num_image

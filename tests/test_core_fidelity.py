@@ -317,3 +317,58 @@ def test_attention_loss_authors_resampling():
     torch.testing.assert_close(got, expected)
     other = attention_loss(heat, [gt], [(1024, 1024)], size=128)
     assert not torch.allclose(other, expected)
+
+
+# --------------------------------------------------------------- row 10: Qwen2-VL's M-RoPE in the head
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2vl():
+    from lens_cache.backbones.tiny_qwen2vl import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl()
+
+
+def test_mrope_positions_are_qwen2vl_get_rope_index(tiny_qwen2vl):
+    """The head's 3-D ids equal transformers' ``Qwen2VLModel.get_rope_index`` for [prefix; image; text]."""
+    from lens_core.head import mrope_positions
+
+    model, processor = tiny_qwen2vl
+    config = model.config
+    prefix, text, grid = 7, 5, 24
+    ids = torch.full((1, prefix + grid * grid + text), 11, dtype=torch.long)
+    ids[0, prefix : prefix + grid * grid] = config.image_token_id
+    types = (ids == config.image_token_id).int()
+    merge = config.vision_config.spatial_merge_size
+    reference, _ = model.model.get_rope_index(ids, mm_token_type_ids=types,
+                                              image_grid_thw=torch.tensor([[1, grid * merge, grid * merge]]))
+    assert torch.equal(mrope_positions(prefix, grid, text), reference[:, 0])
+
+
+def test_mrope_rotary_is_qwen2vl_rotary(tiny_qwen2vl):
+    """cos / sin of the head's M-RoPE equal ``Qwen2VLRotaryEmbedding``'s for the same ids and section."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    from lens_core.head import RotaryEmbedding, mrope_positions
+
+    model, _ = tiny_qwen2vl
+    text_config = model.config.text_config
+    section = tuple(text_config.rope_parameters["mrope_section"])
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    ours = RotaryEmbedding(head_dim, theta=float(text_config.rope_parameters["rope_theta"]), mrope_section=section)
+    theirs = Qwen2VLRotaryEmbedding(text_config)
+    positions = mrope_positions(4, 24, 6)
+    cos, sin = theirs(torch.zeros(1, dtype=torch.float32), positions[:, None, :])
+    ours_cos, ours_sin = ours(positions)
+    torch.testing.assert_close(ours_cos, cos[0, 0].float() if cos.dim() == 4 else cos[0].float())
+    torch.testing.assert_close(ours_sin, sin[0, 0].float() if sin.dim() == 4 else sin[0].float())
+    # and the head uses them: M-RoPE and 1-D positions give different heatmaps on the same weights
+    cfg = dataclasses.replace(TINY, rope="mrope", mrope_section=(2, 3, 3))
+    torch.manual_seed(0)
+    mrope = SegmentationHead(config=cfg).eval()
+    flat = SegmentationHead(config=dataclasses.replace(cfg, rope="1d")).eval()
+    flat.load_state_dict(mrope.state_dict())
+    _, image, text = states()
+    with torch.no_grad():
+        assert not torch.allclose(mrope(image, text, torch.tensor([7, 5])).heatmap,
+                                  flat(image, text, torch.tensor([7, 5])).heatmap, atol=1e-5)

@@ -59,7 +59,7 @@ def test_a_run_folder_written_before_the_record_existed_loads(run_dir):
     assert set(written_model) - set(raw_model) == {
         "layer_type", "num_key_value_heads", "head_input", "final_norm", "final_norm_eps", "descriptor",
         "descriptor_ffn_size", "descriptor_encoder_ffn_size", "descriptor_dropout", "global_only_after_descriptor",
-        "coords", "keypoint_strict", "detach_subpixel", "cls_position_std", "train_iou_head"}
+        "coords", "keypoint_strict", "detach_subpixel", "cls_position_std", "train_iou_head", "rope", "mrope_section"}
     # ... at the values that mean what the run was trained with (the structure before the fidelity switches)
     assert config.model.head_input == "image_text" and config.model.descriptor == "paper" and not config.model.final_norm
 
