@@ -157,7 +157,7 @@ def test_warm_start_layers_load_strictly_into_a_qwen2_head(backbone, encoded):
     mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
         expected = lm.layers[k](x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, torch.arange(length)[None]))
-        ours, _ = head.layers[0](x, *head.rotary(length, x.device))
+        ours, _ = head.layers[0](x, *head.rotary(torch.arange(length)))
         torch.testing.assert_close(ours, expected, atol=ATOL, rtol=1e-5)
         other = lm.layers[k + 1](x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, torch.arange(length)[None]))
         assert (ours - other).abs().max() > 10 * ATOL  # the layer matters: k, not k + 1

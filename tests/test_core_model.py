@@ -106,7 +106,7 @@ def test_head_layers_equal_transformers_qwen2_layers_and_attention():
                                          position_embeddings=cos_sin)
         y1 = layers[0](x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
         y2 = layers[1](y1, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-        ours1, _ = head.layers[0](x, *head.rotary(x.shape[1], x.device))
+        ours1, _ = head.layers[0](x, *head.rotary(torch.arange(x.shape[1])))
         out = head(image, text, lengths)
     torch.testing.assert_close(ours1, y1, atol=1e-5, rtol=1e-5)
     expected_map = weights.mean(1)[0, -1, :576]
@@ -132,7 +132,7 @@ def test_llama_head_with_grouped_query_attention_equals_transformers():
     with torch.no_grad():
         expected = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=LlamaRotaryEmbedding(lcfg)(x, pos))
         for return_attention in (True, False):  # the eager (heatmap) and the SDPA path
-            ours, _ = head.layers[0](x, *head.rotary(x.shape[1], x.device), return_attention=return_attention)
+            ours, _ = head.layers[0](x, *head.rotary(torch.arange(x.shape[1])), return_attention=return_attention)
             torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -301,7 +301,8 @@ def test_real_dimension_shapes_on_meta_device():
         descriptor = KeypointDescriptor(dim=4096, num_heads=cfg.descriptor_heads, out_dim=256, neighborhood=3)
         image = torch.empty(2, 576, 4096)
         text = torch.empty(2, 40, 4096)
-        out = head(image, text, torch.tensor([40, 31], device="meta"))
+        prefix = torch.empty(35, 4096)  # BOS, the system prompt and USER: of LLaVA-1.5 (official: full_sequence)
+        out = head(image, text, torch.tensor([40, 31], device="meta"), prefix)
         assert out.heatmap.shape == (2, 24, 24)
         assert out.image_features.shape == (2, 4096, 24, 24)
         assert out.start_token.shape == (2, 4096)
@@ -310,7 +311,8 @@ def test_real_dimension_shapes_on_meta_device():
         desc = descriptor(out.image_features, out.start_token, points, mask)
         assert desc.shape == (2, 17, 256)
     head_params = sum(p.numel() for p in head.parameters())
-    assert head_params == 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # two LLaMA-7B layers
+    # two LLaMA-7B layers and the final RMSNorm of the authors' LlamaModel head
+    assert head_params == 2 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096
 
 
 def test_real_sam_decoder_dimensions(tiny_sam):
@@ -451,5 +453,5 @@ def test_warm_started_head_is_the_mllm_decoder_layer(toy_sam_store, layer):
     with torch.no_grad():
         expected = language_model.layers[layer](x, attention_mask=mask, position_ids=positions,
                                              position_embeddings=language_model.rotary_emb(x, positions))
-        ours, _ = head.layers[0](x, *head.rotary(length, x.device))
+        ours, _ = head.layers[0](x, *head.rotary(torch.arange(length)))
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
