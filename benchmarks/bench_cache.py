@@ -17,7 +17,7 @@ What it measures, on one device:
 
 ``--backbone`` picks the MLLM: ``llava-1.5`` (default: LLaVA-1.5-7B, CLIP ViT-L/14-336 + Vicuna-7B),
 ``qwen2vl-2b`` (Qwen2-VL-2B-Instruct at 672 px, 24 x 24 tokens) or ``onevision-7b`` (LLaVA-OneVision-7B,
-SigLIP-384 + Qwen2-7B, base resolution only: 27 x 27 cached tokens, 1485 image tokens in the prompt).
+SigLIP-384 + Qwen2-7B, base resolution only: 27 x 27 = 729 image tokens, the base grid alone as the authors feed it).
 ``--scale real`` (default) needs a CUDA GPU: the MLLM and SAM ViT-H are built in code with random
 weights, directly in bf16 on the GPU (configs from memory of the public config.json files).
 ``--scale tiny`` runs the same code path with the backbone's tiny counterpart (``tiny``,

@@ -22,7 +22,7 @@ from lens_train.training.presets import PRESET_DIR, load_preset
 from tests.helpers.images import padded_squares, random_image
 
 ATOL = 1e-5
-LAYERS = (20, 27)  # the onevision-7b preset's main and late layers (28 decoder layers)
+LAYERS = (20, 27)  # two layers of the 28 (the onevision-7b preset trains on 14: tests/test_cache_fidelity_backbones.py)
 GRID, BASE, RUN = 27, 729, 729 + 27 * 28  # grid side, base-grid tokens, image tokens in the LM sequence
 
 QUESTIONS_A = [
@@ -34,6 +34,13 @@ QUESTIONS_B = ["Which shape is left of the blue square?"]
 
 @pytest.fixture(scope="module")
 def backbone() -> OnevisionBackbone:
+    """The ``anyres`` way (the processor's 1485-token layout); the default ``base`` way (the authors') is
+    tested against its own full forward in tests/test_cache_fidelity_backbones.py."""
+    return OnevisionBackbone.tiny(layers=LAYERS, device="cpu", dtype=torch.float32, image_tokens="anyres")
+
+
+@pytest.fixture(scope="module")
+def base() -> OnevisionBackbone:
     return OnevisionBackbone.tiny(layers=LAYERS, device="cpu", dtype=torch.float32)
 
 
@@ -117,7 +124,7 @@ def test_image_token_count_check(backbone, squares, monkeypatch):
     monkeypatch.setattr(onevision, "configure_base_resolution", two_by_two)
     model, processor = build_tiny_onevision()
     with pytest.raises(ValueError) as err:
-        OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS)
+        OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS, image_tokens="anyres")
     message = str(err.value)
     assert "\n" not in message and "3699 image tokens from 5 crops" in message and "not 1485" in message
     assert "set image_grid_pinpoints to [[384, 384]]" in message
@@ -126,10 +133,10 @@ def test_image_token_count_check(backbone, squares, monkeypatch):
     model, processor = build_tiny_onevision()
     processor.vision_feature_select_strategy = "default"
     with pytest.raises(ValueError, match=r"1484 image tokens from 2 crops, not 1485 .* vision_feature_select_strategy"):
-        OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS)
+        OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS, image_tokens="anyres")
     # at encode time, when the processor is changed after construction
     model, processor = build_tiny_onevision()
-    changed = OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS)
+    changed = OnevisionBackbone(model, processor, name_or_path="tiny", layers=LAYERS, image_tokens="anyres")
     processor.image_processor.image_grid_pinpoints = [[384, 768]]
     with pytest.raises(ValueError, match=r"crops of shape \(3, 3, 384, 384\).*set image_grid_pinpoints"):
         changed.encode(squares[:1], [QUESTIONS_B])
@@ -199,14 +206,18 @@ def test_prompt_identity_and_registry(backbone):
     ident = backbone.identity
     assert ident["backbone"] == "llava-onevision" and ident["num_image_tokens"] == BASE and ident["grid_size"] == GRID
     assert ident["image_grid_pinpoints"] == [[384, 384]] and ident["hidden_size"] == 64
-    assert backbone.image_geometry == "sam-pad-1024-to-378-pad-384"
+    assert backbone.image_geometry == "sam-pad-1024-to-378-pad-384" and "image_tokens" not in ident
+    with pytest.raises(ValueError, match="image_tokens"):
+        OnevisionBackbone(backbone.model, backbone.processor, name_or_path="tiny", layers=LAYERS, image_tokens="tiles")
     with pytest.raises(ValueError, match="layers"):
         OnevisionBackbone(backbone.model, backbone.processor, name_or_path="tiny", layers=(29,))
 
 
-def test_saved_tiny_loads_through_real_loader(tmp_path, backbone, squares, encoded):
+def test_saved_tiny_loads_through_real_loader(tmp_path, backbone, base, squares):
     folder = save_tiny_onevision(tmp_path / "tiny-onevision")
     loaded = build_mllm(str(folder), layers=LAYERS, device="cpu")
+    assert loaded.image_tokens == "base" and loaded.identity == {**base.identity, "name_or_path": str(folder)}
+    encoded = base.encode(squares, [QUESTIONS_A, QUESTIONS_B])  # the loader's default is the base way
     assert isinstance(loaded, OnevisionBackbone) and loaded.model.dtype == torch.float32
     assert loaded.identity["config_hash"] == backbone.identity["config_hash"]
     assert loaded.identity["weights_fingerprint"] == backbone.identity["weights_fingerprint"]
@@ -254,7 +265,7 @@ def test_registry_import_stays_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("name, layers, grid", [("onevision-7b", (20, 27), 27), ("qwen25vl-3b", (26, 35), 24)])
+@pytest.mark.parametrize("name, layers, grid", [("onevision-7b", (14, 27), 27), ("qwen25vl-3b", (26, 35), 24)])
 def test_presets_fit_the_real_decoder_layers(name, layers, grid):
     """The presets' heads are the real text models' decoder layers (sizes as recorded in each preset's
     description): the layers load strictly into the preset's head on the meta device, and the adapters'
@@ -289,7 +300,8 @@ def test_presets_fit_the_real_decoder_layers(name, layers, grid):
         decoder = [Layer(text, i) for i in (layers[0], layers[0] + 1)]
         head = SegmentationHead(config=preset.model)
     head.load_decoder_layers([layer.state_dict() for layer in decoder])  # strict: every name and shape
-    assert sum(p.numel() for p in head.parameters()) == 2 * sum(p.numel() for p in decoder[0].parameters())
+    final_norm = preset.model.hidden_size if preset.model.final_norm else 0  # the authors' head keeps its model's norm
+    assert sum(p.numel() for p in head.parameters()) == 2 * sum(p.numel() for p in decoder[0].parameters()) + final_norm
 
 
 def test_cli_store_of_tiny_onevision_trains_a_grid27_head(tmp_path):
@@ -315,7 +327,8 @@ def test_cli_store_of_tiny_onevision_trains_a_grid27_head(tmp_path):
     store = FeatureStore.open(store_dir)
     assert store.num_images == 2 and store.num_image_tokens == BASE
     assert store.identity["grid_size"] == GRID and store.identity["backbone"] == "llava-onevision"
-    assert store.identity["image_geometry"] == "sam-pad-1024-to-378-pad-384"
+    assert store.identity["image_geometry"] == "sam-pad-1024-to-384"  # the default: the authors' base way
+    assert store.identity["image_tokens"] == "base" and "image_grid_pinpoints" not in store.identity
     assert store.warm_start["head"]["layer_type"] == "qwen2"
     sample = store.read_query(0, 20)
     assert sample["image_states"].shape == (BASE, 64)

@@ -66,7 +66,7 @@ def test_real_configs_have_the_real_size(bench):
     assert sum(p.numel() for p in onevision.parameters()) == pytest.approx(8.03e9, rel=2e-3)
 
 
-@pytest.mark.parametrize("backbone, prefix_tokens", [("qwen2vl-2b", None), ("onevision-7b", 2 + 1485)])
+@pytest.mark.parametrize("backbone, prefix_tokens", [("qwen2vl-2b", None), ("onevision-7b", 2 + 729)])
 def test_tiny_run_of_each_backbone(bench, tmp_path, capsys, backbone, prefix_tokens):
     from lens_manifests.synthetic import write_synthetic
 

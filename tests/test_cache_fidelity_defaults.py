@@ -44,7 +44,7 @@ def test_the_documented_rows():
     assert summary["model_type:llava"] == (14, 30, (14, 15), 24, "official")
     assert summary["model_type:qwen2_vl"] == (20, 27, (20, 21), 24, "qwen2vl-2b")
     assert summary["model_type:qwen2_5_vl"] == (26, 35, (26, 27), 24, "qwen25vl-3b")
-    assert summary["model_type:llava_onevision"] == (20, 27, (20, 21), 27, "onevision-7b")
+    assert summary["model_type:llava_onevision"] == (14, 27, (14, 15), 27, "onevision-7b")
     assert summary["toy"] == (3, 4, (3, 4), 24, "toy")
     assert summary["tiny"] == (14, 30, (14, 15), 24, "tiny")
 
@@ -63,7 +63,7 @@ def test_builtin_rows_describe_the_built_model(name):
 
 
 @pytest.mark.parametrize(("config", "layer"), [("Qwen2VLConfig", 20), ("Qwen2_5_VLConfig", 26),
-                                               ("LlavaOnevisionConfig", 20), ("LlavaConfig", 14)])
+                                               ("LlavaOnevisionConfig", 14), ("LlavaConfig", 14)])
 def test_build_without_layers_caches_the_layer_the_preset_trains_on(config, layer, tmp_path, monkeypatch):
     """``lens-cache build --mllm <a Qwen2-VL folder>`` used to cache layer 14 while qwen2vl-2b trains on 20."""
     import transformers

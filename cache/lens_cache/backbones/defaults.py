@@ -53,13 +53,15 @@ def _row(backbone: str, main: int, late: int | None, grid: int, preset: str | No
     return BackboneDefaults(backbone, main, late, (main, main + 1), grid, preset, hidden)
 
 
-#: Checkpoints, by ``config.model_type``. Qwen2.5-VL's and OneVision's layers are guesses (no weights here):
-#: ``lens-cache probe-layers`` ranks them.
+#: Checkpoints, by ``config.model_type``. Qwen2-VL's main layer 20 and OneVision's 14 (warm start k, k + 1) are the
+#: authors' (jiazhen-code/LENS ``configs/qwen2vl_2b.yaml``, ``configs/llava_onevision_7b.yaml``: ``selected_layer_id``
+#: = ``grounding_init_start_layer``); the late layers (the last decoder layer) are this project's. Qwen2.5-VL's
+#: layers are a guess (the authors have no Qwen2.5-VL run; no weights here): ``lens-cache probe-layers`` ranks them.
 MODEL_TYPE_DEFAULTS: dict[str, BackboneDefaults] = {
     "llava": _row("llava-1.5", 14, 30, 24, "official", 4096),
     "qwen2_vl": _row("qwen2-vl", 20, 27, 24, "qwen2vl-2b", 1536),
     "qwen2_5_vl": _row("qwen2.5-vl", 26, 35, 24, "qwen25vl-3b", 2048),
-    "llava_onevision": _row("llava-onevision", 20, 27, 27, "onevision-7b", 3584),
+    "llava_onevision": _row("llava-onevision", 14, 27, 27, "onevision-7b", 3584),
 }
 
 #: Built-in MLLMs, by ``--mllm`` name: the shipped toy LLaVA and the random tiny models built in code (only

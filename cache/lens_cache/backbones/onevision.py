@@ -5,29 +5,39 @@ as the adapter of ``model_type`` ``llava_onevision`` and as the built-in ``--mll
 
 How the states are computed (and why they equal a plain forward's ``hidden_states``):
 
-- **Image: base resolution only.** The combined extractor hands over SAM's padded 1024 x 1024 square
-  (as for LLaVA). OneVision normally tiles it (AnyRes, up to 6 x 6 crops of 384 px chosen from
-  ``image_grid_pinpoints``). The adapter sets ``image_grid_pinpoints = [[384, 384]]`` on the model's
-  config and on the image processor (the only setting it changes; no weight is touched), so the image
-  is seen once at 384 x 384. SigLIP's 14 px patches (a valid convolution) cover only 27 x 14 = 378 of
-  those 384 px, so the adapter resizes SAM's square to 378 px and zero-pads it right/bottom to 384
-  (:meth:`OnevisionBackbone.model_image`; the processor's resize to 384 then changes nothing): the
-  27 x 27 = 729 patch tokens tile SAM's frame exactly, row-major, grid cell (x, y) = SAM pixels
-  ``(x + 0.5) * 1024 / 27`` (geometry ``sam-pad-1024-to-378-pad-384``). Feeding the 1024 square
-  straight to the processor would leave its last 16 px unseen and shift the far cells by up to
-  0.4 cell.
-- **Which image tokens are the grid.** With that single pinpoint the processor still takes OneVision's
-  single-image (AnyRes) path, and ``LlavaOnevisionModel.pack_image_features`` lays the ``<image>`` run
-  out as 1485 = 729 + 27 x 28 tokens: first the **base** features (729, row-major: the grid this
-  adapter caches), then the one 1 x 1 "AnyRes tile", which is the same 384 x 384 resize of the same
-  square (identical pixels, so identical features), packed as 27 rows of 27 tokens each followed by
-  the learned ``image_newline`` (tests: ``tests/test_backbones_onevision.py``, against the vision
-  tower + projector run separately). Only the first 729 positions of the run are cached; the 756 others
-  stay in the prefix the questions attend to, exactly as in a plain forward. Any other token count
-  (another pinpoint list, the ``default`` feature strategy that drops a patch, a processor whose
-  ``num_image_tokens`` is not 729) is a one-line error naming the setting. (OneVision's multi-image
-  path, base features + one newline, is not used: the processor takes it only for prompts with
-  several images, so a plain forward of one image could not reproduce it.)
+- **Two ways to show the image** (``image_tokens``, recorded in the store identity and the image
+  geometry, so stores of the two are never mixed):
+
+  ``"base"`` (default; the LENS authors' way, ``lens/models/backbones/llava_onevision_backbone.py`` with
+  ``configs/llava_onevision_7b.yaml``: AnyRes bypassed): SAM's padded 1024 x 1024 square is resized
+  (bicubic) to SigLIP's 384 px and normalised with the image processor's mean/std (0.5/0.5 for
+  OneVision); the vision tower + projector run on it directly (``vision_feature_layer``,
+  ``vision_feature_select_strategy`` of the config, as ``get_image_features`` selects them) and give
+  exactly the 27 x 27 = 729 base-grid features, row-major, no AnyRes tile, no ``image_newline``. The
+  prompt's ``<image>`` is expanded to 729 tokens and the features are scattered into the embeddings at
+  those positions; the LM then runs on ``inputs_embeds``. SigLIP's 14 px patches (a valid convolution)
+  cover only 27 x 14 = 378 of the 384 px, so grid cell (x, y) is SAM pixels
+  ``(x + 0.5) * 14 * 1024 / 384`` and SAM's last 16 px are never seen (geometry ``sam-pad-1024-to-384``;
+  the authors' heatmap treats the 27 cells as covering the whole frame). Two details of the authors'
+  code are not reproduced: they resize the original image (longest side 384) and pad it with the
+  processor mean (grey), where this adapter resizes SAM's zero-padded frame (black pad).
+
+  ``"anyres"`` (the processor's own single-image path): the adapter sets ``image_grid_pinpoints =
+  [[384, 384]]`` on the model's config and on the image processor (the only setting it changes; no
+  weight is touched), resizes SAM's square to 378 px and zero-pads it right/bottom to 384
+  (:meth:`OnevisionBackbone.model_image`; the processor's resize to 384 then changes nothing), so the
+  27 x 27 patch tokens tile SAM's frame exactly (cell (x, y) = SAM pixels ``(x + 0.5) * 1024 / 27``,
+  geometry ``sam-pad-1024-to-378-pad-384``). With that single pinpoint the processor still takes
+  OneVision's AnyRes path, and ``LlavaOnevisionModel.pack_image_features`` lays the ``<image>`` run out as
+  1485 = 729 + 27 x 28 tokens: first the **base** features (729, row-major: the grid this mode caches),
+  then the one 1 x 1 "AnyRes tile", which is the same 384 x 384 resize of the same square (identical
+  pixels, so identical features), packed as 27 rows of 27 tokens each followed by the learned
+  ``image_newline`` (tests: ``tests/test_backbones_onevision.py``, against the vision tower + projector
+  run separately). Only the first 729 positions of the run are cached; the 756 others stay in the
+  prefix the questions attend to, exactly as in a plain forward. Any other token count (another
+  pinpoint list, the ``default`` feature strategy that drops a patch, a processor whose
+  ``num_image_tokens`` is not 729) is a one-line error naming the setting. Its identity has no
+  ``image_tokens`` field (stores built before the setting existed keep theirs).
 - **Prompt.** The checkpoint's own chat template rendered for one user turn ``[image, question]`` with
   the generation prompt; without one, llava-hf's: ``<|im_start|>user <image>\\n{question}<|im_end|>
   <|im_start|>assistant\\n``. Ids are the processor's (checked at construction).
@@ -47,13 +57,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
+from lens_cache.errors import UsageError
 from lens_core.geometry import SAM_IMAGE_SIZE
 
 from . import register_mllm_adapter, register_builtin_mllm
-from .layer_capture import tensors_fingerprint
+from .layer_capture import eager_attention, forward_until, last_token_image_attention, tensors_fingerprint
 from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors
 from .runtime import resolve_device, resolve_dtype
 
@@ -63,6 +75,12 @@ IMAGE_TOKEN = "<image>"
 #: llava-hf's OneVision chat template rendered for one image and one question.
 ONEVISION_TEMPLATE = "<|im_start|>user <image>\n{question}<|im_end|><|im_start|>assistant\n"
 _SPECIALS = (IMAGE_TOKEN, "<video>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+#: ``image_tokens``: the authors' 729 base-grid features fed straight to the LM (default), or the processor's
+#: AnyRes layout (base grid + a 1 x 1 tile with newlines, 1485 tokens) of which the base grid is cached.
+IMAGE_TOKEN_MODES = ("base", "anyres")
+DEFAULT_IMAGE_TOKENS = "base"
+#: The keyword ``_image_inputs`` hands ``_forward_until`` in the ``base`` mode (never reaches the model).
+_BASE_PIXELS = "base_pixel_values"
 
 
 def weights_fingerprint(model: Any, samples: int = 4096) -> str:
@@ -100,6 +118,10 @@ class OnevisionBackbone(PrefixSharingBackbone):
         model: ``LlavaOnevisionForConditionalGeneration``. Its ``config.image_grid_pinpoints`` is set to
             the base resolution.
         processor: its ``LlavaOnevisionProcessor``; its image processor's pinpoints are set likewise.
+        image_tokens: ``"base"`` (default, the LENS authors' way): SAM's square resized to 384 px, the vision
+            tower + projector run directly, exactly the 729 base-grid tokens in the prompt; ``"anyres"``: the
+            processor's single-image layout (1485 tokens), SAM's square at 378 px padded to 384, the first
+            729 cached (see the module docstring).
         prompt_template: ``{question}`` and ``<image>`` once each; default: the processor's chat
             template, else :data:`ONEVISION_TEMPLATE`.
     """
@@ -116,11 +138,15 @@ class OnevisionBackbone(PrefixSharingBackbone):
         processor: Any,
         *,
         name_or_path: str,
-        layers: Sequence[int] = (20,),
+        layers: Sequence[int] = (14,),
+        image_tokens: str = DEFAULT_IMAGE_TOKENS,
         prompt_template: str | None = None,
         question_template: str = REFERRING_QUESTION_TEMPLATE,
         max_query_batch: int = 32,
     ) -> None:
+        if image_tokens not in IMAGE_TOKEN_MODES:
+            raise UsageError(f"image_tokens must be one of {list(IMAGE_TOKEN_MODES)}, got {image_tokens!r}")
+        self.image_tokens = image_tokens
         model_type = str(model.config.model_type)
         if model_type != MODEL_TYPE:
             from .mllm import UnsupportedMllmError
@@ -135,18 +161,26 @@ class OnevisionBackbone(PrefixSharingBackbone):
         patch = int(vision.patch_size)
         #: Side of the cached grid: SigLIP's valid 14 px convolution over 384 px gives 27 patches (27 x 27 = 729).
         self.grid_size = self.image_size // patch
+        configure_base_resolution(self.model, self.processor, self.image_size)  # also for generate()
+        if self.image_tokens == "base":
+            #: SAM's frame is resized to the whole ``image_size`` (the authors' way; SigLIP sees 378 of 384 px).
+            self.frame_size = self.image_size
+            self._sequence_image_tokens = self.num_image_tokens = self.grid_size**2
+            self.image_geometry = f"sam-pad-{SAM_IMAGE_SIZE}-to-{self.image_size}"
+            return
         #: The pixels those patches cover (27 x 14 = 378 of 384): SAM's frame is resized to this side and
         #: zero-padded to ``image_size``, so the grid spans SAM's frame exactly (the last 6 px are never seen).
         self.frame_size = self.grid_size * patch
         self._sequence_image_tokens, self.num_image_tokens = image_token_layout(self.grid_size)
-        configure_base_resolution(self.model, self.processor, self.image_size)
         #: Recorded by the extractor as the cache's image geometry (SAM's frame, resized for the MLLM).
         self.image_geometry = (
             f"sam-pad-{SAM_IMAGE_SIZE}-to-{self.image_size}" if self.frame_size == self.image_size
             else f"sam-pad-{SAM_IMAGE_SIZE}-to-{self.frame_size}-pad-{self.image_size}")
 
     def _image_identity(self) -> dict:
-        return {
+        if self.image_tokens == "base":
+            return {"image_size": self.image_size, "grid_size": self.grid_size, "image_tokens": "base"}
+        return {  # the anyres identity as it was before image_tokens existed (its stores stay readable)
             "image_size": self.image_size,
             "grid_size": self.grid_size,
             "image_grid_pinpoints": [[self.image_size, self.image_size]],
@@ -188,16 +222,97 @@ class OnevisionBackbone(PrefixSharingBackbone):
                 raise ValueError(f"the MLLM must receive SAM's padded square frame, got a {h} x {w} image")
 
     def model_image(self, image: Image.Image) -> Image.Image:
-        """SAM's padded square as this adapter feeds it to the processor: resized to ``frame_size`` (378)
-        and zero-padded right/bottom to ``image_size`` (384), so the 27 x 27 patches tile SAM's frame
-        exactly (cell (x, y) = SAM pixels ``(x + 0.5) * 1024 / 27``); the processor's own resize to 384
-        then changes nothing."""
+        """SAM's padded square as this adapter shows it to the vision tower. ``base``: resized (bicubic) to
+        ``image_size`` (384). ``anyres``: resized to ``frame_size`` (378) and zero-padded right/bottom to
+        ``image_size`` (384), so the 27 x 27 patches tile SAM's frame exactly (cell (x, y) = SAM pixels
+        ``(x + 0.5) * 1024 / 27``); the processor's own resize to 384 then changes nothing."""
         rgb = image.convert("RGB")
+        if self.image_tokens == "base":
+            if rgb.size == (self.image_size, self.image_size):
+                return rgb
+            return rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         if self.frame_size == self.image_size:
             return rgb
         canvas = Image.new("RGB", (self.image_size, self.image_size))
         canvas.paste(rgb.resize((self.frame_size, self.frame_size), Image.Resampling.BICUBIC), (0, 0))
         return canvas
+
+    # ------------------------------------------------- the "base" way (authors')
+
+    def base_pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(B, 3, 384, 384) float32: SAM's squares resized to ``image_size`` (:meth:`model_image`), rescaled
+        and normalised with the image processor's mean/std (OneVision's 0.5/0.5), one base tile each."""
+        ip = self.processor.image_processor
+        mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        rescale = float(getattr(ip, "rescale_factor", 1 / 255))
+        arr = np.stack([np.asarray(self.model_image(im), dtype=np.float32) for im in images])
+        return (torch.from_numpy(arr).permute(0, 3, 1, 2) * rescale - mean) / std
+
+    def base_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, grid^2, d): the vision tower + projector on one base tile per image, the features selected
+        as ``get_image_features`` selects them (``vision_feature_layer``, ``vision_feature_select_strategy``),
+        without AnyRes packing (no tile, no ``image_newline``).
+
+        Raises:
+            ValueError: they are not grid^2 per image (one line, naming the setting).
+        """
+        inner = self.model.model
+        cfg = self.model.config
+        layer, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+        out = inner.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
+        chosen = [out.hidden_states[i] for i in layer] if isinstance(layer, (list, tuple)) else [out.hidden_states[layer]]
+        if strategy == "default":
+            chosen = [h[:, 1:] for h in chosen]
+        features = inner.multi_modal_projector(torch.cat(chosen, dim=-1))
+        if features.shape[1] != self.num_image_tokens:
+            raise ValueError(
+                f"the vision tower gives {features.shape[1]} features per image, not {self.grid_size} x "
+                f"{self.grid_size} = {self.num_image_tokens}: set vision_feature_select_strategy to 'full' "
+                f"(now {strategy!r}) and image_size to SigLIP's {self.image_size}")
+        return features
+
+    def base_inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, S, d) the LM's input embeddings of ``input_ids`` with :meth:`base_image_features` of row b's
+        image scattered, in order, into row b's ``grid^2`` image-token positions."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        counts = mask.sum(dim=1).tolist()
+        if any(c != self.num_image_tokens for c in counts):
+            raise RuntimeError(f"expected {self.num_image_tokens} image tokens per row, got {counts}")
+        features = self.base_image_features(pixel_values).to(embeds.dtype)
+        return embeds.masked_scatter(mask[..., None], features)
+
+    def _processor_ids(self, question: str) -> list[int]:
+        if self.image_tokens != "base":
+            return super()._processor_ids(question)
+        # The authors expand the prompt's one <image> to grid^2 ids; the tokeniser must read the
+        # expanded text the same way (checked at construction against _split_ids).
+        text = self.prompt_for(question).replace(IMAGE_TOKEN, IMAGE_TOKEN * self._sequence_image_tokens)
+        return self.processor.tokenizer(text)["input_ids"]
+
+    def _image_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        if self.image_tokens != "base":
+            return super()._image_inputs(images)
+        return {_BASE_PIXELS: self.base_pixel_values(images)}
+
+    def _forward_until(self, **inputs: Any) -> dict[int, torch.Tensor]:
+        pixels = inputs.pop(_BASE_PIXELS, None)
+        if pixels is not None:
+            inputs["inputs_embeds"] = self.base_inputs_embeds(inputs.pop("input_ids"), pixels)
+        return forward_until(self.model.model, self._lm.layers, self.layers, **inputs)
+
+    @torch.inference_mode()
+    def image_attention_by_layer(self, image: Image.Image, question: str) -> torch.Tensor:
+        if self.image_tokens != "base":
+            return super().image_attention_by_layer(image, question)
+        prefix, suffix = self._split_ids(question)
+        ids = torch.tensor([prefix + suffix], device=self.device)
+        embeds = self.base_inputs_embeds(ids, self.base_pixel_values([image]))
+        with eager_attention(self.model):
+            out = self.model.model(inputs_embeds=embeds, **self._position_inputs(1, 0, ids.shape[1]),
+                                   output_attentions=True, use_cache=False)
+        return last_token_image_attention(out.attentions, self._grid_positions, self.grid_size)
 
     # ----------------------------------------------------------------- loading
 
@@ -206,7 +321,7 @@ class OnevisionBackbone(PrefixSharingBackbone):
         cls,
         name_or_path: str,
         *,
-        layers: Sequence[int] = (20,),
+        layers: Sequence[int] = (14,),
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         **kwargs: Any,
@@ -238,7 +353,7 @@ class OnevisionBackbone(PrefixSharingBackbone):
     def tiny(
         cls,
         *,
-        layers: Sequence[int] = (20,),
+        layers: Sequence[int] = (14,),
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         seed: int = 0,

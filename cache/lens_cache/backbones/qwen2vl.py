@@ -26,8 +26,11 @@ How the states are computed (and why they equal a plain forward's ``hidden_state
   (``<|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n``) runs against its image's
   cache rows, right-padded; hooks stop the forward after the deepest cached layer.
 
-The LENS head reads these states with plain 1-D positions (``lens_core.head``); its warm start
-is Qwen2 decoder layers (``layer_type="qwen2"``: q/k/v biases, grouped-query attention).
+The LENS head's warm start is Qwen2 decoder layers (``layer_type="qwen2"``: q/k/v biases, grouped-query
+attention). The ``qwen2vl-2b`` preset (the authors' run) has the head read the whole sequence (the stored
+prefix, which ends with ``<|vision_start|>``, the 576 image tokens, the text) with these same M-RoPE ids
+(``rope="mrope"``: ``lens_core.head.mrope_positions(P, 24, L_t)``, checked against ``get_rope_index`` on a
+store in ``tests/test_cache_fidelity_backbones.py``); other presets may use 1-D positions.
 
 Importing this module is cheap (the registry imports it): transformers is imported on first use.
 """
