@@ -41,6 +41,43 @@ def user_errors(
     return stage_one.user_errors(output, exit_codes={NonFiniteLossError: TRAINING_FAILED_EXIT}, also=also)
 
 
+def parse_settings(settings: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set NAME=VALUE`` items -> (LensConfig overrides, TrainConfig overrides).
+
+    VALUE is read as JSON (``true``, ``0.9``, ``null``, ``[0.9, 0.95]``), else kept as the bare word.
+
+    Raises:
+        UserError: an item without ``=``, or a NAME that is no field of either config (one line, listing them).
+    """
+    import dataclasses
+    import json
+
+    from lens_core.config import LensConfig
+
+    from .training.config import TrainConfig
+
+    model_fields = {f.name for f in dataclasses.fields(LensConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model, train = {}, {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise UserError(f"--set takes NAME=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        if name in model_fields:
+            model[name] = value
+        elif name in train_fields:
+            train[name] = value
+        else:
+            raise UserError(f"--set {name}: no such setting; model: {', '.join(sorted(model_fields))}; "
+                            f"training: {', '.join(sorted(train_fields))}")
+    return model, train
+
+
 def _given(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
@@ -76,6 +113,7 @@ def train(
         "--warm-start/--no-warm-start", help="Initialise the head from the MLLM's decoder layers k, k+1 (k = --layer) if the store has them [preset's].")] = None,
     sam: Annotated[str | None, typer.Option(help="vit_h:PATH (or toy:PATH) of the SAM a real-SAM store was cached with (tiny, shipped toy: not needed).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="NAME=VALUE of any model (LensConfig) or training (TrainConfig) field, repeatable; VALUE is JSON (true, 0.9, null, \"official\") or a bare word, e.g. --set descriptor=paper --set grad_clip=null (FIDELITY.md names the switches).")] = None,
 ) -> None:
     """Train the head, keypoint descriptor and SAM's mask decoder from cached features.
 
@@ -101,6 +139,7 @@ def train(
         model_overrides = _given(heatmap_from=heatmap_from, detach_peak=detach_peak,
                                  use_keypoint_description=keypoint_description,
                                  use_global_description=global_description)
+        set_model, set_train = parse_settings(set_ or [])
         train_overrides = _given(
             steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
             mix=parse_mix(mix) if mix is not None else None, seed=seed, num_workers=workers, log_every=log_every,
@@ -108,8 +147,8 @@ def train(
             attn_weight=(0.0 if attn_loss is False else None),
         )
         request = TrainRequest(
-            caches=tuple(cache), out=out, preset=preset, model_overrides=model_overrides,
-            train_overrides=train_overrides, layer=layer, device=device, resume=resume, sam=sam, quiet=quiet,
+            caches=tuple(cache), out=out, preset=preset, model_overrides={**set_model, **model_overrides},
+            train_overrides={**set_train, **train_overrides}, layer=layer, device=device, resume=resume, sam=sam, quiet=quiet,
             cli={"argv": sys.argv[1:]},
         )
         run_training(request)

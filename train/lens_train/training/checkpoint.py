@@ -4,7 +4,8 @@ A checkpoint in ``RUN_DIR`` is three files:
 
 * ``model.safetensors``: the trainable parameters only (head, descriptor, SAM's mask
   decoder, the [CLS] position); the frozen SAM prompt encoder is rebuilt from the store's
-  SAM spec. float32, so a resumed run continues bit for bit.
+  SAM spec. In the dtype they train in (float32; bfloat16 for precision "bf16-pure"), so a
+  resumed run continues bit for bit.
 * ``optimizer.pt``: ``torch.save`` of AdamW's state, the step and every RNG state, as
   tensors and plain types only, so that ``torch.load(weights_only=True)`` reads it
   (a file from disk is data, never code).

@@ -9,7 +9,9 @@ the synthetic world, the backbones they are matched to (``synthetic``: ``toy`` o
 ``lens-train`` without ``--preset`` trains with the preset made for the store's MLLM
 (:func:`preset_for_mllm`): ``toy`` for a store of the toy backbones, ``official`` for
 LLaVA-1.5-7B, ``qwen2vl-2b`` for Qwen2-VL-2B, ... ``paper`` is made for LLaVA-1.5-7B too but
-is never chosen by default: it is the paper's own settings, asked for by name.
+is never chosen by default: it is the paper's own settings, asked for by name; so is
+``official-fp32master`` (``official`` with float32 master weights and clipping). A preset without
+``made_for`` is never chosen for a store.
 """
 
 from __future__ import annotations

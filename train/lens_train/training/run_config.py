@@ -128,7 +128,7 @@ class RunConfig:
             "preset": self.preset,
             "preset_description": self.preset_description,
             "model": self.model.to_dict(),
-            "train": self.train.to_dict(),
+            "train": self.train.to_record(),
             "layer": self.layer,
             "sam": self.sam,
             "identity_hash": self.identity_hash,

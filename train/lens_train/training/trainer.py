@@ -2,8 +2,9 @@
 
 :func:`train` does everything ``lens-train`` does: open and check the stores, rebuild
 the SAM that belongs to the cached embeddings, build the model from a preset, and run
-AdamW (warm-up + linear decay, gradient accumulation, clipping, bf16 autocast on CUDA)
-on ``L = L_seg + attn_weight * L_attn``. The run folder holds::
+AdamW (warm-up, then a linear, cosine or constant lr; gradient accumulation; optional
+clipping; bf16 autocast on CUDA or a pure-bfloat16 model, as the preset says) on
+``L = L_seg + attn_weight * L_attn``. The run folder holds::
 
     config.json        preset, LensConfig, TrainConfig, stores (identity, paths), CLI args (lens_train.training.run_config)
     metrics.jsonl      one row per optimizer step: loss parts, lr, grad norm, samples/s
@@ -97,10 +98,16 @@ class TrainResult:
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then linear decay to 0."""
+    """Learning rate of optimizer step ``step`` (0-based): ``warmup_steps`` of linear warm-up, then
+    ``train.lr_schedule``: "linear" or "cosine" decay to 0 at ``train.steps``, or "constant" ``train.lr``."""
     warmup = min(train.warmup_steps, train.steps)
     if step < warmup:
         return train.lr * (step + 1) / warmup
+    if train.lr_schedule == "constant":
+        return train.lr
+    if train.lr_schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, train.steps - warmup))
+        return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.lr * max(0.0, (train.steps - step) / max(1, train.steps - warmup))
 
 
@@ -108,13 +115,17 @@ def compute_losses(model: Lens, out: LensOutput, batch: Batch, train: TrainConfi
     """``{"loss", "seg", "dice", "bce", "attn"}`` of one micro-batch, in float32.
 
     Masks go back to each image's original size (SAM's post-processing) before L_seg,
-    as LISA computes it; L_attn compares the heatmap with the mask on the padded frame.
+    as LISA computes it; L_attn compares the heatmap with the mask on the padded frame, the heatmap
+    upsampled as the model's ``coords`` places cells (``align_corners`` or not) and the mask brought to
+    ``attn_size`` by ``train.attn_target_resize``.
     """
     logits = model.masks_at_original_size(out.low_res_logits.float(), batch.input_sizes, batch.original_sizes)
     seg = segmentation_loss(logits, batch.gts, dice_weight=train.dice_weight, bce_weight=train.bce_weight)
     if train.attn_weight > 0:
         input_sizes = [tuple(int(v) for v in size) for size in batch.input_sizes.tolist()]
-        attn = attention_loss(out.heatmap.float(), batch.gts, input_sizes, size=train.attn_size)
+        attn = attention_loss(out.heatmap.float(), batch.gts, input_sizes, size=train.attn_size,
+                              align_corners=model.config.coords == "align_corners",
+                              target_resize=train.attn_target_resize)
     else:
         attn = torch.zeros((), device=seg["seg"].device)
     return {"loss": seg["seg"] + train.attn_weight * attn, "seg": seg["seg"], "dice": seg["dice"],
@@ -122,14 +133,59 @@ def compute_losses(model: Lens, out: LensOutput, batch: Batch, train: TrainConfi
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when the preset asks for it; fp32 (no autocast) on the CPU."""
-    if device.type == "cuda" and precision == "bf16":
+    """bf16 autocast on CUDA when the preset asks for bf16 compute; fp32 (no autocast) on the CPU.
+
+    For "bf16-pure" this is what evaluation uses (its model is rebuilt in float32 and the bfloat16
+    weights loaded into it); training a "bf16-pure" model runs without autocast (:func:`train_autocast`).
+    """
+    if device.type == "cuda" and precision in ("bf16", "bf16-pure"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def train_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The training forward's context: :func:`autocast_for`, but none for "bf16-pure" (the model itself is bf16)."""
+    return contextlib.nullcontext() if precision == "bf16-pure" else autocast_for(device, precision)
+
+
 def effective_precision(device: torch.device, precision: str) -> str:
+    """How a run of ``precision`` trains on ``device``: "bf16" (autocast) only on CUDA, "bf16-pure" everywhere."""
+    if precision == "bf16-pure":
+        return precision
     return "bf16" if device.type == "cuda" and precision == "bf16" else "fp32"
+
+
+def parameter_dtype(precision: str) -> torch.dtype:
+    """dtype of the model, its inputs and AdamW's state while training: bfloat16 for "bf16-pure", else float32."""
+    return torch.bfloat16 if precision == "bf16-pure" else torch.float32
+
+
+def cast_for_training(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The model in its training dtype (:func:`parameter_dtype`), in place.
+
+    Under "bf16-pure" every parameter and buffer becomes bfloat16 (the authors cast the whole model),
+    except the frozen random-Fourier matrix of SAM's positional encoding
+    (``positional_encoding_gaussian_matrix``): segment_anything multiplies it with float32 coordinates,
+    so it stays float32 and the positions it encodes are rounded to bfloat16 afterwards, not before.
+    """
+    dtype = parameter_dtype(precision)
+    model.to(dtype)
+    if dtype != torch.float32:
+        for module in model.modules():
+            if isinstance(getattr(module, "positional_encoding_gaussian_matrix", None), torch.Tensor):
+                module.float()
+    return model
+
+
+def gradient_norm(params: Sequence[torch.Tensor], grad_clip: float | None) -> torch.Tensor:
+    """The global gradient norm of ``params``, clipping the gradients to ``grad_clip`` when it is > 0
+    (None or 0: the gradients are left untouched)."""
+    if grad_clip is not None and grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -320,7 +376,8 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
     run_dir = setup.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    model = build_model(cfg, setup.sam_spec, seed=train_cfg.seed).to(device)
+    dtype = parameter_dtype(train_cfg.precision)
+    model = cast_for_training(build_model(cfg, setup.sam_spec, seed=train_cfg.seed).to(device), train_cfg.precision)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
     generator = torch.Generator().manual_seed(train_cfg.seed)  # the S1.4 global-only dropout
@@ -364,15 +421,14 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
                 group["lr"] = lr
             totals = torch.zeros(5, device=device)
             for _ in range(train_cfg.grad_accum):
-                batch = next(batches).to(device)
-                with autocast_for(device, train_cfg.precision):
+                batch = next(batches).to(device, features_dtype=dtype)
+                with train_autocast(device, train_cfg.precision):
                     out = model(batch.image_states, batch.text_states, batch.text_lengths, batch.sam_embeddings,
                                 generator=generator)
                 losses = compute_losses(model, out, batch, train_cfg)
                 (losses["loss"] / train_cfg.grad_accum).backward()
                 totals += torch.stack([losses[k].detach().float() for k in ("loss", "seg", "dice", "bce", "attn")])
-            max_norm = train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = gradient_norm(params, train_cfg.grad_clip)
             # One host sync per step: the logged values, and the finiteness check before the update.
             values = torch.cat([totals / train_cfg.grad_accum, grad_norm.detach().float().reshape(1)]).tolist()
             loss, seg, dice, bce, attn, gnorm = values
