@@ -1,8 +1,10 @@
 """Stage-2 training step at the real dimensions, random weights.
 
 LENS head (d=4096, 32 heads, MLP 11008, two layers) + descriptor + SAM ViT-H's prompt encoder
-and mask decoder, AdamW (fp32 master weights), bf16 autocast, batch B of cached-feature-shaped
-inputs (576 image tokens, L_t text tokens, 256x64x64 SAM embedding, masks at 480x640).
+and mask decoder, AdamW, in the preset's precision and clipping as lens-train runs them (``official``:
+the authors' pure bf16 without clipping; ``official-fp32master``: bf16 autocast over fp32 master weights),
+batch B of cached-feature-shaped inputs (the pre-image prefix when the preset's head reads it, 576 image
+tokens, L_t text tokens, 256x64x64 SAM embedding, masks at 480x640).
 Reports peak GPU memory, step time and samples/s as JSON. Runs on CPU too (slowly) for a check.
 
     python benchmarks/bench_train_step.py --preset official --batch-size 2 --steps 20
@@ -22,6 +24,12 @@ from lens_cache.cli import command_app
 from lens_core import build_lens
 from lens_core.losses import attention_loss, segmentation_loss
 from lens_train.training.presets import load_preset
+from lens_train.training.trainer import (cast_for_training, effective_precision, gradient_norm, parameter_dtype,
+                                        train_autocast)
+
+#: about the length of BOS, LLaVA-1.5's system prompt and "USER:" with its tokenizer (not measured here: no real
+#: tokenizer on this machine; ``lens-cache prompt --mllm llava-hf/llava-1.5-7b-hf`` prints the exact count)
+LLAVA_PREFIX_TOKENS = 35
 
 
 def build_sam_decoder_only(variant: str):
@@ -44,6 +52,7 @@ def main(
     warmup: Annotated[int, typer.Option()] = 3,
     sam_variant: Annotated[str, typer.Option("--sam")] = "vit_h",
     orig_size: Annotated[str, typer.Option()] = "480,640",
+    prefix_len: Annotated[int, typer.Option(help="tokens before the image (read when the preset's head_input is full_sequence)")] = LLAVA_PREFIX_TOKENS,
 ) -> None:
     """Time the training step; prints one JSON line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +60,7 @@ def main(
     torch.manual_seed(0)
     sam = build_sam_decoder_only(sam_variant)
     del sam.image_encoder  # not used in stage 2: its output is cached
-    lens = build_lens(preset.model, sam).to(device)
+    lens = cast_for_training(build_lens(preset.model, sam).to(device), preset.train.precision)
     params = lens.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=preset.train.lr, betas=preset.train.betas, weight_decay=preset.train.weight_decay)
     n_params = sum(q.numel() for q in params)
@@ -62,25 +71,27 @@ def main(
     input_size = (int(h * scale + 0.5), int(w * scale + 0.5))
     g = torch.Generator(device="cpu").manual_seed(0)
     # cached features arrive as float16 from the store
-    image = torch.randn(b, 576, d, generator=g).half().to(device)
-    text = torch.randn(b, lt, d, generator=g).half().to(device)
+    dtype = parameter_dtype(preset.train.precision)  # features as the trainer hands them to the model
+    image = torch.randn(b, 576, d, generator=g).half().to(device, dtype)
+    text = torch.randn(b, lt, d, generator=g).half().to(device, dtype)
+    prefix = torch.randn(b, prefix_len, d, generator=g).half().to(device, dtype)
     lengths = torch.full((b,), lt, device=device)
-    emb = torch.randn(b, 256, 64, 64, generator=g).half().to(device)
+    emb = torch.randn(b, 256, 64, 64, generator=g).half().to(device, dtype)
     masks = [(torch.rand(h, w, generator=g) > 0.7).to(torch.uint8).to(device) for _ in range(b)]
     sizes_in = torch.tensor([input_size] * b)
     sizes_orig = torch.tensor([[h, w]] * b)
-    use_bf16 = device.type == "cuda" and preset.train.precision == "bf16"
-
     def step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = lens(image, text, lengths, emb)
+        with train_autocast(device, preset.train.precision):
+            out = lens(image, text, lengths, emb, prefix_states=prefix)
             logits = lens.masks_at_original_size(out.low_res_logits.float(), sizes_in, sizes_orig)
             seg = segmentation_loss(logits, masks, dice_weight=preset.train.dice_weight, bce_weight=preset.train.bce_weight)
-            attn = attention_loss(out.heatmap, masks, [input_size] * b, size=preset.train.attn_size)
+            attn = attention_loss(out.heatmap, masks, [input_size] * b, size=preset.train.attn_size,
+                                  align_corners=preset.model.coords == "align_corners",
+                                  target_resize=preset.train.attn_target_resize)
             loss = seg["seg"] + attn
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, preset.train.grad_clip)
+        gradient_norm(params, preset.train.grad_clip)
         opt.step()
         return loss.item()
 
@@ -103,7 +114,8 @@ def main(
         "batch_size": b,
         "text_len": lt,
         "trainable_params_M": round(n_params / 1e6, 1),
-        "precision": "bf16 autocast, fp32 master weights" if use_bf16 else "fp32",
+        "precision": effective_precision(device, preset.train.precision),
+        "grad_clip": preset.train.grad_clip,
         "step_time_s": round(dt, 4),
         "samples_per_s": round(b / dt, 2),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,

@@ -94,9 +94,14 @@ def sample_grid(values: torch.Tensor, points: torch.Tensor, *, padding_mode: str
     norm = torch.stack(
         (2.0 * points[..., 0] / (width - 1) - 1.0, 2.0 * points[..., 1] / (height - 1) - 1.0), dim=-1
     ).to(values.dtype)
-    sampled = F.grid_sample(values, norm.unsqueeze(2), mode="bilinear", padding_mode=padding_mode,
+    work = values
+    if values.device.type == "cpu" and values.dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU grid_sample in bf16 is inexact (and returns garbage for a non-contiguous input): sample
+        # in float32 there; CUDA keeps the dtype it was given
+        work, norm = values.float(), norm.float()
+    sampled = F.grid_sample(work.contiguous(), norm.unsqueeze(2), mode="bilinear", padding_mode=padding_mode,
                             align_corners=True)  # (B, C, N, 1)
-    return sampled.squeeze(-1).transpose(1, 2)
+    return sampled.squeeze(-1).transpose(1, 2).to(values.dtype)
 
 
 def subpixel_refine(

@@ -43,6 +43,7 @@ from ..training.data import Batch, QueryDataset, collate
 from ..errors import UserError
 from ..figures import OverlayItem, heatmap_on_image, write_overlays
 from ..training.run_config import RunConfig, read_run_config
+from ..training.stores import require_prefix
 from ..training.trainer import autocast_for, build_model
 
 
@@ -81,7 +82,8 @@ def predict(model: Lens, batch: Batch, *, precision: str = "fp32") -> tuple[Lens
     """Model output and the mask logits (float32) at each image's original size, for a batch on the model's device."""
     device = batch.image_states.device
     with autocast_for(device, precision):
-        out = model(batch.image_states, batch.text_states, batch.text_lengths, batch.sam_embeddings)
+        out = model(batch.image_states, batch.text_states, batch.text_lengths, batch.sam_embeddings,
+                    prefix_states=batch.prefix_states)
     logits = model.masks_at_original_size(out.low_res_logits.float(), batch.input_sizes, batch.original_sizes)
     return out, logits
 
@@ -141,6 +143,7 @@ def evaluate(
                         f"({format_differences(diffs, ('run', 'store'))})")
     require_layer(store.layers, config.layer, holder=f"store {cache}",
                   fix=f"run {run_dir} was trained on layer {config.layer}: evaluate it on a store that caches it")
+    require_prefix(store, layer=config.layer, config=config.model)
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise UserError(f"--threshold is a probability in (0, 1), got {threshold}")
     if limit is not None and limit < 1:

@@ -214,6 +214,9 @@ def features_to_batch(features: "ImageFeatures", layer: int, sam_channels: int) 
         "task": "interactive",
         "dataset": "live",
         "is_sentence": True,
+        # the prompt's tokens before the image, as the store keeps them (float16); absent for adapters without
+        "prefix_states": (torch.from_numpy(to_float16(prefix, tuple(prefix.shape), "live prefix states"))
+                          if (prefix := features.prefix_states.get(layer)) is not None else None),
     }
     return collate([sample])
 

@@ -71,6 +71,9 @@ class QueryDataset(Dataset):
         self._task = take("task")
         self._dataset = take("dataset")
         self._is_sentence = np.asarray(take("is_sentence"), dtype=bool)
+        # The tokens before the image (BOS, system prompt, USER:): the same for every query of the store.
+        prefix = store.prefix_states(self.layer)
+        self._prefix = None if prefix is None else torch.from_numpy(prefix.astype(np.float16))
         self._store = store
         self._pid = os.getpid()
 
@@ -117,7 +120,8 @@ class QueryDataset(Dataset):
             image_states (576, d) f16; text_states (L_t, d) f16; sam_embedding (C, 64, 64) f16
             (C = the store's ``sam_channels``: 256 for SAM, 64 for the toy SAM);
             gt (H, W) uint8 0/1/255 at the original size; original_size, input_size (2,) int64 (h, w);
-            query_id, store_index: int; task, dataset: str; is_sentence: bool.
+            query_id, store_index: int; task, dataset: str; is_sentence: bool;
+            prefix_states (P, d) f16, the store's pre-image prefix (None for a store without it).
         """
         query_id = int(self.query_ids[index])
         sample = self.store.read_query(query_id, self.layer)
@@ -140,7 +144,13 @@ class QueryDataset(Dataset):
             "task": self._task[query_id],
             "dataset": self._dataset[query_id],
             "is_sentence": bool(self._is_sentence[query_id]),
+            "prefix_states": self._prefix,
         }
+
+    @property
+    def has_prefix(self) -> bool:
+        """Whether the store keeps the pre-image prefix states (stores of format 4 and later)."""
+        return self._prefix is not None
 
 
 @dataclass
@@ -156,6 +166,8 @@ class Batch:
         original_sizes, input_sizes: (B, 2) int64 (h, w).
         query_ids, store_indices: (B,) int64.
         tasks, datasets: B strings. is_sentence: (B,) bool.
+        prefix_states: (B, P, d) states of the tokens before the image, or None when a sample's store
+            does not keep them (what ``Lens.forward`` takes as ``prefix_states``).
     """
 
     image_states: torch.Tensor
@@ -170,6 +182,7 @@ class Batch:
     tasks: list[str]
     datasets: list[str]
     is_sentence: torch.Tensor
+    prefix_states: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image_states.shape[0])
@@ -196,7 +209,7 @@ class Batch:
         dtype cast happens on the device, after the float16 bytes crossed the bus.
         """
         device = torch.device(device)
-        features = {"image_states", "text_states", "sam_embeddings"}
+        features = {"image_states", "text_states", "sam_embeddings", "prefix_states"}
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -232,7 +245,22 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> Batch:
         tasks=[s["task"] for s in samples],
         datasets=[s["dataset"] for s in samples],
         is_sentence=torch.tensor([s["is_sentence"] for s in samples], dtype=torch.bool),
+        prefix_states=_stack_prefixes([s.get("prefix_states") for s in samples]),
     )
+
+
+def _stack_prefixes(prefixes: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """(B, P, d) from the samples' prefix states; None if any sample has none (a store without them).
+
+    Raises:
+        ValueError: prefixes of different lengths in one batch (stores of different prompts, which the
+            identity check keeps apart).
+    """
+    if any(p is None for p in prefixes):
+        return None
+    if len({tuple(p.shape) for p in prefixes}) != 1:
+        raise ValueError(f"prefix states of different shapes in one batch: {sorted({tuple(p.shape) for p in prefixes})}")
+    return torch.stack(list(prefixes))
 
 
 # ----------------------------------------------------------------------------- the task mix

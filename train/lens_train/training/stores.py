@@ -87,6 +87,21 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim
     return stores
 
 
+def require_prefix(store, *, layer: int, config: LensConfig) -> None:
+    """Refuse, in one line, a store without the pre-image prefix states for a head that reads them.
+
+    Raises:
+        UserError: ``config.head_input`` is ``full_sequence`` and ``store`` keeps no prefix (built before
+            store format 4).
+    """
+    if config.head_input == "full_sequence" and store.prefix_states(layer) is None:
+        raise UserError(
+            f"store {store.url} keeps no states of the prompt's tokens before the image, which a head with "
+            "head_input full_sequence (the official preset) reads: rebuild it with this lens-cache "
+            "(lens-cache build --overwrite), or use --set head_input=image_text"
+        )
+
+
 def default_preset(urls: Sequence[str]) -> str:
     """The preset made for the MLLM of the first store (``lens-train`` without ``--preset``)."""
     from lens_cache.store import FeatureStore

@@ -48,7 +48,7 @@ from ..errors import NonFiniteLossError, UserError
 from ..figures import write_curve
 from .presets import Preset, load_preset
 from .run_config import RunConfig, StoreRecord, read_run_config, write_run_config
-from .stores import default_preset, open_stores, read_warm_start, resolve_sam_spec
+from .stores import default_preset, open_stores, read_warm_start, require_prefix, resolve_sam_spec
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "curve.png"
@@ -284,6 +284,8 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
 
     stores = open_stores(request.caches, layer=layer, hidden_size=model_config.hidden_size,
                          prompt_dim=model_config.prompt_dim, preset_name=preset.name, grid_size=model_config.grid_size)
+    for store in stores:
+        require_prefix(store, layer=layer, config=model_config)
     if resuming:
         trained = [(s.identity_hash, s.manifest_hash) for s in recorded.stores]
         given = [(s.identity_hash, s.manifest_hash) for s in stores]
@@ -424,7 +426,7 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
                 batch = next(batches).to(device, features_dtype=dtype)
                 with train_autocast(device, train_cfg.precision):
                     out = model(batch.image_states, batch.text_states, batch.text_lengths, batch.sam_embeddings,
-                                generator=generator)
+                                prefix_states=batch.prefix_states, generator=generator)
                 losses = compute_losses(model, out, batch, train_cfg)
                 (losses["loss"] / train_cfg.grad_accum).backward()
                 totals += torch.stack([losses[k].detach().float() for k in ("loss", "seg", "dice", "bce", "attn")])

@@ -1,0 +1,102 @@
+"""The authors' structure end to end on a small store: the prefix travels from the store to the head.
+
+`lens-train --set ...` with the official preset's structural switches at tiny dimensions trains from a store
+that keeps the pre-image prefix, records the switches in its run, and `lens-eval` evaluates it; a store
+without the prefix is refused in one line by both; the batch's prefix is the store's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lens_train.cli import eval_app, train_app
+
+FAST = ["--batch-size", "2", "--grad-accum", "1", "--workers", "0", "--steps", "3", "--device", "cpu", "--quiet"]
+OFFICIAL_STRUCTURE = {"head_input": "full_sequence", "final_norm": "true", "descriptor": "official",
+                      "global_only_after_descriptor": "true", "coords": "align_corners", "keypoint_strict": "true",
+                      "detach_subpixel": "false", "cls_position_std": "1.0", "train_iou_head": "false"}
+OFFICIAL_TRAINING = {"lr_schedule": "constant", "warmup_steps": "0", "grad_clip": "null", "precision": "bf16-pure",
+                     "attn_target_resize": "nearest"}
+
+
+def settings(values: dict) -> list[str]:
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    from lens_manifests import build_manifest
+
+    from lens_train.testing import build_store, small_synthetic
+
+    root = small_synthetic(tmp_path_factory.mktemp("synthetic"), images=2)
+    out = tmp_path_factory.mktemp("stores")
+    with_prefix = build_store(build_manifest("synthetic:train", root), out / "prefix", spec="synthetic:train",
+                              prefix_tokens=5)
+    without = build_store(build_manifest("synthetic:train", root), out / "plain", spec="synthetic:train")
+    return {"prefix": with_prefix.url, "plain": without.url}
+
+
+def test_the_batch_carries_the_stores_prefix(stores):
+    from lens_cache.store import FeatureStore
+    from lens_train.training.data import QueryDataset, collate
+
+    dataset = QueryDataset(stores["prefix"], 14)
+    batch = collate([dataset[0], dataset[1]])
+    expected = torch.from_numpy(FeatureStore.open(stores["prefix"]).prefix_states(14)).half()
+    assert batch.prefix_states.shape == (2, 5, expected.shape[1])
+    assert torch.equal(batch.prefix_states[1], expected)
+    assert batch.to("cpu").prefix_states.dtype == torch.float32
+    assert collate([QueryDataset(stores["plain"], 14)[0]]).prefix_states is None
+
+
+def test_official_structure_trains_and_evaluates_from_the_store(stores, tmp_path, monkeypatch):
+    import lens_core.head as head_module
+
+    seen = []
+    forward = head_module.SegmentationHead.forward
+
+    def spy(self, image_states, text_states, text_lengths, prefix_states=None):
+        seen.append(None if prefix_states is None else tuple(prefix_states.shape))
+        return forward(self, image_states, text_states, text_lengths, prefix_states)
+
+    monkeypatch.setattr(head_module.SegmentationHead, "forward", spy)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_app, ["--cache", stores["prefix"], "--preset", "tiny", "--out", str(run), *FAST,
+                                            *settings(OFFICIAL_STRUCTURE), *settings(OFFICIAL_TRAINING)])
+    assert result.exit_code == 0, result.output
+    assert seen and all(shape is not None and shape[1] == 5 for shape in seen)
+    config = json.loads((run / "config.json").read_text())
+    for key, value in OFFICIAL_STRUCTURE.items():
+        assert config["model"][key] == json.loads(value if value not in ("official", "full_sequence", "align_corners")
+                                                  else json.dumps(value)), key
+    assert config["train"]["precision"] == "bf16-pure" and config["train"]["grad_clip"] is None
+    seen.clear()
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", stores["prefix"], "--out", str(out),
+                                           "--figures", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert seen and all(shape is not None and shape[1] == 5 for shape in seen)
+    assert json.loads((out / "metrics.json").read_text())["num_queries"] > 0
+
+    # a store without the prefix: refused by lens-eval and lens-train in one line
+    result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", stores["plain"], "--out",
+                                           str(tmp_path / "eval2"), "--figures", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and "keeps no states of the prompt's tokens before the image" in result.output
+    result = CliRunner().invoke(train_app, ["--cache", stores["plain"], "--preset", "tiny", "--out",
+                                            str(tmp_path / "run2"), *FAST, "--set", "head_input=full_sequence"])
+    assert result.exit_code == 2 and "head_input=image_text" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_set_refuses_an_unknown_setting(stores, tmp_path):
+    result = CliRunner().invoke(train_app, ["--cache", stores["prefix"], "--preset", "tiny", "--out", str(tmp_path / "r"),
+                                            *FAST, "--set", "no_such_switch=1"])
+    assert result.exit_code == 2 and "--set no_such_switch: no such setting" in result.output
+    result = CliRunner().invoke(train_app, ["--cache", stores["prefix"], "--preset", "tiny", "--out", str(tmp_path / "r"),
+                                            *FAST, "--set", "descriptor"])
+    assert result.exit_code == 2 and "NAME=VALUE" in result.output
