@@ -215,7 +215,7 @@ def test_prompt_identity_and_registry(backbone):
 
 def test_saved_tiny_loads_through_real_loader(tmp_path, backbone, base, squares):
     folder = save_tiny_onevision(tmp_path / "tiny-onevision")
-    loaded = build_mllm(str(folder), layers=LAYERS, device="cpu")
+    loaded = build_mllm(str(folder), layers=LAYERS, device="cpu", question_set="single")  # as the tiny one
     assert loaded.image_tokens == "base" and loaded.identity == {**base.identity, "name_or_path": str(folder)}
     encoded = base.encode(squares, [QUESTIONS_A, QUESTIONS_B])  # the loader's default is the base way
     assert isinstance(loaded, OnevisionBackbone) and loaded.model.dtype == torch.float32

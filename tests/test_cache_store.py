@@ -52,11 +52,13 @@ def test_self_description_is_pinned(store, manifest):
     assert set(attrs) == {
         "format_version", "identity", "identity_hash", "manifest_hash", "spec", "layers", "hidden_size",
         "num_image_tokens", "sam_channels", "num_images", "num_queries", "num_blocks", "max_text_len", "storage_dtype",
-        "compression", "block_size", "failure_reasons", "checksums", "prefix", "num_failed_images", "created_by",
-        "complete",
+        "compression", "block_size", "failure_reasons", "checksums", "prefix", "text_variants", "num_failed_images",
+        "created_by", "complete",
     }  # fmt: skip
-    assert attrs["format_version"] == 4
+    assert attrs["format_version"] == 5
     assert attrs["prefix"] is None  # the fake backbone gives no prefix states (tests/test_cache_fidelity_prefix.py)
+    # nor a question set: one question per query (tests/test_cache_fidelity_templates.py)
+    assert attrs["text_variants"] is None
     assert attrs["complete"] is True
     assert attrs["storage_dtype"] == "float16"
     assert attrs["compression"] == "lossless"
@@ -140,6 +142,25 @@ PINNED_LAYOUT_V4 = [
     ("prefix/mllm_l7", ((4, 8), "float16", (4, 8))),
     *PINNED_LAYOUT_V3[5:],
 ]
+#: Version 5 with the text states of a query's other question templates (the ``authors`` set: T = 11, the
+#: longest evaluation question; V_t = 4 training questions of a phrase, T_v = 16 the longest of them): after
+#: each layer's text states, the variants; their L_t after the index arrays; their checksums after each
+#: layer's text checksums.
+PINNED_LAYOUT_V5 = [
+    PINNED_LAYOUT_V4[0],
+    ("queries/text_l3", ((11, 11, 8), "float16", (1, 11, 8))),
+    ("queries/variants_l3", ((11, 4, 16, 8), "float16", (1, 4, 16, 8))),
+    PINNED_LAYOUT_V4[2],
+    ("queries/text_l7", ((11, 11, 8), "float16", (1, 11, 8))),
+    ("queries/variants_l7", ((11, 4, 16, 8), "float16", (1, 4, 16, 8))),
+    *PINNED_LAYOUT_V4[4:13],
+    ("queries/variant_text_len", ((11, 4), "int32", (11, 4))),
+    *PINNED_LAYOUT_V4[13:18],
+    ("queries/variants_l3_crc32", ((3, 5), "uint32", (1, 5))),
+    *PINNED_LAYOUT_V4[18:20],
+    ("queries/variants_l7_crc32", ((3, 5), "uint32", (1, 5))),
+    PINNED_LAYOUT_V4[20],
+]
 
 
 def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
@@ -147,7 +168,7 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
     disk, what verify expects, what the block writer opens and the docstring's table all come from it."""
     import lens_cache.store
 
-    assert FORMAT_VERSION == 4, "a new format version: pin its layout here"
+    assert FORMAT_VERSION == 5, "a new format version: pin its layout here"
     two_layers = build_cache(
         manifest, tmp_path / "store", fake_factory(layers=(3, 7), hidden_size=8, sam_channels=64, prefix_tokens=4),
         spec="testset:val", block_size=2, batch_size=2, progress=False,
@@ -172,6 +193,25 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
     assert sample_arrays(two_layers.layers) == [
         "images/sam", "images/mllm_l3", "queries/text_l3", "images/mllm_l7", "queries/text_l7"
     ]
+    # version 5 with text variants (the authors' question set: every template of a query cached)
+    variants = build_cache(
+        manifest, tmp_path / "variants",
+        fake_factory(layers=(3, 7), hidden_size=8, sam_channels=64, prefix_tokens=4, question_set="authors"),
+        spec="testset:val", block_size=2, batch_size=2, progress=False,
+    )  # fmt: skip
+    v5 = variants.attrs
+    assert v5["text_variants"]["count"] == 5 and v5["text_variants"]["max_len"] == 16
+    assert {name: (tuple(variants.array(name).shape), str(variants.array(name).dtype),
+                   tuple(variants.array(name).chunks)) for name in variants.array_names()} == dict(PINNED_LAYOUT_V5)
+    assert list(expected_arrays(v5).items()) == PINNED_LAYOUT_V5
+    assert list(expected_arrays({**v5, "text_variants": None, "max_text_len": 13}).items()) == PINNED_LAYOUT_V4
+    assert variants.sample_array_names == [
+        "images/sam", "images/mllm_l3", "queries/text_l3", "queries/variants_l3", "images/mllm_l7", "queries/text_l7",
+        "queries/variants_l7",
+    ]
+    assert set(StoreWriter(variants.url).arrays) == block_written | {
+        "queries/variants_l3", "queries/variants_l7", "queries/variants_l3_crc32", "queries/variants_l7_crc32"}
+    assert set(v5["checksums"]["index"]) == {*INDEX_ARRAYS, "queries/variant_text_len", "prefix/mllm_l3", "prefix/mllm_l7"}
     # a version-1 store: the same arrays without the checksums, and C = 256 (it did not record sam_channels)
     v1 = {key: value for key, value in attrs.items() if key not in ("sam_channels", "checksums", "prefix")}
     v1_layout = [row for row in PINNED_LAYOUT_V3 if "crc32" not in row[0]]

@@ -37,11 +37,12 @@ from lens_cache.store_format import (
     SAM_EMBEDDINGS,
     WARM_START_FILE,
     StorePrefix,
+    StoreVariants,
     image_array_name,
     is_query_array,
-    sample_arrays,
     text_array_name,
     to_float16,
+    variants_array_name,
 )
 from lens_cache.store_location import StoreLocation
 from lens_cache.store_writer import StoreWriter
@@ -72,6 +73,10 @@ class BlockJob:
         query_rows: per image, the block-local query of each of its questions.
         image_queries: per image, how many queries it has (usable or not).
         text_len: per query of the block, L_t promised by tokenisation (0: text refused, skipped).
+        variant_questions: per image, per usable query, the questions of its other templates (variants 1..)
+            whose text the backbone takes, in variant order (empty: one question per query).
+        variant_text_len: per query of the block, L_t of each variant 1.. (0: none, -1: refused; see
+            :class:`~lens_cache.store_format.StoreVariants`); empty where the store has no variants.
     """
 
     block: int
@@ -83,6 +88,14 @@ class BlockJob:
     query_rows: tuple[tuple[int, ...], ...]
     image_queries: tuple[int, ...]
     text_len: tuple[int, ...]
+    variant_questions: tuple[tuple[tuple[str, ...], ...], ...] = ()
+    variant_text_len: tuple[tuple[int, ...], ...] = ()
+
+    def questions_to_ask(self, image: int) -> list[str]:
+        """The questions of block-local ``image`` as one list for the extractor: variant 0 of every usable
+        query (as before variants existed), then the other variants of each query in turn."""
+        variants = self.variant_questions[image] if self.variant_questions else ()
+        return [*self.questions[image], *(q for query in variants for q in query)]
 
     @property
     def num_images(self) -> int:
@@ -114,7 +127,10 @@ class ExtractorInfo:
     ``identity`` is the extractor's plus ``warm_start`` (see :func:`warm_start_file`);
     ``questions``/``text_len`` have one entry per manifest row; a row whose text the
     backbone refused has ``text_len`` 0 and its reason in ``text_failures``; ``prefix`` the
-    states of the prompt's tokens before the image (:func:`store_prefix`), None if the extractor gives none.
+    states of the prompt's tokens before the image (:func:`store_prefix`), None if the extractor gives none;
+    ``variants`` the question templates and the L_t of every row's other variants (None: an extractor with one
+    question per row and no question set), ``variant_questions`` their questions (variants 1.., per row),
+    ``variant_failures`` (row, variant) -> why the backbone refused one.
     """
 
     identity: dict
@@ -126,15 +142,19 @@ class ExtractorInfo:
     text_len: np.ndarray
     text_failures: dict[int, str]
     prefix: StorePrefix | None = None
+    variants: StoreVariants | None = None
+    variant_questions: list[list[str]] | None = None
+    variant_failures: dict[tuple[int, int], str] | None = None
 
 
 def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
-    """The extractor's identity (with its warm-start record) and sizes, every row's question and L_t, and
-    the prefix states the store keeps once (:func:`store_prefix`)."""
-    questions = [
-        extractor.question_for(text, bool(sentence)) for text, sentence in zip(texts, is_sentence, strict=True)
-    ]
+    """The extractor's identity (with its warm-start record) and sizes, every row's questions (every variant
+    of its question set: :func:`question_variants`) and their L_t, and the prefix states the store keeps once
+    (:func:`store_prefix`)."""
+    every = question_variants(extractor, texts, is_sentence)
+    questions = [row[0] for row in every]
     text_len, failures = text_lengths(extractor, questions)
+    variants, variant_questions, variant_failures = describe_variants(extractor, every, text_len)
     warm_start, _ = warm_start_file(extractor)
     return ExtractorInfo(
         identity={**extractor.identity, "warm_start": warm_start},
@@ -146,7 +166,57 @@ def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sen
         text_len=text_len,
         text_failures=failures,
         prefix=store_prefix(extractor),
+        variants=variants,
+        variant_questions=variant_questions,
+        variant_failures=variant_failures,
     )
+
+
+def question_variants(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> list[list[str]]:
+    """Every row's questions, variant 0 (the evaluation question, ``question_for``) first, then the training
+    ones of the extractor's question set (``questions_for``; one per row for an extractor without)."""
+    every = getattr(extractor, "questions_for", None)
+    rows = []
+    for text, sentence in zip(texts, is_sentence, strict=True):
+        row = list(every(text, bool(sentence))) if every is not None else [extractor.question_for(text, bool(sentence))]
+        rows.append(row)
+    return rows
+
+
+def describe_variants(
+    extractor: FeatureExtractor, every: Sequence[Sequence[str]], text_len: np.ndarray
+) -> tuple[StoreVariants | None, list[list[str]], dict[tuple[int, int], str]]:
+    """The store's record of the rows' variants, the questions of variants 1.. per row, and the refused ones.
+
+    The variants of a row whose variant 0 was refused are not asked (-1); one the backbone refuses alone
+    (a prompt past the context) is -1 too, the query's other variants are cached.
+    """
+    question_set = getattr(extractor, "question_set", None)
+    count = max((len(row) for row in every), default=1)
+    if question_set is None and count == 1:
+        return None, [[] for _ in every], {}
+    lengths = np.zeros((len(every), count - 1), dtype=np.int32)
+    failures: dict[tuple[int, int], str] = {}
+    for row, questions in enumerate(every):
+        for v, question in enumerate(questions[1:], start=1):
+            if text_len[row] == 0:
+                lengths[row, v - 1] = -1
+                continue
+            try:
+                lengths[row, v - 1] = extractor.num_text_tokens(question)
+            except BadSampleError as error:
+                lengths[row, v - 1] = -1
+                failures[(row, v)] = str(error)
+    asked = [
+        [q for v, q in enumerate(questions[1:], start=1) if lengths[row, v - 1] > 0] for row, questions in enumerate(every)
+    ]
+    record = StoreVariants(
+        question_set=question_set.name if question_set is not None else "single",
+        names=question_set.variant_names() if question_set is not None else {},
+        count=count,
+        lengths=lengths,
+    )
+    return record, asked, failures
 
 
 def store_prefix(extractor: FeatureExtractor) -> StorePrefix | None:
@@ -271,24 +341,37 @@ def pack_batch(
     q_start, q_stop = int(query_offsets[images.start]), int(query_offsets[images.stop])
     arrays = {
         name: writer.empty_rows(name, q_stop - q_start if is_query_array(name) else len(images))
-        for name in sample_arrays(writer.layers)
+        for name in writer.sample_arrays
     }
     for i, feature in features.items():
         row = i - images.start
         where = f"image {job.image_start + i} ({job.image_paths[i]})"
         arrays[SAM_EMBEDDINGS.name][row] = to_float16(feature.sam_embedding, sam_shape, f"sam_embedding of {where}")
-        if len(feature.text_states) != len(job.questions[i]):
-            raise RuntimeError(
-                f"backbone returned {len(feature.text_states)} text states for {len(job.questions[i])} questions "
-                f"of {where}"
-            )
+        asked = len(job.questions_to_ask(i))
+        if len(feature.text_states) != asked:
+            raise RuntimeError(f"backbone returned {len(feature.text_states)} text states for {asked} questions of {where}")
+        # variant 0 of each usable query first, then each query's other variants (BlockJob.questions_to_ask)
+        variant_states = iter(feature.text_states[len(job.questions[i]) :])
+        variant_rows = [
+            (job.query_rows[i][k], v, next(variant_states))
+            for k in range(len(job.questions[i]) if job.variant_questions else 0)
+            for v, length in enumerate(job.variant_text_len[job.query_rows[i][k]], start=1)
+            if length > 0
+        ]
         for layer in writer.layers:
             arrays[image_array_name(layer)][row] = to_float16(
                 feature.image_states[layer],
                 writer.row_shape(image_array_name(layer)),
                 f"layer-{layer} image states of {where}",
             )
-            for k, states in enumerate(feature.text_states):
+            for query, v, states in variant_rows:
+                length = job.variant_text_len[query][v - 1]
+                arrays[variants_array_name(layer)][query - q_start, v - 1, :length] = to_float16(
+                    states[layer],
+                    (length, d),
+                    f"layer-{layer} text states of variant {v} of query {job.query_start + query} ({where})",
+                )
+            for k, states in enumerate(feature.text_states[: len(job.questions[i])]):
                 query = job.query_rows[i][k]
                 length = job.text_len[query]
                 # A shape mismatch means num_text_tokens() and extract() tokenise differently: a backbone bug.
@@ -322,7 +405,7 @@ def run_block(
     query_offsets = np.concatenate([[0], np.cumsum(job.image_queries)]).astype(np.int64)
     checksums = {
         name: np.zeros(job.num_queries if is_query_array(name) else job.num_images, dtype=np.uint32)
-        for name in sample_arrays(writer.layers)
+        for name in writer.sample_arrays
     }
 
     def collect(write: Future, images: range) -> None:
@@ -349,7 +432,7 @@ def run_block(
             ok = [i for i, image in batch.items() if image.code == 0]
             features: dict[int, ImageFeatures] = {}
             if ok:
-                extracted = extractor.extract([batch[i].image for i in ok], [list(job.questions[i]) for i in ok])
+                extracted = extractor.extract([batch[i].image for i in ok], [job.questions_to_ask(i) for i in ok])
                 if len(extracted) != len(ok):
                     raise RuntimeError(f"backbone returned features for {len(extracted)} of {len(ok)} images")
                 features = dict(zip(ok, extracted, strict=True))

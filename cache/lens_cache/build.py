@@ -99,9 +99,22 @@ def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: 
                 query_rows=tuple(tuple(q - queries.start for q in qs) for qs in usable),
                 image_queries=tuple(plan.query_end(image) - int(plan.first_query[image]) for image in images),
                 text_len=tuple(int(n) for n in info.text_len[queries.start : queries.stop]),
+                **_job_variants(info, usable, queries),
             )
         )
     return jobs
+
+
+def _job_variants(info: ExtractorInfo, usable: list[list[int]], queries: range) -> dict[str, Any]:
+    """A job's ``variant_questions`` and ``variant_text_len`` (nothing where the store has no variants)."""
+    if info.variants is None or info.variants.count <= 1 or info.variant_questions is None:
+        return {}
+    return {
+        "variant_questions": tuple(tuple(tuple(info.variant_questions[q]) for q in qs) for qs in usable),
+        "variant_text_len": tuple(
+            tuple(int(n) for n in info.variants.lengths[q]) for q in range(queries.start, queries.stop)
+        ),
+    }
 
 
 def first_images(manifest: pa.Table, count: int) -> pa.Table:
@@ -272,14 +285,17 @@ def _build_cache(
         )
         store = prepare_store(
             location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite,
-            prefix=info.prefix,
+            prefix=info.prefix, variants=info.variants,
         )
         if existed:  # resume or rerun: first find what of the store is damaged, to redo it
             store = repair_damage(
-                store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress, prefix=info.prefix
+                store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress, prefix=info.prefix,
+                variants=info.variants,
             )
         for row, reason in info.text_failures.items():
             say(progress, f"skipped query {row}: {reason}")
+        for (row, variant), reason in (info.variant_failures or {}).items():
+            say(progress, f"query {row}: question variant {variant} not cached: {reason}")
         if store.complete:
             say(
                 progress,

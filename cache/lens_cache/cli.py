@@ -176,6 +176,10 @@ def build(
     limit: Annotated[int | None, typer.Option(help="Cache only the first N images (smoke tests).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of manifest building (class sampling, synthetic data).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
+    question_set: Annotated[
+        str | None,
+        typer.Option(help="Question templates: 'authors' (the LENS authors' evaluation question + LISA's training templates, every one cached per query) or 'single' (one template) [default: authors; single for toy and tiny].", show_default=False),
+    ] = None,
 ) -> None:
     """Cache the backbone features of one dataset split (resumes an interrupted build).
 
@@ -199,7 +203,8 @@ def build(
         from lens_cache.backbones import build_extractor
         from lens_cache.backbones.runtime import cpu_threads, resolve_device
 
-        factory = functools.partial(build_extractor, mllm=mllm, sam=sam, layers=layer_list, device=device)
+        factory = functools.partial(build_extractor, mllm=mllm, sam=sam, layers=layer_list, device=device,
+                                    **({"question_set": question_set} if question_set is not None else {}))
         # Serial CPU builds: a narrower OpenMP team than the machine (the loader and writer
         # threads need cores too); dask workers are started single-threaded by their nanny.
         with cpu_threads(threads, resolve_device(device)):
@@ -294,6 +299,11 @@ def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> No
             "prefix       " + (f"{len(opened.prefix_token_ids)} tokens before the image, stored once per layer"
                                if opened.prefix_token_ids is not None else "none (format 3 or older, or none given)"),
             f"size         {opened.num_images} images, {opened.num_queries} queries, max_text_len {opened.max_text_len}",
+            f"questions    set {opened.question_set!r}, up to {opened.max_text_variants} text variant(s) per query "
+            "(variant 0: evaluation; 1..: training)"
+            + (f", training variants up to {opened.text_variants['max_len']} tokens" if opened.max_text_variants > 1 else ""),
+            *[f"  {kind:<8} {v}: {name}" for kind, names in opened.text_variant_templates.items()
+              for v, name in enumerate(names)],
             f"storage      {attrs['storage_dtype']}, compression {attrs['compression']}",
             f"manifest     {attrs['manifest_hash'][:16]}",
             f"failed       {len(failed_images)} image(s) and {len(failed_queries)} other query(ies) skipped; "
@@ -361,6 +371,11 @@ def prompt_command(
     ] = "toy",
     sentence: Annotated[bool, typer.Option("--sentence", help="Ask the text as it is (a reasoning query), as build does for sentence rows.")] = False,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cpu: nothing runs, the model is only loaded).")] = "cpu",
+    question_set: Annotated[
+        str | None, typer.Option(help="Question templates, as for build (default: the MLLM's: authors; single for toy and tiny).", show_default=False)
+    ] = None,
+    variant: Annotated[int, typer.Option(help="Which template: 0 the evaluation question, 1.. the training ones (as a store numbers them).")] = 0,
+    all_variants: Annotated[bool, typer.Option("--all-variants", help="Show every variant a store caches for this question.")] = False,
 ) -> None:
     """Print the exact prompt and token ids the MLLM sees for one question (no forward).
 
@@ -370,12 +385,20 @@ def prompt_command(
     """
     with user_errors():
         from lens_cache.backbones import build_mllm, default_layers
+        from lens_cache.errors import UsageError
         from lens_cache.prompt_view import view_prompt
 
         # bfloat16: nothing runs but the loader's checks, so a 7B checkpoint loads in half the memory on a CPU
-        loaded = build_mllm(mllm, layers=default_layers(mllm), device=device, dtype="bfloat16")
-        for line in view_prompt(loaded, question, name=mllm, is_sentence=sentence).lines():
-            typer.echo(line)
+        loaded = build_mllm(mllm, layers=default_layers(mllm), device=device, dtype="bfloat16", question_set=question_set)
+        count = loaded.question_set.num_variants(sentence)
+        if not 0 <= variant < count:
+            raise UsageError(f"--variant {variant}: question set {loaded.question_set.name!r} has {count} variant(s) "
+                             f"for a {'sentence' if sentence else 'short phrase'} (0..{count - 1})")
+        for v in range(count) if all_variants else [variant]:
+            if all_variants:
+                typer.echo(f"--- variant {v} of {count} ({loaded.question_set.kind(sentence).names()[v]})")
+            for line in view_prompt(loaded, question, name=mllm, is_sentence=sentence, variant=v).lines():
+                typer.echo(line)
 
 
 @app.command("probe-layers")

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 from lens_cache.errors import UsageError
 from lens_cache.locks import exclusive
-from lens_cache.store import MANIFEST_FILE, FeatureStore, sample_arrays
+from lens_cache.store import MANIFEST_FILE, FeatureStore
 from lens_manifests.files import replaced_on_success
 
 #: samples copied per read/write: bounds memory (a 576x4096 float16 sample is 4.7 MB)
@@ -72,7 +72,7 @@ def _write_hdf5(store: FeatureStore, out_path: Path, filters: dict) -> None:
 
 def _copy_store(store: FeatureStore, tmp: Path, filters: dict) -> None:
     """Every array and the self-description of ``store`` into the new HDF5 file ``tmp``."""
-    checked = set(sample_arrays(store.layers)) if store.checksums is not None else set()
+    checked = set(store.sample_array_names) if store.checksums is not None else set()
     with h5py.File(tmp, "w") as h5:
         h5.attrs["lens_cache"] = json.dumps(store.attrs, sort_keys=True)
         manifest_bytes = np.frombuffer(store.location.read_bytes(MANIFEST_FILE), dtype=np.uint8)

@@ -21,7 +21,7 @@ class PromptView:
 
     Attributes:
         name: the ``--mllm`` given; backbone: ``identity["backbone"]``.
-        question: what is put in the template (the phrase's question, or the sentence itself).
+        question: what is put in the prompt template (the phrase or sentence in its question template).
         text: the prompt text, the image placeholder once (as the template has it).
         image_text: the image placeholder's text in ``text``; image_token: the processor's image token.
         prefix: the P ids before the first image token; image: the image tokens' ids (one run);
@@ -72,14 +72,18 @@ class PromptView:
         ]
 
 
-def view_prompt(mllm: Any, question: str, *, name: str | None = None, is_sentence: bool = False) -> PromptView:
-    """The prompt ``mllm`` (a loaded adapter) builds for ``question``: a short phrase put in its question
-    template, or (``is_sentence``) a sentence asked as it is, as a store build asks manifest rows.
+def view_prompt(
+    mllm: Any, question: str, *, name: str | None = None, is_sentence: bool = False, variant: int = 0
+) -> PromptView:
+    """The prompt ``mllm`` (a loaded adapter) builds for ``question``: a short phrase or (``is_sentence``) a
+    sentence put in its question set's template ``variant`` (0: the evaluation question, 1..: the training
+    ones, numbered as a store numbers them), as a store build asks manifest rows.
 
     Raises:
         BadSampleError: the question holds a special token, or the prompt exceeds the MLLM's context.
+        IndexError: the set has no such variant for this kind of query.
     """
-    asked = mllm.question_for(question, is_sentence)
+    asked = mllm.question_set.question(question, is_sentence, variant)
     prefix, suffix = mllm.prompt_token_ids(asked)
     before = len(mllm.prefix_token_ids)
     tokenizer = mllm.processor.tokenizer

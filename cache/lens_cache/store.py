@@ -21,8 +21,9 @@ array one per block; a ``{L}`` row is one array per cached layer L (the states o
 ``hidden_states[L]``); the checksums (``*_crc32``, ``blocks/crc32``) are absent from a
 version-1 store; a ``prefix/`` array is one per store and layer (the states of the P_pre prompt tokens
 before the first image token, the same for every image of a causal MLLM; token ids in
-``attrs["prefix"]``), absent before version 4 and where the backbone gives none (a fake one). Every
-array's fill value is 0::
+``attrs["prefix"]``), absent before version 4 and where the backbone gives none (a fake one); the
+``queries/variant*`` arrays (the text states of a query's other question templates) exist only in a
+version-5 store whose question set has more than one template per query. Every array's fill value is 0::
 
     N_img     images (num_images)
     N_q       queries (num_queries), rows of the manifest
@@ -31,7 +32,9 @@ array's fill value is 0::
     P         image tokens (num_image_tokens, 576 for LLaVA-1.5)
     P_pre     prompt tokens before the first image token (prefix.length: BOS, system prompt, USER:)
     d         the MLLM's hidden size (hidden_size)
-    T         max_text_len, the longest L_t
+    T         max_text_len, the longest L_t (of variant 0, the evaluation question)
+    V_t       text_variants.count - 1: the training questions of a query (its kind's templates after the first)
+    T_v       text_variants.max_len, the longest L_t of a training question
     C         sam_channels, SAM's prompt width: 256 for SAM, 64 for the toy SAM (format 1: always 256)
     Q         checksums.block_queries, the most queries of any block
     I_img     min(N_img, INDEX_CHUNK = 65536)
@@ -43,23 +46,26 @@ array's fill value is 0::
     codec store:  the store's compression (lossless, bitround, none): store_writer.feature_codecs
     codec zstd:   zstd level 3, whatever the compression
 
-    array                    shape               dtype    chunk           by      codec
-    images/mllm_l{L}         (N_img, P, d)       float16  (1, P, d)       block   store  MLLM image-token states
-    queries/text_l{L}        (N_q, T, d)         float16  (1, T, d)       block   store  text states, right-padded
-    images/sam               (N_img, C, 64, 64)  float16  (1, C, 64, 64)  block   store  SAM image embedding
-    prefix/mllm_l{L}         (P_pre, d)          float16  (P_pre, d)      create  zstd   states before the image
-    images/original_size     (N_img, 2)          int32    (B, 2)          block   zstd   (h, w)
-    images/input_size        (N_img, 2)          int32    (B, 2)          block   zstd   (h, w) before padding
-    images/failed            (N_img,)            uint8    (B,)            block   zstd   0 ok, else FAILURE_REASONS
-    images/first_query       (N_img,)            int64    (I_img,)        create  zstd   first query of each image
-    queries/text_len         (N_q,)              int32    (I_q,)          create  zstd   L_t; 0: text refused
-    queries/image_index      (N_q,)              int64    (I_q,)          create  zstd   image of each query
-    queries/failed           (N_q,)              uint8    (I_q,)          finish  zstd   its image's code or bad_text
-    blocks/done              (N_blocks,)         uint8    (1,)            block   zstd   1 once block b is written
-    images/sam_crc32         (N_img,)            uint32   (B,)            block   zstd   crc32 per image
-    images/mllm_l{L}_crc32   (N_img,)            uint32   (B,)            block   zstd   crc32 per image
-    queries/text_l{L}_crc32  (N_blocks, Q)       uint32   (1, Q)          block   zstd   row b: block b's queries
-    blocks/crc32             (N_blocks,)         uint32   (1,)            block   zstd   block b's sizes, failures
+    array                        shape               dtype    chunk             by      codec
+    images/mllm_l{L}             (N_img, P, d)       float16  (1, P, d)         block   store  MLLM image-token states
+    queries/text_l{L}            (N_q, T, d)         float16  (1, T, d)         block   store  text states, right-padded
+    queries/variants_l{L}        (N_q, V_t, T_v, d)  float16  (1, V_t, T_v, d)  block   store  variants 1.., right-padded
+    images/sam                   (N_img, C, 64, 64)  float16  (1, C, 64, 64)    block   store  SAM image embedding
+    prefix/mllm_l{L}             (P_pre, d)          float16  (P_pre, d)        create  zstd   states before the image
+    images/original_size         (N_img, 2)          int32    (B, 2)            block   zstd   (h, w)
+    images/input_size            (N_img, 2)          int32    (B, 2)            block   zstd   (h, w) before padding
+    images/failed                (N_img,)            uint8    (B,)              block   zstd   0 ok, else FAILURE_REASONS
+    images/first_query           (N_img,)            int64    (I_img,)          create  zstd   first query of each image
+    queries/text_len             (N_q,)              int32    (I_q,)            create  zstd   L_t; 0: text refused
+    queries/image_index          (N_q,)              int64    (I_q,)            create  zstd   image of each query
+    queries/variant_text_len     (N_q, V_t)          int32    (I_q, V_t)        create  zstd   L_t of variant v+1; 0 none; -1 refused
+    queries/failed               (N_q,)              uint8    (I_q,)            finish  zstd   its image's code or bad_text
+    blocks/done                  (N_blocks,)         uint8    (1,)              block   zstd   1 once block b is written
+    images/sam_crc32             (N_img,)            uint32   (B,)              block   zstd   crc32 per image
+    images/mllm_l{L}_crc32       (N_img,)            uint32   (B,)              block   zstd   crc32 per image
+    queries/text_l{L}_crc32      (N_blocks, Q)       uint32   (1, Q)            block   zstd   row b: block b's queries
+    queries/variants_l{L}_crc32  (N_blocks, Q)       uint32   (1, Q)            block   zstd   row b: block b's queries
+    blocks/crc32                 (N_blocks,)         uint32   (1,)              block   zstd   block b's sizes, failures
 
 Integrity (format version 2): every sample's checksum is the crc32 of its float16 bytes
 as written (a text row with its zero padding; after bit-rounding, so it is what reads
@@ -94,7 +100,15 @@ cached layer (``by_layer``; keys ``decoder.<i>.*``, each decoder layer once); a 
 store still warm-starts its first layer. Version 4 adds ``prefix/mllm_l{L}`` and ``attrs["prefix"]``
 (``length``, ``token_ids``; None where there is none), written at creation with the index arrays,
 their checksums in ``attrs["checksums"]["index"]``; a version-3 store reads with
-:meth:`FeatureStore.prefix_states` None.
+:meth:`FeatureStore.prefix_states` None. Version 5 caches, for every query, the text states of every
+template of its kind in the store's question set (:mod:`lens_cache.questions`): variant 0 (the
+evaluation question) in ``queries/text_l{L}`` as before, variants 1.. (the training questions, in the
+set's order) in ``queries/variants_l{L}`` (one chunk per query, its checksum in
+``queries/variants_l{L}_crc32``, written by the block's writer with the rest), their L_t in
+``queries/variant_text_len`` (written at creation, checksum in ``attrs["checksums"]["index"]``), the set in
+``attrs["text_variants"]`` (``question_set``, ``count``, ``max_len``, ``names``). A store of one template per
+query (the ``single`` set) has the arrays of version 4; a store of version 4 or older reads as one variant
+(:meth:`FeatureStore.num_text_variants`, :meth:`FeatureStore.read_query` ``variant=``).
 
 Skipped samples (one bad sample never stops a build): an image that is missing,
 unreadable, of another size than the manifest says, or of a shape SAM's frame cannot
@@ -155,6 +169,8 @@ from lens_cache.store_format import (
     manifest_hash,
     sam_embedding_shape,
     sample_arrays,
+    store_sample_arrays,
+    variants_array_name,
     sample_checksum,
     store_arrays,
     stored_checksums,
@@ -193,7 +209,7 @@ __all__ = [
     "block_checksum", "check_compatible", "check_filled", "checksum_array_name", "create_store", "dimensions",
     "expected_arrays", "failure_lines", "feature_codecs", "identity_hash", "image_array_name", "index_arrays",
     "layout_table", "manifest_hash", "manifest_to_parquet_bytes", "open_group", "plan_images",
-    "quiet_numcodecs", "require_layer", "sam_embedding_shape", "sample_arrays", "sample_checksum", "scan_store",
+    "quiet_numcodecs", "require_layer", "sam_embedding_shape", "sample_arrays", "sample_checksum", "store_sample_arrays", "variants_array_name", "scan_store",
     "store_arrays", "store_state", "stored_checksums", "stored_chunk_rows", "stored_sam_channels", "text_array_name",
     "to_float16", "unfilled_blocks", "unwritten_samples", "verify_store",
 ]  # fmt: skip

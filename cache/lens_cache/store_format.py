@@ -28,8 +28,11 @@ import pyarrow as pa
 from lens_cache.identity import normalise_json
 
 #: 4: the prompt's tokens before the image, once per layer (``prefix/mllm_l{L}``, ``attrs["prefix"]``).
-FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
+#: 5: the text states of every question template of a query (``queries/variants_l{L}``,
+#: ``queries/variant_text_len``, ``attrs["text_variants"]``); a store of one template per query has the
+#: arrays of version 4.
+FORMAT_VERSION = 5
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 ATTRS_KEY = "lens_cache"
 #: Written first at creation and replaced (atomically, in one metadata write) by
 #: ``ATTRS_KEY`` once every array exists: a store killed while being created is
@@ -69,7 +72,9 @@ DIMENSIONS = {
     "P": "image tokens (num_image_tokens, 576 for LLaVA-1.5)",
     "P_pre": "prompt tokens before the first image token (prefix.length: BOS, system prompt, USER:)",
     "d": "the MLLM's hidden size (hidden_size)",
-    "T": "max_text_len, the longest L_t",
+    "T": "max_text_len, the longest L_t (of variant 0, the evaluation question)",
+    "V_t": "text_variants.count - 1: the training questions of a query (its kind's templates after the first)",
+    "T_v": "text_variants.max_len, the longest L_t of a training question",
     "C": "sam_channels, SAM's prompt width: 256 for SAM, 64 for the toy SAM (format 1: always 256)",
     "Q": "checksums.block_queries, the most queries of any block",
     "I_img": f"min(N_img, INDEX_CHUNK = {INDEX_CHUNK})",
@@ -88,6 +93,9 @@ WRITERS = {
 #: checksums (format version 2 on: absent from a version-1 store), bookkeeping, or features shared by
 #: every sample (format version 4 on, and only where the backbone gave them: ``attrs["prefix"]``).
 SAMPLE, CHECKSUM, BOOKKEEPING, SHARED = "sample", "checksum", "bookkeeping", "shared"
+#: Bookkeeping written at creation whose checksum is in ``attrs["checksums"]["index"]`` but which only a
+#: store with text variants has (format 5): ``queries/variant_text_len``.
+VARIANT_INDEX = "variant-index"
 #: The codecs of an array (the ``codec`` column of the layout).
 CODEC_FEATURES, CODEC_ZSTD = "store", "zstd"
 CODECS = {
@@ -111,6 +119,8 @@ class ArraySpec:
     kind: str
     codec: str
     note: str = ""
+    #: Present only where the store has them: ``"variants"`` (format 5, ``text_variants.count`` > 1).
+    needs: str = ""
 
     @property
     def per_layer(self) -> bool:
@@ -135,6 +145,11 @@ def text_array_name(layer: int) -> str:
     return _layer_name(TEXT_STATES, layer)
 
 
+def variants_array_name(layer: int) -> str:
+    """Array of the text states of the training questions (variants 1..) at ``layer``: (N_q, V_t, T_v, d)."""
+    return _layer_name(TEXT_VARIANTS, layer)
+
+
 def prefix_array_name(layer: int) -> str:
     """Array of the states of the prompt's tokens before the image, at ``layer``: (P_pre, d), once per store."""
     return _layer_name(PREFIX_STATES, layer)
@@ -151,6 +166,10 @@ IMAGE_STATES = ArraySpec("images/mllm_l{L}", ("N_img", "P", "d"), STORAGE_DTYPE,
                          CODEC_FEATURES, "MLLM image-token states")
 TEXT_STATES = ArraySpec("queries/text_l{L}", ("N_q", "T", "d"), STORAGE_DTYPE, (1, "T", "d"), BY_BLOCK, SAMPLE,
                         CODEC_FEATURES, "text states, right-padded")
+#: The text states of a query's other question templates (variants 1.., the training questions), one
+#: chunk per query (format 5, only where the question set has more than one template).
+TEXT_VARIANTS = ArraySpec("queries/variants_l{L}", ("N_q", "V_t", "T_v", "d"), STORAGE_DTYPE, (1, "V_t", "T_v", "d"),
+                          BY_BLOCK, SAMPLE, CODEC_FEATURES, "variants 1.., right-padded", needs="variants")
 #: A causal MLLM's states of the tokens before the first image token do not depend on the image: one
 #: copy per layer, written with the index arrays (lossless whatever the compression; checksum in
 #: ``attrs["checksums"]["index"]``).
@@ -168,15 +187,18 @@ FIRST_QUERY = "images/first_query"
 TEXT_LEN = "queries/text_len"
 IMAGE_INDEX = "queries/image_index"
 QUERY_FAILED = "queries/failed"
+VARIANT_TEXT_LEN = "queries/variant_text_len"
 BLOCK_DONE = "blocks/done"
 
-#: Every array of a store (format version 4; versions 2 and 3 have the same without ``prefix/``, version 1
-#: also without the checksums). Arrays in ``images/`` have one row per image, in ``queries/`` one per
+#: Every array of a store (format version 5; its ``queries/variant*`` rows only where the question set has
+#: more than one template per query, as version 4 has none; versions 2 and 3 have the same without
+#: ``prefix/``, version 1 also without the checksums). Arrays in ``images/`` have one row per image, in ``queries/`` one per
 #: query, in ``blocks/`` one per block, in ``prefix/`` one per store; a run of ``{L}`` rows repeats, as a
 #: group, for each cached layer.
 SCHEMA: tuple[ArraySpec, ...] = (
     IMAGE_STATES,
     TEXT_STATES,
+    TEXT_VARIANTS,
     SAM_EMBEDDINGS,
     PREFIX_STATES,
     ArraySpec(ORIGINAL_SIZE, ("N_img", 2), "int32", ("B", 2), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
@@ -191,6 +213,8 @@ SCHEMA: tuple[ArraySpec, ...] = (
               "L_t; 0: text refused"),
     ArraySpec(IMAGE_INDEX, ("N_q",), "int64", ("I_q",), BY_CREATION, BOOKKEEPING, CODEC_ZSTD,
               "image of each query"),
+    ArraySpec(VARIANT_TEXT_LEN, ("N_q", "V_t"), "int32", ("I_q", "V_t"), BY_CREATION, VARIANT_INDEX, CODEC_ZSTD,
+              "L_t of variant v+1; 0 none; -1 refused", needs="variants"),
     ArraySpec(QUERY_FAILED, ("N_q",), "uint8", ("I_q",), BY_COMPLETION, BOOKKEEPING, CODEC_ZSTD,
               "its image's code or bad_text"),
     ArraySpec(BLOCK_DONE, ("N_blocks",), "uint8", (1,), BY_BLOCK, BOOKKEEPING, CODEC_ZSTD,
@@ -201,6 +225,8 @@ SCHEMA: tuple[ArraySpec, ...] = (
               CODEC_ZSTD, "crc32 per image"),
     ArraySpec(checksum_array_name(TEXT_STATES.name), ("N_blocks", "Q"), "uint32", (1, "Q"), BY_BLOCK, CHECKSUM,
               CODEC_ZSTD, "row b: block b's queries"),
+    ArraySpec(checksum_array_name(TEXT_VARIANTS.name), ("N_blocks", "Q"), "uint32", (1, "Q"), BY_BLOCK, CHECKSUM,
+              CODEC_ZSTD, "row b: block b's queries", needs="variants"),
     ArraySpec(BLOCK_CHECKSUM_ARRAY, ("N_blocks",), "uint32", (1,), BY_BLOCK, CHECKSUM, CODEC_ZSTD,
               "block b's sizes, failures"),
 )
@@ -239,7 +265,20 @@ def dimensions(attrs: dict) -> dict[str, int]:
     prefix = stored_prefix(attrs)
     if prefix is not None:
         values["P_pre"] = int(prefix["length"])
+    slots = variant_slots(attrs)
+    if slots:
+        values["V_t"] = slots
+        values["T_v"] = int(attrs["text_variants"]["max_len"])
     return values
+
+
+def _present(spec: ArraySpec, attrs: dict) -> bool:
+    """Whether a store with these attributes has ``spec``'s arrays."""
+    if spec.kind == CHECKSUM and stored_checksums(attrs) is None:
+        return False
+    if spec.kind == SHARED and stored_prefix(attrs) is None:
+        return False
+    return not (spec.needs == "variants" and not variant_slots(attrs))
 
 
 def _expanded(layers: Sequence[int], specs: Sequence[ArraySpec]) -> Iterator[tuple[ArraySpec, int | None]]:
@@ -262,13 +301,10 @@ def _expanded(layers: Sequence[int], specs: Sequence[ArraySpec]) -> Iterator[tup
 def store_arrays(attrs: dict) -> list[StoreArray]:
     """Every array a store with these ``lens_cache`` attributes holds, in :data:`SCHEMA`'s order
     (the checksums only where the store has them: format version 2 on; the prefix only where
-    ``attrs["prefix"]`` records one: format version 4 on)."""
+    ``attrs["prefix"]`` records one: format version 4 on; the text variants only where
+    ``attrs["text_variants"]`` records more than one: format version 5 on)."""
     sizes = dimensions(attrs)
-    specs = [
-        spec for spec in SCHEMA
-        if (spec.kind != CHECKSUM or stored_checksums(attrs) is not None)
-        and (spec.kind != SHARED or stored_prefix(attrs) is not None)
-    ]
+    specs = [spec for spec in SCHEMA if _present(spec, attrs)]
 
     def numbers(symbols: tuple[str | int, ...]) -> tuple[int, ...]:
         return tuple(value if isinstance(value, int) else sizes[value] for value in symbols)
@@ -294,10 +330,16 @@ def _names(layers: Sequence[int], specs: Sequence[ArraySpec]) -> list[str]:
     return [_layer_name(spec, layer) for spec, layer in _expanded(layers, specs)]
 
 
-def sample_arrays(layers: Sequence[int]) -> list[str]:
-    """The per-sample feature arrays of a store: the SAM embeddings, then image and text states per layer."""
-    samples = [spec for spec in SCHEMA if spec.kind == SAMPLE]
+def sample_arrays(layers: Sequence[int], variants: bool = False) -> list[str]:
+    """The per-sample feature arrays of a store: the SAM embeddings, then image and text states per layer
+    (and, with ``variants``, the text states of the other question templates: see :func:`store_sample_arrays`)."""
+    samples = [spec for spec in SCHEMA if spec.kind == SAMPLE and (variants or spec.needs != "variants")]
     return _names(layers, [s for s in samples if not s.per_layer]) + _names(layers, [s for s in samples if s.per_layer])
+
+
+def store_sample_arrays(attrs: dict) -> list[str]:
+    """:func:`sample_arrays` of the store with these attributes (with its text variants where it has them)."""
+    return sample_arrays(attrs["layers"], variants=bool(variant_slots(attrs)))
 
 
 @functools.cache
@@ -341,9 +383,11 @@ INDEX_ARRAYS = tuple(
 
 def creation_arrays(attrs: dict) -> list[str]:
     """Every array the parent writes at creation and checks as a whole against ``attrs["checksums"]["index"]``:
-    :data:`INDEX_ARRAYS`, then the prefix states of each layer where the store has them."""
+    :data:`INDEX_ARRAYS`, then ``queries/variant_text_len`` and the prefix states of each layer where the
+    store has them."""
     prefix = [prefix_array_name(layer) for layer in attrs["layers"]] if stored_prefix(attrs) is not None else []
-    return [*INDEX_ARRAYS, *prefix]
+    variants = [VARIANT_TEXT_LEN] if variant_slots(attrs) else []
+    return [*INDEX_ARRAYS, *variants, *prefix]
 
 
 def layout_table() -> str:
@@ -397,6 +441,18 @@ def stored_prefix(attrs: dict) -> dict | None:
     """``attrs["prefix"]`` (``length`` P_pre, ``token_ids``), or None: a store of format version 3 or older, or
     one whose backbone gives no prefix states (a fake one)."""
     return attrs.get("prefix")
+
+
+def stored_text_variants(attrs: dict) -> dict | None:
+    """``attrs["text_variants"]`` (``question_set``, ``count``, ``max_len``, ``names``), or None for a store of
+    format version 4 or older (one question per query)."""
+    return attrs.get("text_variants")
+
+
+def variant_slots(attrs: dict) -> int:
+    """V_t, the training variants per query a store has room for (0: one question per query)."""
+    record = stored_text_variants(attrs)
+    return max(int(record["count"]) - 1, 0) if record else 0
 
 
 def stored_sam_channels(attrs: dict) -> int:
@@ -513,6 +569,35 @@ class StorePrefix:
     def arrays(self) -> dict[str, np.ndarray]:
         """Array name -> stored values."""
         return {prefix_array_name(layer): values for layer, values in self.states.items()}
+
+
+# ----------------------------------------------------------------------------- text variants
+
+
+@dataclass(frozen=True)
+class StoreVariants:
+    """What a build records about the question templates of its queries (format version 5).
+
+    Attributes:
+        question_set: the set's name; names: kind (``short``, ``sentence``) -> one line per variant.
+        count: the most variants of any query (1: one question per query, no variant arrays).
+        lengths: (N_q, count - 1) int32, L_t of each query's variant v + 1 (column v): 0 where its kind has
+            no such variant, -1 where the backbone refused the text (or the query's variant 0 was refused).
+    """
+
+    question_set: str
+    names: dict
+    count: int
+    lengths: np.ndarray
+
+    @property
+    def max_len(self) -> int:
+        return max(1, int(self.lengths.max())) if self.lengths.size else 0
+
+    def record(self) -> dict:
+        """``attrs["text_variants"]``."""
+        return {"question_set": self.question_set, "count": int(self.count), "max_len": self.max_len,
+                "names": self.names}
 
 
 # ----------------------------------------------------------------------------- self-description

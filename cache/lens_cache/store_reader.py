@@ -49,12 +49,16 @@ from lens_cache.store_format import (
     manifest_hash,
     prefix_array_name,
     query_end,
-    sample_arrays,
+    VARIANT_TEXT_LEN,
     sample_checksum,
+    store_sample_arrays,
     stored_checksums,
     stored_prefix,
     stored_sam_channels,
+    stored_text_variants,
     text_array_name,
+    variant_slots,
+    variants_array_name,
 )
 from lens_cache.store_location import StoreLocation, open_group, quiet_numcodecs, store_state
 
@@ -331,6 +335,68 @@ class FeatureStore:
             return None
         return self.checked_index_array(prefix_array_name(int(layer))).astype(np.float32)
 
+    @property
+    def sample_array_names(self) -> list[str]:
+        """The per-sample arrays of this store (SAM, then image, text and text-variant states per layer)."""
+        return store_sample_arrays(self._attrs)
+
+    # -- question templates (format version 5) -----------------------------------
+
+    @property
+    def text_variants(self) -> dict | None:
+        """``attrs["text_variants"]`` (``question_set``, ``count``, ``max_len``, ``names``), or None for a store of
+        format version 4 or older or one built by an extractor without a question set (one question per query)."""
+        record = stored_text_variants(self._attrs)
+        return None if record is None else json.loads(json.dumps(record))
+
+    @property
+    def question_set(self) -> str:
+        """The name of the question-template set the store was built with (``authors``, ``single``, ...);
+        ``single`` for a store without a record (one question per query, the rule before sets existed)."""
+        record = stored_text_variants(self._attrs)
+        return str(record["question_set"]) if record else "single"
+
+    @property
+    def max_text_variants(self) -> int:
+        """The most text variants any query of the store has (1: one question per query)."""
+        return 1 + variant_slots(self._attrs)
+
+    @cached_property
+    def variant_text_len(self) -> np.ndarray:
+        """(N_q, V_t) int32: L_t of each query's variant v + 1 (column v); 0 where its kind has no such
+        variant, -1 where the build refused its text. (N_q, 0) for a store with one question per query."""
+        if not variant_slots(self._attrs):
+            return np.zeros((self.num_queries, 0), dtype=np.int32)
+        return self.checked_index_array(VARIANT_TEXT_LEN)
+
+    def num_text_variants(self, query_id: int) -> int:
+        """How many question templates query ``query_id`` was cached with: variant 0 (the evaluation
+        question) and its kind's training questions (variants 1..). 1 for a store of format 4 or older."""
+        if not 0 <= query_id < self.num_queries:
+            raise IndexError(f"query {query_id} out of range (store has {self.num_queries})")
+        return 1 + int(np.count_nonzero(self.variant_text_len[query_id]))
+
+    @property
+    def text_variant_templates(self) -> dict[str, list[str]]:
+        """Kind (``short``, ``sentence``) -> one line per variant naming its template and normalisation
+        (variant 0 first: ``eval (strip): 'What is {text} in this image?'``, then ``train 1 (lower): ...``)."""
+        record = stored_text_variants(self._attrs)
+        if record and record.get("names"):
+            return {kind: list(lines) for kind, lines in record["names"].items()}
+        template = self.identity.get("question_template")
+        short = f"eval and train: {template!r}" if template else "eval and train: the backbone's question rule"
+        return {"short": [short], "sentence": ["eval and train: '{text}'"]}
+
+    def text_variant_names(self, query_id: int) -> list[str]:
+        """Which template each variant of query ``query_id`` is (its kind's lines of :attr:`text_variant_templates`)."""
+        count = self.num_text_variants(query_id)
+        kind = "sentence" if bool(self._is_sentence[query_id]) else "short"
+        return self.text_variant_templates[kind][:count]
+
+    @cached_property
+    def _is_sentence(self) -> np.ndarray:
+        return np.asarray(self.unchecked_manifest().column("is_sentence").to_pylist(), dtype=bool)
+
     @cached_property
     def text_len(self) -> np.ndarray:
         """(N_q,) int32: L_t of every query."""
@@ -500,7 +566,7 @@ class FeatureStore:
         images, queries = self.block_image_range(block), self.block_query_range(block)
         what = f"block {block} (images {images.start}-{images.stop - 1})"
         rows: dict[str, np.ndarray] = {}
-        for name in sample_arrays(self.layers):
+        for name in self.sample_array_names:
             if is_query_array(name):
                 rows[name] = self._read_rows(checksum_array_name(name), block, what, block)[: len(queries)]
             else:
@@ -553,7 +619,7 @@ class FeatureStore:
             return [error.detail]
         problems = []
         images, queries = self.block_image_range(block), self.block_query_range(block)
-        for name in sample_arrays(self.layers):
+        for name in self.sample_array_names:
             for row in queries if is_query_array(name) else images:
                 try:
                     self.read_sample(name, row)
@@ -596,16 +662,33 @@ class FeatureStore:
             "query_ids": np.arange(first, end, dtype=np.int64),
         }
 
-    def read_query(self, query: int, layer: int) -> dict[str, Any]:
+    def read_query(self, query: int, layer: int, variant: int = 0) -> dict[str, Any]:
         """Everything stage 2 needs for one query.
+
+        Args:
+            variant: which question's text states: 0 the evaluation question, 1.. the training questions
+                of the store's question set, in its order (:meth:`num_text_variants`, :meth:`text_variant_names`).
 
         Returns:
             image_states: (576, d) float16; text_states: (L_t, d) float16 (the last
             row is the start-of-answer token); sam_embedding: (C, 64, 64) float16;
             original_size, input_size: (2,) int (h, w); image_index: int; query_id: int.
+
+        Raises:
+            IndexError: no such query, or no such variant of it (the message says how many it has).
+            StoreError: the query, or this variant of it, was refused at build time.
         """
         if not 0 <= query < self.num_queries:
             raise IndexError(f"query {query} out of range (store has {self.num_queries})")
+        count = self.num_text_variants(query)
+        if not 0 <= int(variant) < count:
+            raise IndexError(
+                f"query {query} of store {self.url} has {count} text variant(s) (0..{count - 1}, question set "
+                f"{self.question_set!r}), not {variant}")
+        if variant and int(self.variant_text_len[query, variant - 1]) < 0 and int(self.text_len[query]) > 0:
+            raise StoreError(
+                f"variant {variant} of query {query} of store {self.url} was refused at build time (its question "
+                "is too long for the MLLM or holds a special token): use another variant")
         image = int(self.image_index[query])
         if int(self.text_len[query]) == 0 and not self.image_failures[image]:
             raise StoreError(
@@ -614,7 +697,11 @@ class FeatureStore:
             )
         sample = self.read_image(image, layer)
         del sample["query_ids"]
-        sample["text_states"] = self.read_sample(text_array_name(layer), query)[: int(self.text_len[query])]
+        if variant:
+            length = int(self.variant_text_len[query, variant - 1])
+            sample["text_states"] = self.read_sample(variants_array_name(layer), query)[variant - 1, :length]
+        else:
+            sample["text_states"] = self.read_sample(text_array_name(layer), query)[: int(self.text_len[query])]
         sample["query_id"] = int(query)
         return sample
 

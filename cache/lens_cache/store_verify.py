@@ -24,11 +24,11 @@ from lens_cache.store_format import (
     MANIFEST_FILE,
     QUERY_FAILED,
     TEXT_LEN,
+    array_spec,
     creation_arrays,
     expected_arrays,
     is_query_array,
     manifest_hash,
-    sample_arrays,
 )
 from lens_cache.store_reader import FeatureStore
 
@@ -130,8 +130,14 @@ def unwritten_samples(store: FeatureStore) -> dict[str, set[int]]:
     }
     cached = np.isin(store.image_index, sorted(expected_images)) & (store.text_len > 0)  # refused texts: no chunk
     expected_queries = {int(q) for q in np.flatnonzero(cached)}
-    for name in sample_arrays(store.layers):
-        expected = expected_queries if is_query_array(name) else expected_images
+    lengths = store.variant_text_len
+    # a query whose every other variant was refused has an all-zero variants row: no chunk either
+    with_variants = {int(q) for q in np.flatnonzero(cached & (lengths > 0).any(axis=1))} if lengths.shape[1] else set()
+    for name in store.sample_array_names:
+        if array_spec(name).needs == "variants":
+            expected = with_variants
+        else:
+            expected = expected_queries if is_query_array(name) else expected_images
         missing = expected - stored_chunk_rows(store, name)
         if missing:
             found[name] = missing

@@ -44,18 +44,20 @@ from lens_cache.store_format import (
     QUERY_FAILED,
     STORAGE_DTYPE,
     TEXT_LEN,
+    VARIANT_TEXT_LEN,
     ZSTD_LEVEL,
     ImagePlan,
     StoreArray,
     StoreDescription,
     StorePrefix,
+    StoreVariants,
     block_checksum,
     checksum_array_name,
     creation_arrays,
     is_query_array,
-    sample_arrays,
     sample_checksum,
     store_arrays,
+    store_sample_arrays,
     stored_checksums,
 )
 from lens_cache.store_location import StoreLocation, open_group, quiet_numcodecs, store_state
@@ -146,6 +148,7 @@ def create_store(
     plan: ImagePlan,
     text_len: np.ndarray,
     prefix: StorePrefix | None = None,
+    variants: StoreVariants | None = None,
 ) -> None:
     """Create every array of a new store (the parent does this once, before any worker).
 
@@ -161,6 +164,9 @@ def create_store(
         text_len: (N_q,) int, L_t of every query (by tokenisation, known up front).
         prefix: the states of the prompt's tokens before the image, one (P_pre, d) float16 array per
             cached layer (``prefix/mllm_l{L}``); None: the backbone gives none (the store has no ``prefix/``).
+        variants: the question templates of the queries (``attrs["text_variants"]``) and the L_t of every
+            query's training variants (``queries/variant_text_len``, only where there are more than one);
+            None: no record (one question per query, as a store of format version 4).
     """
     codecs = {  # a bad compression name raises its one-line error here, before anything is written
         CODEC_FEATURES: feature_codecs(description.compression),
@@ -175,6 +181,7 @@ def create_store(
         raise ValueError("the prefix needs at least one token and one array per cached layer")
     if prefix is not None:
         index.update(prefix.arrays())
+    index.update(variant_index(variants, num_queries))
     attrs = {
         "format_version": FORMAT_VERSION,
         "identity": normalise_json(description.identity),
@@ -200,6 +207,7 @@ def create_store(
             "index": {name: sample_checksum(values) for name, values in index.items()},
         },
         "prefix": prefix.record() if prefix is not None else None,
+        "text_variants": variants.record() if variants is not None else None,
         "num_failed_images": None,
         "created_by": created_by(),
         "complete": False,
@@ -223,6 +231,20 @@ def create_store(
                 created[:] = index[array.name]
     # Last step of creation, one metadata write: the store now says what it is.
     group.attrs.put({ATTRS_KEY: attrs})
+
+
+def variant_index(variants: StoreVariants | None, num_queries: int) -> dict[str, np.ndarray]:
+    """``queries/variant_text_len`` as stored, where the store has training variants; else nothing.
+
+    Raises:
+        ValueError: the lengths are not one row of ``count - 1`` per query.
+    """
+    if variants is None or variants.count <= 1:
+        return {}
+    lengths = np.asarray(variants.lengths, dtype=np.int32)
+    if lengths.shape != (num_queries, variants.count - 1) or lengths.min() < -1:
+        raise ValueError("the variants' lengths must be (N_q, count - 1), each >= -1")
+    return {VARIANT_TEXT_LEN: lengths}
 
 
 def index_arrays(plan: ImagePlan, text_len: np.ndarray) -> dict[str, np.ndarray]:
@@ -252,6 +274,8 @@ class StoreWriter:
         self.group = open_group(self.location, mode="r+")
         attrs = self.group.attrs[ATTRS_KEY]
         self.layers = tuple(attrs["layers"])
+        #: the per-sample arrays of this store (with its text variants where it has them)
+        self.sample_arrays = store_sample_arrays(attrs)
         self.hidden_size = int(attrs["hidden_size"])
         self.checksums = stored_checksums(attrs)  # None: a version-1 store (no checksums)
         #: the arrays a block's writer writes (SCHEMA's ``block`` rows), with this store's shapes
@@ -312,7 +336,7 @@ class StoreWriter:
         self.arrays[INPUT_SIZE][images] = input_size
         self.arrays[IMAGE_FAILED][images] = failed
         if self.checksums is not None:
-            if checksums is None or set(checksums) != set(sample_arrays(self.layers)):
+            if checksums is None or set(checksums) != set(self.sample_arrays):
                 raise RuntimeError(f"block {block}: the checksums of every sample array are needed")
             for name, values in checksums.items():
                 if is_query_array(name):  # the block's row, padded: one whole chunk
@@ -337,10 +361,12 @@ def prepare_store(
     text_len: np.ndarray,
     overwrite: bool,
     prefix: StorePrefix | None = None,
+    variants: StoreVariants | None = None,
 ) -> FeatureStore:
     """Create the store, or reopen it for a resume after checking it is the same build.
 
-    ``prefix``: see :func:`create_store` (a resumed store keeps its own, :func:`repair_damage` mends it).
+    ``prefix``, ``variants``: see :func:`create_store` (a resumed store keeps its own, :func:`repair_damage`
+    mends them).
 
     Raises:
         StoreError: the location holds something else, or a store of another
@@ -362,7 +388,8 @@ def prepare_store(
             return existing
     if state == "partial":  # killed while being created: nothing computed yet, start again
         location.remove()
-    create_store(location, description=description, manifest=manifest, plan=plan, text_len=text_len, prefix=prefix)
+    create_store(location, description=description, manifest=manifest, plan=plan, text_len=text_len, prefix=prefix,
+                 variants=variants)
     return FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
 
 
@@ -392,6 +419,7 @@ def repair_damage(
     text_len: np.ndarray,
     progress: bool,
     prefix: StorePrefix | None = None,
+    variants: StoreVariants | None = None,
 ) -> FeatureStore:
     """Check an existing store before building on it, and make this build redo what is damaged.
 
@@ -417,6 +445,7 @@ def repair_damage(
         repaired.append(f"rewrote {MANIFEST_FILE}")
     if store.checksums is not None:
         expected = index_arrays(plan, text_len)
+        expected.update(variant_index(variants, plan.num_queries))
         shared = prefix.arrays() if prefix is not None else {}
         rechecked: dict[str, int] = {}
         for name in creation_arrays(store.attrs):

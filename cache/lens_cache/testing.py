@@ -47,6 +47,9 @@ class FakeExtractor:
         grid_size: side of the image-token grid (24: LLaVA-1.5's 576 tokens; 27: LLaVA-OneVision's 729).
         prefix_tokens: P of the prompt's tokens before the image whose states :meth:`prefix_states` gives
             (0: none, the store then has no ``prefix/``, as one of format version 3).
+        question_set: None (the default): one question per query, and the identity of a fake store from
+            before question sets; a set or a built-in name (``authors``): every variant of it is cached
+            (:meth:`questions_for`) and the set is recorded in the identity.
     """
 
     #: no MLLM adapter to chat with (``lens_train.inference.segment.Segmenter`` runs such an extractor on the CPU)
@@ -65,6 +68,7 @@ class FakeExtractor:
         call_log: str | Path | None = None,
         grid_size: int = 24,
         prefix_tokens: int = 0,
+        question_set: "str | object | None" = None,
     ) -> None:
         self.grid_size = grid_size
         self.prefix_tokens = prefix_tokens
@@ -82,10 +86,22 @@ class FakeExtractor:
             "prompt_template": prompt_template,
             "dtype": "float32",
         }
+        from lens_cache.questions import question_set as resolve_question_set
+
+        self.question_set = None if question_set is None else resolve_question_set(question_set)
+        if self.question_set is not None:
+            self.identity.update(self.question_set.identity())
         self.images_extracted = 0
 
     def question_for(self, text: str, is_sentence: bool) -> str:
+        if self.question_set is not None:
+            return self.question_set.question(text, is_sentence)
         return text if is_sentence else f"Can you segment the {text} in this image?"
+
+    def questions_for(self, text: str, is_sentence: bool) -> list[str]:
+        if self.question_set is not None:
+            return self.question_set.questions(text, is_sentence)
+        return [self.question_for(text, is_sentence)]
 
     def num_text_tokens(self, question: str) -> int:
         """Words + template tokens; a question holding ``<image>`` is refused, as the real tokeniser does."""

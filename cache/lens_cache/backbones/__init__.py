@@ -119,8 +119,12 @@ def build_mllm(
     layers: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    question_set: str | None = None,
 ) -> "MllmBackbone":
     """The frozen MLLM adapter for a built-in name (``tiny``, ``toy``, ...) or a checkpoint (folder or HF-cache name).
+
+    ``question_set``: a built-in question-template set (``authors``, ``single``: :mod:`lens_cache.questions`);
+    None: the adapter's default (``authors``; ``single`` for the toy and tiny models).
 
     Raises:
         MllmCheckpointNotFoundError: no such built-in MLLM or checkpoint (one-line message).
@@ -129,14 +133,15 @@ def build_mllm(
     from .mllm import UnsupportedMllmError, load_mllm_config
 
     layers = tuple(layers) if layers is not None else default_layers(mllm)
+    extra = {"question_set": question_set} if question_set is not None else {}
     if mllm in BUILTIN_MLLMS:
-        return BUILTIN_MLLMS[mllm](layers=layers, device=device, dtype=dtype)
+        return BUILTIN_MLLMS[mllm](layers=layers, device=device, dtype=dtype, **extra)
     model_type = load_mllm_config(mllm).model_type
     if model_type not in MLLM_ADAPTERS:
         raise UnsupportedMllmError(
             f"{mllm} is a {model_type!r} checkpoint; MLLM adapters exist for: {', '.join(sorted(MLLM_ADAPTERS))}"
         )
-    return MLLM_ADAPTERS[model_type](mllm, layers=layers, device=device, dtype=dtype)
+    return MLLM_ADAPTERS[model_type](mllm, layers=layers, device=device, dtype=dtype, **extra)
 
 
 def build_extractor(
@@ -145,6 +150,7 @@ def build_extractor(
     layers: Sequence[int] | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    question_set: str | None = None,
 ) -> "LensFeatureExtractor":
     """The FeatureExtractor of stage 1: MLLM ``mllm`` + SAM ``sam`` on one device.
 
@@ -155,6 +161,7 @@ def build_extractor(
             default :func:`default_layers` of ``mllm``.
         device: default CUDA when available, else CPU.
         dtype: compute dtype of both models; default bfloat16 on CUDA, float32 on CPU.
+        question_set: see :func:`build_mllm`.
     """
     from .runtime import resolve_device, resolve_dtype
     from .extractor import LensFeatureExtractor
@@ -164,7 +171,8 @@ def build_extractor(
     compute = resolve_dtype(dtype, dev)
     # SAM first: a missing SAM checkpoint fails before the (slow) MLLM load.
     sam_encoder = SamImageEncoder.from_spec(sam, device=dev, dtype=compute)
-    return LensFeatureExtractor(mllm=build_mllm(mllm, layers=layers, device=dev, dtype=compute), sam=sam_encoder)
+    mllm_backbone = build_mllm(mllm, layers=layers, device=dev, dtype=compute, question_set=question_set)
+    return LensFeatureExtractor(mllm=mllm_backbone, sam=sam_encoder)
 
 
 __all__ = [

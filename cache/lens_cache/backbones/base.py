@@ -61,6 +61,10 @@ class FeatureExtractor(Protocol):
     def num_text_tokens(self, question: str) -> int:
         """L_t for this question, by tokenisation only (for preallocating the store)."""
 
+    # Optional: ``questions_for(text, is_sentence) -> list[str]``, every variant's question (variant 0 =
+    # ``question_for``, then the training templates), and ``question_set`` (a ``lens_cache.questions.QuestionSet``):
+    # a build caches the text states of every variant (``lens_cache.block_job.describe_extractor``).
+
     def extract(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[ImageFeatures]:
         """Features for a batch of images; ``questions[b]`` are the questions about ``images[b]``.
 

@@ -6,7 +6,7 @@ once; SAM embeds it, the MLLM sees the same padded square.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -45,6 +45,16 @@ class LensFeatureExtractor:
 
     def question_for(self, text: str, is_sentence: bool) -> str:
         return self.mllm.question_for(text, is_sentence)
+
+    def questions_for(self, text: str, is_sentence: bool) -> list[str]:
+        """Every variant's question (variant 0 = :meth:`question_for`); one for an MLLM without question sets."""
+        get = getattr(self.mllm, "questions_for", None)
+        return list(get(text, is_sentence)) if get is not None else [self.mllm.question_for(text, is_sentence)]
+
+    @property
+    def question_set(self) -> Any:
+        """The MLLM's :class:`~lens_cache.questions.QuestionSet`, or None for one without."""
+        return getattr(self.mllm, "question_set", None)
 
     def num_text_tokens(self, question: str) -> int:
         return self.mllm.num_text_tokens(question)

@@ -26,7 +26,9 @@ from lens_manifests.files import sha256_file
 from .layer_capture import tensors_fingerprint
 from .mllm import UnsupportedMllmError, load_mllm_config
 from .prefix_sharing import config_hash  # noqa: F401  (importable from here, as before it moved)
-from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, language_model_tensors
+from lens_cache.questions import QuestionSet
+
+from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, language_model_tensors, tiny_question_set
 from .runtime import no_loading_bar, resolve_device, resolve_dtype
 
 #: LLaVA-1.5's conversation template as the LENS authors render it: LISA's ``conv_vicuna_v1``
@@ -74,11 +76,13 @@ class LlavaBackbone(PrefixSharingBackbone):
         name_or_path: str,
         layers: Sequence[int] = (14,),
         prompt_template: str = VICUNA_V1_TEMPLATE,
-        question_template: str = REFERRING_QUESTION_TEMPLATE,
+        question_template: str | None = None,
+        question_set: "str | QuestionSet | None" = None,
         max_query_batch: int = 32,
     ) -> None:
         super().__init__(model, processor, name_or_path=name_or_path, layers=layers, prompt_template=prompt_template,
-                         question_template=question_template, max_query_batch=max_query_batch)
+                         question_template=question_template, max_query_batch=max_query_batch,
+                         question_set=question_set)
 
     def _configure_image(self) -> None:
         vision = self.model.config.vision_config
@@ -144,7 +148,7 @@ class LlavaBackbone(PrefixSharingBackbone):
         dev = resolve_device(device)
         model, processor = build_tiny_llava(seed)
         model.to(device=dev, dtype=resolve_dtype(dtype, dev))
-        return cls(model, processor, name_or_path="tiny", layers=layers, **kwargs)
+        return cls(model, processor, name_or_path="tiny", layers=layers, **tiny_question_set(kwargs))
 
     @classmethod
     def toy(
@@ -165,6 +169,7 @@ class LlavaBackbone(PrefixSharingBackbone):
         from lens_cache.toy import TOY_LLAVA_DIR, TOY_PROMPT_TEMPLATE, WEIGHTS_DIR
 
         kwargs.setdefault("prompt_template", TOY_PROMPT_TEMPLATE)  # the template it was trained with
+        tiny_question_set(kwargs)  # and the question it was trained with (``single``)
 
         path = Path(folder) if folder is not None else WEIGHTS_DIR / TOY_LLAVA_DIR
         if not (path / "model.safetensors").is_file():

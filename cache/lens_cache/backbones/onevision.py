@@ -66,7 +66,9 @@ from lens_core.geometry import SAM_IMAGE_SIZE
 
 from . import register_mllm_adapter, register_builtin_mllm
 from .layer_capture import eager_attention, forward_until, last_token_image_attention, tensors_fingerprint
-from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors
+from lens_cache.questions import QuestionSet
+
+from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors, tiny_question_set
 from .runtime import resolve_device, resolve_dtype
 
 BACKBONE_NAME = "llava-onevision"
@@ -141,7 +143,8 @@ class OnevisionBackbone(PrefixSharingBackbone):
         layers: Sequence[int] = (14,),
         image_tokens: str = DEFAULT_IMAGE_TOKENS,
         prompt_template: str | None = None,
-        question_template: str = REFERRING_QUESTION_TEMPLATE,
+        question_template: str | None = None,
+        question_set: "str | QuestionSet | None" = None,
         max_query_batch: int = 32,
     ) -> None:
         if image_tokens not in IMAGE_TOKEN_MODES:
@@ -153,7 +156,8 @@ class OnevisionBackbone(PrefixSharingBackbone):
 
             raise UnsupportedMllmError(f"not a LLaVA-OneVision checkpoint (model_type {model_type!r})")
         super().__init__(model, processor, name_or_path=name_or_path, layers=layers, prompt_template=prompt_template,
-                         question_template=question_template, max_query_batch=max_query_batch)
+                         question_template=question_template, max_query_batch=max_query_batch,
+                         question_set=question_set)
 
     def _configure_image(self) -> None:
         vision = self.model.config.vision_config
@@ -365,7 +369,7 @@ class OnevisionBackbone(PrefixSharingBackbone):
         dev = resolve_device(device)
         model, processor = build_tiny_onevision(seed)
         model.to(device=dev, dtype=resolve_dtype(dtype, dev))
-        return cls(model, processor, name_or_path="tiny-onevision", layers=layers, **kwargs)
+        return cls(model, processor, name_or_path="tiny-onevision", layers=layers, **tiny_question_set(kwargs))
 
 
 # ------------------------------------------------------------------ registry

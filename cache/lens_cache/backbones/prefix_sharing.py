@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from lens_cache.errors import BadSampleError, UsageError
+from lens_cache.questions import SINGLE_QUESTION_TEMPLATE, QuestionSet, question_set as resolve_question_set
 from lens_core.geometry import SAM_IMAGE_SIZE
 
 from .layer_capture import (
@@ -49,8 +50,9 @@ from .runtime import dtype_name
 if TYPE_CHECKING:
     from .mllm import MllmStates
 
-#: The question for a referring phrase (short query); sentences are asked as they are.
-REFERRING_QUESTION_TEMPLATE = "Can you segment the {text} in this image?"
+#: The question for a referring phrase of the ``single`` question set (sentences asked as they are); the
+#: adapters' default set is ``authors`` (:mod:`lens_cache.questions`).
+REFERRING_QUESTION_TEMPLATE = SINGLE_QUESTION_TEMPLATE
 #: The question's place in a prompt template.
 QUESTION = "{question}"
 #: Stands for the question while a chat template is rendered.
@@ -118,6 +120,14 @@ def head_sizes_for(config: Any, layer_type: str = "llama") -> dict:
     return sizes
 
 
+def tiny_question_set(kwargs: dict) -> dict:
+    """The tiny and toy models keep the ``single`` question set unless told otherwise (their stores and
+    the toy demo stay what they were)."""
+    if kwargs.get("question_template") is None:
+        kwargs.setdefault("question_set", "single")
+    return kwargs
+
+
 class PrefixSharingBackbone:
     """A frozen MLLM that returns its layer-``k`` hidden states (see module docstring).
 
@@ -133,7 +143,11 @@ class PrefixSharingBackbone:
         layers: cached layers, ``hidden_states`` indices in ``1..num_hidden_layers``.
         prompt_template: ``{question}`` and :attr:`IMAGE_PLACEHOLDER` once each; ``None``: the processor's
             chat template, else :attr:`DEFAULT_PROMPT_TEMPLATE`.
-        question_template: the question for a short referring phrase (``{text}``).
+        question_template: a one-template rule (the phrase's question, ``{text}``; sentences as they are),
+            as adapters took it before question sets existed; None: ``question_set``.
+        question_set: the :class:`~lens_cache.questions.QuestionSet` (or a built-in name, ``authors`` /
+            ``single``); None: :attr:`DEFAULT_QUESTION_SET`. Variant 0 (evaluation) is :meth:`question_for`,
+            every variant :meth:`questions_for` (a store caches them all).
         max_query_batch: most question suffixes run in one forward.
     """
 
@@ -149,6 +163,8 @@ class PrefixSharingBackbone:
     SPECIAL_TEXTS: tuple[str, ...] = ()
     #: Image-processor outputs the model takes besides ``pixel_values`` (image sizes, patch grids).
     IMAGE_INPUT_KEYS: tuple[str, ...] = ()
+    #: The question set when none is given: the LENS authors' (the tiny and toy models pass ``single``).
+    DEFAULT_QUESTION_SET = "authors"
 
     #: Side of the image-token grid, row-major over SAM's padded frame (set by :meth:`_configure_image`).
     grid_size: int
@@ -165,8 +181,9 @@ class PrefixSharingBackbone:
         name_or_path: str,
         layers: Sequence[int],
         prompt_template: str | None,
-        question_template: str,
+        question_template: str | None = None,
         max_query_batch: int,
+        question_set: str | QuestionSet | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -184,7 +201,10 @@ class PrefixSharingBackbone:
         self.dtype = model.dtype
         # transformers >= 5.x names the KV cache ``cache`` (``past_key_values`` is deprecated there).
         self._cache_kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
-        self.question_template = question_template
+        self.question_set = resolve_question_set(
+            question_set, question_template=question_template, default=self.DEFAULT_QUESTION_SET)
+        #: The short phrase's evaluation template (the one recorded before question sets existed).
+        self.question_template = self.question_set.short.evaluation
         self.prompt_template = prompt_template if prompt_template is not None else self._chat_prompt_template()
         if self.prompt_template.count(QUESTION) != 1 or self.prompt_template.count(self.IMAGE_PLACEHOLDER) != 1:
             raise UsageError(
@@ -220,7 +240,7 @@ class PrefixSharingBackbone:
             **self._image_identity(),
             "compute_dtype": dtype_name(self.dtype),
             "prompt_template": self.prompt_template,
-            "question_template": question_template,
+            **self.question_set.identity(),
         }
 
     # ------------------------------------------------------------ adapter hooks
@@ -269,8 +289,14 @@ class PrefixSharingBackbone:
         return text.replace(_SENTINEL, QUESTION)
 
     def question_for(self, text: str, is_sentence: bool) -> str:
-        """The sentence itself for reasoning queries, else ``question_template`` with the phrase."""
-        return text if is_sentence else self.question_template.format(text=text)
+        """The evaluation question (variant 0 of :attr:`question_set`) for a manifest row: with ``single``
+        the sentence itself for reasoning queries, else ``question_template`` with the phrase."""
+        return self.question_set.question(text, is_sentence)
+
+    def questions_for(self, text: str, is_sentence: bool) -> list[str]:
+        """Every variant's question for a manifest row: the evaluation one (variant 0), then the training
+        ones in the set's order (a store caches the text states of each)."""
+        return self.question_set.questions(text, is_sentence)
 
     def prompt_for(self, question: str) -> str:
         """The full prompt text with a single image placeholder."""

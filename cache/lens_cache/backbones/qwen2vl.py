@@ -46,7 +46,9 @@ from lens_core.geometry import SAM_IMAGE_SIZE
 
 from . import register_mllm_adapter, register_builtin_mllm
 from .layer_capture import tensors_fingerprint
-from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors
+from lens_cache.questions import QuestionSet
+
+from .prefix_sharing import REFERRING_QUESTION_TEMPLATE, PrefixSharingBackbone, head_sizes_for, language_model_tensors, tiny_question_set
 from .runtime import resolve_device, resolve_dtype
 
 #: Backbone names (in the identity) by ``config.model_type``.
@@ -137,7 +139,8 @@ class Qwen2VLBackbone(PrefixSharingBackbone):
         layers: Sequence[int] = (20,),
         image_size: int = DEFAULT_IMAGE_SIZE,
         prompt_template: str | None = None,
-        question_template: str = REFERRING_QUESTION_TEMPLATE,
+        question_template: str | None = None,
+        question_set: "str | QuestionSet | None" = None,
         max_query_batch: int = 32,
     ) -> None:
         self.model_type = str(model.config.model_type)
@@ -146,7 +149,8 @@ class Qwen2VLBackbone(PrefixSharingBackbone):
         self.backbone_name = BACKBONE_NAMES[self.model_type]
         self.image_size = int(image_size)
         super().__init__(model, processor, name_or_path=name_or_path, layers=layers, prompt_template=prompt_template,
-                         question_template=question_template, max_query_batch=max_query_batch)
+                         question_template=question_template, max_query_batch=max_query_batch,
+                         question_set=question_set)
 
     def _configure_image(self) -> None:
         vision = self.model.config.vision_config
@@ -248,7 +252,7 @@ class Qwen2VLBackbone(PrefixSharingBackbone):
         model, processor = build_tiny_qwen2vl(seed, family)
         model.to(device=dev, dtype=resolve_dtype(dtype, dev))
         name = "tiny-qwen2vl" if family == "qwen2_vl" else "tiny-qwen2.5vl"
-        return cls(model, processor, name_or_path=name, layers=layers, **kwargs)
+        return cls(model, processor, name_or_path=name, layers=layers, **tiny_question_set(kwargs))
 
 
 # ------------------------------------------------------------------ registry
