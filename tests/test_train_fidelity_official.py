@@ -38,7 +38,9 @@ def stores(tmp_path_factory):
     with_prefix = build_store(build_manifest("synthetic:train", root), out / "prefix", spec="synthetic:train",
                               prefix_tokens=5)
     without = build_store(build_manifest("synthetic:train", root), out / "plain", spec="synthetic:train")
-    return {"prefix": with_prefix.url, "plain": without.url}
+    authors = build_store(build_manifest("synthetic:train", root), out / "authors", spec="synthetic:train",
+                          prefix_tokens=5, question_set="authors")
+    return {"prefix": with_prefix.url, "plain": without.url, "authors": authors.url}
 
 
 def test_the_batch_carries_the_stores_prefix(stores):
@@ -100,3 +102,54 @@ def test_set_refuses_an_unknown_setting(stores, tmp_path):
     result = CliRunner().invoke(train_app, ["--cache", stores["prefix"], "--preset", "tiny", "--out", str(tmp_path / "r"),
                                             *FAST, "--set", "descriptor"])
     assert result.exit_code == 2 and "NAME=VALUE" in result.output
+
+
+def test_training_samples_draw_one_cached_question_with_the_seed(stores):
+    """Row 2: lens/data/*_dataset.py draw a question template per sample; here a sample reads one of the
+    training questions the store cached for its query (variants 1..), drawn from (seed, step); evaluation
+    reads variant 0."""
+    from lens_train.training.data import MixedBatchSampler, QueryDataset, concat_datasets
+
+    dataset, tasks = concat_datasets([QueryDataset(stores["authors"], 14)])
+    assert dataset.has_training_questions
+    store = dataset.datasets[0].store
+    sampler = lambda seed: MixedBatchSampler(tasks, {"semantic": 1, "referring": 1, "reasoning": 1}, batch_size=4,
+                                             seed=seed, end_step=30, draw_questions=True)
+    picks = [item for batch in sampler(0) for item in batch]
+    assert picks == [item for batch in sampler(0) for item in batch]  # the seed fixes the draws
+    assert picks != [item for batch in sampler(1) for item in batch]
+    chosen = set()
+    for index, draw in picks:
+        query = int(dataset.datasets[0].query_ids[index])
+        variant = dataset.datasets[0].variant_for(query, draw)
+        assert 1 <= variant < store.num_text_variants(query)
+        chosen.add((store.num_text_variants(query), variant))
+        sample = dataset[(index, draw)]
+        expected = store.read_query(query, 14, variant=variant)["text_states"]
+        assert torch.equal(sample["text_states"], torch.from_numpy(expected))
+    assert {v for n, v in chosen if n == 5} == {1, 2, 3, 4}  # every training template of a phrase is used
+    plain = dataset[0]  # no draw: the evaluation question
+    query = int(dataset.datasets[0].query_ids[0])
+    assert torch.equal(plain["text_states"], torch.from_numpy(store.read_query(query, 14)["text_states"]))
+    # a resumed sampler yields the same draws from its step on
+    resumed = MixedBatchSampler(tasks, {"semantic": 1, "referring": 1, "reasoning": 1}, batch_size=4, seed=0,
+                                start_step=10, end_step=30, draw_questions=True)
+    assert [item for batch in resumed for item in batch] == picks[40:]
+
+
+@pytest.mark.parametrize("questions, expect_training", [("random", True), ("evaluation", False)])
+def test_the_trainer_draws_questions_unless_told(stores, tmp_path, monkeypatch, questions, expect_training):
+    from lens_cache.store import FeatureStore
+
+    variants = []
+    read = FeatureStore.read_query
+
+    def spy(self, query, layer, variant=0):
+        variants.append(variant)
+        return read(self, query, layer, variant)
+
+    monkeypatch.setattr(FeatureStore, "read_query", spy)
+    result = CliRunner().invoke(train_app, ["--cache", stores["authors"], "--preset", "tiny", "--out", str(tmp_path / "r"),
+                                            *FAST, "--set", f"train_questions={questions}"])
+    assert result.exit_code == 0, result.output
+    assert variants and (max(variants) > 0) == expect_training

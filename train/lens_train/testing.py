@@ -21,7 +21,7 @@ TINY_SAM_IDENTITY = {"variant": "tiny", "weights": "tiny-seed0", "compute_dtype"
 def fake_tiny_extractor(
     *, hidden_size: int = 64, mllm: str = "fake-mllm", prompt_template: str | None = None, grounded: bool = False,
     sam: str | None = None, layers: tuple[int, ...] = (14,), identity: dict | None = None, grid_size: int = 24,
-    prefix_tokens: int = 0,
+    prefix_tokens: int = 0, question_set: str | None = None,
 ):
     """A ``lens_cache.testing.FakeExtractor`` of width ``hidden_size`` whose identity names the tiny SAM.
 
@@ -33,7 +33,8 @@ def fake_tiny_extractor(
     trained MLLM) and a colour word can be matched with the image tokens' colours.
     ``sam="toy"`` (any SAM spec) replaces the fake SAM embedding by that SAM's real one:
     planted MLLM features with a real SAM isolate the downstream half of LENS.
-    ``prefix_tokens`` > 0 gives the prompt that many tokens before the image, whose states the store keeps.
+    ``prefix_tokens`` > 0 gives the prompt that many tokens before the image, whose states the store keeps;
+    ``question_set`` (``authors``) caches every question template of a query, not one.
     """
     from lens_cache.testing import FAKE_PROMPT, FakeExtractor
 
@@ -41,7 +42,7 @@ def fake_tiny_extractor(
     if sam is not None:
         cls = _real_sam_class(cls)
     extractor = cls(hidden_size=hidden_size, mllm=mllm, prompt_template=prompt_template or FAKE_PROMPT, layers=layers,
-                    grid_size=grid_size, prefix_tokens=prefix_tokens)
+                    grid_size=grid_size, prefix_tokens=prefix_tokens, question_set=question_set)
     extractor.identity["sam"] = dict(TINY_SAM_IDENTITY)
     extractor.identity.update(identity or {})
     if sam is not None:

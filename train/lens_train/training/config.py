@@ -11,7 +11,8 @@ PRECISIONS = ("bf16", "bf16-pure", "fp32")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 ATTN_TARGET_RESIZES = ("area", "nearest")
 #: fields added after run format 1 was first written, with the value every older run trained with
-ADDED_SINCE_FORMAT_1 = {"lr_schedule": "linear", "attn_target_resize": "area"}
+ADDED_SINCE_FORMAT_1 = {"lr_schedule": "linear", "attn_target_resize": "area", "train_questions": "random"}
+TRAIN_QUESTIONS = ("random", "evaluation")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class TrainConfig:
             no float32 master weights, on every device (the authors' code); "fp32": float32 throughout.
         lr_schedule: after the warm-up, "linear" decay to 0 at ``steps``, "cosine" decay to 0 at
             ``steps``, or "constant" lr (the authors' code: a cosine whose period no run reaches).
+        train_questions: which cached question of a query a training sample reads: "random" draws one of its
+            training templates per sample with the run's seed (the authors' data pipeline; a store of one
+            question per query has only the evaluation one), "evaluation" always reads the evaluation question.
         attn_target_resize: how L_attn brings the mask on SAM's padded 1024 frame to ``attn_size``:
             "area" averaging or "nearest" sampling (the authors' code), then > 0.5.
         warm_start: initialise the head from the MLLM's layers (needs the store's warm-start file).
@@ -63,6 +67,7 @@ class TrainConfig:
     # Added after run format 1 was first written: the defaults are what older run configs meant.
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     attn_target_resize: Literal["area", "nearest"] = "area"
+    train_questions: Literal["random", "evaluation"] = "random"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -70,6 +75,9 @@ class TrainConfig:
             raise UsageError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {self.lr_schedule!r}")
+        if self.train_questions not in TRAIN_QUESTIONS:
+            raise UsageError(f"train_questions must be one of {', '.join(map(repr, TRAIN_QUESTIONS))}, "
+                             f"got {self.train_questions!r}")
         if self.attn_target_resize not in ATTN_TARGET_RESIZES:
             raise UsageError(f"attn_target_resize must be one of {', '.join(map(repr, ATTN_TARGET_RESIZES))}, "
                              f"got {self.attn_target_resize!r}")

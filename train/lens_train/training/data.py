@@ -16,6 +16,7 @@ bytes through the loader and the host-to-device copy).
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ _TASK_STREAM = 0x7A5C
 _ORDER_STREAM = 0x0D3E
 _WORKER_STREAM = 0x3B1F
 _LOADER_STREAM = 0x51A7
+_QUESTION_STREAM = 0x9E57
 
 
 class QueryDataset(Dataset):
@@ -113,8 +115,8 @@ class QueryDataset(Dataset):
             }
         )
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """One query.
+    def __getitem__(self, index: int | tuple[int, float]) -> dict[str, Any]:
+        """One query; ``(index, draw)`` reads one of its training questions (:meth:`variant_for`).
 
         Returns:
             image_states (576, d) f16; text_states (L_t, d) f16; sam_embedding (C, 64, 64) f16
@@ -123,8 +125,9 @@ class QueryDataset(Dataset):
             query_id, store_index: int; task, dataset: str; is_sentence: bool;
             prefix_states (P, d) f16, the store's pre-image prefix (None for a store without it).
         """
+        index, draw = index if isinstance(index, tuple) else (index, None)
         query_id = int(self.query_ids[index])
-        sample = self.store.read_query(query_id, self.layer)
+        sample = self.store.read_query(query_id, self.layer, variant=self.variant_for(query_id, draw))
         gt = self.target(query_id)
         original_size = np.asarray(sample["original_size"], dtype=np.int64)
         if tuple(gt.shape) != tuple(original_size):
@@ -146,6 +149,18 @@ class QueryDataset(Dataset):
             "is_sentence": bool(self._is_sentence[query_id]),
             "prefix_states": self._prefix,
         }
+
+    def variant_for(self, query_id: int, draw: float | None) -> int:
+        """The cached question a sample reads: 0 (the evaluation question) without a ``draw``; with a draw
+        u in [0, 1), training question ``1 + floor(u * n)`` of the n the store cached for the query (those the
+        build refused are left out), or 0 when it has none."""
+        if draw is None:
+            return 0
+        lengths = self.store.variant_text_len
+        if lengths.shape[1] == 0:
+            return 0
+        usable = np.flatnonzero(lengths[query_id] > 0) + 1
+        return int(usable[min(int(draw * len(usable)), len(usable) - 1)]) if len(usable) else 0
 
     @property
     def has_prefix(self) -> bool:
@@ -314,6 +329,9 @@ class MixedBatchSampler(Sampler[list[int]]):
         mix: task -> weight (tasks absent from ``tasks`` are dropped, the rest renormalised).
         batch_size: samples per micro-batch; grad_accum: micro-batches per step.
         seed: the run's seed. start_step, end_step: the steps to yield.
+        draw_questions: yield ``(index, u)`` with u in [0, 1) drawn from ``(seed, step)``, so the dataset
+            reads one of the query's training questions (:meth:`QueryDataset.variant_for`); plain indices
+            otherwise.
     """
 
     def __init__(
@@ -326,6 +344,7 @@ class MixedBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         start_step: int = 0,
         end_step: int,
+        draw_questions: bool = False,
     ) -> None:
         if batch_size < 1 or grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
@@ -337,6 +356,7 @@ class MixedBatchSampler(Sampler[list[int]]):
         self.members = [np.flatnonzero(np.asarray(tasks) == t).astype(np.int64) for t in self.task_names]
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.start_step, self.end_step = start_step, end_step
+        self.draw_questions = draw_questions
 
     @property
     def samples_per_step(self) -> int:
@@ -369,6 +389,9 @@ class MixedBatchSampler(Sampler[list[int]]):
                     orders[(task, epoch)] = self._order(task, epoch)
                 picks.append(int(orders[(task, epoch)][position]))
                 drawn[task] += 1
+            if self.draw_questions:
+                draws = np.random.default_rng([self.seed, _QUESTION_STREAM, step]).random(len(picks))
+                picks = [(index, float(u)) for index, u in zip(picks, draws)]
             for micro in range(self.grad_accum):
                 yield picks[micro * self.batch_size : (micro + 1) * self.batch_size]
 
@@ -398,12 +421,30 @@ class WorkerSeeder:
         random.seed(value)
 
 
-def concat_datasets(datasets: Sequence[QueryDataset]) -> tuple[ConcatDataset, list[str]]:
+class StoresDataset(ConcatDataset):
+    """The queries of several stores in a row; an item is an index or ``(index, draw)`` (see
+    :class:`MixedBatchSampler`'s ``draw_questions``), passed on to the store's :class:`QueryDataset`."""
+
+    def __getitem__(self, item: int | tuple[int, float]) -> dict[str, Any]:
+        index, draw = item if isinstance(item, tuple) else (item, None)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range ({len(self)} queries)")
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        local = index - (self.cumulative_sizes[which - 1] if which else 0)
+        return self.datasets[which][(local, draw) if draw is not None else local]
+
+    @property
+    def has_training_questions(self) -> bool:
+        """Whether any store caches training questions besides the evaluation one."""
+        return any(d.store.max_text_variants > 1 for d in self.datasets)
+
+
+def concat_datasets(datasets: Sequence[QueryDataset]) -> tuple[StoresDataset, list[str]]:
     """One dataset over several stores and the task of each of its indices."""
     tasks: list[str] = []
     for dataset in datasets:
         tasks += dataset.tasks
-    return ConcatDataset(list(datasets)), tasks
+    return StoresDataset(list(datasets)), tasks
 
 
 def make_loader(

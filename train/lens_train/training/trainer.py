@@ -398,14 +398,19 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
 
     datasets = [QueryDataset(s.url, setup.config.layer, store_index=i) for i, s in enumerate(setup.stores)]
     dataset, tasks = concat_datasets(datasets)
+    # The authors' data pipeline asks each training sample with a question template drawn at random: a store
+    # that caches several (lens-cache --question-set authors) gives one per sample, drawn from (seed, step).
+    draw_questions = train_cfg.train_questions == "random" and dataset.has_training_questions
     sampler = MixedBatchSampler(tasks, train_cfg.mix, batch_size=train_cfg.batch_size, grad_accum=train_cfg.grad_accum,
-                                seed=train_cfg.seed, start_step=setup.start_step, end_step=train_cfg.steps)
+                                seed=train_cfg.seed, start_step=setup.start_step, end_step=train_cfg.steps,
+                                draw_questions=draw_questions)
     if setup.start_step == 0:
         mix = ", ".join(f"{t} {p:.2f}" for t, p in sampler.probabilities.items())
         n_params = sum(p.numel() for p in params)
         say(f"training {n_params / 1e6:.2f}M parameters on {len(dataset)} queries ({mix}) from "
             f"{len(setup.stores)} store(s); preset {setup.preset.name}, {effective_precision(device, train_cfg.precision)} "
-            f"on {device}, {train_cfg.steps} steps x {train_cfg.batch_size} x {train_cfg.grad_accum}")
+            f"on {device}, {train_cfg.steps} steps x {train_cfg.batch_size} x {train_cfg.grad_accum}"
+            + ("; each sample asks one of its cached training questions, drawn with the seed" if draw_questions else ""))
     loader = make_loader(dataset, sampler, num_workers=train_cfg.num_workers, device=device, seed=train_cfg.seed)
     batches = iter(loader)
 
