@@ -322,3 +322,19 @@ def test_prompt_shows_every_variant_and_info_the_set(fake_authors):
     assert "set 'authors', up to 5 text variant(s) per query" in info.output
     assert "sentence 2: train 2 (as_is): '{text} Please output segmentation mask.'" in info.output
     json.loads(json.dumps(FeatureStore.open(out).text_variants))
+
+
+def test_the_set_of_an_identity_rebuilds_the_same_questions():
+    """lens-segment rebuilds the live backbone with the question set its run's store recorded."""
+    from lens_cache.errors import UsageError
+    from lens_cache.questions import QUESTION_SETS, question_set_of
+
+    authors = QUESTION_SETS["authors"]
+    assert question_set_of(authors.identity()) is authors
+    single = question_set_of({"question_template": "Can you segment the {text} in this image?"})
+    assert single.identity() == QUESTION_SETS["single"].identity()
+    assert question_set_of({}) is None
+    changed = authors.identity()
+    changed["question_set"] = {**changed["question_set"], "name": "elsewhere"}
+    with pytest.raises(UsageError, match="'elsewhere' is not one of"):
+        question_set_of(changed)

@@ -234,3 +234,22 @@ def question_set(value: str | QuestionSet | None, *, question_template: str | No
     if value not in QUESTION_SETS:
         raise UsageError(f"unknown question set {value!r}: one of {', '.join(QUESTION_SETS)}")
     return QUESTION_SETS[value]
+
+
+def question_set_of(identity: Mapping) -> QuestionSet | None:
+    """The question set a store identity (or a run's record of one) was cached with, to rebuild a live
+    backbone that asks the same questions; None when the identity names none (a backbone without questions).
+
+    Raises:
+        UsageError: a set this code does not know by name (its strings are in the identity: pass it as a
+            ``QuestionSet``).
+    """
+    record = identity.get("question_set")
+    if record is None:
+        template = identity.get("question_template")
+        return None if template is None else question_set(None, question_template=template)
+    name = record.get("name") if isinstance(record, Mapping) else None
+    if name not in QUESTION_SETS or QUESTION_SETS[name].record() != record:
+        raise UsageError(f"the identity's question set {name!r} is not one of {sorted(QUESTION_SETS)} as this "
+                         "lens-seg defines it: rebuild the live backbone with that set")
+    return QUESTION_SETS[name]

@@ -293,12 +293,15 @@ class Segmenter:
                 f"run {self.run_dir} was trained on a cache whose backbone cannot be rebuilt live "
                 f"({recorded.get('backbone') or recorded.get('mllm', 'unknown')}): pass --mllm PATH"
             )
+        from lens_cache.questions import question_set_of
+
         return build_extractor(
             mllm=mllm,
             sam=sam or self.config.sam,
             layers=(self.layer,),
             device=device,
             dtype=dtype or recorded.get("compute_dtype"),
+            question_set=question_set_of(recorded),  # ask as the store asked (its evaluation question)
         )
 
     @property
