@@ -166,3 +166,17 @@ def test_convert_refuses_a_non_empty_out(tmp_path, theirs, preset_file):
     result = CliRunner().invoke(app, ["authors", str(ckpt), "--out", str(out), "--mllm", "tiny", "--sam", "tiny",
                                       "--preset", str(preset_file)])
     assert result.exit_code == 2 and "not empty" in result.output and (out / "something").exists()
+
+
+def test_a_converted_run_segments_live(converted_run, tmp_path):
+    """lens-segment takes the converted run: its recorded backbone is rebuilt live (tiny here), the identity
+    check passes, and the head reads the live prefix."""
+    from PIL import Image
+
+    from lens_train.inference.segment import Segmenter
+
+    segmenter = Segmenter(converted_run, device="cpu")
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    result = segmenter.segment(image, "red square", is_sentence=False)
+    assert result.mask.shape == (30, 40)
+    assert segmenter.run.model.config.head_input == "full_sequence"
