@@ -36,6 +36,18 @@ def neighbourhood_offsets(neighborhood: int) -> torch.Tensor:
     return offsets.float()
 
 
+def sample_neighbourhoods(
+    image_features: torch.Tensor, points: torch.Tensor, offsets: torch.Tensor, *, padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """d_N(i): (B, K, p*p, d) features of (B, d, g, g) sampled bilinearly at each of the (B, K, 2) points plus
+    the (p*p, 2) cell ``offsets`` (differentiable in the features and the points); outside the grid: zeros or
+    the border value (``padding_mode``)."""
+    batch, num_points, _ = points.shape
+    where = (points.unsqueeze(2) + offsets.to(points.dtype)).reshape(batch, -1, 2)
+    sampled = sample_grid(image_features, where, padding_mode=padding_mode)  # (B, K*p*p, d)
+    return sampled.view(batch, num_points, offsets.shape[0], -1)
+
+
 def attention_padding(present: torch.Tensor) -> torch.Tensor:
     """Key padding mask (True = ignore) from a (B, T) presence mask; a row with nothing present
     attends to everything instead (softmax over no key is NaN)."""
@@ -59,11 +71,8 @@ class KeypointDescriptor(nn.Module):
         self.register_buffer("offsets", neighbourhood_offsets(neighborhood), persistent=False)  # (p*p, 2) (dx, dy)
 
     def sample_neighbourhoods(self, image_features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """d_N(i): (B, K, p*p, d) features sampled around each point (differentiable in the features)."""
-        batch, num_points, _ = points.shape
-        where = (points.unsqueeze(2) + self.offsets.to(points.dtype)).reshape(batch, -1, 2)
-        sampled = sample_grid(image_features, where)  # (B, K*p*p, d)
-        return sampled.view(batch, num_points, self.offsets.shape[0], -1)
+        """d_N(i): (B, K, p*p, d) features sampled around each point, zeros outside the grid."""
+        return sample_neighbourhoods(image_features, points, self.offsets)
 
     def forward(
         self,
@@ -127,11 +136,8 @@ class OfficialKeypointDescriptor(nn.Module):
         self.register_buffer("offsets", neighbourhood_offsets(neighborhood), persistent=False)
 
     def sample_neighbourhoods(self, image_features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """(B, K, p*p, d) features around each point, border values outside the grid."""
-        batch, num_points, _ = points.shape
-        where = (points.unsqueeze(2) + self.offsets.to(points.dtype)).reshape(batch, -1, 2)
-        sampled = sample_grid(image_features, where, padding_mode="border")
-        return sampled.view(batch, num_points, self.offsets.shape[0], -1)
+        """(B, K, p*p, d) features around each point, border values outside the grid (the authors')."""
+        return sample_neighbourhoods(image_features, points, self.offsets, padding_mode="border")
 
     def forward(
         self,

@@ -21,6 +21,7 @@ from lens_core.head import SegmentationHead, peak_normalize
 from lens_core.keypoints import nms_keypoints
 from lens_core.losses import attention_loss
 from lens_train.training.presets import load_preset
+from tests.helpers.authors_reference import authors_descriptor
 
 TINY = load_preset("tiny").model
 OFFICIAL = load_preset("official").model
@@ -120,45 +121,17 @@ def test_full_sequence_without_prefix_is_refused_in_one_line():
 # ------------------------------------------------------------------------------- row 5: the descriptor
 
 
-def authors_descriptor(desc: OfficialKeypointDescriptor, features, start, points01, padding):
-    """conditioner.py GroundingHeadWithLlamaModel.forward, from its facts, with plain torch ops (eval mode):
-    3x3 grid_sample(align_corners=True, padding_mode="border") around ``points01 * 2 - 1`` with steps of
-    2 / (g - 1); MultiheadAttention(query = f_s) -> norm1(f_s + attn) -> norm2(x + FFN(x)) with GELU; one
-    post-LN TransformerEncoderLayer (ReLU) over [descriptions; f_s] with the padding masked; MLP d->d->C."""
-    b, d, g, _ = features.shape
-    k = points01.shape[1]
-    steps = torch.tensor([-1.0, 0.0, 1.0]) * 2.0 / (g - 1)
-    gy, gx = torch.meshgrid(steps, steps, indexing="ij")
-    grid = (points01 * 2 - 1).view(b, k, 1, 1, 2) + torch.stack((gx, gy), -1).view(1, 1, 3, 3, 2)
-    sampled = F.grid_sample(features.unsqueeze(1).expand(-1, k, -1, -1, -1).reshape(b * k, d, g, g),
-                            grid.reshape(b * k, 3, 3, 2), mode="bilinear", padding_mode="border", align_corners=True)
-    context = sampled.view(b, k, d, 9).permute(0, 1, 3, 2).reshape(b * k, 9, d)
+def their_tensors(desc: OfficialKeypointDescriptor) -> dict:
+    """Our descriptor's tensors under the authors' key names (lens_train.interop.authors.KEY_MAP)."""
+    from lens_train.interop.authors import KEY_MAP
 
-    def mha(module, q, kv, key_padding=None):
-        w, bias = module.in_proj_weight, module.in_proj_bias
-        heads = module.num_heads
-        qq = (q @ w[:d].T + bias[:d]).view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
-        kk = (kv @ w[d : 2 * d].T + bias[d : 2 * d]).view(kv.shape[0], kv.shape[1], heads, -1).transpose(1, 2)
-        vv = (kv @ w[2 * d :].T + bias[2 * d :]).view(kv.shape[0], kv.shape[1], heads, -1).transpose(1, 2)
-        scores = qq @ kk.transpose(-1, -2) / (d // heads) ** 0.5
-        if key_padding is not None:
-            scores = scores.masked_fill(key_padding[:, None, None, :], float("-inf"))
-        out = (scores.softmax(-1) @ vv).transpose(1, 2).reshape(q.shape[0], q.shape[1], d)
-        return module.out_proj(out)
-
-    def ln(module, x):
-        return F.layer_norm(x, (d,), module.weight, module.bias, module.eps)
-
-    query = start.unsqueeze(1).repeat(1, k, 1).view(b * k, 1, d)
-    x = ln(desc.cross_norm, query + mha(desc.cross_attn, query, context))
-    x = ln(desc.ffn_norm, x + desc.ffn[2](F.gelu(desc.ffn[0](x))))
-    seq = torch.cat((x.view(b, k, d), start.unsqueeze(1)), dim=1)
-    mask = torch.cat((padding, torch.zeros(b, 1, dtype=torch.bool)), dim=1)
-    enc = desc.encoder
-    seq = ln(enc.norm1, seq + mha(enc.self_attn, seq, seq, mask))
-    seq = ln(enc.norm2, seq + enc.linear2(F.relu(enc.linear1(seq))))
-    out = desc.mlp[2](F.relu(desc.mlp[0](seq)))
-    return out[:, -1], out[:, :-1]  # global, keypoints
+    theirs = {}
+    for name, tensor in desc.state_dict().items():
+        ours = "descriptor." + name
+        for their_prefix, our_prefix in KEY_MAP:
+            if ours.startswith(our_prefix):
+                theirs[their_prefix + ours[len(our_prefix):]] = tensor
+    return theirs
 
 
 def test_official_descriptor_is_the_authors():
@@ -173,7 +146,8 @@ def test_official_descriptor_is_the_authors():
     valid = torch.rand(2, 16, generator=g) > 0.4
     with torch.no_grad():
         ours = desc(features, start, points, valid)
-        glob, keys = authors_descriptor(desc, features, start, points / 23, ~valid)
+        glob, keys = authors_descriptor(their_tensors(desc), features, start, points / 23, ~valid,
+                                        heads=cfg.descriptor_heads)
     assert ours.shape == (2, 17, cfg.prompt_dim)
     torch.testing.assert_close(ours[:, 0], glob, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours[:, 1:][valid], keys[valid], atol=1e-5, rtol=1e-4)
