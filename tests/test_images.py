@@ -119,3 +119,25 @@ def test_urls_read_like_paths(tmp_path):
     assert build_load(memory, (H, W)).code == 0
     with pytest.raises(ImageReadError, match="image not found"):
         read_rgb("memory://lens-images-test/none.png")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_a_16_bit_grayscale_picture_reads_as_its_8_bit_version(tmp_path, mode):
+    """Issue 24 row 6: a 16-bit PNG is scaled to 8 bits (the high byte, as OpenCV's imread shows it), not
+    clipped to white by PIL's convert("RGB")."""
+    import numpy as np
+
+    eight = np.random.default_rng(0).integers(0, 256, size=(20, 30), dtype=np.uint16)
+    sixteen = eight * 256 + np.random.default_rng(1).integers(0, 256, size=eight.shape, dtype=np.uint16)  # any low byte
+    path16, path8 = tmp_path / "sixteen.png", tmp_path / "eight.png"
+    Image.fromarray(sixteen.astype(np.uint16)).save(path16)  # PIL writes a 16-bit grayscale PNG
+    Image.fromarray(eight.astype(np.uint8), "L").save(path8)
+    opened = Image.open(path16)
+    if mode == "I":
+        opened = opened.convert("I")  # the 32-bit integer mode some readers hand over
+    assert opened.mode == mode
+    expected = np.asarray(read_rgb(path8))
+    assert np.array_equal(np.asarray(read_rgb(opened)), expected)
+    if mode == "I;16":
+        assert np.array_equal(np.asarray(read_rgb(path16)), expected)
+        assert (np.asarray(opened.convert("RGB")) == 255).mean() > 0.5  # what PIL alone would give

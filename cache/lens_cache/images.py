@@ -11,8 +11,10 @@ which path read the file:
   annotations are in the stored frame of a photo rotated by 90 degrees (a COCO image with
   an orientation tag) then disagrees in size with its manifest and the builder skips the
   image as ``size_mismatch`` (:func:`lens_manifests.common.displayed_size` gives the size checked, from the header);
-* any PIL mode (palette, grayscale, RGBA, CMYK, 16-bit) becomes RGB with PIL's
-  ``convert("RGB")`` (alpha is dropped, not composited);
+* any PIL mode (palette, grayscale, RGBA, CMYK) becomes RGB with PIL's ``convert("RGB")`` (alpha is
+  dropped, not composited); 16-bit grayscale (``I;16*``, or ``I`` holding values above 255) is first scaled to
+  8 bits by dropping the low byte, as OpenCV's ``imread`` does for display (PIL's own conversion clips it,
+  turning most of a 16-bit picture white);
 * a file that is not there is :class:`ImageReadError` with reason ``missing``; one PIL
   cannot open or decode (truncated, not an image) is the same type with reason
   ``unreadable``. The message is one line naming the file.
@@ -53,6 +55,18 @@ class ImageReadError(UsageError):
 def _upright(image: Image.Image) -> Image.Image:
     """``image`` with its EXIF orientation applied (itself when it has none)."""
     return ImageOps.exif_transpose(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels of any mode, 16-bit grayscale scaled to 8 bits (the module docstring)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+
+        values = np.asarray(image)
+        if image.mode.startswith("I;16") or int(values.max(initial=0)) > 255:
+            values = np.right_shift(values.astype(np.int64).clip(0, 65535), 8)
+        return Image.fromarray(values.clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def _local(source: str | Path) -> Path | None:
@@ -100,7 +114,7 @@ def decoded_rgb(image: Image.Image, source: str | Path) -> Image.Image:
     """
     try:
         image.load()
-        return _upright(image).convert("RGB")
+        return _to_rgb(_upright(image))
     except Exception as error:  # a truncated or corrupt body: OSError, SyntaxError, ValueError, ...
         raise _unreadable(source, error) from None
 
@@ -114,6 +128,6 @@ def read_rgb(source: str | Path | Image.Image) -> Image.Image:
         ImageReadError: missing or unreadable (see the module docstring).
     """
     if isinstance(source, Image.Image):
-        return _upright(source).convert("RGB")
+        return _to_rgb(_upright(source))
     with opened_image(source) as image:
         return decoded_rgb(image, source)
