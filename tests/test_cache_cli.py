@@ -360,3 +360,18 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_tmp(
     assert line == f"error: cannot write {out}: {DISK_ERRORS[code]}"
     assert leftovers(tmp_path) == []
     assert command.startswith("build") or not out.exists()
+
+
+def test_an_out_under_a_file_is_one_line(fake_backbones, manifest_file, tmp_path):
+    """Issue 24 row 10: --out afile/sub where afile is a file: one line naming it, exit 2, not a traceback;
+    the same error type raised for a path that is not under --out stays a bug (traceback)."""
+    from lens_cache.cli import as_user_error
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["build", "--manifest", str(manifest_file), "--out", str(blocker / "sub"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert one_line_error(result) == f"error: cannot write {blocker / 'sub'}: {blocker} is a file, not a folder: choose another --out"
+    elsewhere = FileExistsError(17, "File exists", str(blocker))
+    assert as_user_error(elsewhere, tmp_path / "other" / "out") is None
+    assert as_user_error(elsewhere, blocker / "sub") is not None

@@ -109,12 +109,31 @@ def storage_problem(error: BaseException) -> tuple[int, str | None] | None:
     return None
 
 
+def file_in_the_way(error: BaseException, output: str | Path | None) -> str | None:
+    """The path of a file that stands where ``output`` or one of its parent folders must be (mkdir's
+    ``FileExistsError`` / ``NotADirectoryError`` on it), or None: only such a path counts, so a bug that
+    raises the same types elsewhere keeps its traceback."""
+    if output is None:
+        return None
+    out = Path(output).expanduser().absolute()
+    for link in _chain(error):
+        if getattr(link, "errno", None) in (errno.EEXIST, errno.ENOTDIR) and getattr(link, "filename", None):
+            where = Path(str(link.filename)).expanduser().absolute()
+            blocking = next((p for p in (where, *where.parents) if p.is_file()), None)
+            if blocking is not None and (blocking == out or blocking in out.parents):
+                return str(blocking)
+    return None
+
+
 def output_error(error: BaseException, output: str | Path | None = None) -> OutputError | None:
     """The one-line :class:`OutputError` for a full or read-only disk, or None if ``error`` is not one.
 
     ``output`` names what the command writes (its ``--out``); without one, the file the
     error names, if any.
     """
+    blocked = file_in_the_way(error, output)
+    if blocked is not None:
+        return OutputError(f"cannot write {output}: {blocked} is a file, not a folder: choose another --out")
     problem = storage_problem(error)
     if problem is None:
         return None
