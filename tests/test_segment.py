@@ -152,3 +152,15 @@ def test_an_output_that_is_a_file_is_one_line(tiny_real_run, tmp_path):
                             "-o", str(existing)])
     assert line == f"error: -o/--out {existing} is a file, not a folder: give a folder (it is created if missing)"
     assert existing.read_bytes() == b"mine"
+
+
+def test_a_run_of_another_backbone_is_refused_before_its_model_is_built(tiny_real_run, monkeypatch):
+    """Issue 24 row 9: other backbones named on the command line are checked against the run's identity
+    before the LENS model is built (a SAM of another width would otherwise fail inside build_lens)."""
+    import lens_train.inference.segment as segment_module
+
+    built = []
+    monkeypatch.setattr("lens_train.evaluation.evaluate.build_model", lambda *a, **k: built.append(a) or 1 / 0)
+    with pytest.raises(segment_module.UserError, match="not the one run .* was trained on"):
+        segment_module.Segmenter(tiny_real_run.run_dir, mllm="tiny", sam="toy", device="cpu")
+    assert not built

@@ -272,13 +272,20 @@ class Segmenter:
             dev = resolve_device(str(device) if device is not None else None)
         else:
             dev = torch.device(extractor.mllm.device) if hasattr(extractor.mllm, "device") else torch.device("cpu")
-        # The checkpoint first: a missing one fails in a second, not after loading a 7B MLLM.
-        self.run: LoadedRun = load_run(self.run_dir, device=dev, sam=sam)
-        self.device = dev
-        self.threshold = _check_threshold(self.run.threshold if threshold is None else threshold)
-        if extractor is None:
+        self.threshold = _check_threshold(self.config.train.threshold if threshold is None else threshold)
+        if extractor is None and mllm is None and sam is None:
+            # The run's own backbones: the checkpoint first, so a missing one fails in a second, not after
+            # loading a 7B MLLM.
+            self.run: LoadedRun = load_run(self.run_dir, device=dev, sam=sam)
             extractor = self._build_extractor(recorded, mllm=mllm, sam=sam, device=dev, dtype=dtype)
-        check_backbone(extractor.identity, self.config, self.run_dir)
+            check_backbone(extractor.identity, self.config, self.run_dir)
+        else:
+            # Other backbones named: the identity check first, before a model is built for a SAM it may not fit.
+            if extractor is None:
+                extractor = self._build_extractor(recorded, mllm=mllm, sam=sam, device=dev, dtype=dtype)
+            check_backbone(extractor.identity, self.config, self.run_dir)
+            self.run = load_run(self.run_dir, device=dev, sam=sam)
+        self.device = dev
         require_layer(extractor.layers, self.layer, holder="the live backbone",
                       fix=f"build it with layer {self.layer}, the layer run {self.run_dir} was trained on")
         self.extractor = extractor
