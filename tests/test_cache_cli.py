@@ -375,3 +375,25 @@ def test_an_out_under_a_file_is_one_line(fake_backbones, manifest_file, tmp_path
     elsewhere = FileExistsError(17, "File exists", str(blocker))
     assert as_user_error(elsewhere, tmp_path / "other" / "out") is None
     assert as_user_error(elsewhere, blocker / "sub") is not None
+
+
+def test_export_refuses_to_replace_what_is_not_its_own(tmp_path):
+    """Issue 24 row 4: an unrelated existing file needs --overwrite; the store itself or any folder as the
+    target is one line; an earlier export of the same store is replaced."""
+    from lens_cache.build import build_cache
+    from lens_cache.testing import fake_factory
+
+    manifest = make_test_manifest(tmp_path / "images", num_images=2, seed=5)
+    store = build_cache(manifest, tmp_path / "s", fake_factory(), spec="testset:val", block_size=2, progress=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    result = runner.invoke(app, ["export", store.url, str(notes)])
+    assert result.exit_code == 2 and "exists and is not an export of this store" in one_line_error(result)
+    assert notes.read_text() == "mine"
+    result = runner.invoke(app, ["export", store.url, store.url])
+    assert result.exit_code == 2 and one_line_error(result).endswith(
+        "is a folder (the store itself): give the path of the HDF5 file to write, e.g. store.h5")
+    assert runner.invoke(app, ["export", store.url, str(tmp_path / "a.h5")]).exit_code == 0
+    assert runner.invoke(app, ["export", store.url, str(tmp_path / "a.h5")]).exit_code == 0  # its own: replaced
+    assert runner.invoke(app, ["export", store.url, str(notes), "--overwrite"]).exit_code == 0
+    assert read_hdf5_attrs(notes)["identity_hash"] == store.identity_hash

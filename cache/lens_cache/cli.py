@@ -353,12 +353,14 @@ def export(
     store: Annotated[str, typer.Argument(help="Store path or URL (must be complete).")],
     out: Annotated[Path, typer.Argument(help="HDF5 file to write.")],
     compression: Annotated[str, typer.Option(help="gzip, lzf or none.")] = "gzip",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file that is not an export of this store.")] = False,
 ) -> None:
-    """Copy a complete store into one HDF5 file (same arrays and attributes)."""
+    """Copy a complete store into one HDF5 file (same arrays and attributes); an earlier export of the same
+    store is replaced, any other existing file only with --overwrite."""
     with user_errors(output=out):
         from lens_cache.export import export_hdf5
 
-        path = export_hdf5(store, out, compression=compression)
+        path = export_hdf5(store, out, compression=compression, overwrite=overwrite)
         typer.echo(f"{path}: {_human(path.stat().st_size)}")
 
 

@@ -32,6 +32,7 @@ def export_hdf5(
     compression: str = "gzip",
     compression_level: int | None = 1,
     storage_options: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Copy every array and the self-description of a complete store into ``out_path``.
 
@@ -41,6 +42,8 @@ def export_hdf5(
         compression: h5py filter, ``gzip`` (readable everywhere), ``lzf`` (faster,
             h5py only) or ``none``.
         compression_level: gzip level (1 = fast; float16 activations barely compress).
+        overwrite: replace an existing file that is not an earlier export of this store (an earlier export
+            of it is replaced without asking).
 
     Returns:
         ``out_path``.
@@ -48,9 +51,12 @@ def export_hdf5(
     Raises:
         StoreError: the store is missing or unfinished; DamagedStoreError: a sample is damaged.
         LockHeldError: another export is writing ``out_path``.
+        UsageError: ``out_path`` is a folder (the store itself, say), or a file that is not an export of this
+            store and ``overwrite`` is not given.
     """
     store = FeatureStore.open(store_url, storage_options=storage_options)
     out_path = Path(out_path)
+    _check_target(store, out_path, overwrite=overwrite)
     filters: dict = {}
     if compression == "gzip":
         filters = {"compression": "gzip", "compression_opts": compression_level}
@@ -61,6 +67,27 @@ def export_hdf5(
     with exclusive(out_path, command="lens-cache export"):
         _write_hdf5(store, out_path, filters)
     return out_path
+
+
+def _check_target(store: FeatureStore, out_path: Path, *, overwrite: bool) -> None:
+    """Refuse a folder, and a file that an export of this store would silently replace (one line each)."""
+    if out_path.is_dir():
+        raise UsageError(f"{out_path} is a folder{' (the store itself)' if _same(out_path, store) else ''}: give the "
+                         "path of the HDF5 file to write, e.g. store.h5")
+    if not out_path.exists() or overwrite:
+        return
+    try:
+        earlier = read_hdf5_attrs(out_path)
+    except Exception:  # not HDF5, or HDF5 without our attribute: someone else's file
+        earlier = None
+    if not isinstance(earlier, dict) or earlier.get("identity_hash") != store.attrs.get("identity_hash") \
+            or earlier.get("manifest_hash") != store.attrs.get("manifest_hash"):
+        raise UsageError(f"{out_path} exists and is not an export of this store: choose another file, or pass "
+                         "--overwrite to replace it")
+
+
+def _same(path: Path, store: FeatureStore) -> bool:
+    return store.location.is_local and store.location.local_path.resolve() == path.resolve()
 
 
 def _write_hdf5(store: FeatureStore, out_path: Path, filters: dict) -> None:
