@@ -507,3 +507,42 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_tmp(stores, tmp_path
                                            "--figures", "0", "--device", "cpu"])
     assert result.exit_code == 2 and result.stderr.strip() == f"error: cannot write {out}: {fix}", result.output
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("damage", ["truncate-model", "truncate-optimizer", "pickled-code"])
+def test_a_damaged_checkpoint_file_is_one_line(stores, tmp_path, damage):
+    """Issue 24 row 7: a truncated model.safetensors / optimizer.pt, or an optimizer.pt holding a pickled
+    os.system, is one line naming the file and what to do (lens-eval: exit 2); torch's advice to load it
+    unsafely never shows, and the payload never runs."""
+    from lens_train.cli import eval_app
+    from lens_train.errors import UserError
+    from lens_train.training.run_config import read_run_config
+    from lens_train.training.trainer import build_model
+
+    run = tmp_path / "r"
+    args = ["--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1", "--batch-size", "1",
+            "--grad-accum", "1", "--workers", "0", "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(train_app, args).exit_code == 0
+    target = run / ("model.safetensors" if damage == "truncate-model" else "optimizer.pt")
+    if damage == "pickled-code":
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+        torch.save({"step": 1, "optimizer": Payload(), "rng": {}}, target)
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    if damage == "truncate-model":
+        result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", stores["reason"], "--out",
+                                               str(tmp_path / "eval"), "--figures", "0", "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert line.count("\n") == 0
+    else:  # what --resume loads
+        config = read_run_config(run)
+        with pytest.raises(UserError) as error:
+            load_checkpoint(run, build_model(config.model, config.sam, seed=0), with_optimizer=True)
+        line = str(error.value)
+    assert str(target) in line and "weights_only" not in line
+    assert "resume from an earlier copy of the run, or train again" in line
+    assert not (tmp_path / "pwned").exists()

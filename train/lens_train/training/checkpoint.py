@@ -49,6 +49,14 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def damaged_file(path: Path, error: Exception) -> UserError:
+    """The one-line error for a checkpoint file that does not load: truncated, or holding something else than
+    what lens-train writes. torch's own message is left out on purpose: for a file it refuses to unpickle it
+    advises ``weights_only=False``, which would run whatever code the file holds."""
+    return UserError(f"{path} is damaged or was not written by lens-train ({type(error).__name__}; it is never "
+                     "loaded unsafely): resume from an earlier copy of the run, or train again into a new --out")
+
+
 def load_trainable(model: nn.Module, path: Path) -> int:
     """Load ``model.safetensors`` into the trainable parameters, strictly.
 
@@ -58,9 +66,14 @@ def load_trainable(model: nn.Module, path: Path) -> int:
         UserError: a trainable parameter is missing from the file, the file has a key the
             model lacks, or shapes differ (a checkpoint of another configuration).
     """
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    tensors = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: resume from a copy of the run, or train again into a new --out") from None
+    except Exception as error:  # safetensors raises its own types for a truncated or foreign file
+        raise damaged_file(path, error) from None
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -170,7 +183,13 @@ def load_checkpoint(run_dir: Path, model: nn.Module, *, with_optimizer: bool = T
                         "(interrupted while saving): delete the run or restore a copy")
     if not with_optimizer:
         return Checkpoint(step=step, optimizer={}, rng={})
-    state = torch.load(run_dir / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(run_dir / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{run_dir / OPTIMIZER_FILE} is missing: resume from a copy of the run, or train again "
+                        "into a new --out") from None
+    except Exception as error:  # a truncated file, or one holding more than tensors (never loaded unsafely)
+        raise damaged_file(run_dir / OPTIMIZER_FILE, error) from None
     if int(state["step"]) != step:
         raise UserError(f"{run_dir}: {OPTIMIZER_FILE} is from step {state['step']} but {MARKER_FILE} says {step} "
                         "(interrupted while saving): delete the run or restore a copy")
