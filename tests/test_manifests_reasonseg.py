@@ -153,3 +153,19 @@ def test_nan_points_and_oversized_images_are_skipped_the_rest_goes_on(reason_roo
         "c_nan.json": "unusable shapes (polygon has coordinates that are NaN or infinite)",
         "d_wide.jpg": "image size 20x40 exceeds the limit of 32 px per side (set LENS_MAX_IMAGE_SIDE to change it)",
     }
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_listed(tmp_path: Path) -> None:
+    """Issue 24 row 5: one image whose name is not valid UTF-8 is skipped and listed; the rest is cached."""
+    import os
+
+    split_dir = tmp_path / "reason_seg" / "ReasonSeg" / "val"
+    anno = {"text": ["t"], "is_sentence": False, "shapes": [{"label": "target", "points": _rect(1, 1, 5, 5)}]}
+    _write_item(split_dir, "good", (10, 16), anno)
+    _write_item(split_dir, "bad", (10, 16), anno)
+    for suffix in (b".jpg", b".json"):  # rename to a name with a Latin-1 byte (not UTF-8)
+        os.rename(os.fsencode(split_dir / "bad") + suffix, os.fsencode(split_dir) + b"/caf\xe9" + suffix)
+    table = load_reasonseg(tmp_path, "val")
+    assert [Path(p).name for p in table.column("image_path").to_pylist()] == ["good.jpg"]
+    skipped = get_skipped(table)
+    assert len(skipped) == 1 and skipped[0]["path"].endswith("caf\\xe9.jpg") and "not valid UTF-8" in skipped[0]["reason"]

@@ -89,6 +89,20 @@ class QueryRow:
     source_id: str | None
 
 
+def utf8_name(path: Path) -> bool:
+    """Whether ``path`` (as the file system gave it: undecodable bytes become surrogates) is valid UTF-8."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_path(path: Path) -> str:
+    """``path`` printable and storable whatever its bytes (invalid UTF-8 shown as ``\\xff`` escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True, slots=True)
 class Skipped:
     """An image an adapter left out, and why."""

@@ -37,7 +37,9 @@ from .common import (
     image_header,
     require_path,
     rows_to_table,
+    shown_path,
     size_problem,
+    utf8_name,
 )
 from .raster import draw_polygon_cv2
 from .rle import IGNORE_VALUE, encode_mask
@@ -127,6 +129,10 @@ def load_reasonseg(
     rows: list[QueryRow] = []
     skipped: list[Skipped] = []
     for jpg in sorted(split_dir.glob("*.jpg")):
+        if not utf8_name(jpg):
+            # a manifest (Parquet) holds text: this image cannot be named in it, the others can
+            skipped.append(Skipped(shown_path(jpg), "its file name is not valid UTF-8: rename the image and its json"))
+            continue
         json_path = jpg.with_suffix(".json")
         if not json_path.is_file():
             skipped.append(Skipped(str(jpg), "no annotation json beside the image"))
