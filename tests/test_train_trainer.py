@@ -546,3 +546,36 @@ def test_a_damaged_checkpoint_file_is_one_line(stores, tmp_path, damage):
     assert str(target) in line and "weights_only" not in line
     assert "resume from an earlier copy of the run, or train again" in line
     assert not (tmp_path / "pwned").exists()
+
+
+def test_outputs_inside_a_store_and_an_overwrite_that_would_delete_them_are_refused(stores, tmp_path):
+    """Issue 24 row 2: a run or an evaluation written into a store is refused in one line, and
+    lens-cache build --overwrite refuses a store folder that holds anything but the store."""
+    import shutil
+
+    from lens_cache.errors import StoreError
+    from lens_cache.store_location import StoreLocation, foreign_entries, store_around
+    from lens_cache.store_writer import prepare_store
+    from lens_train.cli import eval_app
+
+    store = tmp_path / "store"
+    shutil.copytree(stores["train"], store)
+    assert store_around(store / "runs" / "x") == store and store_around(tmp_path) is None
+    for out in (store, store / "sub" / "run"):
+        result = CliRunner().invoke(train_app, ["--cache", str(store), "--preset", "tiny", "--out", str(out),
+                                                "--steps", "1", "--workers", "0", "--device", "cpu", "--quiet"])
+        assert result.exit_code == 2 and f"is inside the feature store {store}" in result.output, result.output
+    run = tmp_path / "run"
+    assert CliRunner().invoke(train_app, ["--cache", str(store), "--preset", "tiny", "--out", str(run), "--steps", "1",
+                                          "--batch-size", "1", "--grad-accum", "1", "--workers", "0", "--device",
+                                          "cpu", "--quiet"]).exit_code == 0
+    result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", str(store), "--out", str(store / "ev"),
+                                           "--figures", "0", "--device", "cpu"])
+    assert result.exit_code == 2 and "is inside the feature store" in result.output
+    assert not (store / "ev").exists()
+    # a run written there before this check existed: --overwrite would have deleted it with the store
+    (store / "config.json").write_text("{}")
+    assert foreign_entries(StoreLocation(str(store))) == ["config.json"]
+    with pytest.raises(StoreError, match=r"holds files that are not part of the store \(config.json\)"):
+        prepare_store(StoreLocation(str(store)), None, manifest=None, plan=None, text_len=None, overwrite=True)
+    assert (store / "config.json").exists() and (store / "zarr.json").exists()

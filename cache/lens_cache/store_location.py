@@ -120,3 +120,23 @@ def store_state(location: StoreLocation) -> str:
     if ATTRS_KEY in attrs:
         return "lens"
     return "partial" if PARTIAL_KEY in attrs else "foreign"
+
+
+def store_around(path: str | Path) -> Path | None:
+    """The local lens feature store that ``path`` is, or lies inside of; None if none (a run or an evaluation
+    written there would be deleted by the store's ``--overwrite`` and would confuse its readers)."""
+    here = Path(path).expanduser().absolute()
+    for folder in (here, *here.parents):
+        if (folder / "zarr.json").is_file() and store_state(StoreLocation(str(folder))) == "lens":
+            return folder
+    return None
+
+
+def foreign_entries(location: StoreLocation) -> list[str]:
+    """Entries of a local store's folder that are not part of the store (its zarr nodes and its manifest):
+    what ``--overwrite`` would delete along with it. Empty for a remote store (not checked there)."""
+    if not location.is_local or not location.local_path.is_dir():
+        return []
+    ours = {"zarr.json", "manifest.parquet"}
+    return sorted(entry.name for entry in location.local_path.iterdir()
+                  if not (entry.name in ours or (entry.is_dir() and (entry / "zarr.json").is_file())))

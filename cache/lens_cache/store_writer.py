@@ -60,7 +60,7 @@ from lens_cache.store_format import (
     store_sample_arrays,
     stored_checksums,
 )
-from lens_cache.store_location import StoreLocation, open_group, quiet_numcodecs, store_state
+from lens_cache.store_location import StoreLocation, foreign_entries, open_group, quiet_numcodecs, store_state
 from lens_cache.store_reader import FeatureStore
 from lens_cache.store_verify import check_filled, scan_store, unfilled_blocks
 from zarr.codecs import ZstdCodec
@@ -381,6 +381,12 @@ def prepare_store(
     if state == "lens":
         existing = FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
         if overwrite:
+            others = foreign_entries(location)
+            if others:
+                raise StoreError(
+                    f"{url} holds files that are not part of the store ({', '.join(others[:4])}"
+                    f"{' ...' if len(others) > 4 else ''}): --overwrite would delete them; move them or choose "
+                    "another --out")
             location.remove()
             state = "absent"
         else:

@@ -43,7 +43,7 @@ from ..training.data import Batch, QueryDataset, collate
 from ..errors import UserError
 from ..figures import OverlayItem, heatmap_on_image, write_overlays
 from ..training.run_config import RunConfig, read_run_config
-from ..training.stores import require_prefix
+from ..training.stores import refuse_output_in_a_store, require_prefix
 from ..training.trainer import autocast_for, build_model
 
 
@@ -144,6 +144,8 @@ def evaluate(
     require_layer(store.layers, config.layer, holder=f"store {cache}",
                   fix=f"run {run_dir} was trained on layer {config.layer}: evaluate it on a store that caches it")
     require_prefix(store, layer=config.layer, config=config.model)
+    out_dir = Path(out) if out is not None else default_out_dir(run_dir, cache)
+    refuse_output_in_a_store(out_dir)
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise UserError(f"--threshold is a probability in (0, 1), got {threshold}")
     if limit is not None and limit < 1:
@@ -211,7 +213,6 @@ def evaluate(
         "skipped_queries": store.num_queries - len(dataset),
         "limit": limit,
     }
-    out_dir = Path(out) if out is not None else default_out_dir(run_dir, cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, values in baselines.items():
         records[f"iou_{name}"] = [query_iou(i, u) for i, u in zip(values["inter"], values["union"])]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load
@@ -85,6 +86,20 @@ def open_stores(urls: Sequence[str], *, layer: int, hidden_size: int, prompt_dim
             f"{preset_name!r} has prompt_dim {prompt_dim}: give a preset with model.prompt_dim {reference.sam_channels}"
         )
     return stores
+
+
+def refuse_output_in_a_store(out: str | Path) -> None:
+    """Refuse, in one line, a run or evaluation folder that is a feature store or lies inside one.
+
+    Raises:
+        UserError: ``out`` is (inside) a store: its ``lens-cache build --overwrite`` would delete the output.
+    """
+    from lens_cache.store_location import store_around
+
+    store = store_around(out)
+    if store is not None:
+        raise UserError(f"--out {out} is inside the feature store {store}: write runs and evaluations outside it "
+                        "(choose another --out)")
 
 
 def require_prefix(store, *, layer: int, config: LensConfig) -> None:

@@ -48,7 +48,8 @@ from ..errors import NonFiniteLossError, UserError
 from ..figures import write_curve
 from .presets import Preset, load_preset
 from .run_config import RunConfig, StoreRecord, read_run_config, write_run_config
-from .stores import default_preset, open_stores, read_warm_start, require_prefix, resolve_sam_spec
+from .stores import (default_preset, open_stores, read_warm_start, refuse_output_in_a_store, require_prefix,
+                     resolve_sam_spec)
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "curve.png"
@@ -367,6 +368,7 @@ def train(request: TrainRequest, *, log: Callable[[str], None] | None = None) ->
         NonFiniteLossError: the loss or gradient became NaN/inf; the last good checkpoint stays.
     """
     say = log or ((lambda line: None) if request.quiet else (lambda line: print(line, flush=True)))
+    refuse_output_in_a_store(request.out)  # before the lock: nothing is created there
     with exclusive(request.out, command="lens-train", log=say), cpu_threads(None, resolve_device(request.device)):
         return _train(request, log=log)
 
