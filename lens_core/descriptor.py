@@ -48,6 +48,22 @@ def sample_neighbourhoods(
     return sampled.view(batch, num_points, offsets.shape[0], -1)
 
 
+def description_set(
+    start_token: torch.Tensor, local: torch.Tensor | None, keypoint_mask: torch.Tensor, *, include_global: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set the self-attention runs over: (B, T, d) = [f_s^2 (if ``include_global``); the (B, K, d) keypoint
+    descriptions ``local`` (if given)] and its (B, T) key padding mask (:func:`attention_padding`)."""
+    batch = start_token.shape[0]
+    tokens, present = [], []
+    if include_global:
+        tokens.append(start_token.unsqueeze(1))
+        present.append(torch.ones(batch, 1, dtype=torch.bool, device=start_token.device))
+    if local is not None:
+        tokens.append(local)
+        present.append(keypoint_mask)
+    return torch.cat(tokens, dim=1), attention_padding(torch.cat(present, dim=1))
+
+
 def attention_padding(present: torch.Tensor) -> torch.Tensor:
     """Key padding mask (True = ignore) from a (B, T) presence mask; a row with nothing present
     attends to everything instead (softmax over no key is NaN)."""
@@ -97,20 +113,15 @@ class KeypointDescriptor(nn.Module):
             the global description (if any) comes first.
         """
         batch = start_token.shape[0]
-        tokens, present = [], []
-        if include_global:
-            tokens.append(start_token.unsqueeze(1))
-            present.append(torch.ones(batch, 1, dtype=torch.bool, device=start_token.device))
+        local = None
         if include_keypoints:
             num_points = points.shape[1]
             context = self.sample_neighbourhoods(image_features, points.to(image_features.dtype))
             context = self.context_norm(context.flatten(0, 1))  # (B*K, p*p, d)
             query = self.query_norm(start_token).unsqueeze(1).expand(-1, num_points, -1).reshape(-1, 1, start_token.shape[-1])
-            local, _ = self.cross_attn(query, context, context, need_weights=False)  # (B*K, 1, d)
-            tokens.append(start_token.unsqueeze(1) + local.view(batch, num_points, -1))
-            present.append(keypoint_mask)
-        x = torch.cat(tokens, dim=1)
-        padding = attention_padding(torch.cat(present, dim=1))
+            attended, _ = self.cross_attn(query, context, context, need_weights=False)  # (B*K, 1, d)
+            local = start_token.unsqueeze(1) + attended.view(batch, num_points, -1)
+        x, padding = description_set(start_token, local, keypoint_mask, include_global=include_global)
         normed = self.self_norm(x)
         attended, _ = self.self_attn(normed, normed, normed, key_padding_mask=padding, need_weights=False)
         x = x + attended
@@ -151,22 +162,16 @@ class OfficialKeypointDescriptor(nn.Module):
     ) -> torch.Tensor:
         """As :meth:`KeypointDescriptor.forward`: (B, T, out_dim), the global description first."""
         batch, dim = start_token.shape
-        tokens, present = [], []
-        if include_global:
-            tokens.append(start_token.unsqueeze(1))
-            present.append(torch.ones(batch, 1, dtype=torch.bool, device=start_token.device))
+        local = None
         if include_keypoints:
             num_points = points.shape[1]
             context = self.sample_neighbourhoods(image_features, points.to(image_features.dtype)).flatten(0, 1)
             query = start_token.unsqueeze(1).expand(-1, num_points, -1).reshape(-1, 1, dim)  # (B*K, 1, d)
             attended, _ = self.cross_attn(query, context, context, need_weights=False)
             local = self.cross_norm(query + attended)
-            local = self.ffn_norm(local + self.ffn(local))
-            tokens.append(local.view(batch, num_points, dim))
-            present.append(keypoint_mask)
-        x = torch.cat(tokens, dim=1)
-        x = self.encoder(x, src_key_padding_mask=attention_padding(torch.cat(present, dim=1)))
-        return self.mlp(x)
+            local = self.ffn_norm(local + self.ffn(local)).view(batch, num_points, dim)
+        x, padding = description_set(start_token, local, keypoint_mask, include_global=include_global)
+        return self.mlp(self.encoder(x, src_key_padding_mask=padding))
 
 
 def build_descriptor(config: LensConfig) -> nn.Module:
