@@ -32,8 +32,8 @@ SPEC = "testset:val"
 
 
 def assert_stores_identical(a: FeatureStore, b: FeatureStore) -> None:
-    """Same self-description, same manifest, every array equal bit for bit."""
-    assert a.attrs == b.attrs
+    """Same self-description (but for the creation's own build_id), same manifest, every array equal bit for bit."""
+    assert {**a.attrs, "build_id": None} == {**b.attrs, "build_id": None}
     assert a.manifest.equals(b.manifest)
     assert a.array_names() == b.array_names()
     for name in a.array_names():
@@ -335,3 +335,103 @@ def test_a_second_build_of_a_store_is_refused_and_a_dead_builds_lock_taken_over(
     assert f"took over the lock of lens-cache build (pid {process.pid} on" in capsys.readouterr().err
     assert not lock.exists()
     assert_stores_identical(finished, reference)
+
+
+def test_a_resume_under_other_library_versions_is_refused_unless_allowed(manifest, tmp_path, monkeypatch):
+    """Issue 24 row 11: the versions that shape the features are recorded; a resume (or a repair) under other
+    versions would mix two kinds of features, so it is refused in one line, or, when allowed, recorded."""
+    import lens_cache.store_writer as store_writer
+    from lens_cache.version import library_versions
+
+    out = tmp_path / "store"
+    store = build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False)
+    assert store.attrs["libraries"] == library_versions() and "libraries_mixed" not in store.attrs
+    # a build killed after its first block: the others not done
+    group = open_group(store.location, mode="r+")
+    group["blocks/done"][1:] = 0
+    attrs = dict(group.attrs[ATTRS_KEY])
+    group.attrs.put({ATTRS_KEY: {**attrs, "complete": False}})
+    upgraded = {**library_versions(), "transformers": "99.0"}
+    monkeypatch.setattr(store_writer, "library_versions", lambda: upgraded)
+    before = tree_bytes(out)
+    with pytest.raises(StoreError, match=r"was built with other library versions \(transformers .* -> 99\.0\).*"
+                                         r"--allow-library-change"):
+        build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False)
+    assert tree_bytes(out) == before  # nothing written
+    resumed = build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False, allow_library_change=True)
+    assert resumed.complete and resumed.attrs["libraries"] == library_versions()  # what it was created with
+    assert resumed.attrs["libraries_mixed"] == [upgraded]
+    assert verify_store(resumed.url).ok
+
+
+def test_readers_and_rebuilds_exclude_each_other(manifest, tmp_path):
+    """Issue 24 row 3: while a training or an evaluation reads a store (a shared lock beside it), a build that
+    would change it (--overwrite, a resume, a repair) is refused in one line; while a build changes it, a reader
+    is refused; afterwards both go on, and the build leaves no lock file."""
+    from lens_cache.locks import no_readers, reading
+
+    out = tmp_path / "store"
+    build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False)
+    with reading(out), reading(out):  # readers share
+        with pytest.raises(LockHeldError, match=r"is being read by another process .*wait for that process to finish"):
+            build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False, overwrite=True)
+        assert FeatureStore.open(out).complete  # untouched
+    with no_readers(out):
+        with pytest.raises(LockHeldError, match=r"is being rebuilt or repaired by another process"):
+            with reading(out):
+                pass
+    build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False, overwrite=True)
+    assert not (tmp_path / "store.readers").exists() and not (tmp_path / "store.lock").exists()
+
+
+def test_training_holds_its_stores_read_lock(manifest, tmp_path, monkeypatch):
+    """lens-train takes the readers' lock of every --cache for the whole run."""
+    from lens_train.training import trainer
+
+    out = tmp_path / "store"
+    build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False)
+    seen = []
+
+    def fake_train(request, log=None):
+        with pytest.raises(LockHeldError):
+            build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False, overwrite=True)
+        seen.append(True)
+
+    monkeypatch.setattr(trainer, "_train", fake_train)
+    trainer.train(trainer.TrainRequest(caches=(str(out),), out=tmp_path / "run", quiet=True))
+    assert seen == [True]
+
+
+def test_a_reader_of_a_rebuilt_store_is_told_so_not_to_repair(manifest, tmp_path):
+    """A reader that did not lock (an older process) and finds other bytes: the store was rebuilt under it, which
+    it says, instead of calling the store damaged and advising a repair."""
+    from lens_cache.errors import StoreReplacedError
+
+    out = tmp_path / "store"
+    build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False)
+    old = FeatureStore.open(out)
+    old.read_sample("images/mllm_l14", 0)  # its block's checksums are now known to this reader
+    build_cache(manifest, out, fake_factory(hidden_size=8), spec=SPEC, block_size=4, progress=False, overwrite=True)
+    with pytest.raises(StoreReplacedError, match=r"was rebuilt while this process read it.*start this command again"):
+        old.read_sample("images/mllm_l14", 1)
+    shutil.rmtree(out)
+    with pytest.raises(StoreReplacedError, match="was removed while this process read it"):
+        old.read_sample("images/mllm_l14", 5)
+
+
+def test_links_inside_a_store_are_read_through_never_deleted_through(manifest, tmp_path):
+    """The symlink policy (issue 24): a store assembled from links reads (and verifies) as the files they name;
+    --overwrite removes a link, never what it points to; a store whose root is a link is replaced beside it."""
+    out = tmp_path / "store"
+    build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / "images" / "sam", elsewhere)
+    (out / "images" / "sam").symlink_to(elsewhere, target_is_directory=True)
+    assert verify_store(out).ok  # read through the link, every checksum checked
+    kept = tree_bytes(elsewhere)
+    build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False, overwrite=True)
+    assert tree_bytes(elsewhere) == kept and not (out / "images" / "sam").is_symlink()
+    linked_root = tmp_path / "root-link"
+    linked_root.symlink_to(out, target_is_directory=True)
+    build_cache(manifest, linked_root, fake_factory(), spec=SPEC, block_size=4, progress=False, overwrite=True)
+    assert tree_bytes(out)  # the linked store was not deleted through its link

@@ -183,7 +183,7 @@ def _image(path):
 
 def test_the_store_caches_every_variant_of_every_query(authors_store, authors_backbone, manifest):
     store = FeatureStore.open(authors_store.url)
-    assert store.attrs["format_version"] == 5
+    assert store.attrs["format_version"] == 6
     assert store.question_set == "authors" and store.max_text_variants == 5
     assert store.identity["question_set"] == AUTHORS.record()
     sentences = manifest.column("is_sentence").to_pylist()

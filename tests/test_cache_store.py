@@ -53,9 +53,9 @@ def test_self_description_is_pinned(store, manifest):
         "format_version", "identity", "identity_hash", "manifest_hash", "spec", "layers", "hidden_size",
         "num_image_tokens", "sam_channels", "num_images", "num_queries", "num_blocks", "max_text_len", "storage_dtype",
         "compression", "block_size", "failure_reasons", "checksums", "prefix", "text_variants", "num_failed_images",
-        "created_by", "complete",
+        "created_by", "libraries", "build_id", "complete",
     }  # fmt: skip
-    assert attrs["format_version"] == 5
+    assert attrs["format_version"] == 6
     assert attrs["prefix"] is None  # the fake backbone gives no prefix states (tests/test_cache_fidelity_prefix.py)
     # nor a question set: one question per query (tests/test_cache_fidelity_templates.py)
     assert attrs["text_variants"] is None
@@ -168,7 +168,7 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
     disk, what verify expects, what the block writer opens and the docstring's table all come from it."""
     import lens_cache.store
 
-    assert FORMAT_VERSION == 5, "a new format version: pin its layout here"
+    assert FORMAT_VERSION == 6, "a new format version: pin its layout here"  # 6: attrs only (libraries)
     two_layers = build_cache(
         manifest, tmp_path / "store", fake_factory(layers=(3, 7), hidden_size=8, sam_channels=64, prefix_tokens=4),
         spec="testset:val", block_size=2, batch_size=2, progress=False,
@@ -419,7 +419,7 @@ def test_damaged_chunk_is_found_by_verify_and_refused_by_the_reader(store, tmp_p
         "it (it recomputes only the damaged blocks)"
     )
     quick = verify_store(copy, quick=True)  # --quick: structure only (the chunk's folder is still listed)
-    assert quick.ok and quick.notes[0].startswith("--quick: values not read")
+    assert quick.ok and quick.quick and list(quick.lines())[-1].startswith("OK (structure only: no value was read")
 
     damaged = FeatureStore.open(copy)
     with pytest.raises(DamagedStoreError) as error:

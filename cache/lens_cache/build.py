@@ -54,17 +54,19 @@ from lens_cache.block_job import (
 )
 from lens_cache.errors import UsageError
 from lens_cache.identity import identity_hash
-from lens_cache.locks import exclusive
+from lens_cache.locks import exclusive, no_readers
 from lens_cache.progress import Progress, say
 from lens_cache.store_format import ImagePlan, StoreDescription, manifest_hash
 from lens_cache.store_location import StoreLocation, store_state
 from lens_cache.store_reader import FeatureStore
 from lens_cache.store_writer import (
     StoreWriter,
+    check_libraries,
     feature_codecs,
     finalize_store,
     plan_images,
     prepare_store,
+    record_library_mix,
     repair_damage,
 )
 
@@ -183,6 +185,7 @@ def build_cache(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: dict | None = None,
+    allow_library_change: bool = False,
 ) -> FeatureStore:
     """Cache the backbone features of every row of ``manifest`` into the store at ``out_url``.
 
@@ -201,6 +204,8 @@ def build_cache(
         scheduler: address of a running dask scheduler (``tcp://host:8786``); wins over ``workers``.
         overwrite: delete an existing lens store at ``out_url`` first.
         progress: print a progress line to stderr.
+        allow_library_change: resume or repair a store built under other library versions (torch,
+            transformers, ...), recording the mix (``store_writer.check_libraries``); else refused.
 
     Returns:
         The finished store, opened for reading.
@@ -217,7 +222,9 @@ def build_cache(
         raise UsageError(f"workers must be >= 0, got {workers}")
     location = StoreLocation(str(out_url), dict(storage_options or {}))
     # The parent holds the lock for the whole build (dask workers write their blocks under it).
-    with exclusive(location.url, command="lens-cache build", log=lambda line: say(progress, line)):
+    # ... and, while it changes an existing store, no training or evaluation reads it (lens_cache.locks)
+    with exclusive(location.url, command="lens-cache build", log=lambda line: say(progress, line)), \
+            no_readers(location.url):
         return _build_cache(
             manifest,
             location,
@@ -230,6 +237,7 @@ def build_cache(
             scheduler=scheduler,
             overwrite=overwrite,
             progress=progress,
+            allow_library_change=allow_library_change,
         )
 
 
@@ -246,6 +254,7 @@ def _build_cache(
     scheduler: str | None,
     overwrite: bool,
     progress: bool,
+    allow_library_change: bool = False,
 ) -> FeatureStore:
     existed = not overwrite and store_state(location) == "lens"
     if (block_size is None or compression is None) and existed:
@@ -287,6 +296,8 @@ def _build_cache(
             location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite,
             prefix=info.prefix, variants=info.variants,
         )
+        # a resume or repair writes blocks: under the versions the store was built with, or recorded
+        library_mix = check_libraries(store, allow=allow_library_change) if existed else None
         if existed:  # resume or rerun: first find what of the store is damaged, to redo it
             store = repair_damage(
                 store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress, prefix=info.prefix,
@@ -304,6 +315,8 @@ def _build_cache(
             )
             return store
 
+        if library_mix is not None:
+            record_library_mix(location, library_mix)
         # Before any block: a resumed build rewrites the same bytes.
         runner.write_warm_start(location.url, location.storage_options, info.identity["warm_start"])
         pending = store.missing_blocks()

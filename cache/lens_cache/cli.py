@@ -173,6 +173,10 @@ def build(
         typer.Option(help="CPU threads of the backbones when they run on the CPU (default: half the cores, at least 1)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out first.")] = False,
+    allow_library_change: Annotated[bool, typer.Option(
+        "--allow-library-change",
+        help="Resume or repair a store built under other versions of torch/transformers/segment-anything/pillow/numpy "
+             "(its features then mix two versions; the store records it). Refused without this.")] = False,
     limit: Annotated[int | None, typer.Option(help="Cache only the first N images (smoke tests).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of manifest building (class sampling, synthetic data).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress line.")] = False,
@@ -220,6 +224,7 @@ def build(
                 scheduler=scheduler,
                 overwrite=overwrite,
                 progress=not quiet,
+                allow_library_change=allow_library_change,
             )
         typer.echo(
             f"{store.url}: {store.num_images} images, {store.num_queries} queries, layers {list(store.layers)} "
@@ -305,6 +310,11 @@ def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> No
             *[f"  {kind:<8} {v}: {name}" for kind, names in opened.text_variant_templates.items()
               for v, name in enumerate(names)],
             f"storage      {attrs['storage_dtype']}, compression {attrs['compression']}",
+            "libraries    " + (", ".join(f"{k} {v}" for k, v in attrs["libraries"].items())
+                               if attrs.get("libraries") else "not recorded (format 5 or older)")
+            + (f"; resumed under {len(attrs['libraries_mixed'])} other set(s): "
+               + " | ".join(", ".join(f"{k} {v}" for k, v in m.items()) for m in attrs["libraries_mixed"])
+               if attrs.get("libraries_mixed") else ""),
             f"manifest     {attrs['manifest_hash'][:16]}",
             f"failed       {len(failed_images)} image(s) and {len(failed_queries)} other query(ies) skipped; "
             f"{len(left_out)} item(s) left out of the manifest",

@@ -65,6 +65,10 @@ class DamagedStoreError(StoreError):
         self.block = block
 
 
+class StoreReplacedError(StoreError):
+    """The store a reader opened was rebuilt or removed under it (not damage: a repair would not help)."""
+
+
 class MissingLayerError(StoreError, ValueError):
     """The features of the layer a reader needs are not there: a store that does not cache it, or a
     live backbone that does not compute it (:func:`lens_cache.store_reader.require_layer`; still a

@@ -7,11 +7,20 @@ to ``<out>.tmp`` and renamed, so a crash never leaves a file that looks finished
 failed write, e.g. a full disk, removes ``<out>.tmp``); the
 writer lock of ``<out>`` (:mod:`lens_cache.locks`) is held meanwhile, so two exports
 never write one file. Every sample is checked against its checksum as it is copied.
+
+The HDF5 file is written by a child process (forked; it only reads the store): the HDF5 library does
+not recover from a write that fails, e.g. on a full disk (its objects then fail to close and the
+process crashed at exit, leaving ``<out>.tmp`` and the lock). The child hands its error back and
+ends without that teardown; this process removes ``<out>.tmp``, releases the lock and raises the
+error (a full disk is then one line, ``lens_cache.errors``).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import traceback
 from pathlib import Path
 
 import h5py
@@ -94,7 +103,55 @@ def _write_hdf5(store: FeatureStore, out_path: Path, filters: dict) -> None:
     store.manifest  # noqa: B018 - the manifest file is the one the store recorded (else DamagedStoreError)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_on_success(out_path) as tmp:
-        _copy_store(store, tmp, filters)
+        _in_child(_copy_store, store, tmp, filters)
+
+
+class ExportChildError(RuntimeError):
+    """The export's child process failed in a way it could not report (the message has its traceback)."""
+
+
+def _in_child(function, *args) -> None:
+    """``function(*args)`` in a forked child; its exception re-raised here (see the module docstring)."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(send, function, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:  # died without a word (killed, crashed)
+        outcome = ("crashed", None, "")
+    finally:
+        receive.close()
+        child.join()
+    status, error, trace = outcome
+    if status == "ok":
+        return
+    if error is not None:
+        raise error
+    raise ExportChildError(f"the export's writer process ended with exit code {child.exitcode}{trace}")
+
+
+def _child_main(send, function, args) -> None:  # pragma: no cover - runs in the child (coverage not collected)
+    code = 0
+    try:
+        function(*args)
+        outcome = ("ok", None, "")
+    except BaseException as error:  # noqa: BLE001 - everything goes back to the parent
+        code = 1
+        trace = "".join(traceback.format_exception(error))
+        try:
+            import pickle
+
+            pickle.dumps(error)
+            outcome = ("error", error, trace)
+        except Exception:
+            outcome = ("error", None, f":\n{trace}")
+    try:
+        send.send(outcome)
+        send.close()
+    finally:
+        os._exit(code)  # no interpreter teardown: a failed HDF5 file must not be closed again
 
 
 def _copy_store(store: FeatureStore, tmp: Path, filters: dict) -> None:

@@ -16,6 +16,13 @@ now names another inode) and starts over, so two writers never both hold a lock.
 With ``--workers`` (dask) the parent holds the store's lock and the workers write their
 own blocks without locking (the parent assigns every block once).
 
+Readers of a finished store (``lens-train``, ``lens-eval``) hold ``flock(LOCK_SH)`` on a second
+file beside it, ``<store>.readers`` (:func:`reading`), for as long as they read; a build that
+would change an existing store (a resume, a repair, ``--overwrite``) takes ``LOCK_EX`` on it
+(:func:`no_readers`) and is refused in one line while anyone reads, instead of changing the
+features under a training. The readers' file stays beside the store after a read (a build removes
+it); it holds nothing.
+
 Limits: the lock is advisory (only our tools take it) and local paths only. A store
 at a non-local fsspec URL (``s3://``, ``gs://``, ``memory://``, ...) is not locked:
 object stores have no ``flock``, so do not start two builds on one such URL. On a
@@ -39,6 +46,8 @@ from typing import Any
 from lens_cache.errors import LockHeldError
 
 LOCK_SUFFIX = ".lock"
+#: The readers' lock beside a store (see the module docstring).
+READERS_SUFFIX = ".readers"
 
 try:
     import fcntl
@@ -46,13 +55,14 @@ except ImportError:  # pragma: no cover - not a POSIX system
     fcntl = None  # type: ignore[assignment]
 
 
-def lock_path(target: str | Path) -> Path | None:
-    """``<target>.lock`` beside a local path or ``file://`` URL; None for other URLs (not locked)."""
+def lock_path(target: str | Path, suffix: str = LOCK_SUFFIX) -> Path | None:
+    """``<target>.lock`` (or another ``suffix``) beside a local path or ``file://`` URL; None for other URLs
+    (not locked)."""
     text = str(target)
     if "://" in text and not text.startswith("file://"):
         return None
     path = Path(text.removeprefix("file://")).expanduser().absolute()
-    return path.with_name(path.name.rstrip("/") + LOCK_SUFFIX)
+    return path.with_name(path.name.rstrip("/") + suffix)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,8 +150,14 @@ class WriterLock:
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "target": self.target,
             }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            except OSError:  # a full disk: leave no lock file behind (the caller reports the error)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                os.close(fd)
+                raise
             self._fd = fd
             return
         raise LockHeldError(f"could not lock {self.target}: {self.path} keeps being replaced")  # pragma: no cover
@@ -185,3 +201,74 @@ def exclusive(target: str | Path, *, command: str, log: Any = None) -> Iterator[
         if note and log is not None:
             log(note)
         yield lock
+
+
+def _flock_fresh(path: Path, operation: int) -> int | None:
+    """An fd of ``path`` (created if missing) holding ``flock(operation | LOCK_NB)``, retried while the file is
+    replaced under us; None when the file system cannot lock. Raises BlockingIOError when someone else holds it."""
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                return None  # a store we may only read: nothing can change it through us either
+            raise
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise BlockingIOError(error.errno, "held") from None
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise LockHeldError(f"could not lock {path}: it keeps being replaced")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def reading(store: str | Path) -> Iterator[None]:
+    """Hold a shared lock on ``store`` (a finished feature store) while reading it; refused in one line while
+    a build changes it (the module docstring). No-op for stores that are not local."""
+    path = lock_path(store, READERS_SUFFIX)
+    if path is None or fcntl is None or not path.parent.is_dir():
+        yield
+        return
+    try:
+        fd = _flock_fresh(path, fcntl.LOCK_SH)
+    except BlockingIOError:
+        raise LockHeldError(f"store {store} is being rebuilt or repaired by another process: wait for that "
+                            f"`lens-cache build` to finish (lock file {path})") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def no_readers(store: str | Path) -> Iterator[None]:
+    """Hold the readers' lock of ``store`` exclusively while a build changes it; refused in one line while a
+    training or an evaluation reads it. The file is removed at the end."""
+    path = lock_path(store, READERS_SUFFIX)
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _flock_fresh(path, fcntl.LOCK_EX)
+    except BlockingIOError:
+        raise LockHeldError(f"store {store} is being read by another process (a lens-train or lens-eval): changing "
+                            "it now would change the features under it; wait for that process to finish, or build "
+                            f"into another --out (lock file {path})") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # before unlocking: a reader that opened it sees a new inode and retries
+            os.close(fd)

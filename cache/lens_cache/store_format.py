@@ -31,8 +31,10 @@ from lens_cache.identity import normalise_json
 #: 5: the text states of every question template of a query (``queries/variants_l{L}``,
 #: ``queries/variant_text_len``, ``attrs["text_variants"]``); a store of one template per query has the
 #: arrays of version 4.
-FORMAT_VERSION = 5
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
+#: 6: the versions of the libraries that shape the features (``attrs["libraries"]``; a resume under others
+#: is refused unless allowed, and then recorded in ``attrs["libraries_mixed"]``); the arrays of version 5.
+FORMAT_VERSION = 6
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4, 5, 6)
 ATTRS_KEY = "lens_cache"
 #: Written first at creation and replaced (atomically, in one metadata write) by
 #: ``ATTRS_KEY`` once every array exists: a store killed while being created is

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from lens_cache.errors import DamagedStoreError, MissingLayerError, StoreError
+from lens_cache.errors import DamagedStoreError, MissingLayerError, StoreError, StoreReplacedError
 from lens_cache.identity import feature_differences, format_differences
 from lens_cache.store_format import (
     ARRAY_GROUPS,
@@ -528,12 +528,32 @@ class FeatureStore:
 
     # -- integrity ----------------------------------------------------------------
 
-    def _damaged(self, what: str, block: int, problem: str) -> DamagedStoreError:
+    def _damaged(self, what: str, block: int, problem: str) -> StoreError:
+        """The error of a sample that does not read back as written: the store was replaced under this
+        reader (another build overwrote or removed it: :class:`StoreReplacedError`), else damage."""
+        replaced = self.replaced()
+        if replaced:
+            return StoreReplacedError(
+                f"store {self.url} was {replaced} while this process read it: the features read so far came from "
+                "the store as it was; start this command again")
         return DamagedStoreError(
             f"store {self.url}: {what} is damaged ({problem}): {self.repair_hint}",
             detail=f"{what}: {problem}",
             block=block,
         )
+
+    def replaced(self) -> str | None:
+        """How the store on disk is no longer the one opened (``rebuilt``, ``removed``), or None."""
+        try:
+            now = open_group(self.location, mode="r").attrs.get(ATTRS_KEY)
+        except Exception:  # noqa: BLE001 - no group there any more (removed, or being created)
+            return "removed"
+        if not isinstance(now, dict):
+            return "removed or is being rebuilt"
+        keys = ("build_id", "identity_hash", "manifest_hash", "layers")
+        if any(now.get(key) != self._attrs.get(key) for key in keys):
+            return "rebuilt"
+        return None
 
     def chunk_exists(self, name: str, row: int) -> bool:
         """Whether the chunk holding row ``row`` (first axis) of ``name`` is in storage."""

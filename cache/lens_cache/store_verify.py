@@ -52,6 +52,8 @@ class VerifyReport:
     num_blocks: int = 0
     damaged_blocks: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: only the structure was checked (``--quick``): its OK says so
+    quick: bool = False
 
     @property
     def ok(self) -> bool:
@@ -64,7 +66,11 @@ class VerifyReport:
             yield f"note: {note}"
         for problem in self.problems:
             yield f"PROBLEM: {problem}"
-        yield "OK" if self.ok else f"NOT OK ({len(self.problems)} problem(s))"
+        if not self.ok:
+            yield f"NOT OK ({len(self.problems)} problem(s))"
+        else:
+            yield "OK (structure only: no value was read; run without --quick to check every sample)" if self.quick \
+                else "OK"
 
 
 def failure_lines(
@@ -253,7 +259,7 @@ def verify_store(
     except DamagedStoreError as error:
         report.problems.append(error.detail)
     if quick:
-        report.notes.append("--quick: values not read (run without --quick to check every sample)")
+        report.quick = True
         return report
     if store.checksums is None:
         report.notes.append(

@@ -15,12 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import uuid
+
 import numpy as np
 import pyarrow as pa
 from lens_cache.errors import DamagedStoreError, StoreError, UsageError
 from lens_cache.identity import describe_differences, identity_hash, normalise_json
 from lens_cache.progress import say
-from lens_cache.version import created_by
+from lens_cache.version import created_by, library_versions
 from lens_cache.store_format import (
     ATTRS_KEY,
     BITROUND_KEEPBITS,
@@ -210,6 +212,9 @@ def create_store(
         "text_variants": variants.record() if variants is not None else None,
         "num_failed_images": None,
         "created_by": created_by(),
+        "libraries": library_versions(),
+        # this creation, apart from any other of the same build: a reader tells a rebuilt store from its own
+        "build_id": uuid.uuid4().hex,
         "complete": False,
     }
 
@@ -397,6 +402,46 @@ def prepare_store(
     create_store(location, description=description, manifest=manifest, plan=plan, text_len=text_len, prefix=prefix,
                  variants=variants)
     return FeatureStore.open(url, require_complete=False, storage_options=location.storage_options)
+
+
+def check_libraries(existing: FeatureStore, *, allow: bool) -> dict[str, str | None] | None:
+    """Refuse to resume or repair ``existing`` under library versions other than those it recorded.
+
+    The versions that shape features (:func:`lens_cache.version.library_versions`) are recorded at
+    creation; blocks written under other versions would be other features in the same store. With
+    ``allow`` the build goes on, and :func:`record_library_mix` notes the versions once it writes. A
+    store from before the record (format < 6) is not checked.
+
+    Returns:
+        The current versions when they differ and ``allow`` is given (to record), else None.
+    Raises:
+        StoreError: the versions differ and ``allow`` is False (one line naming them and the choices).
+    """
+    recorded = existing.attrs.get("libraries")
+    if recorded is None:
+        return None
+    current = library_versions()
+    changed = [f"{name} {recorded.get(name)} -> {version}" for name, version in current.items()
+               if recorded.get(name) != version]
+    if not changed:
+        return None
+    if not allow:
+        raise StoreError(
+            f"store {existing.url} was built with other library versions ({', '.join(changed)}): blocks written now "
+            "would hold other features; rebuild it with --overwrite, go back to its versions, or pass "
+            "--allow-library-change to resume it and record the mix")
+    return current
+
+
+def record_library_mix(location: StoreLocation, versions: dict[str, str | None]) -> None:
+    """Add ``versions`` to ``attrs["libraries_mixed"]``: the other library versions that wrote blocks."""
+    group = open_group(location, mode="r+")
+    attrs = dict(group.attrs[ATTRS_KEY])
+    mixed = list(attrs.get("libraries_mixed") or [])
+    if versions not in mixed:
+        mixed.append(versions)
+    attrs["libraries_mixed"] = mixed
+    group.attrs.put({ATTRS_KEY: attrs})
 
 
 def refuse_if_different(existing: FeatureStore, wanted: StoreDescription) -> None:
