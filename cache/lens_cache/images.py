@@ -21,11 +21,23 @@ which path read the file:
 
 :func:`opened_image` reads the header only, so the builder checks an image's size before
 paying for its pixels; :func:`decoded_rgb` then decodes it. :func:`read_rgb` does both.
+
+Live inputs (``lens-segment``, the Python API, the web demo) come from people, so their memory is
+bounded: :func:`working_image` refuses an image above ``LENS_MAX_IMAGE_SIDE`` (16384 px per side by
+default) on its header, decodes it once (a JPEG at a reduced scale when that suffices) and keeps it at
+most :data:`WORKING_SIDE` px on its longest side. The backbones see 336 px (CLIP) and 1024 px (SAM),
+so nothing they compute needs more; the mask is brought back to the original size at the end
+(``lens_train.inference.large_images``). An image up to :data:`WORKING_SIDE` is used exactly as
+:func:`read_rgb` reads it, so a live result equals the cached one; a larger one is downscaled first
+(the cache builder never does: dataset images keep their size, and their masks are stored at it).
+PIL's own decompression-bomb limit (about 179 megapixels) is replaced by the per-side limit, so an
+image the manifests accept (up to 16384x16384) opens everywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +50,13 @@ from lens_cache.errors import UsageError
 MISSING = "missing"
 #: :attr:`ImageReadError.reason` of a file PIL cannot open or decode
 UNREADABLE = "unreadable"
+#: The EXIF tag of the orientation (1 = upright).
+ORIENTATION_TAG = 0x0112
+#: Longest side, in pixels, of the image the live path works on (see the module docstring).
+WORKING_SIDE = 4096
+
+# PIL's decompression-bomb limit is a process-wide setting; it is lifted only while a header is read.
+_OPEN_LOCK = threading.Lock()
 
 
 class ImageReadError(UsageError):
@@ -53,8 +72,11 @@ class ImageReadError(UsageError):
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """``image`` with its EXIF orientation applied (itself when it has none)."""
+    """``image`` with its EXIF orientation applied; itself (not a copy) when it has none."""
+    if image.getexif().get(ORIENTATION_TAG, 1) in (0, 1):
+        return image
     return ImageOps.exif_transpose(image)
+
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -93,14 +115,24 @@ def opened_image(source: str | Path) -> Iterator[Image.Image]:
         try:
             if local is None:
                 file = stack.enter_context(fsspec.open(str(source), "rb"))
-                image = stack.enter_context(Image.open(file))
+                image = stack.enter_context(_open_unbounded(file))
             else:  # a plain path keeps PIL's messages readable ("cannot identify image file '/x.jpg'")
-                image = stack.enter_context(Image.open(local))
+                image = stack.enter_context(_open_unbounded(local))
         except FileNotFoundError:
             raise ImageReadError(f"image not found: {source}", reason=MISSING) from None
         except Exception as error:  # PIL raises many types for a broken file (OSError, SyntaxError, ...)
             raise _unreadable(source, error) from None
         yield image
+
+
+def _open_unbounded(file) -> Image.Image:
+    """``Image.open`` without PIL's pixel-count limit: callers apply the per-side limit instead."""
+    with _OPEN_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(file)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def decoded_rgb(image: Image.Image, source: str | Path) -> Image.Image:
@@ -131,3 +163,79 @@ def read_rgb(source: str | Path | Image.Image) -> Image.Image:
         return _to_rgb(_upright(source))
     with opened_image(source) as image:
         return decoded_rgb(image, source)
+
+
+def displayed_size_of(image: Image.Image) -> tuple[int, int]:
+    """(H, W) of ``image`` as displayed (its EXIF orientation applied), from the header."""
+    w, h = image.size
+    if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # a quarter turn swaps the sides
+        w, h = h, w
+    return h, w
+
+
+def check_side(size: tuple[int, int], source: object) -> None:
+    """Refuse (ImageReadError, one line) an image with a side above ``LENS_MAX_IMAGE_SIDE``."""
+    from lens_manifests.common import MAX_IMAGE_SIDE_ENV, max_image_side
+
+    limit = max_image_side()
+    h, w = size
+    if max(h, w) > limit:
+        raise ImageReadError(f"image {source} is {w}x{h}, above the limit of {limit} px per side: downscale it "
+                             f"(or set {MAX_IMAGE_SIDE_ENV} to allow it)", reason=UNREADABLE)
+
+
+def _working_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(h, w) scaled so the longest side is ``max_side`` (``size`` itself when it fits)."""
+    h, w = size
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return h, w
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _shrunk(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` (upright) resized to (h, w) when that is smaller, as RGB; modes a resize keeps are
+    resized before the conversion, so no full-size RGB copy is made."""
+    if (image.height, image.width) == size:
+        return _to_rgb(image)
+    if image.mode not in ("RGB", "L", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
+        image = _to_rgb(image)  # palette, 1-bit, CMYK: no meaningful resize before the conversion
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        image = _to_rgb(image)  # 8 bits first (resizing I;16 is not supported for every filter)
+    small = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return _to_rgb(small)
+
+
+def working_image(source: str | Path | Image.Image, *, max_side: int = WORKING_SIDE) -> tuple[Image.Image, tuple[int, int]]:
+    """The RGB image the live path works on, and the original (H, W) as displayed.
+
+    Decoded once; at most ``max_side`` px on its longest side (see the module docstring). An image that
+    already fits comes out exactly as :func:`read_rgb` reads it.
+
+    Raises:
+        ImageReadError: missing, unreadable, or above ``LENS_MAX_IMAGE_SIDE`` (checked on the header,
+            before any pixel is decoded).
+    """
+    if isinstance(source, Image.Image):
+        size = displayed_size_of(source)
+        check_side(size, "given")
+        target = _working_size(size, max_side)
+        if target == size:
+            return _to_rgb(_upright(source)), size
+        return _shrunk(_upright(source), target), size
+    with opened_image(source) as image:
+        size = displayed_size_of(image)
+        check_side(size, source)
+        target = _working_size(size, max_side)
+        if target == size:
+            return decoded_rgb(image, source), size
+        try:
+            if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale, never below the target
+                sideways = (image.width, image.height) != (size[1], size[0])
+                image.draft("RGB", (target[0], target[1]) if sideways else (target[1], target[0]))
+            image.load()
+            return _shrunk(_upright(image), target), size
+        except ImageReadError:
+            raise
+        except Exception as error:  # a truncated or corrupt body
+            raise _unreadable(source, error) from None
