@@ -42,7 +42,7 @@ TABLE_PRESETS = "paper, official, toy or tiny (the last two: synthetic data, CPU
 
 def _run(what: str, *, preset: str, data_root: str | None, mllm: str | None, sam: str | None, work: str | None,
          results: str, device: str | None, steps: int | None, tiny_images: int, seeds: str, quiet: bool,
-         mme_root: str | None = None, lisa_mllm: str | None = None) -> None:
+         mme_root: str | None = None, lisa_mllm: str | None = None, runs: str | None = None) -> None:
     """Settings from the options, then the table (user errors: one line, exit 2)."""
     with user_errors(also=(FileNotFoundError,)):
         if steps is None and preset == "tiny" and what != "demo":
@@ -56,7 +56,8 @@ def _run(what: str, *, preset: str, data_root: str | None, mllm: str | None, sam
                             results=Path(results), data_root=Path(data_root) if data_root else None,
                             mllm=mllm or None, sam=sam or None, device=device or None, steps=steps,
                             tiny_images=tiny_images, quiet=quiet, seeds=seed_list,
-                            mme_root=Path(mme_root) if mme_root else None, lisa_mllm=lisa_mllm or None)
+                            mme_root=Path(mme_root) if mme_root else None, lisa_mllm=lisa_mllm or None,
+                            runs=tuple(v.strip() for v in runs.split(",") if v.strip()) if runs else None)
         # looked up at call time (tests replace the stages)
         stage = {"table1": lambda: table_one.reproduce_table1, "table2": lambda: reproduce.reproduce_table2,
                  "table3": lambda: reproduce.reproduce_table3, "demo": lambda: reproduce.demo}[what]()
@@ -106,6 +107,9 @@ def table2(
     tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set (toy, tiny).")] = 16,
     seeds: SeedsOption = "0",
     quiet: QuietOption = False,
+    runs: Annotated[str | None, typer.Option(
+        help="Comma-separated rows to train (lens, layer30, no_keypoint_description, no_global_description, "
+             "no_attn_loss) [all; lens always].")] = None,
 ) -> None:
     """Table 2 (ReasonSeg): the caches, LENS and its four ablations, their val/test scores, results/table2.md.
 
@@ -113,7 +117,7 @@ def table2(
     --preset paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm, --sam).
     """
     _run("table2", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
+         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet, runs=runs)
 
 
 @app.command(short_help="Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run [default preset: toy].")

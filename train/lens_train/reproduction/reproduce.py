@@ -120,9 +120,15 @@ class Settings:
     steps: int | None = None  # override of the preset's steps (tiny tables: TINY_TABLE_STEPS)
     tiny_images: int = 16  # synthetic images per split and set at the synthetic presets
     seeds: tuple[int, ...] = (0,)  # Table 2: one set of five runs per seed (noise between seeds)
+    runs: tuple[str, ...] | None = None  # Table 2: the rows to train (None: all five; ``lens`` is always one)
     quiet: bool = False
     mme_root: Path | None = None  # Table 1 at real presets: the MME release on disk
     lisa_mllm: str | None = None  # Table 1 at real presets: a LISA-style MLLM folder (optional)
+
+    @property
+    def name(self) -> str:
+        """The preset's name in run folders and table files (a preset ``.json`` path: its file stem)."""
+        return Path(self.preset).stem if self.preset.endswith(".json") else self.preset
 
     @property
     def synthetic(self) -> bool:
@@ -234,7 +240,7 @@ def train_run(settings: Settings, run: RunSpec, caches: list[str], prefix: str, 
     settings.say(f"training {run.name} -> {out}")
     train(TrainRequest(caches=tuple(caches), out=out, preset=settings.preset, model_overrides=dict(run.model_overrides),
                        train_overrides=overrides, layer=settings.layers[run.layer == "late"], device=settings.device,
-                       resume=checkpoint_step(out) is not None, sam=None if settings.synthetic else settings.sam,
+                       resume=out.is_dir(), sam=None if settings.synthetic else settings.sam,
                        quiet=settings.quiet, cli={"reproduce": run.name}))
     return out
 
@@ -273,22 +279,40 @@ def _pct(value: float | None) -> str:
 def reproduce_table2(settings: Settings) -> Path:
     """Caches, the five runs of Table 2, their evaluations on ReasonSeg val/test, ``table2.md``."""
     check_inputs(settings)
+    runs = table2_runs(settings)  # a misspelt row fails before any cache is built
     started = time.perf_counter()
     caches = training_stores(settings)
     evals = {split: build_store(settings, eval_spec(settings, f"reasonseg:{split}"), settings.layers)
              for split in ("val", "test")}
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in settings.seeds:
-        for run in TABLE2_RUNS:
-            run_dir = train_run(settings, run, caches, prefix=f"table2-{settings.preset}", seed=seed)
+        for run in runs:
+            run_dir = train_run(settings, run, caches, prefix=f"table2-{settings.name}", seed=seed)
             results.setdefault(run.name, []).append({
                 split: evaluate_run(settings, run_dir, evals[split], eval_spec(settings, f"reasonseg:{split}"))
                 for split in evals
             })
-    path = settings.results / ("table2.md" if settings.preset == "paper" else f"table2-{settings.preset}.md")
+    path = settings.results / ("table2.md" if settings.preset == "paper" else f"table2-{settings.name}.md")
     write_table2(path, results, settings, seconds=time.perf_counter() - started)
     settings.say(f"wrote {path}")
     return path
+
+
+def table2_runs(settings: Settings) -> tuple[RunSpec, ...]:
+    """The rows of Table 2 to train: ``settings.runs`` (LENS always among them, the others are compared
+    with it), in the table's order.
+
+    Raises:
+        UserError: a name that is not a row of Table 2.
+    """
+    if settings.runs is None:
+        return TABLE2_RUNS
+    known = {run.name for run in TABLE2_RUNS}
+    unknown = sorted(set(settings.runs) - known)
+    if unknown:
+        raise UserError(f"--runs: no Table 2 row {', '.join(unknown)}: choose among {', '.join(sorted(known))}")
+    wanted = {"lens", *settings.runs}
+    return tuple(run for run in TABLE2_RUNS if run.name in wanted)
 
 
 def table2_cells(metrics: dict[str, dict[str, Any]]) -> dict[str, tuple[float | None, float | None]]:
@@ -316,7 +340,7 @@ def write_table2(path: Path, results: dict[str, list[dict[str, Any]]], settings:
         "| test overall gIoU | test overall cIoU |",
         "| --- | " + " | ".join(["---:"] * 8) + " |",
     ]
-    for name in TABLE2_ROWS:
+    for name in (name for name in TABLE2_ROWS if name in results):
         label = row_label(name, settings)
         per_seed = [table2_cells(metrics) for metrics in results[name]]
         paper = PAPER_TABLE2[name]
@@ -337,7 +361,7 @@ def write_table2(path: Path, results: dict[str, list[dict[str, Any]]], settings:
         lines += ["", "Test overall gIoU, ablation minus LENS (difference of means; beyond noise when larger "
                   "than twice its standard error over seeds):", ""]
         lens = [table2_cells(m)["test"][0] for m in results["lens"]]
-        for name in list(TABLE2_ROWS)[1:]:
+        for name in (name for name in list(TABLE2_ROWS)[1:] if name in results):
             label = row_label(name, settings)
             other = [table2_cells(m)["test"][0] for m in results[name]]
             diff, se = _difference(other, lens)
@@ -381,7 +405,7 @@ def reproduce_table3(settings: Settings) -> Path:
     check_inputs(settings)
     started = time.perf_counter()
     caches = training_stores(settings)
-    run_dir = train_run(settings, TABLE2_RUNS[0], caches, prefix=f"table2-{settings.preset}")
+    run_dir = train_run(settings, TABLE2_RUNS[0], caches, prefix=f"table2-{settings.name}")
     ours: dict[str, float | None] = {}
     for spec in PAPER_TABLE3:
         actual = eval_spec(settings, spec)
@@ -390,7 +414,7 @@ def reproduce_table3(settings: Settings) -> Path:
             continue
         cache = build_store(settings, actual, settings.layers[:1])
         ours[spec] = evaluate_run(settings, run_dir, cache, actual)["ciou"]
-    path = settings.results / ("table3.md" if settings.preset == "paper" else f"table3-{settings.preset}.md")
+    path = settings.results / ("table3.md" if settings.preset == "paper" else f"table3-{settings.name}.md")
     present = [v for v in ours.values() if v is not None]
     mean = sum(present) / len(present) if present else None
     header = " | ".join(spec for spec in PAPER_TABLE3)

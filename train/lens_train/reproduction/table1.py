@@ -248,7 +248,7 @@ def reproduce_table1_real(settings) -> Path:
                         f"(got {settings.mme_root})")
     started = time.perf_counter()
     say, work = settings.say, settings.work
-    lens_dir = train_run(settings, TABLE2_RUNS[0], training_stores(settings), prefix=f"table2-{settings.preset}")
+    lens_dir = train_run(settings, TABLE2_RUNS[0], training_stores(settings), prefix=f"table2-{settings.name}")
     test_store = build_store(settings, "reasonseg:test", settings.layers)
     seg = {"lens": {"reason": evaluate_run(settings, lens_dir, test_store, "reasonseg:test")}}
     mme = {
