@@ -133,3 +133,38 @@ def test_table2_over_seeds_reports_mean_sd_and_which_ablations_exceed_noise(tmp_
     assert reproduce.row_label("layer30", settings) == "layer 3 → layer 4"  # the toy preset's main and late layers
     assert lines["- layer 3 → layer 4"].endswith("beyond noise")
     assert lines["- w/o L_attn"].endswith("within noise")
+
+
+def test_table2_runs_picks_rows_and_a_preset_file_names_them(tmp_path, monkeypatch):
+    """--runs trains only the rows named (LENS always, the others are compared with it); a misspelt row is one
+    line before any cache is built; a preset .json names its runs and table by its file stem."""
+    settings = _settings(tmp_path, runs=("no_attn_loss",))
+    assert [run.name for run in reproduce.table2_runs(settings)] == ["lens", "no_attn_loss"]
+    assert reproduce.table2_runs(_settings(tmp_path)) == reproduce.TABLE2_RUNS
+    built = []
+    monkeypatch.setattr(reproduce, "training_stores", lambda s: built.append(1))
+    with pytest.raises(UserError, match=r"--runs: no Table 2 row no_such_row: choose among .*no_attn_loss"):
+        reproduce.reproduce_table2(_settings(tmp_path, runs=("no_such_row",)))
+    assert built == []
+    preset = tmp_path / "my-toy.json"
+    preset.write_text((Path(reproduce.__file__).parents[1] / "training" / "presets" / "toy.json").read_text())
+    assert reproduce.Settings(preset=str(preset), work=tmp_path, results=tmp_path).name == "my-toy"
+    seen = {}
+    monkeypatch.setattr(reproduce, "reproduce_table2", lambda s: seen.setdefault("settings", s))
+    assert cli.main(["table2", "--runs", "lens,layer30", "--preset", str(preset)]) == 0
+    assert seen["settings"].runs == ("lens", "layer30") and seen["settings"].name == "my-toy"
+
+
+def test_a_run_folder_killed_before_its_first_checkpoint_is_trained_again(tmp_path, monkeypatch):
+    """A reproduction killed before a run's first checkpoint left the folder (config, metrics header): the rerun
+    continues it (resume, which starts fresh without a checkpoint) instead of stopping at 'already holds a run'."""
+    import lens_train.training.trainer as trainer
+
+    settings = _settings(tmp_path)
+    out = settings.work / "runs" / "table2-tiny-lens"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("")
+    seen = {}
+    monkeypatch.setattr(trainer, "train", lambda request, **kw: seen.setdefault("resume", request.resume))
+    reproduce.train_run(settings, reproduce.TABLE2_RUNS[0], ["store"], prefix="table2-tiny")
+    assert seen["resume"] is True
