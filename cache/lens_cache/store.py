@@ -109,6 +109,10 @@ set's order) in ``queries/variants_l{L}`` (one chunk per query, its checksum in
 ``attrs["text_variants"]`` (``question_set``, ``count``, ``max_len``, ``names``). A store of one template per
 query (the ``single`` set) has the arrays of version 4; a store of version 4 or older reads as one variant
 (:meth:`FeatureStore.num_text_variants`, :meth:`FeatureStore.read_query` ``variant=``).
+Version 6 has the arrays of version 5 and two attributes more: ``libraries`` (the versions of
+the libraries that shape the features, :func:`lens_cache.version.library_versions`; a resume under
+others is refused unless allowed, then recorded in ``libraries_mixed``) and ``build_id`` (one per
+creation: a reader tells a store rebuilt under it from damage).
 
 Skipped samples (one bad sample never stops a build): an image that is missing,
 unreadable, of another size than the manifest says, or of a shape SAM's frame cannot
