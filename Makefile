@@ -28,10 +28,12 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
+	sh tests/setup_browser.sh
 	$(PY) -m pytest -q tests
 
 # The suite without the tests marked slow (the end-to-end runs of a minute or more): about 2 minutes.
 test-fast: setup
+	sh tests/setup_browser.sh
 	$(PY) -m pytest -q -m "not slow" tests
 
 # The whole pipeline on the synthetic world with the shipped toy backbones: cache -> train -> eval on

@@ -435,3 +435,22 @@ def test_links_inside_a_store_are_read_through_never_deleted_through(manifest, t
     linked_root.symlink_to(out, target_is_directory=True)
     build_cache(manifest, linked_root, fake_factory(), spec=SPEC, block_size=4, progress=False, overwrite=True)
     assert tree_bytes(out)  # the linked store was not deleted through its link
+
+
+def test_evaluation_holds_its_stores_read_lock(manifest, tmp_path, monkeypatch):
+    """lens-eval takes the readers' lock of its --cache for the whole evaluation."""
+    from lens_train.evaluation import evaluate as evaluation
+
+    out = tmp_path / "store"
+    build_cache(manifest, out, fake_factory(), spec=SPEC, block_size=4, progress=False)
+    seen = []
+
+    def fake_evaluate(run_dir, cache, **options):
+        with pytest.raises(LockHeldError):
+            build_cache(manifest, out, fake_factory(), spec=SPEC, progress=False, overwrite=True)
+        seen.append(cache)
+        return {}
+
+    monkeypatch.setattr(evaluation, "_evaluate", fake_evaluate)
+    evaluation.evaluate(tmp_path / "run", str(out))
+    assert seen == [str(out)]

@@ -120,3 +120,30 @@ def test_pils_pixel_limit_gives_way_to_the_side_limit(tmp_path, monkeypatch):
         assert image.size == (50, 40)
     assert working_image(path)[1] == (40, 50)
     assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_segmenting_a_large_image_gives_the_mask_at_its_size(tmp_path, monkeypatch):
+    """The toy head on an image larger than the working side (here 64 px): the backbones see the downscaled image,
+    the mask comes back at the original size (the working logits upsampled), pictures and summary agree."""
+    import lens_cache.images as images
+
+    from lens_train import Segmenter
+    from lens_train.inference.result import write_result
+
+    seg = Segmenter.from_pretrained("toy", device="cpu")
+    scene = tmp_path / "scene.png"
+    Image.fromarray(_photo(150, 240)).save(scene)
+    monkeypatch.setattr(images, "WORKING_SIDE", 64)
+    result = seg(scene, "the red circle")
+    assert result.image.size == (64, 40) and tuple(result.logits.shape) == (40, 64)
+    assert result.mask.shape == (150, 240) and result.full_size == (150, 240)
+    expected = upsampled_mask(result.logits, (150, 240), result.threshold)
+    assert (result.mask == expected).all()
+    # the same pixels handed in as the working image: the same logits, and its original size travels with it
+    small = seg(seg_image := images.working_image(scene)[0], "the red circle")
+    assert seg_image.info[images.ORIGINAL_SIZE_INFO] == (150, 240) and small.mask.shape == (150, 240)
+    torch.testing.assert_close(small.logits, result.logits)
+    paths = write_result(tmp_path / "out", result)
+    assert Image.open(paths["mask"]).size == (240, 150) and Image.open(paths["overlay"]).size == (64, 40)
+    summary = result.summary()
+    assert summary["original_size"] == [150, 240] and summary["mask_pixels"] == int(result.mask.sum())

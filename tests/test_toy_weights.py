@@ -72,3 +72,28 @@ def test_toy_specs_load_through_the_real_loaders():
     for (name, a), (_, b) in zip(sam.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
     assert json.loads((WEIGHTS_DIR / TOY_LLAVA_DIR / "config.json").read_text())["model_type"] == "llava"
+
+
+LENS_HEAD_FILES = ("lens_head/config.json", "lens_head/model.safetensors", "lens_head/README.md")
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "lens_head").is_dir(), reason="no shipped toy LENS head")
+def test_shipped_lens_head_is_recorded_and_scores_what_the_manifest_records(tmp_path):
+    """The toy LENS head (``Segmenter.from_pretrained("toy")``): hashed with the backbones (the first test checks
+    the hashes), its provenance recorded, and its quick held-out check recomputed (``tests/helpers/toy_head.py``)."""
+    from lens_train.testing import small_synthetic
+    from tests.helpers.toy_head import QUICK_IMAGES, quick_scores
+
+    manifest = read_manifest()
+    assert set(LENS_HEAD_FILES) <= set(manifest["files"])
+    head = manifest["lens_head"]
+    assert head["command"] and head["commit"] and head["seed"] == 0 and head["export"].startswith("lens-export-model")
+    held_out = head["held_out"]
+    assert held_out["giou"] > held_out["baselines"]["whole_image"]["giou"]
+    config = json.loads((WEIGHTS_DIR / "lens_head" / "config.json").read_text())
+    assert config["identity"]["weights_sha256"] == manifest["files"][f"{TOY_LLAVA_DIR}/model.safetensors"]["sha256"]
+    quick = held_out["quick"]
+    scores = quick_scores(small_synthetic(tmp_path / "synthetic", images=QUICK_IMAGES))
+    assert scores["queries"] == quick["queries"]
+    assert scores["giou"] == pytest.approx(quick["giou"], abs=1e-4)
+    assert scores["ciou"] == pytest.approx(quick["ciou"], abs=1e-4)

@@ -54,6 +54,8 @@ UNREADABLE = "unreadable"
 ORIENTATION_TAG = 0x0112
 #: Longest side, in pixels, of the image the live path works on (see the module docstring).
 WORKING_SIDE = 4096
+#: ``Image.info`` key of a downscaled working image: the (H, W) of the image it was made from.
+ORIGINAL_SIZE_INFO = "lens_original_size"
 
 # PIL's decompression-bomb limit is a process-wide setting; it is lifted only while a header is read.
 _OPEN_LOCK = threading.Lock()
@@ -157,11 +159,14 @@ def read_rgb(source: str | Path | Image.Image) -> Image.Image:
     Returns:
         RGB PIL image, upright (EXIF orientation applied), size (W, H) as displayed.
     Raises:
-        ImageReadError: missing or unreadable (see the module docstring).
+        ImageReadError: missing, unreadable (see the module docstring), or a side above
+            ``LENS_MAX_IMAGE_SIDE`` (on the header, before decoding).
     """
     if isinstance(source, Image.Image):
+        check_side(displayed_size_of(source), "given")
         return _to_rgb(_upright(source))
     with opened_image(source) as image:
+        check_side(displayed_size_of(image), source)  # on the header: PIL's pixel-count limit is lifted
         return decoded_rgb(image, source)
 
 
@@ -206,23 +211,41 @@ def _shrunk(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return _to_rgb(small)
 
 
-def working_image(source: str | Path | Image.Image, *, max_side: int = WORKING_SIDE) -> tuple[Image.Image, tuple[int, int]]:
+def original_size_of(image: Image.Image) -> tuple[int, int]:
+    """(H, W) of the image ``image`` stands for: its own size, or the original's for a downscaled working image."""
+    size = image.info.get(ORIGINAL_SIZE_INFO)
+    return (int(size[0]), int(size[1])) if size is not None else (image.height, image.width)
+
+
+def _marked(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` carrying the original's (H, W) when it is smaller than it (:func:`original_size_of`)."""
+    if size != (image.height, image.width):
+        image.info[ORIGINAL_SIZE_INFO] = size
+    return image
+
+
+def working_image(source: str | Path | Image.Image, *, max_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """The RGB image the live path works on, and the original (H, W) as displayed.
 
-    Decoded once; at most ``max_side`` px on its longest side (see the module docstring). An image that
-    already fits comes out exactly as :func:`read_rgb` reads it.
+    Decoded once; at most ``max_side`` px on its longest side (see the module docstring); a downscaled
+    one carries the original's size (:func:`original_size_of`), so handing it back in keeps it. An image
+    that already fits comes out exactly as :func:`read_rgb` reads it.
 
     Raises:
         ImageReadError: missing, unreadable, or above ``LENS_MAX_IMAGE_SIDE`` (checked on the header,
             before any pixel is decoded).
     """
+    max_side = WORKING_SIDE if max_side is None else max_side
     if isinstance(source, Image.Image):
+        if ORIGINAL_SIZE_INFO in source.info:  # a working image already
+            size = original_size_of(source)
+            return _marked(_to_rgb(source), size), size
         size = displayed_size_of(source)
         check_side(size, "given")
         target = _working_size(size, max_side)
         if target == size:
             return _to_rgb(_upright(source)), size
-        return _shrunk(_upright(source), target), size
+        return _marked(_shrunk(_upright(source), target), size), size
     with opened_image(source) as image:
         size = displayed_size_of(image)
         check_side(size, source)
@@ -234,7 +257,7 @@ def working_image(source: str | Path | Image.Image, *, max_side: int = WORKING_S
                 sideways = (image.width, image.height) != (size[1], size[0])
                 image.draft("RGB", (target[0], target[1]) if sideways else (target[1], target[0]))
             image.load()
-            return _shrunk(_upright(image), target), size
+            return _marked(_shrunk(_upright(image), target), size), size
         except ImageReadError:
             raise
         except Exception as error:  # a truncated or corrupt body

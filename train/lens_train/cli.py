@@ -26,8 +26,10 @@ from .errors import NonFiniteLossError, UserError
 
 train_app = command_app(help="Train LENS from feature caches (stage 2).")
 eval_app = command_app(help="Evaluate a LENS run on a feature cache (gIoU / cIoU).")
+export_app = command_app(help="Write a run's model folder (Hugging Face layout: config.json, model.safetensors, README.md).")
 
-__all__ = ["TRAINING_FAILED_EXIT", "USER_ERROR_EXIT", "command_app", "eval_app", "train_app", "user_errors"]
+__all__ = ["TRAINING_FAILED_EXIT", "USER_ERROR_EXIT", "command_app", "eval_app", "export_app", "train_app",
+           "user_errors"]
 
 #: exit status of a run stopped by a NaN/inf loss (a user error: ``USER_ERROR_EXIT``, 2)
 TRAINING_FAILED_EXIT = 1
@@ -156,10 +158,10 @@ def train(
 
 @eval_app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Run folder written by lens-train.")],
+    checkpoint: Annotated[Path, typer.Option(help="Run folder written by lens-train, model folder (lens-export-model) or 'toy'.")],
     cache: Annotated[str, typer.Option(help="Feature store to evaluate on (the run's backbone).")],
     threshold: Annotated[float | None, typer.Option(help="Mask = sigmoid(logit) > threshold [preset's].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder [RUN_DIR/eval-<store>].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [RUN_DIR/eval-<store>; a model folder: ./eval-<folder>/eval-<store>].")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N queries.")] = None,
     figures: Annotated[int, typer.Option(help="Rows of overlays.png (0 = none).")] = 8,
     device: Annotated[str | None, typer.Option(help="cpu or cuda [cuda when available].")] = None,
@@ -177,3 +179,21 @@ def evaluate(
 
         run_evaluation(checkpoint, cache, threshold=threshold, out=out, limit=limit, figures=figures,
                        device=device, batch_size=batch_size, num_workers=workers, sam=sam)
+
+
+@export_app.command()
+def export_model(
+    run: Annotated[Path, typer.Argument(help="Run folder written by lens-train (with a checkpoint).")],
+    out: Annotated[Path, typer.Option(help="Model folder to write (refused if it exists and is not empty).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write RUN's model folder: config.json (model, preset, threshold, backbone identity), model.safetensors
+    (the trainable tensors) and README.md (model card with the lens-eval results found in RUN).
+
+    The folder appears whole or not at all. Use it with lens-segment / lens-eval --checkpoint OUT, or
+    Segmenter.from_pretrained(OUT); huggingface_hub's push_to_hub uploads it as it is.
+    """
+    with user_errors(output=out):
+        from .training.model_folder import export_model as run_export
+
+        run_export(run, out, overwrite=overwrite, say=typer.echo)

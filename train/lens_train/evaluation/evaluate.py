@@ -38,11 +38,10 @@ from lens_core import Lens, LensOutput
 from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
 from lens_manifests.files import replaced_on_success, write_text_atomically
 
-from ..training.checkpoint import load_checkpoint
 from ..training.data import Batch, QueryDataset, collate
 from ..errors import UserError
 from ..figures import OverlayItem, heatmap_on_image, write_overlays
-from ..training.run_config import RunConfig, read_run_config
+from ..training.run_config import RunConfig
 from ..training.stores import refuse_output_in_a_store, require_prefix
 from ..training.trainer import autocast_for, build_model
 
@@ -64,16 +63,21 @@ class LoadedRun:
     precision: str
 
 
-def load_run(run_dir: Path, *, device: torch.device | str = "cpu", sam: str | None = None) -> LoadedRun:
-    """Rebuild the model of ``run_dir`` from config.json and load its trained weights (eval mode).
+def load_run(run_dir: "str | Path | Trained", *, device: torch.device | str = "cpu", sam: str | None = None) -> LoadedRun:
+    """Rebuild the model of a checkpoint from its config and load its trained weights (eval mode).
 
     Args:
+        run_dir: a run folder, a model folder, ``toy`` or a Hub id (:func:`~..training.model_folder.open_trained`,
+            the one loader of every ``--checkpoint``), or what ``open_trained`` returned.
         sam: override of the recorded SAM spec (a real SAM checkpoint that moved).
     """
-    config = read_run_config(Path(run_dir))
+    from ..training.model_folder import Trained, open_trained
+
+    trained = run_dir if isinstance(run_dir, Trained) else open_trained(run_dir)
+    config = trained.config
     model = build_model(config.model, sam or config.sam, seed=config.train.seed)
-    checkpoint = load_checkpoint(Path(run_dir), model, with_optimizer=False)
-    return LoadedRun(model=model.to(device).eval(), config=config, step=checkpoint.step,
+    step = trained.load_into(model)
+    return LoadedRun(model=model.to(device).eval(), config=config, step=step,
                      threshold=config.train.threshold, precision=config.train.precision)
 
 
@@ -123,16 +127,44 @@ def evaluate(
     sam: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the run in ``run_dir`` on the store ``cache``; write and return the metrics.
+    """Evaluate the run (or model folder, :func:`load_run`) ``run_dir`` on the store ``cache``; write and return
+    the metrics (default ``--out``: ``RUN_DIR/eval-<store>``; for a model folder ``./eval-<folder>/eval-<store>``).
+
+    The store's readers' lock is held meanwhile (``lens_cache.locks.reading``): a rebuild or repair of it
+    is refused until the evaluation ends.
 
     Raises:
         StoreError / UserError: the store is not the run's backbone, or a bad option.
     """
+    from lens_cache.locks import reading
+
+    with reading(cache):
+        return _evaluate(run_dir, cache, threshold=threshold, out=out, limit=limit, figures=figures, device=device,
+                         batch_size=batch_size, num_workers=num_workers, sam=sam, log=log)
+
+
+def _evaluate(
+    run_dir: Path,
+    cache: str,
+    *,
+    threshold: float | None = None,
+    out: Path | None = None,
+    limit: int | None = None,
+    figures: int = 8,
+    device: str | None = None,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    sam: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` without the store's lock."""
     from lens_cache.store import FeatureStore, require_layer  # zarr: loaded only when a store is read
 
+    from ..training.model_folder import open_trained
+
     say = log or (lambda line: print(line, flush=True))
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
+    checkpoint = open_trained(run_dir)  # a run folder, a model folder, toy or a Hub id
+    config = checkpoint.config
     store = FeatureStore.open(cache)
     trained = config.stores[0]
     # The rule training applies to mixed stores: the layer set a store keeps does not change its
@@ -144,7 +176,9 @@ def evaluate(
     require_layer(store.layers, config.layer, holder=f"store {cache}",
                   fix=f"run {run_dir} was trained on layer {config.layer}: evaluate it on a store that caches it")
     require_prefix(store, layer=config.layer, config=config.model)
-    out_dir = Path(out) if out is not None else default_out_dir(run_dir, cache)
+    # a model folder is an artifact (shipped, downloaded, pushed): its evaluations go to the current folder
+    out_dir = Path(out) if out is not None else default_out_dir(
+        checkpoint.path if checkpoint.kind == "run" else Path(f"eval-{checkpoint.path.name}"), cache)
     refuse_output_in_a_store(out_dir)
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise UserError(f"--threshold is a probability in (0, 1), got {threshold}")
@@ -152,7 +186,7 @@ def evaluate(
         raise UserError(f"--limit must be >= 1, got {limit}")
 
     dev = resolve_device(device)
-    run = load_run(run_dir, device=dev, sam=sam)
+    run = load_run(checkpoint, device=dev, sam=sam)
     threshold = run.threshold if threshold is None else threshold
     dataset = QueryDataset(cache, config.layer)
     count = len(dataset) if limit is None else min(limit, len(dataset))

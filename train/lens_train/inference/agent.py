@@ -327,8 +327,9 @@ class LensAgent:
             return AgentReply(kind="segmentation", text=NO_IMAGE_REPLY)
         # The instruction is asked as it is (a sentence), like a reasoning query.
         result = self.segmenter.segment(self.image, _plain_text(instruction), is_sentence=True)
-        self.memory = Memory(image=self.image, mask=result.mask, instruction=instruction, result=result)
-        figure = overlay_image(self.image, result.mask, keypoints_xy=result.keypoints_xy)
+        # the memory pairs the working image with its mask (a picture larger than 4096 px was downscaled)
+        self.memory = Memory(image=self.image, mask=result.display_mask, instruction=instruction, result=result)
+        figure = result.overlay()
         return AgentReply(kind="segmentation", text=SEGMENTATION_REPLY, mask=result.mask, figure=figure,
                           figure_path=self._save(figure, "segmentation"))
 

@@ -7,7 +7,8 @@ be 16384 x 16384: one float32 map of that size is 1 GiB, and ``torch.nn.function
 would hold its input, its output and a probability map at once. :func:`upsampled_mask` computes the
 same bilinear upsampling (``align_corners=False``, as SAM's post-processing) row stripe by row
 stripe and thresholds each stripe at once, so only the boolean mask (1 byte per pixel) and one
-stripe exist at full width. :func:`fit_mask` brings a mask back to the working image for pictures.
+stripe exist at full width. :func:`fit_mask` brings a mask back to the working image for pictures
+and :func:`mask_picture` makes ``mask.png``, neither with a full-size copy beyond one byte a pixel.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def upsampled_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float
                    *, stripe_rows: int = STRIPE_ROWS) -> np.ndarray:
     """``sigmoid(bilinear(logits, size)) > threshold`` as an (H, W) bool array, in row stripes.
 
+    Each stripe of output rows is interpolated between its two source rows (a few rows of the small
+    logits), then along the width to W; only the stripe exists at full width.
+
     Args:
         logits: (h, w) mask logits at the working size.
         size: (H, W) of the original image.
@@ -49,21 +53,29 @@ def upsampled_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float
         raise ValueError(f"logits must be (h, w), got {tuple(logits.shape)}")
     h, w = logits.shape
     height, width = size
+    small = logits.float()
     cut = math.log(threshold / (1.0 - threshold))  # sigmoid(x) > t  <=>  x > logit(t)
-    # Along the width first, for every source row: (h, W), the height untouched (scale 1 is the identity).
-    wide = F.interpolate(logits.float()[None, None], size=(h, width), mode="bilinear", align_corners=False)[0, 0]
     mask = np.empty((height, width), dtype=bool)
     for start in range(0, height, stripe_rows):
         rows = torch.arange(start, min(start + stripe_rows, height))
         lower, upper, weight = _source_rows(rows, h, height)
-        stripe = wide[lower] * (1.0 - weight)[:, None] + wide[upper] * weight[:, None]
+        tall = small[lower] * (1.0 - weight)[:, None] + small[upper] * weight[:, None]  # (rows, w)
+        # along the width only (the height scale is 1: the identity)
+        stripe = F.interpolate(tall[None, None], size=(len(rows), width), mode="bilinear", align_corners=False)[0, 0]
         mask[start:start + len(rows)] = (stripe > cut).numpy()
     return mask
 
 
 def fit_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``mask`` (H, W) bool at (h, w) (nearest neighbour; itself when the size is already that)."""
+    """``mask`` (H, W) bool at (h, w) by nearest neighbour (pixel centres), without a full-size copy; itself
+    when it already has that size."""
     if tuple(mask.shape) == tuple(size):
         return mask
-    picture = Image.fromarray(mask.astype(np.uint8) * 255, "L").resize((size[1], size[0]), Image.Resampling.NEAREST)
-    return np.asarray(picture) > 127
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * mask.shape[0] / size[0]).astype(np.int64), mask.shape[0] - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(np.int64), mask.shape[1] - 1)
+    return mask[rows[:, None], cols[None, :]]
+
+
+def mask_picture(mask: np.ndarray) -> Image.Image:
+    """``mask`` (H, W) bool as a mode-L image of 0/255 (``mask.png``), with one uint8 copy at most."""
+    return Image.fromarray(np.multiply(np.ascontiguousarray(mask).view(np.uint8), 255, dtype=np.uint8), "L")

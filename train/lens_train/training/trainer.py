@@ -12,6 +12,7 @@ clipping; bf16 autocast on CUDA or a pure-bfloat16 model, as the preset says) on
     optimizer.pt       optimizer + RNG     } written atomically (see lens_train.training.checkpoint)
     checkpoint.json    step (written last) }
     curve.png          the training curve
+    model/             at the end of a finished run: the model folder (lens_train.training.model_folder)
 
 One seed fixes everything: model init, the sample sequence (a function of the step,
 see :class:`~lens_train.training.data.MixedBatchSampler`) and the global-only dropout's
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from lens_cache.backbones.runtime import cpu_threads, resolve_device
 from lens_cache.version import lens_version
-from lens_cache.locks import exclusive
+from lens_cache.locks import exclusive, reading
 
 from lens_core import Lens, LensConfig, LensOutput, build_lens
 from lens_manifests.files import write_text_atomically
@@ -369,7 +370,10 @@ def train(request: TrainRequest, *, log: Callable[[str], None] | None = None) ->
     """
     say = log or ((lambda line: None) if request.quiet else (lambda line: print(line, flush=True)))
     refuse_output_in_a_store(request.out)  # before the lock: nothing is created there
-    with exclusive(request.out, command="lens-train", log=say), cpu_threads(None, resolve_device(request.device)):
+    with exclusive(request.out, command="lens-train", log=say), cpu_threads(None, resolve_device(request.device)), \
+            contextlib.ExitStack() as reads:
+        for cache in request.caches:  # a rebuild or repair of a store is refused while this run reads it
+            reads.enter_context(reading(cache))
         return _train(request, log=log)
 
 
@@ -477,6 +481,9 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
         metrics_file.close()
         _write_curve(run_dir, rows, warn=not failed)  # a failed run's own error is the one line to show
     seconds = time.perf_counter() - started
+    from .model_folder import MODEL_DIR, export_model  # huggingface_hub: loaded once a run has finished
+
+    export_model(run_dir, run_dir / MODEL_DIR, overwrite=True)  # RUN/model: what using the head needs
     say(f"done: {run_dir} ({train_cfg.steps} steps, {_format_seconds(seconds)}); evaluate with "
         f"lens-eval --checkpoint {run_dir} --cache VAL_STORE")
     return TrainResult(run_dir=run_dir, steps=train_cfg.steps, final_loss=final_loss, seconds=seconds,
