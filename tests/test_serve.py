@@ -155,25 +155,24 @@ def test_the_app_queues_every_model_event_in_one_line(backend):
     assert all((serve.EXAMPLES_DIR / name).is_file() for name, _ in serve.EXAMPLES)
 
 
-def test_open_segmenter_uses_from_pretrained_when_there_is_one(monkeypatch):
+def test_open_segmenter_is_from_pretrained_and_the_toy_head_runs_on_the_cpu(monkeypatch):
+    """The demo opens its model with Segmenter.from_pretrained; without --device the shipped toy head runs on the
+    CPU (its backbones are made for one), another head where torch finds a GPU."""
     import lens_train.inference.segment as segment_module
 
     seen = []
 
-    class Plain:
-        def __init__(self, checkpoint, **kwargs):
-            seen.append(("init", checkpoint, kwargs))
-
-    class Pretrained(Plain):
+    class Pretrained:
         @classmethod
         def from_pretrained(cls, checkpoint, **kwargs):
-            seen.append(("from_pretrained", checkpoint, kwargs))
+            seen.append((checkpoint, kwargs))
+            raise SystemExit(0)  # stop the CLI once the model is asked for
 
-    for cls in (Plain, Pretrained):
-        monkeypatch.setattr(segment_module, "Segmenter", cls)
-        open_segmenter("toy", mllm="m", sam="s", device="cpu")
-    assert seen == [("init", "toy", {"mllm": "m", "sam": "s", "device": "cpu"}),
-                    ("from_pretrained", "toy", {"mllm": "m", "sam": "s", "device": "cpu"})]
+    monkeypatch.setattr(segment_module, "Segmenter", Pretrained)
+    CliRunner().invoke(app, [])
+    CliRunner().invoke(app, ["--checkpoint", "runs/x"])
+    assert seen == [("toy", {"mllm": None, "sam": None, "device": "cpu"}),
+                    ("runs/x", {"mllm": None, "sam": None, "device": None})]
 
 
 def test_cli_refuses_a_bad_checkpoint_or_port_in_one_line(tmp_path):

@@ -72,12 +72,10 @@ MODEL = "lens-model"
 
 def open_segmenter(checkpoint: str | Path, mllm: str | None = None, sam: str | None = None,
                    device: str | None = None) -> Segmenter:
-    """The model the demo serves: ``Segmenter.from_pretrained`` where it exists (``toy``: the shipped head)."""
+    """The model the demo serves (``Segmenter.from_pretrained``: a run or model folder, ``toy`` the shipped head)."""
     from .segment import Segmenter
 
-    if hasattr(Segmenter, "from_pretrained"):
-        return Segmenter.from_pretrained(checkpoint, mllm=mllm, sam=sam, device=device)
-    return Segmenter(checkpoint, mllm=mllm, sam=sam, device=device)
+    return Segmenter.from_pretrained(checkpoint, mllm=mllm, sam=sam, device=device)
 
 
 def check_request_text(text: str | None, what: str = "instruction") -> str:
@@ -368,7 +366,7 @@ def serve(
     checkpoint: Annotated[str, typer.Option(help="Run folder written by lens-train, or 'toy' (the shipped toy head).")] = "toy",
     mllm: Annotated[str | None, typer.Option(help="MLLM checkpoint folder / HF name or 'tiny' (default: the run's cache's).")] = None,
     sam: Annotated[str | None, typer.Option(help="SAM as vit_h:PATH or 'tiny' (default: the run's).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu for the toy head, else cuda when available).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; there is no login).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
     max_new_tokens: Annotated[int, typer.Option(help="Longest chat answer, in tokens.")] = 64,
@@ -381,6 +379,8 @@ def serve(
         if not 0 < port < 65536:
             raise UserError(f"--port {port} is not a TCP port (1-65535)")
         started = time.perf_counter()
+        if device is None and checkpoint == "toy":
+            device = "cpu"  # the toy backbones are made for a CPU: a GPU gains nothing on them
         segmenter = open_segmenter(checkpoint, mllm=mllm, sam=sam, device=device)
         log.info("model %s loaded on %s in %.1f s", segmenter.run_dir, segmenter.device, time.perf_counter() - started)
     backend = DemoBackend(segmenter, max_new_tokens=max_new_tokens, name=checkpoint)
