@@ -47,6 +47,16 @@ FIDELITY_SWITCHES = ("head_input", "final_norm", "descriptor", "global_only_afte
                      "keypoint_strict", "detach_subpixel", "cls_position_std", "train_iou_head")
 
 
+def from_known_keys(cls: type, values: dict[str, Any], *, error: type[Exception] = ValueError) -> Any:
+    """``cls(**values)`` for a dataclass, refusing keys it does not have (``error``, one line naming them and the
+    known ones): the one rule of every typed config read from JSON (``LensConfig``, the training's ``TrainConfig``)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise error(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class LensConfig:
     """Everything that shapes a LENS model (not its training).
@@ -202,8 +212,4 @@ class LensConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LensConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LensConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return from_known_keys(cls, values)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from lens_core.config import from_known_keys
 
 from ..errors import UsageError
 
@@ -108,8 +110,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return from_known_keys(cls, values, error=UsageError)
