@@ -31,7 +31,7 @@ test: setup
 	sh tests/setup_browser.sh
 	$(PY) -m pytest -q tests
 
-# The suite without the tests marked slow (the end-to-end runs of a minute or more): about 2 minutes.
+# The suite without the tests marked slow (the end-to-end runs of a minute or more); its time: RESULTS.md, Test suite.
 test-fast: setup
 	sh tests/setup_browser.sh
 	$(PY) -m pytest -q -m "not slow" tests
