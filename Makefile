@@ -15,7 +15,7 @@ DATA_ROOT ?=
 MLLM      ?=
 SAM       ?=
 DEVICE    ?=
-REPRO_ARGS = --preset $(PRESET) --data-root "$(DATA_ROOT)" --mllm "$(MLLM)" --sam "$(SAM)" --seeds $(SEEDS) $(if $(DEVICE),--device $(DEVICE))
+REPRO_ARGS = --preset $(PRESET) --data-root "$(DATA_ROOT)" --mllm "$(MLLM)" --sam "$(SAM)" $(if $(DEVICE),--device $(DEVICE))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +61,7 @@ reproduce-table1: setup
 	$(PY) -m lens_train.reproduction table1 $(REPRO_ARGS) $(if $(MME_ROOT),--mme-root "$(MME_ROOT)") $(if $(LISA_MLLM),--lisa-mllm "$(LISA_MLLM)")
 
 reproduce-table2: setup
-	$(PY) -m lens_train.reproduction table2 $(REPRO_ARGS)
+	$(PY) -m lens_train.reproduction table2 $(REPRO_ARGS) --seeds $(SEEDS)
 
 reproduce-table3: setup
 	$(PY) -m lens_train.reproduction table3 $(REPRO_ARGS)

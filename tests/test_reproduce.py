@@ -44,7 +44,7 @@ def test_real_preset_names_every_missing_input(tmp_path):
      {"preset": "toy", "work": Path("w"), "results": Path("r"), "steps": 3, "tiny_images": 5, "quiet": True}),
     (["demo", "--preset", "tiny"], {"preset": "tiny", "work": Path("work/demo-tiny"), "steps": None, "tiny_images": 48}),
     # `make reproduce-table1 PRESET=toy`
-    (["table1", "--preset", "toy", "--data-root", "", "--mllm", "", "--sam", "", "--seeds", "0"],
+    (["table1", "--preset", "toy", "--data-root", "", "--mllm", "", "--sam", ""],
      {"preset": "toy", "work": Path("work/table1-toy"), "tiny_images": 48, "steps": None}),
 ])
 def test_command_line_defaults(monkeypatch, argv, expected):

@@ -1,7 +1,8 @@
 """``python -m lens_train.reproduction``: the command line of the reproductions.
 
 ``table1`` (:mod:`.table1`), ``table2``, ``table3`` and ``demo`` (:mod:`.reproduce`); ``make reproduce-table1/2/3``
-and ``make demo`` call it. Every command takes the same options (``make`` passes one ``REPRO_ARGS``), an empty
+and ``make demo`` call it. The tables take the same options (``make`` passes one ``REPRO_ARGS``; ``--seeds`` and
+``--runs`` are Table 2's alone), an empty
 value meaning unset; user errors are one line and exit 2.
 """
 
@@ -75,7 +76,6 @@ def table1(
     device: DeviceOption = None,
     steps: Annotated[int | None, typer.Option(help="Training steps of both runs [LENS: preset's; LISA-style: 600].")] = None,
     tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set.")] = DEMO_IMAGES,
-    seeds: Annotated[str, typer.Option(help="Not used by Table 1 (one run each, seed 0).")] = "0",
     quiet: QuietOption = False,
     mme_root: Annotated[str | None, typer.Option(help="MME_Benchmark_release_version/ (MME_ROOT); paper preset.")] = None,
     lisa_mllm: Annotated[str | None, typer.Option(
@@ -90,7 +90,7 @@ def table1(
     row needs --lisa-mllm.
     """
     _run("table1", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet, mme_root=mme_root,
+         device=device, steps=steps, tiny_images=tiny_images, seeds="0", quiet=quiet, mme_root=mme_root,
          lisa_mllm=lisa_mllm)
 
 
@@ -131,7 +131,6 @@ def table3(
     device: DeviceOption = None,
     steps: StepsOption = None,
     tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set (toy, tiny).")] = 16,
-    seeds: Annotated[str, typer.Option(help="Not used by Table 3 (its run is Table 2's seed-0 LENS run).")] = "0",
     quiet: QuietOption = False,
 ) -> None:
     """Table 3 (RefCOCO/+/g cIoU) of Table 2's LENS run, results/table3.md.
@@ -140,7 +139,7 @@ def table3(
     --preset paper (LLaVA-1.5-7B + SAM ViT-H on the real data: needs --data-root, --mllm, --sam).
     """
     _run("table3", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
+         device=device, steps=steps, tiny_images=tiny_images, seeds="0", quiet=quiet)
 
 
 @app.command("demo", short_help="The whole pipeline on the synthetic world (make demo) [default preset: toy].")
@@ -154,7 +153,6 @@ def demo_command(
     device: DeviceOption = None,
     steps: Annotated[int | None, typer.Option(help="Override the preset's training steps [preset's].")] = None,
     tiny_images: Annotated[int, typer.Option(help="Synthetic images per split and set.")] = DEMO_IMAGES,
-    seeds: Annotated[str, typer.Option(help="Not used by the demo (one run, seed 0).")] = "0",
     quiet: QuietOption = False,
 ) -> None:
     """The whole pipeline on the synthetic world (make demo): cache -> train -> eval on held-out
@@ -164,7 +162,7 @@ def demo_command(
     shipped in cache/lens_cache/toy/weights; CPU, minutes).
     """
     _run("demo", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
-         device=device, steps=steps, tiny_images=tiny_images, seeds=seeds, quiet=quiet)
+         device=device, steps=steps, tiny_images=tiny_images, seeds="0", quiet=quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
