@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import lens_train.inference.agent as agent_module
+import lens_train.inference.chat as chat_module
 from lens_train.inference.agent import (
     FOLLOWUP_PROMPT,
     NO_IMAGE_REPLY,
@@ -255,7 +256,7 @@ def test_lens_chat_repl(segmenter, tiny_real_run, tmp_path, monkeypatch):
         "hello",
     ]) + "\n"
     out = tmp_path / "chat"
-    result = CliRunner().invoke(agent_module.app, ["--checkpoint", str(tiny_real_run.run_dir), "-o", str(out)],
+    result = CliRunner().invoke(chat_module.app, ["--checkpoint", str(tiny_real_run.run_dir), "-o", str(out)],
                                 input=lines)
     assert result.exit_code == 0, result.output
     said = result.stdout.strip().splitlines()
@@ -272,7 +273,7 @@ def test_lens_chat_repl(segmenter, tiny_real_run, tmp_path, monkeypatch):
 
 
 def test_lens_chat_missing_checkpoint_is_one_line(tmp_path):
-    result = CliRunner().invoke(agent_module.app, ["--checkpoint", str(tmp_path / "no-run")], input="hello\n")
+    result = CliRunner().invoke(chat_module.app, ["--checkpoint", str(tmp_path / "no-run")], input="hello\n")
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no-run" in lines[0]
