@@ -357,7 +357,7 @@ def write_table2(path: Path, results: dict[str, list[dict[str, Any]]], settings:
         f"{_pct(baseline['whole_image']['giou'])} / {_pct(baseline['whole_image']['ciou'])}; heatmap alone "
         f"{_pct(baseline['heatmap']['giou'])} / {_pct(baseline['heatmap']['ciou'])}.",
     ]
-    if seeds > 1:
+    if seeds > 1 and len(results) > 1:  # with ablations to compare
         lines += ["", "Test overall gIoU, ablation minus LENS (difference of means; beyond noise when larger "
                   "than twice its standard error over seeds):", ""]
         lens = [table2_cells(m)["test"][0] for m in results["lens"]]
