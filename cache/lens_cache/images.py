@@ -171,11 +171,11 @@ def read_rgb(source: str | Path | Image.Image) -> Image.Image:
 
 
 def displayed_size_of(image: Image.Image) -> tuple[int, int]:
-    """(H, W) of ``image`` as displayed (its EXIF orientation applied), from the header."""
-    w, h = image.size
-    if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # a quarter turn swaps the sides
-        w, h = h, w
-    return h, w
+    """(H, W) of ``image`` as displayed (its EXIF orientation applied), from the header: the manifests' rule
+    (:func:`lens_manifests.common.displayed_size`; an orientation that cannot be read counts as none)."""
+    from lens_manifests.common import displayed_size
+
+    return displayed_size(image)
 
 
 def check_side(size: tuple[int, int], source: object) -> None:
