@@ -29,6 +29,7 @@ from lens_manifests.files import replaced_on_success, write_text_atomically
 from lens_cache.errors import UserError as AnyUserError  # stage 1's too: ImageReadError is one
 
 from ..errors import UserError
+from .result import mask_picture
 from .segmenter import Segmenter, check_instruction, load_image
 
 __all__ = ["Job", "read_jobs", "run_jobs"]
@@ -138,7 +139,7 @@ def run_jobs(segmenter: Segmenter, jobs: list[Job], bad: dict[int, str], out: Pa
             for job, result in zip(owners, segmenter.batch(items, batch_size=batch_size, threshold=threshold)):
                 name = f"{MASKS_DIR}/{job.line:06d}.png"
                 with replaced_on_success(out / name, suffix=".tmp.png") as tmp:
-                    _mask_picture(result.mask).save(tmp, format="PNG")
+                    mask_picture(result.mask).save(tmp, format="PNG")
                 summary = result.summary()
                 records[job.line] = {"line": job.line, "image": job.given_image, "phrase": job.phrase, "mask": name,
                                      **summary}
@@ -149,10 +150,3 @@ def run_jobs(segmenter: Segmenter, jobs: list[Job], bad: dict[int, str], out: Pa
     write_text_atomically(out / RESULTS_FILE, "".join(json.dumps(records[n]) + "\n" for n in sorted(records)))
     seconds = time.perf_counter() - started
     return {"done": done, "skipped": len(bad), "seconds": seconds, "items_per_s": done / max(seconds, 1e-9)}
-
-
-def _mask_picture(mask):
-    """``mask.png``'s picture (:func:`.large_images.mask_picture`; torch is imported only when one is made)."""
-    from .large_images import mask_picture
-
-    return mask_picture(mask)

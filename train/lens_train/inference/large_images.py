@@ -8,7 +8,7 @@ would hold its input, its output and a probability map at once. :func:`upsampled
 same bilinear upsampling (``align_corners=False``, as SAM's post-processing) row stripe by row
 stripe and thresholds each stripe at once, so only the boolean mask (1 byte per pixel) and one
 stripe exist at full width. :func:`fit_mask` brings a mask back to the working image for pictures
-and :func:`mask_picture` makes ``mask.png``, neither with a full-size copy beyond one byte a pixel.
+without a full-size copy (``mask.png`` itself: ``lens_train.inference.result.mask_picture``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 #: Output rows computed at once by :func:`upsampled_mask` (a stripe of 16384 px rows is 64 MiB in float32).
 STRIPE_ROWS = 1024
@@ -75,7 +74,3 @@ def fit_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     cols = np.minimum(((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(np.int64), mask.shape[1] - 1)
     return mask[rows[:, None], cols[None, :]]
 
-
-def mask_picture(mask: np.ndarray) -> Image.Image:
-    """``mask`` (H, W) bool as a mode-L image of 0/255 (``mask.png``), with one uint8 copy at most."""
-    return Image.fromarray(np.multiply(np.ascontiguousarray(mask).view(np.uint8), 255, dtype=np.uint8), "L")

@@ -227,7 +227,7 @@ def write_result(out_dir: Path, result: SegmentResult, *, panels: bool = True) -
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"mask": out_dir / "mask.png", "overlay": out_dir / "overlay.png", "result": out_dir / "result.json"}
     pictures = {
-        "mask": _mask_picture(result.mask),  # (H, W) uint8: mode L
+        "mask": mask_picture(result.mask),  # (H, W) uint8: mode L
         "overlay": result.overlay(),  # at the size of result.image
     }
     for name, picture in pictures.items():
@@ -240,8 +240,9 @@ def write_result(out_dir: Path, result: SegmentResult, *, panels: bool = True) -
     return paths
 
 
-def _mask_picture(mask):
-    """``mask.png``'s picture (:func:`.large_images.mask_picture`; torch is imported only when one is made)."""
-    from .large_images import mask_picture
+def mask_picture(mask: np.ndarray) -> Image.Image:
+    """``mask`` (H, W) bool as ``mask.png``'s picture: mode L, 0/255, with one uint8 copy at most (a 16384 x
+    16384 mask is 256 MiB a copy)."""
+    import numpy as np  # heavy: see the note on imports at the top
 
-    return mask_picture(mask)
+    return Image.fromarray(np.multiply(np.ascontiguousarray(mask).view(np.uint8), 255, dtype=np.uint8), "L")

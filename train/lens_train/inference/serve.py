@@ -230,7 +230,7 @@ class DemoBackend:
             result = self.segmenter.segment(source, instruction)
         folder = Path(tempfile.mkdtemp(prefix="mask-", dir=self.work_dir))
         mask_path = folder / "mask.png"
-        from .large_images import mask_picture
+        from .result import mask_picture
 
         mask_picture(result.mask).save(mask_path)  # as lens-segment's mask.png
         fraction = float(result.mask.mean()) if result.mask.size else 0.0
