@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table1 reproduce-table2 reproduce-table3 bench-train bench-cache bench-loader probe-features probe-grounding clean
+.PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table1 reproduce-table2 reproduce-table3 bench-train bench-train-memory bench-cache bench-loader bench-gpu probe-features probe-grounding clean
 
 # reproduce-table1/2/3: the default PRESET=toy needs nothing (synthetic data, the shipped toy backbones,
 # CPU), as every command's default; PRESET=paper is the paper's setting and needs DATA_ROOT, MLLM, SAM.
@@ -41,7 +41,8 @@ test-fast: setup
 demo: setup
 	$(PY) -m lens_train.reproduction demo
 
-# Remake the shipped toy backbones (cache/lens_cache/toy/weights): SAM, then LLaVA's three stages, then export.
+# Remake the shipped toy backbones (cache/lens_cache/backbones/toy_weights) with lens-toy (toy/lens_toy):
+# SAM, then LLaVA's three stages, then export.
 # Resumable: rerun after a kill. TOY_WORK keeps checkpoints and logs.
 TOY_WORK ?= toy_work
 pretrain-toy: setup
@@ -70,6 +71,16 @@ reproduce-table3: setup
 bench-train: setup
 	$(PY) benchmarks/bench_train_step.py --preset official --batch-size 2 --steps 20
 
+# Peak memory of the stage-2 step at the real dimensions by batch size, counted on the CPU (no GPU needed;
+# ~10 min on 2 cores): which batch sizes fit 10, 24, 40 and 80 GB.
+bench-train-memory: setup
+	$(PY) benchmarks/bench_train_memory.py --preset official --preset official-fp32master --batch-sizes 1,2,8
+
+# Every real-dimension benchmark on one H100/H200 in at most 8 minutes (bench-cache, bench-train at batch 2
+# and 8, bench-loader with 1 and 8 workers): JSON lines in work/bench-gpu (or $OUT), summary printed.
+bench-gpu: setup
+	bash benchmarks/bench_gpu.sh
+
 # Loader throughput from a Zarr store at d=4096 (fake backbone, real store and loader).
 bench-loader: setup
 	$(PY) benchmarks/bench_loader.py --hidden-size 4096 --images 64 --workers 8 --batch-size 2 --batches 200
@@ -82,10 +93,10 @@ bench-cache: setup
 # Diagnostics (RESULTS.md, "What learns on CPU"): patch colour recoverable from the cached features, by layer;
 # whether the head alone learns grounding from the demo's stores (run `make demo` first).
 probe-features: setup
-	$(PY) benchmarks/probe_features.py $(if $(MLLM),--mllm "$(MLLM)") $(if $(SAM),--sam "$(SAM)")
+	$(PY) benchmarks/probes/probe_features.py $(if $(MLLM),--mllm "$(MLLM)") $(if $(SAM),--sam "$(SAM)")
 
 probe-grounding: setup
-	$(PY) benchmarks/probe_grounding.py
+	$(PY) benchmarks/probes/probe_grounding.py
 
 clean:
 	rm -rf demo work .pytest_cache

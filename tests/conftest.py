@@ -37,7 +37,7 @@ def segmenter(tiny_real_run):
 @pytest.fixture(scope="session")
 def toy_sam_file(tmp_path_factory):
     """A toy SAM checkpoint as ``lens-toy export`` writes one: ``build_toy_sam(seed=1)``'s state dict, safetensors."""
-    from lens_cache.toy.sam import build_toy_sam
+    from lens_cache.backbones.toy import build_toy_sam
     from safetensors.torch import save_file
 
     path = tmp_path_factory.mktemp("toy_sam") / "toy_sam.safetensors"
@@ -66,3 +66,11 @@ def toy_sam_store(tmp_path_factory, toy_sam_file):
     store = build_cache(manifest, tmp_path_factory.mktemp("toy_sam_store") / "store", lambda: extractor,
                         spec="synthetic-reason:val", batch_size=1, progress=False)
     return SimpleNamespace(store=store, extractor=extractor, sam=sam)
+
+
+@pytest.fixture(scope="session")
+def fake_stores(tmp_path_factory):
+    """lens-train's test stores by role (train, reason, other backbone, incomplete): tests/helpers/fake_stores.py."""
+    from tests.helpers.fake_stores import build_fake_stores
+
+    return build_fake_stores(tmp_path_factory)

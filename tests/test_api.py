@@ -159,7 +159,7 @@ def test_jsonl_cli_exits_0_when_every_line_is_good_and_refuses_mixed_arguments(t
 
 
 def _toy_head_shipped() -> bool:
-    from lens_cache.toy import WEIGHTS_DIR
+    from lens_cache.backbones.toy import WEIGHTS_DIR
 
     return (WEIGHTS_DIR / "lens_head" / "config.json").is_file()
 

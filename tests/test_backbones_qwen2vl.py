@@ -1,23 +1,23 @@
-"""The Qwen2-VL adapter against a plain full forward of the real transformers classes (tiny, CPU, float32)."""
+"""What only the Qwen2-VL adapter has (tiny, CPU, float32): Qwen2.5-VL on the same code path, M-RoPE positions,
+the chat template, the image-size check, the preset and a store that trains; the contract every adapter keeps
+(states equal a full forward, prefix sharing, early stop, identity, warm start, loading) is
+tests/test_backbones_contract.py."""
 
 from __future__ import annotations
-
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from lens_cache.backbones import MLLM_ADAPTERS, BUILTIN_MLLMS, build_extractor, build_mllm
-from lens_cache.backbones.mllm import UnsupportedMllmError
+from lens_cache.backbones import build_extractor
 from lens_cache.backbones.qwen2vl import QWEN2_VL_TEMPLATE, Qwen2VLBackbone, mrope_positions
-from lens_cache.backbones.tiny_qwen2vl import build_tiny_qwen2vl, save_tiny_qwen2vl
+from lens_cache.backbones.tiny_qwen2vl import build_tiny_qwen2vl
 from lens_core import LensConfig
 from lens_core.head import SegmentationHead
 from lens_train.training.presets import load_preset
-from tests.helpers.images import padded_squares, random_image
+from tests.helpers.backbones import ATOL, check_against_full_forward
+from tests.helpers.images import padded_squares
 
-ATOL = 1e-5
 LAYERS = (20, 27)  # Qwen2-VL-2B's main and late layers (28 decoder layers)
 
 QUESTIONS_A = [
@@ -38,47 +38,12 @@ def squares() -> list[Image.Image]:
     return padded_squares()
 
 
-@pytest.fixture(scope="module")
-def encoded(backbone, squares):
-    return backbone.encode(squares, [QUESTIONS_A, QUESTIONS_B])
-
-
-def _reference(backbone, image: Image.Image, question: str):
-    """Plain full forward of the whole prompt through the processor (the model computes its own
-    M-RoPE positions with get_rope_index): (input_ids (S,), hidden_states)."""
-    inputs = backbone.processor(text=backbone.prompt_for(question), images=image, return_tensors="pt")
-    with torch.inference_mode():
-        out = backbone.model(**inputs, output_hidden_states=True)
-    return inputs["input_ids"][0], out.hidden_states
-
-
-def _check_against_full_forward(backbone, squares, encoded, layers=LAYERS):
-    for image, questions, states in zip(squares, [QUESTIONS_A, QUESTIONS_B], encoded):
-        assert len(states.text_states) == len(questions)
-        for question, text_states in zip(questions, states.text_states):
-            input_ids, hidden = _reference(backbone, image, question)
-            image_pos = (input_ids == backbone.model.config.image_token_id).nonzero()[:, 0]
-            assert len(image_pos) == 576
-            text_pos = torch.arange(int(image_pos[-1]) + 1, len(input_ids))
-            assert text_states[layers[0]].shape[0] == len(text_pos) == backbone.num_text_tokens(question)
-            for k in layers:
-                torch.testing.assert_close(states.image_states[k], hidden[k][0, image_pos], atol=ATOL, rtol=0)
-                torch.testing.assert_close(text_states[k], hidden[k][0, text_pos], atol=ATOL, rtol=0)
-
-
-def test_shared_prefix_states_equal_full_forward(backbone, squares, encoded):
-    """THE key test: prefix once per image (two images batched, KV cache), each question's suffix alone
-    with continued M-RoPE positions, right-padded == hidden_states[k] of a plain full forward."""
-    assert backbone.num_text_tokens(QUESTIONS_A[0]) != backbone.num_text_tokens(QUESTIONS_A[1])  # padding exercised
-    _check_against_full_forward(backbone, squares, encoded)
-
-
 def test_qwen25vl_shares_the_code_path(squares):
     """Qwen2.5-VL (other vision tower, same M-RoPE for still images): the same adapter, the same equality."""
     qwen25 = Qwen2VLBackbone.tiny(layers=LAYERS, device="cpu", dtype=torch.float32, family="qwen2_5_vl")
     assert qwen25.identity["backbone"] == "qwen2.5-vl" and qwen25.num_image_tokens == 576
     encoded = qwen25.encode(squares, [QUESTIONS_A, QUESTIONS_B])
-    _check_against_full_forward(qwen25, squares, encoded)
+    check_against_full_forward(qwen25, squares, [QUESTIONS_A, QUESTIONS_B], encoded, LAYERS, run_length=576)
 
 
 def test_mrope_positions_are_the_models(backbone):
@@ -94,23 +59,14 @@ def test_mrope_positions_are_the_models(backbone):
     assert ours[:, before + 576].tolist() == [before + 24] * 3  # the text after the image restarts at a + 24
 
 
-def test_prompt_is_qwen2vl_chat_template_and_tokens(backbone):
+def test_prompt_is_qwen2vl_chat_template(backbone):
+    """The processor's chat template renders the default template (the contract test checks the ids)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]
     rendered = backbone.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == QWEN2_VL_TEMPLATE.replace("{question}", "Q?") == backbone.prompt_for("Q?")
-    assert backbone.prompt_template == QWEN2_VL_TEMPLATE
     assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
-    prefix, suffix = backbone._split_ids(QUESTIONS_A[0])
-    image_token = backbone.model.config.image_token_id
-    assert backbone.num_image_tokens == 576 and backbone.grid_size == 24
-    assert sum(t == image_token for t in prefix) == 576 and prefix[-1] == image_token
-    tokens = backbone.processor.tokenizer.convert_ids_to_tokens(suffix)
-    assert tokens[0] == "<|vision_end|>" and tokens[-3:] == ["<|im_end|>", "<|im_start|>", "assistant"]
-    full = backbone.processor(text=backbone.prompt_for(QUESTIONS_A[0]), images=Image.new("RGB", (1024, 1024)))
-    assert list(full["input_ids"][0]) == prefix + suffix
-    for special in ("<|image_pad|>", "<|im_end|>"):
-        with pytest.raises(ValueError, match="special token"):
-            backbone.num_text_tokens(f"What is {special} here?")
+    _, suffix = backbone._split_ids(QUESTIONS_A[0])
+    assert backbone.processor.tokenizer.convert_ids_to_tokens(suffix)[0] == "<|vision_end|>"
 
 
 def test_image_token_count_check(backbone, squares, monkeypatch):
@@ -140,113 +96,20 @@ def test_image_token_count_check(backbone, squares, monkeypatch):
     assert small.image_geometry == "sam-pad-1024-to-448"
 
 
-def test_warm_start_layers_load_strictly_into_a_qwen2_head(backbone, encoded):
-    """Layers k, k+1 load strictly into a head configured as Qwen2 (biases, GQA); its first layer computes
-    the backbone's layer k on the cached layer-k states with 1-D positions 0..L-1 (text-only M-RoPE)."""
-    extractor = build_extractor(mllm="tiny-qwen2vl", sam="tiny", layers=LAYERS, device="cpu")
-    k = LAYERS[0]
-    sizes, state_dicts = extractor.decoder_layers([k, k + 1])
-    assert sizes == backbone.head_sizes
-    assert sizes["layer_type"] == "qwen2" and sizes["num_key_value_heads"] == 2 and sizes["rope_theta"] == 1e6
-    assert "self_attn.q_proj.bias" in state_dicts[0] and "self_attn.o_proj.bias" not in state_dicts[0]
-    cfg = LensConfig.from_dict({**load_preset("tiny").model.to_dict(), **sizes})
-    head = SegmentationHead(config=cfg).eval()
-    head.load_decoder_layers(state_dicts)  # strict
-    llama_head = SegmentationHead(config=load_preset("tiny").model)
-    with pytest.raises(RuntimeError):
-        llama_head.load_decoder_layers(state_dicts)
-
-    states = encoded[0]
-    x = torch.cat([states.image_states[k], states.text_states[0][k]])[None]
-    length = x.shape[1]
+def test_the_heads_1d_positions_are_not_the_mllms_mrope(backbone):
+    """The head runs the warm-start layer with 1-D positions 0..L-1 (text-only M-RoPE, as the contract test checks
+    against the head); inside the MLLM the same layer sees 2-D image positions, and computes something else."""
     lm = backbone.model.model.language_model
+    k, length = LAYERS[0], 576 + 12
+    x = torch.randn(1, length, 64, generator=torch.Generator().manual_seed(0))
     mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
     flat = torch.arange(length)[None, None].expand(3, 1, length)
+    before = backbone._text_before_image
+    mrope = mrope_positions(before, 24, length - 576)[:, None, before:]  # x starts at the image
     with torch.no_grad():
-        expected = lm.layers[k](x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, flat))
-        ours, _ = head.layers[0](x, *head.rotary(torch.arange(length)))
-        torch.testing.assert_close(ours, expected, atol=ATOL, rtol=1e-5)
-        # ... which is not what the layer computes inside the MLLM, with its 2-D image positions
-        before = backbone._text_before_image
-        mrope = mrope_positions(before, 24, length - 576)[:, None, before:]  # x starts at the image
+        ours = lm.layers[k](x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, flat))
         inside = lm.layers[k](x, attention_mask=mask, position_embeddings=lm.rotary_emb(x, mrope))
-        assert (ours - inside).abs().max() > 10 * ATOL  # random tiny weights: small, but far above ATOL
-        out = head(states.image_states[k][None], states.text_states[0][k][None],
-                   torch.tensor([states.text_states[0][k].shape[0]]))
-    assert out.heatmap.shape == (1, 24, 24) and torch.isfinite(out.heatmap).all()
-
-
-def test_registry_presets_adapters_and_identity(backbone, squares, encoded):
-    assert "tiny-qwen2vl" in BUILTIN_MLLMS and {"qwen2_vl", "qwen2_5_vl"} <= set(MLLM_ADAPTERS)
-    ident = backbone.identity
-    assert ident["backbone"] == "qwen2-vl" and ident["layers"] == list(LAYERS)
-    assert ident["num_image_tokens"] == 576 and ident["image_size"] == 672 and ident["hidden_size"] == 64
-    assert ident["prompt_template"] == QWEN2_VL_TEMPLATE
-    extractor = build_extractor(mllm="tiny-qwen2vl", sam="tiny", layers=LAYERS, device="cpu")
-    assert extractor.identity["image_geometry"] == "sam-pad-1024-to-672"
-    assert (extractor.layers, extractor.hidden_size, extractor.num_image_tokens) == (LAYERS, 64, 576)
-    features = extractor.extract([random_image(0, 300, 500)], [QUESTIONS_A[:1]])[0]
-    torch.testing.assert_close(features.image_states[27], encoded[0].image_states[27], atol=ATOL, rtol=0)
-    assert features.sam_embedding.shape == (256, 64, 64)
-    with pytest.raises(ValueError, match="layers"):
-        Qwen2VLBackbone(backbone.model, backbone.processor, name_or_path="tiny", layers=(29,))
-
-
-def test_saved_tiny_loads_through_real_loader(tmp_path, backbone, squares, encoded):
-    folder = save_tiny_qwen2vl(tmp_path / "tiny-qwen2vl")
-    loaded = build_mllm(str(folder), layers=LAYERS, device="cpu")
-    assert isinstance(loaded, Qwen2VLBackbone) and loaded.model.dtype == torch.float32
-    assert loaded.identity["config_hash"] == backbone.identity["config_hash"]
-    assert loaded.identity["weights_fingerprint"] == backbone.identity["weights_fingerprint"]
-    assert loaded.prompt_template == QWEN2_VL_TEMPLATE  # from the saved chat template
-    assert loaded.num_image_tokens == 576  # the saved processor's own size is replaced by 672 x 672
-    again = loaded.encode(squares, [QUESTIONS_A, QUESTIONS_B])
-    for a, b in zip(again, encoded):
-        for k in LAYERS:
-            torch.testing.assert_close(a.image_states[k], b.image_states[k], atol=0, rtol=0)
-            for ta, tb in zip(a.text_states, b.text_states):
-                torch.testing.assert_close(ta[k], tb[k], atol=0, rtol=0)
-    with pytest.raises(UnsupportedMllmError, match="not a Qwen2-VL"):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2)).save_pretrained(tmp_path / "llama")
-        Qwen2VLBackbone.from_pretrained(str(tmp_path / "llama"))
-
-
-def test_generate_and_model_untouched(backbone, squares):
-    before = {name: p.detach().clone() for name, p in backbone.model.named_parameters()}
-    lm = backbone.model.model.language_model
-    hooks_before = [len(layer._forward_hooks) for layer in lm.layers]
-    answer = backbone.generate(random_image(2, 200, 100), "What is in this image?", max_new_tokens=3, min_new_tokens=2)
-    assert isinstance(answer, str)
-    assert isinstance(backbone.generate(None, "Is this a question?", max_new_tokens=2, min_new_tokens=1), str)
-    deeper: list[int] = []
-    handle = lm.layers[LAYERS[-1]].register_forward_hook(lambda m, a, o: deeper.append(1))
-    try:
-        again = backbone.encode(squares[:1], [QUESTIONS_B])[0]  # after generate (which sets rope_deltas)
-    finally:
-        handle.remove()
-    assert deeper == []  # the forward stopped after decoder layer 26
-    input_ids, hidden = _reference(backbone, squares[0], QUESTIONS_B[0])
-    image_pos = (input_ids == backbone.model.config.image_token_id).nonzero()[:, 0]
-    torch.testing.assert_close(again.text_states[0][27], hidden[27][0, int(image_pos[-1]) + 1:], atol=ATOL, rtol=0)
-    for name, p in backbone.model.named_parameters():
-        assert torch.equal(p, before[name]), name
-        assert p.grad is None and not p.requires_grad
-    assert [len(layer._forward_hooks) for layer in lm.layers] == hooks_before
-    assert not again.image_states[20].is_inference() and again.image_states[20].dtype == torch.float32
-
-
-def test_registry_import_stays_light():
-    """The registry imports the Qwen2-VL module, which must not import transformers (stage 2 imports
-    lens_cache.backbones.sam without it)."""
-    import subprocess
-
-    code = ("import sys, lens_cache.backbones as b; "
-            "assert 'tiny-qwen2vl' in b.BUILTIN_MLLMS and 'qwen2_vl' in b.MLLM_ADAPTERS; "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (ours - inside).abs().max() > 10 * ATOL
 
 
 def test_qwen2vl_2b_preset_fits_the_real_decoder_layers():

@@ -125,11 +125,11 @@ def test_sam_identity_hashes_the_file_not_its_path(tmp_path):
 
 def test_toy_spec_loads_its_file_strictly_and_hashes_it(tmp_path, toy_sam_file):
     """toy:PATH is build_toy_sam() with exactly the file's tensors; its identity is the file's sha256."""
-    import lens_cache.toy
-    from lens_cache.toy.sam import build_toy_sam
+    import lens_cache.backbones.toy
+    from lens_cache.backbones.toy import build_toy_sam
     from safetensors.torch import save_file
 
-    shipped = Path(lens_cache.toy.__file__).parent / "weights" / "toy_sam.safetensors"
+    shipped = Path(lens_cache.backbones.toy.__file__).parent / "toy_weights" / "toy_sam.safetensors"
     assert parse_sam_spec("toy") == SamSpec("toy", shipped)
     assert parse_sam_spec(f"toy:{toy_sam_file}") == SamSpec("toy", toy_sam_file)
     sam, expected = build_sam(f"toy:{toy_sam_file}"), build_toy_sam(seed=1).state_dict()
@@ -151,16 +151,16 @@ def test_toy_spec_loads_its_file_strictly_and_hashes_it(tmp_path, toy_sam_file):
 
 
 def test_missing_toy_weights_is_one_line(tmp_path, monkeypatch):
-    import lens_cache.toy
+    import lens_cache.backbones.toy
 
-    monkeypatch.setattr(lens_cache.toy, "WEIGHTS_DIR", tmp_path)  # the shipped file, absent
+    monkeypatch.setattr(lens_cache.backbones.toy, "WEIGHTS_DIR", tmp_path)  # the shipped file, absent
     other = tmp_path / "x.safetensors"
     for spec, path in (("toy", tmp_path / "toy_sam.safetensors"), (f"toy:{other}", other)):
         with pytest.raises(SamCheckpointNotFoundError) as err:
             build_sam(spec)
         assert str(err.value) == (
             f"toy SAM weights not found at {path}: run `lens-toy export` "
-            "or check out the repository's cache/lens_cache/toy/weights"
+            "or check out the repository's cache/lens_cache/backbones/toy_weights"
         )
         with pytest.raises(SamCheckpointNotFoundError):
             sam_identity(spec)

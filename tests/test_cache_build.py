@@ -81,7 +81,7 @@ def test_resume_after_sigkill_of_a_real_run(manifest, reference, tmp_path):
 
     killed = FeatureStore.open(out, require_complete=False)
     assert not killed.complete
-    done_before = [b for b in range(killed.num_blocks) if killed.is_block_done(b)]
+    done_before = [int(b) for b in np.flatnonzero(killed.done_flags())]
     assert 2 <= len(done_before) < killed.num_blocks
     with pytest.raises(StoreError, match=r"is incomplete \(\d+/6 blocks\): rerun"):
         FeatureStore.open(out)
@@ -226,7 +226,7 @@ def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, r
     import hashlib
 
     from lens_cache.backbones import LensFeatureExtractor, LlavaBackbone
-    from lens_cache.block_job import warm_start_file
+    from lens_cache.warm_start import warm_start_file
     from lens_cache.store import WARM_START_FILE
     from safetensors.torch import load
 

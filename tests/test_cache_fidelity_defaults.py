@@ -10,10 +10,10 @@ import lens_cache.backbones
 import pytest
 from lens_cache.backbones import default_layers
 from lens_cache.backbones.defaults import BUILTIN_DEFAULTS, MODEL_TYPE_DEFAULTS, defaults_for
-from lens_cache.block_job import warm_start_layers
 from lens_cache.cli import app
 from lens_cache.store import FeatureStore
 from lens_cache.testing import fake_build_extractor, make_test_manifest
+from lens_cache.warm_start import warm_start_layers
 from typer.testing import CliRunner
 
 PRESETS = Path(__file__).resolve().parents[1] / "train" / "lens_train" / "training" / "presets"

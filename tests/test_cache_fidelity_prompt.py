@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lens_cache.backbones.llava import VICUNA_V1_TEMPLATE, LlavaBackbone
-from lens_cache.toy import TOY_PROMPT_TEMPLATE
+from lens_cache.backbones.toy import TOY_PROMPT_TEMPLATE
 
 # Source: LISA/model_lisa/llava/conversation.py, conv_vicuna_v1 (LLaVA v1), rendered with
 # SeparatorStyle.TWO and an empty assistant message, as the LENS authors' code (jiazhen-code/LENS) does:
@@ -47,10 +47,10 @@ def test_the_llava15_adapter_defaults_to_it_and_the_tiny_tokenizer_knows_every_w
 def test_the_toy_keeps_the_template_it_was_trained_with():
     """The shipped toy LLaVA's stores keep their identity: its prompt is the one of its conversations."""
     from lens_cache.backbones import build_mllm
-    from lens_cache.toy.llava import SYSTEM
+    from lens_toy.llava import SYSTEM
 
     assert TOY_PROMPT_TEMPLATE == TOY_TRAINED_PROMPT
-    assert SYSTEM == TOY_TRAINED_PROMPT.partition("USER:")[0]  # what lens_cache.toy.llava trains on
+    assert SYSTEM == TOY_TRAINED_PROMPT.partition("USER:")[0]  # what lens_toy.llava trains on
     toy = build_mllm("toy", device="cpu", dtype=torch.float32)
     assert toy.prompt_template == TOY_TRAINED_PROMPT
     assert toy.identity["prompt_template"] == TOY_TRAINED_PROMPT

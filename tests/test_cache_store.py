@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import zarr
+from lens_cache.block_writer import BlockWriter
 from lens_cache.build import build_cache
 from lens_cache.store import (
     ATTRS_KEY,
@@ -24,11 +25,11 @@ from lens_cache.store import (
     expected_arrays,
     identity_hash,
     layout_table,
+    missing_blocks,
     open_group,
     sample_arrays,
     verify_store,
 )
-from lens_cache.store_writer import StoreWriter
 from lens_cache.testing import DAMAGE_KINDS, FakeExtractor, damage_chunk, fake_factory, make_test_manifest
 from PIL import Image
 
@@ -188,7 +189,7 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
     assert list(expected_arrays({**attrs, "prefix": None}).items()) == PINNED_LAYOUT_V3
     assert list(expected_arrays({key: v for key, v in attrs.items() if key != "prefix"}).items()) == PINNED_LAYOUT_V3
     block_written = {name for name, _ in PINNED_LAYOUT_V3 if name not in INDEX_ARRAYS and name != "queries/failed"}
-    assert set(StoreWriter(two_layers.url).arrays) == block_written
+    assert set(BlockWriter(two_layers.url).arrays) == block_written
     assert INDEX_ARRAYS == ("images/first_query", "queries/image_index", "queries/text_len")
     assert sample_arrays(two_layers.layers) == [
         "images/sam", "images/mllm_l3", "queries/text_l3", "images/mllm_l7", "queries/text_l7"
@@ -209,7 +210,7 @@ def test_schema_is_pinned_against_the_format_version(manifest, tmp_path):
         "images/sam", "images/mllm_l3", "queries/text_l3", "queries/variants_l3", "images/mllm_l7", "queries/text_l7",
         "queries/variants_l7",
     ]
-    assert set(StoreWriter(variants.url).arrays) == block_written | {
+    assert set(BlockWriter(variants.url).arrays) == block_written | {
         "queries/variants_l3", "queries/variants_l7", "queries/variants_l3_crc32", "queries/variants_l7_crc32"}
     assert set(v5["checksums"]["index"]) == {*INDEX_ARRAYS, "queries/variant_text_len", "prefix/mllm_l3", "prefix/mllm_l7"}
     # a version-1 store: the same arrays without the checksums, and C = 256 (it did not record sam_channels)
@@ -277,7 +278,7 @@ def test_reader_metadata_and_pickle(store, manifest):
     assert store.identity == {**FakeExtractor().identity, "warm_start": no_warm_start}
     assert store.layers == (14,) and store.hidden_size == 16
     assert store.manifest.num_rows == manifest.num_rows
-    assert store.missing_blocks() == [] and store.is_block_done(2)
+    assert missing_blocks(store) == [] and store.done_flags()[2]
     assert list(store.valid_query_ids()) == list(range(store.num_queries))
     clone = pickle.loads(pickle.dumps(store))  # DataLoader workers reopen by URL
     np.testing.assert_array_equal(clone.read_query(1, LAYER)["text_states"], store.read_query(1, LAYER)["text_states"])
@@ -306,7 +307,7 @@ def test_open_refuses_missing_foreign_and_incomplete(store, tmp_path):
             f"store {store.url} is incomplete (2/3 blocks): rerun the same `lens-cache build` command to finish it"
         )
         partial = FeatureStore.open(store.url, require_complete=False)
-        assert partial.missing_blocks() == [1] and not partial.is_block_done(1)
+        assert missing_blocks(partial) == [1] and not partial.done_flags()[1]
         assert not verify_store(store.url).ok
 
         group.attrs.put({ATTRS_KEY: {**attrs, "format_version": 99}})

@@ -313,6 +313,14 @@ def test_routing_reader_tiers_images_and_errors(tmp_path):
     write({"id": 1, "tier": "explicit", "query": "q", "image": str(tmp_path / "elsewhere" / "x.jpg")})
     with pytest.raises(UserError, match="outside the data root"):
         read_routing(path, image_root=tmp_path / "imgs")
+    # one rule for every stage (lens_core.paths): a record's image is a relative name, even one inside the root
+    write({"id": 1, "tier": "explicit", "query": "q", "image": str(tmp_path / "imgs" / "0.jpg")})
+    with pytest.raises(UserError, match=r"is not a path inside .*imgs \(it is absolute\)"):
+        read_routing(path, image_root=tmp_path / "imgs")
+    (tmp_path / "imgs" / "linked.jpg").symlink_to(tmp_path / "elsewhere" / "x.jpg")
+    write({"id": 1, "tier": "explicit", "query": "q", "image": "linked.jpg"})
+    with pytest.raises(UserError, match="through a symlink, outside the data root; copy the file into"):
+        read_routing(path, image_root=tmp_path / "imgs")
     write({"id": 1, "tier": "explicit", "image": "imgs/0.jpg"})
     with pytest.raises(UserError, match="has no a query"):
         read_routing(path)

@@ -15,10 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: package -> folder that holds it (a file's path names its module)
 PACKAGES = {"lens_core": ROOT, "lens_cache": ROOT / "cache", "lens_manifests": ROOT / "manifests",
-            "lens_train": ROOT / "train"}
-#: what each package may import from the others (the stages' direction)
+            "lens_train": ROOT / "train", "lens_toy": ROOT / "toy"}
+#: what each package may import from the others (the stages' direction). ``lens_toy``, the toy backbones'
+#: pretraining, sits beside stage 1: it uses the cache's backbones, and loading a backbone (lens_cache) never
+#: needs it; lens_train uses its toy world (Table 1, the toy MME and routing sets, the LISA-style loop).
 ALLOWED = {"lens_core": set(), "lens_manifests": {"lens_core"}, "lens_cache": {"lens_core", "lens_manifests"},
-           "lens_train": {"lens_core", "lens_manifests", "lens_cache"}}
+           "lens_toy": {"lens_core", "lens_manifests", "lens_cache"},
+           "lens_train": {"lens_core", "lens_manifests", "lens_cache", "lens_toy"}}
 
 
 def modules() -> dict[str, tuple[Path, bool]]:
@@ -89,3 +92,13 @@ def test_packages_depend_in_the_stage_direction_only():
     wrong = sorted(f"{m} imports {t}" for m, ts in import_graph(found).items() for t in ts
                    if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]])
     assert wrong == []
+
+
+def test_loading_a_backbone_needs_no_pretraining_code():
+    """Every package is seen by the checks above, and lens_cache (the shipped toy backbones' loaders included)
+    imports nothing of lens_toy: the toy world's pretraining sits above stage 1, never below it."""
+    found = modules()
+    assert {m.split(".")[0] for m in found} == set(PACKAGES) == set(ALLOWED)
+    assert "lens_cache.backbones.toy" in found and "lens_toy.cli" in found
+    assert not any(m == "lens_cache.toy" or m.startswith("lens_cache.toy.") for m in found)  # the pretraining left
+    assert "lens_toy" not in ALLOWED["lens_cache"]

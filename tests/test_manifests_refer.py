@@ -224,6 +224,37 @@ def test_a_file_name_outside_the_image_folder_is_skipped_never_read(tmp_path: Pa
     assert skipped["reason"].startswith(f"file name {file_name!r} is not a path inside ")
 
 
+def test_an_image_linked_from_outside_the_data_root_is_skipped_a_linked_root_works(tmp_path: Path) -> None:
+    """Issue 22: the manifests follow the project's one confinement rule (lens_core.paths): an image that is
+    a symlink to a file outside its folder is skipped with the fix named (it was followed before), while a
+    data root that is itself a symlink, and a link between two files inside the root, still work."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    _write_one_image_refer(data, {"id": 1, "file_name": "a.jpg", "height": 10, "width": 10},
+                           segmentation=[[1, 1, 5, 1, 5, 5, 1, 5]])
+    images = data / "refer_seg/images/mscoco/images/train2014"
+    Image.new("RGB", (10, 10)).save(tmp_path / "outside.jpg")
+    (images / "a.jpg").symlink_to(tmp_path / "outside.jpg")
+    table = build_manifest("refcoco:val", data)
+    assert table.num_rows == 0
+    (skipped,) = get_skipped(table)
+    assert skipped["path"].endswith("instances.json#image:1") and "\n" not in skipped["reason"]
+    assert skipped["reason"] == (
+        f"file name 'a.jpg' is not a path inside {images}: it leads to {tmp_path / 'outside.jpg'} through a symlink, "
+        f"outside its folder; copy the file into {images} instead of linking to it")
+
+    (images / "a.jpg").unlink()
+    Image.new("RGB", (10, 10)).save(images / "b.jpg")
+    (images / "a.jpg").symlink_to(images / "b.jpg")  # a link inside the folder: followed
+    linked_root = tmp_path / "linked-root"
+    linked_root.symlink_to(data, target_is_directory=True)  # the data root itself is a link
+    table = build_manifest("refcoco:val", linked_root)
+    rows = table.to_pylist()
+    assert get_skipped(table) == [] and len(rows) == 1
+    assert rows[0]["image_path"] == str(linked_root / "refer_seg/images/mscoco/images/train2014/a.jpg")  # not resolved
+
+
 def test_a_truncated_refs_pickle_is_one_line_exit_2(tmp_path: Path) -> None:
     """Issue 11: a truncated refs(unc).p printed 'Aborted.' and exited 1 (click took the EOFError for Ctrl-D)."""
     from lens_cache.cli import app

@@ -170,3 +170,30 @@ def test_a_part_set_file_name_outside_the_image_folder_is_skipped(tmp_path: Path
     table = build_manifest("pascal_part:val", tmp_path)
     assert table.num_rows == 0
     assert [s["reason"].split(" is not a path inside ")[0] for s in get_skipped(table)] == [f"file name {file_name!r}"]
+
+
+def test_a_part_set_image_linked_from_outside_the_data_root_is_skipped_a_linked_root_works(tmp_path: Path) -> None:
+    """Issue 22: an image that is a symlink to a file outside its folder is skipped with the fix named
+    (lens_core.paths, the project's one rule); the same data reached through a data root that is a link works."""
+    from lens_manifests import get_skipped
+
+    data = tmp_path / "data"
+    cats = [{"id": 1, "name": "dog:head"}, {"id": 2, "name": "cat:leg"}]
+    _coco_parts(data / "vlpart/pascal_part/val.json", cats, "2008_000003.jpg")
+    images = data / "vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages"
+    _jpg(tmp_path / "elsewhere/2008_000003.jpg", 10, 10)
+    images.mkdir(parents=True)
+    (images / "2008_000003.jpg").symlink_to(tmp_path / "elsewhere/2008_000003.jpg")
+    table = build_manifest("pascal_part:val", data)
+    assert table.num_rows == 0
+    (skipped,) = get_skipped(table)
+    assert skipped["path"].endswith("val.json#image:3")
+    assert "through a symlink" in skipped["reason"] and "\n" not in skipped["reason"]
+    assert skipped["reason"].endswith(f"copy the file into {images} instead of linking to it")
+
+    (images / "2008_000003.jpg").unlink()
+    _jpg(images / "2008_000003.jpg", 10, 10)
+    (tmp_path / "root-link").symlink_to(data, target_is_directory=True)
+    rows = build_manifest("pascal_part:val", tmp_path / "root-link").to_pylist()
+    assert [r["source_id"] for r in rows] == ["category:1", "category:2"]
+    assert rows[0]["image_path"] == str(tmp_path / "root-link/vlpart/pascal_part/VOCdevkit/VOC2010/JPEGImages/2008_000003.jpg")

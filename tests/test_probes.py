@@ -1,4 +1,4 @@
-"""The diagnostic probes in benchmarks/ compute what they say (RESULTS.md: What learns on CPU)."""
+"""The diagnostic probes in benchmarks/probes/ compute what they say (RESULTS.md: What learns on CPU)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PROBES = Path(__file__).resolve().parents[1] / "benchmarks" / "probes"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, PROBES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

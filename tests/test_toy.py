@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from lens_cache.toy.conversations import (
+from lens_toy.conversations import (
     CAPTION_QUESTION, GROUNDING_QUESTION, SEGMENTATION_WORDS, SHORT_ANSWER, box_text, caption, parse_box, turns, vocabulary_words,
 )  # fmt: skip
-from lens_cache.toy.loop import Schedule, run_stage
-from lens_cache.toy.world import HELD_OUT, TRAIN, draw_scene
+from lens_toy.loop import Schedule, run_stage
+from lens_toy.world import HELD_OUT, TRAIN, draw_scene
 
 
 def test_scenes_are_a_pure_function_of_stream_and_index_and_streams_differ():
@@ -36,7 +36,7 @@ def test_pretraining_scenes_are_not_dataset_images(tmp_path):
 
 def test_patch_labels_match_mask_coverage_computed_independently():
     """A labelled cell is >= half covered by a shape of that colour and kind (coverage in numpy)."""
-    from lens_cache.toy.world import COLOUR_NAMES, KIND_NAMES
+    from lens_toy.world import COLOUR_NAMES, KIND_NAMES
 
     scene = draw_scene(TRAIN, 11)
     colour, kind = scene.patch_labels(24)
@@ -98,7 +98,7 @@ def test_box_text_round_trips_and_is_on_the_padded_frame():
 
 
 def test_toy_tokenizer_knows_every_word_of_the_synthetic_queries():
-    from lens_cache.toy.llava import build_toy_processor
+    from lens_toy.llava import build_toy_processor
 
     tok = build_toy_processor().tokenizer
     vocab = tok.get_vocab()
@@ -111,7 +111,7 @@ def test_toy_tokenizer_knows_every_word_of_the_synthetic_queries():
 def test_toy_tokenizer_round_trips_a_box_answer():
     """Without ``[`` and ``]`` in the vocabulary a box answer decodes without its brackets and
     can never be parsed (the first toy LLaVA scored box IoU 0 for that reason)."""
-    from lens_cache.toy.llava import build_toy_processor
+    from lens_toy.llava import build_toy_processor
 
     tok = build_toy_processor().tokenizer
     scene = draw_scene(HELD_OUT, 11)
@@ -122,7 +122,7 @@ def test_toy_tokenizer_round_trips_a_box_answer():
 
 
 def test_answer_weights_give_each_answer_equal_weight():
-    from lens_cache.toy.llava import answer_weights, lm_loss
+    from lens_toy.llava import answer_weights, lm_loss
 
     targets = torch.full((2, 12), -100)
     targets[0, 1:4] = 5  # a 3-token answer
@@ -150,7 +150,7 @@ def test_answer_weights_give_each_answer_equal_weight():
 def test_focal_loss_matches_torchvision():
     from torchvision.ops import sigmoid_focal_loss
 
-    from lens_cache.toy.sam import focal_loss
+    from lens_toy.sam import focal_loss
 
     logits, target = torch.randn(3, 2, 16, 16), (torch.rand(3, 2, 16, 16) > 0.7).float()
     ours = focal_loss(logits, target)
@@ -159,7 +159,7 @@ def test_focal_loss_matches_torchvision():
 
 
 def test_sam_loss_trains_the_best_of_three_masks_only():
-    from lens_cache.toy.sam import sam_loss
+    from lens_toy.sam import sam_loss
 
     target = torch.zeros(1, 32, 32)
     target[0, 8:24, 8:24] = 1

@@ -1,6 +1,6 @@
 """The shipped toy backbones: intact, loadable through the real loaders, and as good as recorded.
 
-``cache/lens_cache/toy/weights/MANIFEST.json`` records each file's sha256 and the held-out scores
+``cache/lens_cache/backbones/toy_weights/MANIFEST.json`` records each file's sha256 and the held-out scores
 measured at export, including a ``quick`` check on the first few held-out scenes that
 this test recomputes (the models are deterministic on the CPU, so the numbers must agree).
 """
@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from lens_cache.toy import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR
-from lens_cache.toy.export import load_toy_llava, load_toy_sam, read_manifest, verify_weights
-from lens_manifests.files import sha256_file
+from lens_cache.backbones.toy import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR
+from lens_core.files import sha256_file
+from lens_toy.export import load_toy_llava, load_toy_sam, read_manifest, verify_weights
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS_DIR / MANIFEST_FILE).is_file(), reason="no shipped toy weights")
 
@@ -40,7 +40,7 @@ def test_damaged_weights_are_detected(tmp_path):
 
 
 def test_shipped_sam_scores_what_the_manifest_records():
-    from lens_cache.toy.sam import evaluate_sam
+    from lens_toy.sam import evaluate_sam
 
     quick = read_manifest()["held_out"]["quick"]["sam"]
     scores = evaluate_sam(load_toy_sam(), scenes=quick["scenes"])
@@ -49,7 +49,7 @@ def test_shipped_sam_scores_what_the_manifest_records():
 
 
 def test_shipped_llava_scores_what_the_manifest_records():
-    from lens_cache.toy.llava import evaluate_llava
+    from lens_toy.llava import evaluate_llava
 
     quick = read_manifest()["held_out"]["quick"]["llava"]
     scores = evaluate_llava(*load_toy_llava(), scenes=quick["scenes"], boxes=False)

@@ -1,6 +1,6 @@
 """Learning on CPU, held out: LENS on the frozen toy backbones segments scenes it never saw.
 
-The shipped toy LLaVA and toy SAM (``cache/lens_cache/toy/weights``, pretrained on toy scenes that are
+The shipped toy LLaVA and toy SAM (``cache/lens_cache/backbones/toy_weights``, pretrained on toy scenes that are
 not the dataset's images) cache a small ``synthetic:train`` (16 images per set) and the
 held-out ``synthetic:val``; ``lens-train --preset toy`` trains for a few minutes on the
 former and is scored on the latter. It must beat the trivial baselines (whole image; the
@@ -13,7 +13,7 @@ import functools
 
 import pytest
 
-from lens_cache.toy import MANIFEST_FILE, WEIGHTS_DIR
+from lens_cache.backbones.toy import MANIFEST_FILE, WEIGHTS_DIR
 
 pytestmark = [
     pytest.mark.skipif(not (WEIGHTS_DIR / MANIFEST_FILE).is_file(), reason="no shipped toy weights"),
@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 IMAGES = 16
-STEPS = 400
+STEPS = 200
 
 
 @pytest.fixture(scope="module")

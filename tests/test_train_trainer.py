@@ -1,10 +1,10 @@
-"""lens-train: exact resume, refusals with one-line errors, NaN handling, the run folder."""
+"""lens-train, what a run does: exact resume, the run folder, NaN handling, the preset a store chooses, a 27 x 27
+grid, warm start. What it refuses, in one line: test_train_refusals.py (the stores of both:
+tests/helpers/fake_stores.py)."""
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,35 +16,7 @@ import lens_train.training.trainer as trainer_module
 from lens_train.training.checkpoint import checkpoint_step, load_checkpoint
 from lens_train.cli import train_app
 from lens_train.training.trainer import TrainRequest, train
-
-FAST = {"batch_size": 1, "grad_accum": 2, "num_workers": 0, "log_every": 1, "warmup_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    from lens_cache.store import ATTRS_KEY, open_group
-    from lens_manifests import build_manifest
-
-    from lens_train.testing import build_store, small_synthetic
-
-    root = small_synthetic(tmp_path_factory.mktemp("synthetic"), images=2)
-    out = tmp_path_factory.mktemp("stores")
-    manifest = build_manifest("synthetic:train", root)
-    train_store = build_store(manifest, out / "train", spec="synthetic:train")
-    reason = build_store(build_manifest("synthetic-reason:val", root), out / "reason", spec="synthetic-reason:val")
-    other = build_store(build_manifest("synthetic-reason:val", root), out / "other", spec="synthetic-reason:val",
-                        mllm="another-mllm")
-    incomplete = build_store(build_manifest("synthetic-reason:val", root), out / "incomplete", spec="synthetic-reason:val")
-    group = open_group(incomplete.location, mode="r+")
-    attrs = dict(group.attrs[ATTRS_KEY])
-    attrs["complete"] = False
-    group.attrs.put({ATTRS_KEY: attrs})
-    return {"train": train_store.url, "reason": reason.url, "other": other.url, "incomplete": incomplete.url}
-
-
-def _request(stores, out: Path, **train_overrides) -> TrainRequest:
-    return TrainRequest(caches=(stores["train"], stores["reason"]), out=out, preset="tiny",
-                        train_overrides={**FAST, **train_overrides}, device="cpu", quiet=True)
+from tests.helpers.fake_stores import FAST, cli_error, train_request
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float, float, float]]:
@@ -52,10 +24,10 @@ def _losses(run_dir: Path) -> list[tuple[int, float, float, float]]:
     return [(r["step"], r["loss"], r["attn"], r["grad_norm"]) for r in rows]
 
 
-def test_resume_continues_bit_for_bit(stores, tmp_path, monkeypatch):
+def test_resume_continues_bit_for_bit(fake_stores, tmp_path, monkeypatch):
     steps = 5
     full = tmp_path / "full"
-    train(_request(stores, full, steps=steps, ckpt_every=2))
+    train(train_request(fake_stores, full, steps=steps, ckpt_every=2))
 
     # The same run, killed during step 4 (after the step-2 checkpoint and step 3's metrics row) ...
     cut = tmp_path / "cut"
@@ -70,12 +42,12 @@ def test_resume_continues_bit_for_bit(stores, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "compute_losses", crash_in_step_four)
     with pytest.raises(KeyboardInterrupt):
-        train(_request(stores, cut, steps=steps, ckpt_every=2))
+        train(train_request(fake_stores, cut, steps=steps, ckpt_every=2))
     monkeypatch.setattr(trainer_module, "compute_losses", real)
     assert checkpoint_step(cut) == 2 and len(_losses(cut)) == 3
 
     # ... and resumed: the metrics of steps 3-5 are recomputed and equal, bit for bit.
-    result = train(TrainRequest(caches=(stores["train"], stores["reason"]), out=cut, device="cpu", quiet=True,
+    result = train(TrainRequest(caches=(fake_stores["train"], fake_stores["reason"]), out=cut, device="cpu", quiet=True,
                                 resume=True))
     assert result.resumed_from == 2
     assert _losses(cut) == _losses(full)
@@ -84,14 +56,14 @@ def test_resume_continues_bit_for_bit(stores, tmp_path, monkeypatch):
     assert all(torch.equal(final_full[k], final_cut[k]) for k in final_full)
 
 
-def test_run_folder_contents(stores, tmp_path):
+def test_run_folder_contents(fake_stores, tmp_path):
     run = tmp_path / "run"
-    train(_request(stores, run, steps=2, ckpt_every=1))
+    train(train_request(fake_stores, run, steps=2, ckpt_every=1))
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "tiny" and config["model"]["hidden_size"] == 64
     assert config["train"]["steps"] == 2 and config["train"]["batch_size"] == 1
     assert config["sam"] == "tiny" and config["layer"] == 14
-    assert [s["url"] for s in config["stores"]] == [stores["train"], stores["reason"]]
+    assert [s["url"] for s in config["stores"]] == [fake_stores["train"], fake_stores["reason"]]
     assert all(s["identity_hash"] == config["identity_hash"] for s in config["stores"])
     assert config["warm_start"] == {"requested": False, "used": False}
     # The typed record reads it back, and writes exactly the JSON it was read from.
@@ -99,7 +71,7 @@ def test_run_folder_contents(stores, tmp_path):
 
     record = read_run_config(run)
     assert record.to_json() == (run / "config.json").read_text()
-    assert record == RunConfig.from_dict(config) and record.stores[1].url == stores["reason"]
+    assert record == RunConfig.from_dict(config) and record.stores[1].url == fake_stores["reason"]
     assert record.model.hidden_size == 64 and record.train.steps == 2 and record.layer == 14
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -116,15 +88,15 @@ def test_run_folder_contents(stores, tmp_path):
     assert state["step"] == 2 and isinstance(state["rng"]["model_generator"], torch.Tensor)
 
 
-def test_warm_start_unavailable_is_logged_not_fatal(stores, tmp_path):
+def test_warm_start_unavailable_is_logged_not_fatal(fake_stores, tmp_path):
     lines: list[str] = []
-    train(_request(stores, tmp_path / "warm", steps=1, warm_start=True), log=lines.append)
+    train(train_request(fake_stores, tmp_path / "warm", steps=1, warm_start=True), log=lines.append)
     assert any("warm start unavailable" in line for line in lines)
     config = json.loads((tmp_path / "warm" / "config.json").read_text())
     assert config["warm_start"]["requested"] and not config["warm_start"]["used"]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(stores, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fake_stores, tmp_path, monkeypatch):
     real = trainer_module.compute_losses
     calls = {"n": 0}
 
@@ -138,7 +110,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(stores, tmp_path, mon
     monkeypatch.setattr(trainer_module, "compute_losses", nan_in_step_four)
     run = tmp_path / "nan"
     result = CliRunner().invoke(train_app, [
-        "--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "6", "--batch-size", "1",
+        "--cache", fake_stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "6", "--batch-size", "1",
         "--grad-accum", "2", "--workers", "0", "--ckpt-every", "2", "--device", "cpu", "--quiet", "--no-detach-peak"])
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
@@ -155,45 +127,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(stores, tmp_path, mon
     assert all(torch.isfinite(p).all() for p in model.trainable_parameters())  # ... and is finite
 
 
-def _cli_error(args: list[str]) -> str:
-    result = CliRunner().invoke(train_app, [*args, "--device", "cpu", "--quiet"])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-@pytest.mark.parametrize(("device", "expected"), [
-    ("tpu", "error: --device takes cpu, cuda or cuda:N, got 'tpu'"),
-    ("meta", "error: --device takes cpu, cuda or cuda:N, got 'meta'"),  # a torch device, not one to run on
-    pytest.param("cuda", "error: --device cuda but no CUDA device is visible: use --device cpu",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
-])
-def test_device_is_resolved_as_in_stage_one(stores, tmp_path, device, expected):
-    """lens_cache.backbones.runtime.resolve_device, the one every command uses (lens-cache build: test_cache_cli)."""
-    result = CliRunner().invoke(train_app, ["--cache", stores["train"], "--preset", "tiny", "--out", str(tmp_path / "r"),
-                                            "--device", device, "--quiet"])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip() == expected
-
-
-def test_refuses_stores_of_different_backbones(stores, tmp_path):
-    line = _cli_error(["--cache", stores["train"], "--cache", stores["other"], "--preset", "tiny",
-                       "--out", str(tmp_path / "r")])
-    assert "different backbones" in line and "'fake-mllm' vs 'another-mllm'" in line
-
-
-def test_refuses_a_layer_the_store_lacks(stores, tmp_path):
-    line = _cli_error(["--cache", stores["train"], "--preset", "tiny", "--layer", "13", "--out", str(tmp_path / "r")])
-    assert "caches layer(s) [14], not 13: pass --layer 14" in line
-
-
-def test_refuses_a_preset_of_another_width(stores, tmp_path):
-    line = _cli_error(["--cache", stores["train"], "--preset", "official", "--out", str(tmp_path / "r")])
-    assert "was built with d=64 (fake-mllm backbone) but preset 'official' expects 4096: use --preset tiny" in line
-
-
-def test_without_preset_the_store_chooses_it(stores, toy_sam_store, tmp_path):
+def test_without_preset_the_store_chooses_it(fake_stores, toy_sam_store, tmp_path):
     """One default story: lens-cache build defaults to the toy backbones, lens-train to the preset made for
     the store's MLLM (tiny LLaVA store -> tiny; a backbone no preset is made for -> one line naming the fix)."""
     from lens_cache.backbones import default_layers
@@ -210,25 +144,9 @@ def test_without_preset_the_store_chooses_it(stores, toy_sam_store, tmp_path):
             assert preset.made_for["hidden_size"] == preset.model.hidden_size, name
         if preset.synthetic is not None:
             assert default_layers(preset.synthetic["mllm"]) == (preset.main_layer,), name
-    line = _cli_error(["--cache", stores["train"], "--out", str(tmp_path / "r")])  # the fake backbone
+    line = cli_error(["--cache", fake_stores["train"], "--out", str(tmp_path / "r")])  # the fake backbone
     assert line == ("error: no preset is made for this store's MLLM (fake-mllm, hidden size 64): pass --preset NAME "
                     f"(one of {available_presets()}) or a preset .json with model.hidden_size 64")
-
-
-def test_refuses_a_preset_of_another_image_grid(stores, tmp_path):
-    """The grid the head reads comes from the preset and must be the store's: 27 x 27 (LLaVA-OneVision) on a
-    576-token store is one line, not a shape error at the first batch."""
-    import json
-
-    from lens_train.training.presets import PRESET_DIR
-
-    preset = json.loads((PRESET_DIR / "tiny.json").read_text())
-    preset["model"]["grid_size"] = 27
-    path = tmp_path / "grid27.json"
-    path.write_text(json.dumps(preset))
-    line = _cli_error(["--cache", stores["train"], "--preset", str(path), "--out", str(tmp_path / "r")])
-    assert "holds 576 image tokens per image but preset 'grid27' reads a 27 x 27 grid (729): " \
-           "give a preset with model.grid_size 24" in line
 
 
 def test_a_27_by_27_store_trains_and_evaluates(tmp_path):
@@ -248,29 +166,10 @@ def test_a_27_by_27_store_trains_and_evaluates(tmp_path):
     preset["model"]["grid_size"] = 27
     (tmp_path / "grid27.json").write_text(json.dumps(preset))
     train(TrainRequest(caches=(store.url,), out=tmp_path / "run", preset=str(tmp_path / "grid27.json"),
-                       train_overrides=FAST, device="cpu", quiet=True))
+                       train_overrides={**FAST, "steps": 3}, device="cpu", quiet=True))
     assert load_run(tmp_path / "run").model.config.grid_size == 27
     metrics = evaluate(tmp_path / "run", store.url, out=tmp_path / "eval", log=lambda line: None)
     assert metrics["num_queries"] == store.num_queries and (tmp_path / "eval" / "overlays.png").is_file()
-
-
-def test_refuses_an_incomplete_store(stores, tmp_path):
-    line = _cli_error(["--cache", stores["incomplete"], "--preset", "tiny", "--out", str(tmp_path / "r")])
-    assert "incomplete" in line and "lens-cache build" in line
-
-
-def test_refuses_to_overwrite_or_change_a_run(stores, tmp_path):
-    run = tmp_path / "run"
-    train(_request(stores, run, steps=1))
-    line = _cli_error(["--cache", stores["train"], "--cache", stores["reason"], "--preset", "tiny", "--out", str(run)])
-    assert "already holds a run" in line and "--resume" in line
-    line = _cli_error(["--cache", stores["train"], "--cache", stores["reason"], "--out", str(run), "--resume",
-                       "--lr", "0.5"])
-    assert "these training settings differ: lr 0.0003 -> 0.5" in line
-    line = _cli_error(["--cache", stores["reason"], "--out", str(run), "--resume"])
-    assert "needs the stores" in line
-    line = _cli_error(["--cache", stores["train"], "--mix", "1:1", "--preset", "tiny", "--out", str(tmp_path / "m")])
-    assert "--mix takes three" in line
 
 
 def test_warm_start_is_loaded_and_the_log_names_the_layers(toy_sam_store, tmp_path):
@@ -357,225 +256,3 @@ def test_warm_start_that_does_not_fit_or_was_changed_is_refused(toy_sam_store, t
     path.unlink()
     with pytest.raises(UserError, match="lacks warm_start/decoder_layers.safetensors"):
         read_warm_start(tampered, layer=14, config=tiny)
-
-
-def _damaged_copy(url: str, tmp_path: Path, kind: str) -> Path:
-    """A copy of a store with every SAM chunk damaged (``kind``), or its manifest.parquet rewritten."""
-    import shutil
-
-    from lens_cache.testing import damage_chunk
-
-    copy = tmp_path / "damaged"
-    shutil.copytree(url, copy)
-    if kind == "manifest":
-        data = (copy / "manifest.parquet").read_bytes()
-        (copy / "manifest.parquet").write_bytes(data[:-20] + b"x" * 20)
-    else:
-        for chunk in (copy / "images" / "sam" / "c").glob("*/0/0/0"):
-            damage_chunk(chunk, kind)
-    return copy
-
-
-#: What the one-line refusal says about each damage (the sample, then how to repair).
-DAMAGE_FOUND = {
-    "deleted": "is damaged (images/sam: its chunk is missing)",
-    "truncated": "is damaged (images/sam: its chunk does not decode (RuntimeError: Zstd decompression error",
-    "flipped": "is damaged (images/sam: ",  # checksum mismatch, or a zstd frame that no longer decodes
-    "manifest": "manifest.parquet is unreadable",
-}
-
-
-@pytest.mark.parametrize("kind", ["deleted", "truncated", "flipped", "manifest"])
-def test_a_damaged_store_is_refused_in_one_line(stores, tmp_path, kind):
-    """Issue 11: with every SAM chunk deleted lens-train trained on zeros; now it names the sample and the fix."""
-    copy = _damaged_copy(stores["train"], tmp_path, kind)
-    line = _cli_error(["--cache", str(copy), "--preset", "tiny", "--out", str(tmp_path / "run"), "--steps", "1",
-                       "--batch-size", "1", "--grad-accum", "1", "--workers", "0"])
-    assert line.startswith(f"error: store {copy}: ") and DAMAGE_FOUND[kind] in line
-    if kind != "manifest":
-        assert "image " in line.split(DAMAGE_FOUND[kind])[0]  # names the sample
-    assert line.endswith(f"repair it by rerunning the `lens-cache build ... --out {copy}` command that made it "
-                         "(it recomputes only the damaged blocks)")
-
-
-def test_two_runs_on_one_out_folder(stores, tmp_path):
-    """Issue 11: two runs on one --out both ran and mixed their metrics; now the second is refused."""
-    import signal
-    import socket
-
-    from lens_cache.testing import hold_lock
-
-    run = tmp_path / "run"
-    holder = hold_lock(run, "lens-train")
-    try:
-        line = _cli_error(["--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1"])
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    assert line.startswith(f"error: {run} is in use by lens-train (pid {holder.pid} on {socket.gethostname()}, since ")
-    assert not run.exists()
-
-    # The holder died holding the lock: the next run takes it over (and says so), then removes it.
-    lines: list[str] = []
-    train(_request(stores, run, steps=1), log=lines.append)
-    assert any(line.startswith(f"took over the lock of lens-train (pid {holder.pid} on") for line in lines)
-    assert checkpoint_step(run) == 1 and not (tmp_path / "run.lock").exists()
-
-
-@pytest.mark.parametrize("bug", [ValueError("a bug"), FileNotFoundError(2, "No such file", "/x")])
-def test_a_bug_keeps_its_traceback(stores, tmp_path, monkeypatch, bug):
-    """Only user errors are one line; any other exception (a bug) reaches the user with its traceback."""
-    def broken(request):
-        raise bug
-
-    monkeypatch.setattr(trainer_module, "train", broken)
-    result = CliRunner().invoke(train_app, ["--cache", stores["train"], "--preset", "tiny", "--out", str(tmp_path / "r")])
-    assert result.exit_code == 1 and result.exception is bug
-    assert "error: " not in result.stderr
-
-
-class _FullDiskFile:
-    """A file on a disk that fills up after ``room`` bytes (its ``write`` then raises ENOSPC)."""
-
-    def __init__(self, file, room: int) -> None:
-        self.file, self.room = file, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
-def test_torch_save_reports_a_full_disk_as_the_oserror(tmp_path, monkeypatch):
-    """torch.save says only 'unexpected pos' when the disk fills up; the optimizer file is saved so that
-    the OSError itself (errno 28) reaches the CLI."""
-    import builtins
-
-    import lens_manifests.files
-
-    monkeypatch.setattr(lens_manifests.files, "open", lambda *a, **k: _FullDiskFile(builtins.open(*a, **k), 100),
-                        raising=False)
-    with pytest.raises(OSError) as error:
-        lens_manifests.files.torch_save({"x": torch.zeros(1000)}, tmp_path / "x.pt")
-    assert error.value.errno == errno.ENOSPC
-
-
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
-def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_tmp(stores, tmp_path, monkeypatch, code):
-    """Issue 11: a full disk during training gave a traceback ('unexpected pos', safetensors' I/O error)
-    and left .tmp files; a read-only output for train or eval a traceback. Now: one line naming --out,
-    exit 2, no .tmp left; the run continues with --resume once there is room."""
-    import pyarrow.parquet
-    from safetensors import SafetensorError
-
-    import lens_train.training.checkpoint
-    from lens_train.cli import eval_app
-
-    fix = {errno.ENOSPC: "no space left on the device: free some space or write elsewhere",
-           errno.EROFS: "read-only file system: write elsewhere"}[code]
-
-    def full_disk_save_file(tensors, where, metadata=None):  # what safetensors raises on a full/read-only disk
-        Path(where).write_bytes(b"partial")
-        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
-
-    run = tmp_path / "run"
-    train_args = ["--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1",
-                  "--batch-size", "1", "--grad-accum", "1", "--workers", "0"]
-    with monkeypatch.context() as patch:
-        patch.setattr(lens_train.training.checkpoint, "save_file", full_disk_save_file)
-        assert _cli_error(train_args) == f"error: cannot write {run}: {fix}"
-    assert not {p.name for p in run.iterdir()} & {"model.safetensors.tmp", "optimizer.pt.tmp", "checkpoint.json"}
-    assert CliRunner().invoke(train_app, [*train_args, "--device", "cpu", "--quiet", "--resume"]).exit_code == 0
-
-    def no_room(table, where, *args, **kwargs):
-        Path(where).write_bytes(b"partial")
-        raise OSError(code, os.strerror(code), str(where))
-
-    monkeypatch.setattr(pyarrow.parquet, "write_table", no_room)
-    out = tmp_path / "eval"
-    result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", stores["reason"], "--out", str(out),
-                                           "--figures", "0", "--device", "cpu"])
-    assert result.exit_code == 2 and result.stderr.strip() == f"error: cannot write {out}: {fix}", result.output
-    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
-
-
-@pytest.mark.parametrize("damage", ["truncate-model", "truncate-optimizer", "pickled-code"])
-def test_a_damaged_checkpoint_file_is_one_line(stores, tmp_path, damage):
-    """Issue 24 row 7: a truncated model.safetensors / optimizer.pt, or an optimizer.pt holding a pickled
-    os.system, is one line naming the file and what to do (lens-eval: exit 2); torch's advice to load it
-    unsafely never shows, and the payload never runs."""
-    from lens_train.cli import eval_app
-    from lens_train.errors import UserError
-    from lens_train.training.run_config import read_run_config
-    from lens_train.training.trainer import build_model
-
-    run = tmp_path / "r"
-    args = ["--cache", stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1", "--batch-size", "1",
-            "--grad-accum", "1", "--workers", "0", "--device", "cpu", "--quiet"]
-    assert CliRunner().invoke(train_app, args).exit_code == 0
-    target = run / ("model.safetensors" if damage == "truncate-model" else "optimizer.pt")
-    if damage == "pickled-code":
-        class Payload:
-            def __reduce__(self):
-                return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
-        torch.save({"step": 1, "optimizer": Payload(), "rng": {}}, target)
-    else:
-        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
-    if damage == "truncate-model":
-        result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", stores["reason"], "--out",
-                                               str(tmp_path / "eval"), "--figures", "0", "--device", "cpu"])
-        assert result.exit_code == 2, result.output
-        line = result.output.strip()
-        assert line.count("\n") == 0
-    else:  # what --resume loads
-        config = read_run_config(run)
-        with pytest.raises(UserError) as error:
-            load_checkpoint(run, build_model(config.model, config.sam, seed=0), with_optimizer=True)
-        line = str(error.value)
-    assert str(target) in line and "weights_only" not in line
-    assert "resume from an earlier copy of the run, or train again" in line
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_outputs_inside_a_store_and_an_overwrite_that_would_delete_them_are_refused(stores, tmp_path):
-    """Issue 24 row 2: a run or an evaluation written into a store is refused in one line, and
-    lens-cache build --overwrite refuses a store folder that holds anything but the store."""
-    import shutil
-
-    from lens_cache.errors import StoreError
-    from lens_cache.store_location import StoreLocation, foreign_entries, store_around
-    from lens_cache.store_writer import prepare_store
-    from lens_train.cli import eval_app
-
-    store = tmp_path / "store"
-    shutil.copytree(stores["train"], store)
-    assert store_around(store / "runs" / "x") == store and store_around(tmp_path) is None
-    for out in (store, store / "sub" / "run"):
-        result = CliRunner().invoke(train_app, ["--cache", str(store), "--preset", "tiny", "--out", str(out),
-                                                "--steps", "1", "--workers", "0", "--device", "cpu", "--quiet"])
-        assert result.exit_code == 2 and f"is inside the feature store {store}" in result.output, result.output
-    run = tmp_path / "run"
-    assert CliRunner().invoke(train_app, ["--cache", str(store), "--preset", "tiny", "--out", str(run), "--steps", "1",
-                                          "--batch-size", "1", "--grad-accum", "1", "--workers", "0", "--device",
-                                          "cpu", "--quiet"]).exit_code == 0
-    result = CliRunner().invoke(eval_app, ["--checkpoint", str(run), "--cache", str(store), "--out", str(store / "ev"),
-                                           "--figures", "0", "--device", "cpu"])
-    assert result.exit_code == 2 and "is inside the feature store" in result.output
-    assert not (store / "ev").exists()
-    # a run written there before this check existed: --overwrite would have deleted it with the store
-    (store / "config.json").write_text("{}")
-    assert foreign_entries(StoreLocation(str(store))) == ["config.json"]
-    with pytest.raises(StoreError, match=r"holds files that are not part of the store \(config.json\)"):
-        prepare_store(StoreLocation(str(store)), None, manifest=None, plan=None, text_len=None, overwrite=True)
-    assert (store / "config.json").exists() and (store / "zarr.json").exists()

@@ -1,24 +1,21 @@
 """One block of a build: the job, its result, and running it with an extractor.
 
-This is the worker's side of a build (:mod:`lens_cache.build` in the parent process,
-or a dask worker of :mod:`lens_cache.distributed`), everything that needs the
-backbone: describing the extractor (identity, sizes, every row's question and L_t),
-writing the head's warm start (the MLLM's decoder layers k and k+1 for each cached
-layer k, :func:`warm_start_file`), and extracting and writing one block
-(:func:`run_block`: images decoded ahead in threads, one batch extracted while the
-previous one is written, the block's done flag set last).
+The step of a build's walk that computes features (``build`` -> ``store_writer`` -> here ->
+``block_writer`` -> ``store_format``): the parent (:mod:`lens_cache.build`) makes a :class:`BlockJob`
+per pending block, which holds everything a worker needs to write its block (no manifest access
+needed), and runs it in this process or on a dask worker (:mod:`lens_cache.distributed`);
+:func:`run_block` decodes the block's images ahead in threads, extracts one batch while the previous
+one is written (:class:`lens_cache.block_writer.BlockWriter`), and sets the block's done flag last,
+returning a :class:`BlockResult`. What the parent learned from the extractor before creating the store
+is :mod:`lens_cache.extractor_info`.
 
-A :class:`BlockJob` holds everything a worker needs to write its block (no manifest
-access needed); the parent makes the jobs (:func:`lens_cache.build.make_jobs`) and
-gets a :class:`BlockResult` back per block. One bad sample never stops a block: an
-image that is missing, unreadable, of another size than the manifest says or too
-thin for SAM's frame (:func:`load_image`), or whose every question the backbone
+One bad sample never stops a block: an image that is missing, unreadable, of another size than the
+manifest says or too thin for SAM's frame (:func:`load_image`), or whose every question the backbone
 refused, is skipped and reported in the result.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,30 +23,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from lens_cache.backbones.base import FeatureExtractor, ImageFeatures, NoDecoderLayers
+from lens_cache.backbones.base import FeatureExtractor, ImageFeatures
 from lens_cache.backbones.geometry import frame_problem
-from lens_cache.errors import BadSampleError
-from lens_cache.identity import normalise_json
+from lens_cache.block_writer import BlockWriter
 from lens_cache.images import ImageReadError, decoded_rgb, opened_image
 from lens_cache.store_format import (
     BAD_TEXT,
     FAILURE_REASONS,
     SAM_EMBEDDINGS,
-    WARM_START_FILE,
-    StorePrefix,
-    StoreVariants,
     image_array_name,
     is_query_array,
     text_array_name,
     to_float16,
     variants_array_name,
 )
-from lens_cache.store_location import StoreLocation
-from lens_cache.store_writer import StoreWriter
 from lens_manifests.common import displayed_size
 from PIL import Image
-
-ExtractorFactory = Callable[[], FeatureExtractor]
 
 #: images decoded ahead of the one being extracted (overlaps JPEG decoding with the GPU)
 PREFETCH_IMAGES = 8
@@ -76,7 +65,7 @@ class BlockJob:
         variant_questions: per image, per usable query, the questions of its other templates (variants 1..)
             whose text the backbone takes, in variant order (empty: one question per query).
         variant_text_len: per query of the block, L_t of each variant 1.. (0: none, -1: refused; see
-            :class:`~lens_cache.store_format.StoreVariants`); empty where the store has no variants.
+            :class:`~lens_cache.store_records.StoreVariants`); empty where the store has no variants.
     """
 
     block: int
@@ -118,139 +107,6 @@ class BlockResult:
     num_queries: int
     failures: tuple[tuple[int, int, str], ...]
     seconds: float
-
-
-@dataclass(frozen=True)
-class ExtractorInfo:
-    """What the parent needs from the extractor before creating the store.
-
-    ``identity`` is the extractor's plus ``warm_start`` (see :func:`warm_start_file`);
-    ``questions``/``text_len`` have one entry per manifest row; a row whose text the
-    backbone refused has ``text_len`` 0 and its reason in ``text_failures``; ``prefix`` the
-    states of the prompt's tokens before the image (:func:`store_prefix`), None if the extractor gives none;
-    ``variants`` the question templates and the L_t of every row's other variants (None: an extractor with one
-    question per row and no question set), ``variant_questions`` their questions (variants 1.., per row),
-    ``variant_failures`` (row, variant) -> why the backbone refused one.
-    """
-
-    identity: dict
-    layers: tuple[int, ...]
-    hidden_size: int
-    num_image_tokens: int
-    sam_channels: int
-    questions: list[str]
-    text_len: np.ndarray
-    text_failures: dict[int, str]
-    prefix: StorePrefix | None = None
-    variants: StoreVariants | None = None
-    variant_questions: list[list[str]] | None = None
-    variant_failures: dict[tuple[int, int], str] | None = None
-
-
-def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
-    """The extractor's identity (with its warm-start record) and sizes, every row's questions (every variant
-    of its question set: :func:`question_variants`) and their L_t, and the prefix states the store keeps once
-    (:func:`store_prefix`)."""
-    every = question_variants(extractor, texts, is_sentence)
-    questions = [row[0] for row in every]
-    text_len, failures = text_lengths(extractor, questions)
-    variants, variant_questions, variant_failures = describe_variants(extractor, every, text_len)
-    warm_start, _ = warm_start_file(extractor)
-    return ExtractorInfo(
-        identity={**extractor.identity, "warm_start": warm_start},
-        layers=tuple(int(layer) for layer in extractor.layers),
-        hidden_size=int(extractor.hidden_size),
-        num_image_tokens=int(extractor.num_image_tokens),
-        sam_channels=int(extractor.sam_channels),
-        questions=questions,
-        text_len=text_len,
-        text_failures=failures,
-        prefix=store_prefix(extractor),
-        variants=variants,
-        variant_questions=variant_questions,
-        variant_failures=variant_failures,
-    )
-
-
-def question_variants(extractor: FeatureExtractor, texts: Sequence[str], is_sentence: Sequence[bool]) -> list[list[str]]:
-    """Every row's questions, variant 0 (the evaluation question, ``question_for``) first, then the training
-    ones of the extractor's question set (``questions_for``; one per row for an extractor without)."""
-    every = getattr(extractor, "questions_for", None)
-    rows = []
-    for text, sentence in zip(texts, is_sentence, strict=True):
-        row = list(every(text, bool(sentence))) if every is not None else [extractor.question_for(text, bool(sentence))]
-        rows.append(row)
-    return rows
-
-
-def describe_variants(
-    extractor: FeatureExtractor, every: Sequence[Sequence[str]], text_len: np.ndarray
-) -> tuple[StoreVariants | None, list[list[str]], dict[tuple[int, int], str]]:
-    """The store's record of the rows' variants, the questions of variants 1.. per row, and the refused ones.
-
-    The variants of a row whose variant 0 was refused are not asked (-1); one the backbone refuses alone
-    (a prompt past the context) is -1 too, the query's other variants are cached.
-    """
-    question_set = getattr(extractor, "question_set", None)
-    count = max((len(row) for row in every), default=1)
-    if question_set is None and count == 1:
-        return None, [[] for _ in every], {}
-    lengths = np.zeros((len(every), count - 1), dtype=np.int32)
-    failures: dict[tuple[int, int], str] = {}
-    for row, questions in enumerate(every):
-        for v, question in enumerate(questions[1:], start=1):
-            if text_len[row] == 0:
-                lengths[row, v - 1] = -1
-                continue
-            try:
-                lengths[row, v - 1] = extractor.num_text_tokens(question)
-            except BadSampleError as error:
-                lengths[row, v - 1] = -1
-                failures[(row, v)] = str(error)
-    asked = [
-        [q for v, q in enumerate(questions[1:], start=1) if lengths[row, v - 1] > 0] for row, questions in enumerate(every)
-    ]
-    record = StoreVariants(
-        question_set=question_set.name if question_set is not None else "single",
-        names=question_set.variant_names() if question_set is not None else {},
-        count=count,
-        lengths=lengths,
-    )
-    return record, asked, failures
-
-
-def store_prefix(extractor: FeatureExtractor) -> StorePrefix | None:
-    """The prompt's tokens before the image and their states at every cached layer, as the store keeps
-    them (float16, once per store), from the extractor's optional ``prefix_states()``: None where it has
-    none (a fake backbone) or gives none.
-
-    Raises:
-        RuntimeError: the states are not (P_pre, d) per cached layer, or not finite in float16.
-    """
-    get = getattr(extractor, "prefix_states", None)
-    found = get() if get is not None else None
-    if found is None:
-        return None
-    token_ids, states = found
-    if not token_ids:
-        return None
-    shape = (len(token_ids), int(extractor.hidden_size))
-    return StorePrefix(
-        token_ids=tuple(int(t) for t in token_ids),
-        states={int(k): to_float16(states[k], shape, f"layer-{k} prefix states") for k in extractor.layers},
-    )
-
-
-def text_lengths(extractor: FeatureExtractor, questions: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
-    """L_t of every question, 0 for one the backbone refuses (:class:`BadSampleError`), with its reason."""
-    lengths = np.zeros(len(questions), dtype=np.int32)
-    failures: dict[int, str] = {}
-    for row, question in enumerate(questions):
-        try:
-            lengths[row] = extractor.num_text_tokens(question)
-        except BadSampleError as error:
-            failures[row] = str(error)
-    return lengths, failures
 
 
 # ----------------------------------------------------------------------------- images
@@ -323,9 +179,9 @@ def prefetched(
 
 
 def pack_batch(
-    writer: StoreWriter, job: BlockJob, images: range, features: Mapping[int, ImageFeatures], query_offsets: np.ndarray
+    writer: BlockWriter, job: BlockJob, images: range, features: Mapping[int, ImageFeatures], query_offsets: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The float16 arrays of one batch of the block, ready for :meth:`StoreWriter.write_batch`.
+    """The float16 arrays of one batch of the block, ready for :meth:`BlockWriter.write_batch`.
 
     Args:
         images: block-local indices of the batch's images.
@@ -386,7 +242,7 @@ def pack_batch(
 def run_block(
     job: BlockJob,
     extractor: FeatureExtractor,
-    writer: StoreWriter,
+    writer: BlockWriter,
     *,
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
@@ -459,70 +315,3 @@ def run_block(
         failures=tuple(failures),
         seconds=time.monotonic() - started,
     )
-
-
-# ----------------------------------------------------------------------------- warm start
-
-
-def warm_start_layers(layer: int) -> tuple[int, int]:
-    """The MLLM's decoder layers (0-based) that warm-start a head reading ``hidden_states[layer]``.
-
-    Decoder layer ``layer`` is the one that reads ``hidden_states[layer]`` (paper 3.1: layers
-    14 and 15 for layer-14 features), so an untrained head's first layer computes what the
-    MLLM computes next.
-    """
-    return layer, layer + 1
-
-
-def warm_start_file(extractor: FeatureExtractor) -> tuple[dict, bytes | None]:
-    """The warm-start record and file of a store cached by ``extractor``: for each cached layer k, the
-    MLLM's decoder layers k and k+1 (:func:`warm_start_layers`), each decoder layer saved once.
-
-    Returns:
-        the record ``{"file", "sha256", "head": sizes, "by_layer": {"k": [k, k + 1] or None},
-        "layers": the first layer's pair or None}`` (plus ``"reason"`` when the first layer has
-        none) and the safetensors bytes (keys ``decoder.<i>.<name>``, ``i`` the 0-based decoder
-        layer); or ``{"layers": None, "reason": why}`` and None when no cached layer has its
-        two layers in the MLLM (``k`` is its last layer, or it exposes none).
-    """
-    from safetensors.torch import save
-
-    tensors: dict[str, Any] = {}  # name -> torch.Tensor (torch is imported by the extractor, not here)
-    by_layer: dict[str, list[int] | None] = {}
-    reasons: dict[int, str] = {}
-    head = None
-    for layer in extractor.layers:
-        pair = warm_start_layers(layer)
-        try:
-            head, state_dicts = extractor.decoder_layers(pair)
-        except NoDecoderLayers as why:
-            by_layer[str(layer)] = None
-            reasons[layer] = f"no warm start for layer {layer}: {why}"
-            continue
-        by_layer[str(layer)] = list(pair)
-        for index, state in zip(pair, state_dicts):
-            tensors.update({f"decoder.{index}.{name}": t.contiguous() for name, t in state.items()})
-    first = extractor.layers[0]
-    if not tensors:
-        return {"layers": None, "reason": reasons[first]}, None
-    data = save(tensors)
-    record = {"file": WARM_START_FILE, "layers": by_layer[str(first)], "by_layer": by_layer,
-              "sha256": hashlib.sha256(data).hexdigest(), "head": head}
-    if first in reasons:
-        record["reason"] = reasons[first]
-    return record, data
-
-
-def write_warm_start(extractor: FeatureExtractor, location: StoreLocation, record: dict) -> None:
-    """Write the warm-start file that ``record`` (the store's ``identity["warm_start"]``) describes.
-
-    Written atomically (temporary name + rename where local); nothing when the record holds none.
-
-    Raises:
-        RuntimeError: the extractor's layers are not the ones the record was made from.
-    """
-    ours, data = warm_start_file(extractor)
-    if normalise_json(ours) != normalise_json(record):
-        raise RuntimeError(f"the backbone's warm start {ours} is not the one the store records ({record})")
-    if data is not None:
-        location.write_bytes(WARM_START_FILE, data)

@@ -7,26 +7,29 @@ killed at any point is finished by rerunning the same command: finished blocks
 are skipped, unfinished ones are redone from scratch, and no reader ever takes a
 half-written sample as finished.
 
-Before the first block, the head's warm start is written beside the features: the
-MLLM's decoder layers k and k+1 for each cached layer k
-(:func:`~lens_cache.block_job.warm_start_file`), its sha256 recorded in the store's identity.
-The states of the prompt's tokens before the image (the same for every image of a causal MLLM)
-are computed once with the extractor's description and written when the store is created
-(``prefix/mllm_l{L}``, :func:`~lens_cache.block_job.store_prefix`).
+A build, top-down (:func:`build_cache`; each module's docstring says where it sits):
 
-Serial (``workers=0``) the parent runs every block itself; otherwise the blocks go
-to dask.distributed workers (see :mod:`lens_cache.distributed`).
+1. **Describe** the extractor (:mod:`lens_cache.extractor_info`): identity, sizes, every row's
+   questions and L_t, and the states of the prompt's tokens before the image (the same for every
+   image of a causal MLLM, computed once and written when the store is created, ``prefix/mllm_l{L}``).
+2. **Prepare** the store (:mod:`lens_cache.store_writer`): create it (:mod:`lens_cache.store_create`)
+   or reopen it for a resume, after checking it is the same build under the same library versions;
+   a build over an existing store first reads back every sample of its finished blocks
+   (:func:`~lens_cache.store_writer.repair_damage`, :mod:`lens_cache.store_blocks`): a damaged block
+   loses its flag and is recomputed, a damaged index array or manifest file is rewritten, so rerunning
+   the build command repairs a store exactly where it is damaged.
+3. **Warm start**: before the first block, the MLLM's decoder layers k and k+1 for each cached layer k
+   are written beside the features (:mod:`lens_cache.warm_start`), their sha256 in the store's identity.
+4. **Blocks**: one :class:`~lens_cache.block_job.BlockJob` per block still missing (:func:`make_jobs`),
+   run serially here (``workers=0``) or on dask.distributed workers (:mod:`lens_cache.distributed`);
+   :func:`~lens_cache.block_job.run_block` extracts a block and writes it through a
+   :class:`~lens_cache.block_writer.BlockWriter`, which records the crc32 of every sample with the
+   block's sizes, before its flag. The arrays are :mod:`lens_cache.store_format`'s.
+5. **Finish** (:func:`~lens_cache.store_writer.finalize_store`): every block and sample checked, then
+   ``complete``, the last write.
 
-Writing the store itself (creating it, a block's arrays, resuming, finishing) is
-:mod:`lens_cache.store_writer`'s; extracting the features of one block and writing them is
-:mod:`lens_cache.block_job`'s (:func:`~lens_cache.block_job.run_block`); this module schedules the blocks.
-The writer of a block also records the crc32 of every sample it writes, with the
-block's sizes and before its flag (:mod:`lens_cache.store`). A build over an existing
-store first reads back and checks every sample of its finished blocks
-(:func:`~lens_cache.store_writer.repair_damage`): a damaged block loses its flag and is recomputed, a damaged
-index array or manifest file is rewritten, so rerunning the build command repairs a
-store exactly where it is damaged. The parent holds the store's writer lock
-(:mod:`lens_cache.locks`) for the whole build: a second build of the same store is refused.
+The parent holds the store's writer lock (:mod:`lens_cache.locks`) for the whole build: a second
+build of the same store is refused.
 
 One bad sample never stops a build: an image that is missing, unreadable, of another size
 than the manifest says or too thin for SAM's frame, and a query whose text the backbone
@@ -43,129 +46,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from lens_cache.backbones.base import FeatureExtractor
-from lens_cache.block_job import (
-    BlockJob,
-    BlockResult,
-    ExtractorFactory,
-    ExtractorInfo,
-    describe_extractor,
-    run_block,
-    write_warm_start,
-)
+from lens_cache.block_job import BlockJob, BlockResult, run_block
+from lens_cache.block_writer import BlockWriter
 from lens_cache.errors import UsageError
+from lens_cache.extractor_info import ExtractorFactory, ExtractorInfo, describe_extractor
 from lens_cache.identity import identity_hash
 from lens_cache.locks import exclusive, no_readers
 from lens_cache.progress import Progress, say
-from lens_cache.store_format import ImagePlan, StoreDescription, manifest_hash
+from lens_cache.store_blocks import missing_blocks
+from lens_cache.store_create import feature_codecs
+from lens_cache.store_format import manifest_hash
 from lens_cache.store_location import StoreLocation, store_state
+from lens_cache.store_plan import ImagePlan, plan_images
 from lens_cache.store_reader import FeatureStore
-from lens_cache.store_writer import (
-    StoreWriter,
-    check_libraries,
-    feature_codecs,
-    finalize_store,
-    plan_images,
-    prepare_store,
-    record_library_mix,
-    repair_damage,
-)
+from lens_cache.store_records import StoreDescription
+from lens_cache.store_writer import check_libraries, finalize_store, prepare_store, record_library_mix, repair_damage
+from lens_cache.warm_start import write_warm_start
 
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_COMPRESSION = "lossless"
-
-
-# ----------------------------------------------------------------------------- jobs
-
-
-def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: Iterable[int]) -> list[BlockJob]:
-    paths = manifest.column("image_path").to_pylist()
-    heights = manifest.column("height").to_pylist()
-    widths = manifest.column("width").to_pylist()
-    jobs = []
-    for block in blocks:
-        images = plan.image_range(block)
-        rows = [int(plan.first_query[image]) for image in images]
-        queries = plan.query_range(block)
-        usable = [
-            [q for q in range(int(plan.first_query[image]), plan.query_end(image)) if info.text_len[q] > 0]
-            for image in images
-        ]
-        jobs.append(
-            BlockJob(
-                block=block,
-                image_start=images.start,
-                image_paths=tuple(paths[row] for row in rows),
-                image_sizes=tuple((int(heights[row]), int(widths[row])) for row in rows),
-                query_start=queries.start,
-                questions=tuple(tuple(info.questions[q] for q in qs) for qs in usable),
-                query_rows=tuple(tuple(q - queries.start for q in qs) for qs in usable),
-                image_queries=tuple(plan.query_end(image) - int(plan.first_query[image]) for image in images),
-                text_len=tuple(int(n) for n in info.text_len[queries.start : queries.stop]),
-                **_job_variants(info, usable, queries),
-            )
-        )
-    return jobs
-
-
-def _job_variants(info: ExtractorInfo, usable: list[list[int]], queries: range) -> dict[str, Any]:
-    """A job's ``variant_questions`` and ``variant_text_len`` (nothing where the store has no variants)."""
-    if info.variants is None or info.variants.count <= 1 or info.variant_questions is None:
-        return {}
-    return {
-        "variant_questions": tuple(tuple(tuple(info.variant_questions[q]) for q in qs) for qs in usable),
-        "variant_text_len": tuple(
-            tuple(int(n) for n in info.variants.lengths[q]) for q in range(queries.start, queries.stop)
-        ),
-    }
-
-
-def first_images(manifest: pa.Table, count: int) -> pa.Table:
-    """The rows of the first ``count`` images (``--limit``; query_id stays the row index)."""
-    if count < 1:
-        raise UsageError(f"--limit must be >= 1, got {count}")
-    plan = plan_images(manifest, block_size=1)
-    if count >= plan.num_images:
-        return manifest
-    # take() copies into fresh buffers; a zero-copy slice() would keep buffer offsets that
-    # change the bytes lens_manifests.manifest_hash digests (its IPC stream), so the hash
-    # of the stored manifest.parquet would no longer match the one recorded.
-    return manifest.take(np.arange(int(plan.first_query[count])))
-
-
-# ----------------------------------------------------------------------------- runners
-
-
-class SerialRunner:
-    """Runs every block in this process, with one extractor."""
-
-    def __init__(self, extractor_factory: ExtractorFactory) -> None:
-        self.extractor_factory = extractor_factory
-        self._extractor: FeatureExtractor | None = None
-
-    def __enter__(self) -> SerialRunner:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._extractor = None
-
-    @property
-    def extractor(self) -> FeatureExtractor:
-        if self._extractor is None:
-            self._extractor = self.extractor_factory()
-        return self._extractor
-
-    def describe(self, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
-        return describe_extractor(self.extractor, texts, is_sentence)
-
-    def write_warm_start(self, url: str, storage_options: dict, record: dict) -> None:
-        write_warm_start(self.extractor, StoreLocation(url, storage_options), record)
-
-    def run(
-        self, jobs: Sequence[BlockJob], *, url: str, storage_options: dict, batch_size: int, progress: Progress
-    ) -> Iterator[BlockResult]:
-        writer = StoreWriter(url, storage_options)
-        for job in jobs:
-            yield run_block(job, self.extractor, writer, batch_size=batch_size, on_batch=progress.advance)
 
 
 # ----------------------------------------------------------------------------- the build
@@ -256,28 +155,12 @@ def _build_cache(
     progress: bool,
     allow_library_change: bool = False,
 ) -> FeatureStore:
+    """:func:`build_cache` under the store's locks: the steps of the module docstring, in order."""
     existed = not overwrite and store_state(location) == "lens"
-    if (block_size is None or compression is None) and existed:
-        existing = FeatureStore.open(location.url, require_complete=False, storage_options=location.storage_options)
-        block_size = existing.block_size if block_size is None else block_size
-        compression = existing.compression if compression is None else compression
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    compression = DEFAULT_COMPRESSION if compression is None else compression
-    feature_codecs(compression)  # validates the name
+    block_size, compression = _store_settings(location, block_size, compression, existed=existed)
     plan = plan_images(manifest, block_size)
     digest = manifest_hash(manifest)
-
-    if scheduler or workers > 0:
-        from lens_cache.distributed import DaskRunner
-
-        if location.url.startswith("memory://"):
-            raise UsageError("a memory:// store lives in one process: build it with workers=0")
-        if location.is_local:  # workers may run in another directory
-            location = StoreLocation(str(location.local_path), location.storage_options)
-
-        runner: Any = DaskRunner(extractor_factory, workers=workers, scheduler=scheduler)
-    else:
-        runner = SerialRunner(extractor_factory)
+    location, runner = _runner(location, extractor_factory, workers=workers, scheduler=scheduler)
 
     with runner:
         info = runner.describe(manifest.column("text").to_pylist(), manifest.column("is_sentence").to_pylist())
@@ -292,17 +175,10 @@ def _build_cache(
             block_size=block_size,
             compression=compression,
         )
-        store = prepare_store(
-            location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite,
-            prefix=info.prefix, variants=info.variants,
+        store, library_mix = _prepare(
+            location, description, manifest=manifest, plan=plan, info=info, overwrite=overwrite, existed=existed,
+            allow_library_change=allow_library_change, progress=progress,
         )
-        # a resume or repair writes blocks: under the versions the store was built with, or recorded
-        library_mix = check_libraries(store, allow=allow_library_change) if existed else None
-        if existed:  # resume or rerun: first find what of the store is damaged, to redo it
-            store = repair_damage(
-                store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress, prefix=info.prefix,
-                variants=info.variants,
-            )
         for row, reason in info.text_failures.items():
             say(progress, f"skipped query {row}: {reason}")
         for (row, variant), reason in (info.variant_failures or {}).items():
@@ -319,27 +195,8 @@ def _build_cache(
             record_library_mix(location, library_mix)
         # Before any block: a resumed build rewrites the same bytes.
         runner.write_warm_start(location.url, location.storage_options, info.identity["warm_start"])
-        pending = store.missing_blocks()
-        done_images = plan.num_images - sum(len(plan.image_range(b)) for b in pending)
-        done_queries = plan.num_queries - sum(len(plan.query_range(b)) for b in pending)
-        meter = Progress(
-            total_images=plan.num_images,
-            total_queries=plan.num_queries,
-            done_images=done_images,
-            done_queries=done_queries,
-            enabled=progress,
-        )
-        if len(pending) < plan.num_blocks:
-            meter.message(
-                f"resuming {location.url}: {plan.num_blocks - len(pending)}/{plan.num_blocks} blocks already written"
-            )
-        jobs = make_jobs(manifest, plan, info, pending)
-        for result in runner.run(
-            jobs, url=location.url, storage_options=location.storage_options, batch_size=batch_size, progress=meter
-        ):
-            for image, _code, message in result.failures:
-                meter.message(f"skipped image {image}: {message}")
-        meter.close()
+        _run_missing_blocks(runner, store, manifest=manifest, plan=plan, info=info, batch_size=batch_size,
+                            progress=progress)
 
     finished = finalize_store(
         FeatureStore.open(location.url, require_complete=False, storage_options=location.storage_options)
@@ -351,3 +208,190 @@ def _build_cache(
         f"{len(finished.failed_queries())} other query(ies) skipped",
     )
     return finished
+
+
+# ----------------------------------------------------------------------------- its steps
+
+
+def _store_settings(
+    location: StoreLocation, block_size: int | None, compression: str | None, *, existed: bool
+) -> tuple[int, str]:
+    """The block size and compression of the build: as asked, else the existing store's, else the defaults."""
+    if (block_size is None or compression is None) and existed:
+        existing = FeatureStore.open(location.url, require_complete=False, storage_options=location.storage_options)
+        block_size = existing.block_size if block_size is None else block_size
+        compression = existing.compression if compression is None else compression
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    compression = DEFAULT_COMPRESSION if compression is None else compression
+    feature_codecs(compression)  # validates the name
+    return block_size, compression
+
+
+def _runner(
+    location: StoreLocation, extractor_factory: ExtractorFactory, *, workers: int, scheduler: str | None
+) -> tuple[StoreLocation, Any]:
+    """Where the blocks run: this process (:class:`SerialRunner`), or dask workers, which see the store at
+    an absolute path."""
+    if not (scheduler or workers > 0):
+        return location, SerialRunner(extractor_factory)
+    from lens_cache.distributed import DaskRunner
+
+    if location.url.startswith("memory://"):
+        raise UsageError("a memory:// store lives in one process: build it with workers=0")
+    if location.is_local:  # workers may run in another directory
+        location = StoreLocation(str(location.local_path), location.storage_options)
+    return location, DaskRunner(extractor_factory, workers=workers, scheduler=scheduler)
+
+
+def _prepare(
+    location: StoreLocation,
+    description: StoreDescription,
+    *,
+    manifest: pa.Table,
+    plan: ImagePlan,
+    info: ExtractorInfo,
+    overwrite: bool,
+    existed: bool,
+    allow_library_change: bool,
+    progress: bool,
+) -> tuple[FeatureStore, dict[str, str | None] | None]:
+    """The store created, or reopened and repaired; and the library versions to record as a mix, if any."""
+    store = prepare_store(
+        location, description, manifest=manifest, plan=plan, text_len=info.text_len, overwrite=overwrite,
+        prefix=info.prefix, variants=info.variants,
+    )
+    # a resume or repair writes blocks: under the versions the store was built with, or recorded
+    library_mix = check_libraries(store, allow=allow_library_change) if existed else None
+    if existed:  # resume or rerun: first find what of the store is damaged, to redo it
+        store = repair_damage(
+            store, manifest=manifest, plan=plan, text_len=info.text_len, progress=progress, prefix=info.prefix,
+            variants=info.variants,
+        )
+    return store, library_mix
+
+
+def _run_missing_blocks(
+    runner: Any, store: FeatureStore, *, manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, batch_size: int,
+    progress: bool,
+) -> None:
+    """Run every block whose done flag is not set, with a progress line over the whole store."""
+    pending = missing_blocks(store)
+    done_images = plan.num_images - sum(len(plan.image_range(b)) for b in pending)
+    done_queries = plan.num_queries - sum(len(plan.query_range(b)) for b in pending)
+    meter = Progress(
+        total_images=plan.num_images,
+        total_queries=plan.num_queries,
+        done_images=done_images,
+        done_queries=done_queries,
+        enabled=progress,
+    )
+    if len(pending) < plan.num_blocks:
+        meter.message(
+            f"resuming {store.url}: {plan.num_blocks - len(pending)}/{plan.num_blocks} blocks already written"
+        )
+    jobs = make_jobs(manifest, plan, info, pending)
+    for result in runner.run(
+        jobs, url=store.url, storage_options=store.location.storage_options, batch_size=batch_size, progress=meter
+    ):
+        for image, _code, message in result.failures:
+            meter.message(f"skipped image {image}: {message}")
+    meter.close()
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def make_jobs(manifest: pa.Table, plan: ImagePlan, info: ExtractorInfo, blocks: Iterable[int]) -> list[BlockJob]:
+    """One :class:`~lens_cache.block_job.BlockJob` per block of ``blocks``: its images' paths and sizes (the
+    manifest's), its usable queries' questions and every query's L_t, so a worker never reads the manifest."""
+    paths = manifest.column("image_path").to_pylist()
+    heights = manifest.column("height").to_pylist()
+    widths = manifest.column("width").to_pylist()
+    jobs = []
+    for block in blocks:
+        images = plan.image_range(block)
+        rows = [int(plan.first_query[image]) for image in images]
+        queries = plan.query_range(block)
+        usable = [
+            [q for q in range(int(plan.first_query[image]), plan.query_end(image)) if info.text_len[q] > 0]
+            for image in images
+        ]
+        jobs.append(
+            BlockJob(
+                block=block,
+                image_start=images.start,
+                image_paths=tuple(paths[row] for row in rows),
+                image_sizes=tuple((int(heights[row]), int(widths[row])) for row in rows),
+                query_start=queries.start,
+                questions=tuple(tuple(info.questions[q] for q in qs) for qs in usable),
+                query_rows=tuple(tuple(q - queries.start for q in qs) for qs in usable),
+                image_queries=tuple(plan.query_end(image) - int(plan.first_query[image]) for image in images),
+                text_len=tuple(int(n) for n in info.text_len[queries.start : queries.stop]),
+                **_job_variants(info, usable, queries),
+            )
+        )
+    return jobs
+
+
+def _job_variants(info: ExtractorInfo, usable: list[list[int]], queries: range) -> dict[str, Any]:
+    """A job's ``variant_questions`` and ``variant_text_len`` (nothing where the store has no variants)."""
+    if info.variants is None or info.variants.count <= 1 or info.variant_questions is None:
+        return {}
+    return {
+        "variant_questions": tuple(tuple(tuple(info.variant_questions[q]) for q in qs) for qs in usable),
+        "variant_text_len": tuple(
+            tuple(int(n) for n in info.variants.lengths[q]) for q in range(queries.start, queries.stop)
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+class SerialRunner:
+    """Runs every block in this process, with one extractor."""
+
+    def __init__(self, extractor_factory: ExtractorFactory) -> None:
+        self.extractor_factory = extractor_factory
+        self._extractor: FeatureExtractor | None = None
+
+    def __enter__(self) -> SerialRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._extractor = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = self.extractor_factory()
+        return self._extractor
+
+    def describe(self, texts: Sequence[str], is_sentence: Sequence[bool]) -> ExtractorInfo:
+        return describe_extractor(self.extractor, texts, is_sentence)
+
+    def write_warm_start(self, url: str, storage_options: dict, record: dict) -> None:
+        write_warm_start(self.extractor, StoreLocation(url, storage_options), record)
+
+    def run(
+        self, jobs: Sequence[BlockJob], *, url: str, storage_options: dict, batch_size: int, progress: Progress
+    ) -> Iterator[BlockResult]:
+        writer = BlockWriter(url, storage_options)
+        for job in jobs:
+            yield run_block(job, self.extractor, writer, batch_size=batch_size, on_batch=progress.advance)
+
+
+# ----------------------------------------------------------------------------- --limit
+
+
+def first_images(manifest: pa.Table, count: int) -> pa.Table:
+    """The rows of the first ``count`` images (``--limit``; query_id stays the row index)."""
+    if count < 1:
+        raise UsageError(f"--limit must be >= 1, got {count}")
+    plan = plan_images(manifest, block_size=1)
+    if count >= plan.num_images:
+        return manifest
+    # take() copies into fresh buffers; a zero-copy slice() would keep buffer offsets that
+    # change the bytes lens_manifests.manifest_hash digests (its IPC stream), so the hash
+    # of the stored manifest.parquet would no longer match the one recorded.
+    return manifest.take(np.arange(int(plan.first_query[count])))

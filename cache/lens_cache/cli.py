@@ -12,7 +12,7 @@ Any other exception is a bug and keeps its traceback.
 The project's commands (``lens-cache``, ``lens-train``, ``lens-eval``, ``lens-segment``,
 ``lens-chat``, ``lens-general``, ``python -m lens_train.reproduction``) are Typer apps made by
 :func:`command_app` that map errors to exit codes with :func:`user_errors`, both defined here
-once. (``lens-toy``, the toy backbones' pretraining in ``lens_cache.toy``, keeps its own app.)
+once. (``lens-toy``, the toy backbones' pretraining in ``lens_toy``, keeps its own app.)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from lens_cache.estimate import OPTION_HELP as ESTIMATE_HELP, run_estimate
 
 
 def command_app(**options: Any) -> typer.Typer:
@@ -192,6 +193,10 @@ def build(
     checkpoints: --mllm llava-hf/llava-1.5-7b-hf --sam vit_h:PATH (layer 14). lens-train
     then picks the preset made for the store's MLLM. --mllm tiny --sam tiny are random-weight
     models built in code, for pipeline tests only.
+    \f
+    Long because its 20 options are declared in its signature, as Typer reads them (one to six lines
+    each, with their help); the body only turns them into one :func:`lens_cache.build.build_cache` call.
+    (The form feed above ends the help text ``lens-cache build --help`` shows.)
     """
     with user_errors(output=out):
         import functools
@@ -288,7 +293,7 @@ def info(store: Annotated[str, typer.Argument(help="Store path or URL.")]) -> No
 
         opened = FeatureStore.open(store, require_complete=False)
         attrs = opened.attrs
-        done = opened.num_blocks - len(opened.missing_blocks())
+        done = int(opened.done_flags().sum())
         per_array = {name: opened.location.bytes_under(name) for name in opened.array_names()}
         failed_images, failed_queries = opened.failed_images(), opened.failed_queries()
         left_out = get_skipped(opened.unchecked_manifest())  # what the manifest's adapter skipped, and why
@@ -458,6 +463,32 @@ def probe_layers_command(
                    f"grid, {result.queries} queries scored ({result.meta['elapsed_s']:.1f}s)")
         typer.echo(format_table(result))
         typer.echo("wrote " + ", ".join(str(path) for path in paths))
+
+
+@app.command("estimate")
+def estimate_command(
+    split: Annotated[str, typer.Option(help=ESTIMATE_HELP["split"])],
+    data_root: Annotated[Path | None, typer.Option(help=ESTIMATE_HELP["data_root"])] = None,
+    mllm: Annotated[str, typer.Option(help=ESTIMATE_HELP["mllm"])] = "toy",
+    layers: Annotated[str | None, typer.Option(help=ESTIMATE_HELP["layers"], show_default=False)] = None,
+    sam: Annotated[str | None, typer.Option(help=ESTIMATE_HELP["sam"], show_default=False)] = None,
+    compression: Annotated[str, typer.Option(help=ESTIMATE_HELP["compression"])] = "lossless",
+    gpu: Annotated[str, typer.Option(help=ESTIMATE_HELP["gpu"])] = "h100",
+    mfu: Annotated[float, typer.Option(help=ESTIMATE_HELP["mfu"])] = 0.4,
+    preset: Annotated[str | None, typer.Option(help=ESTIMATE_HELP["preset"], show_default=False)] = None,
+    question_set: Annotated[str | None, typer.Option(help=ESTIMATE_HELP["question_set"], show_default=False)] = None,
+    device: Annotated[str, typer.Option(help=ESTIMATE_HELP["device"])] = "cuda",
+    train_samples_per_s: Annotated[float | None, typer.Option(help=ESTIMATE_HELP["train_samples_per_s"])] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=ESTIMATE_HELP["json"])] = False,
+) -> None:
+    """What a build takes, before running it: counts, store bytes, free disk, build GPU-hours, stage-2 time."""
+    with user_errors():
+        from lens_cache.estimate_report import as_json as estimate_json, report_lines
+
+        result = run_estimate(split, mllm, layers=parse_layers(layers) if layers is not None else None, sam=sam,
+                              data_root=data_root, compression=compression, gpu=gpu, mfu=mfu, preset=preset,
+                              question_set=question_set, device=device, train_samples_per_s=train_samples_per_s)
+    typer.echo(json.dumps(estimate_json(result), indent=2) if as_json else "\n".join(report_lines(result)))
 
 
 def main() -> None:  # pragma: no cover - console entry

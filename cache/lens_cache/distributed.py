@@ -35,19 +35,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lens_cache.backbones.base import FeatureExtractor
-from lens_cache.block_job import (
-    BlockJob,
-    BlockResult,
-    ExtractorFactory,
-    ExtractorInfo,
-    describe_extractor,
-    run_block,
-    write_warm_start,
-)
+from lens_cache.block_job import BlockJob, BlockResult, run_block
+from lens_cache.block_writer import BlockWriter
 from lens_cache.errors import UsageError
+from lens_cache.extractor_info import ExtractorFactory, ExtractorInfo, describe_extractor
 from lens_cache.progress import Progress
 from lens_cache.store_location import StoreLocation
-from lens_cache.store_writer import StoreWriter
+from lens_cache.warm_start import write_warm_start
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -85,11 +79,11 @@ def _worker_extractor(factory: ExtractorFactory, token: str) -> FeatureExtractor
         return _worker_state["extractor"]
 
 
-def _worker_writer(url: str, storage_options: dict) -> StoreWriter:
+def _worker_writer(url: str, storage_options: dict) -> BlockWriter:
     with _worker_lock:
         writers = _worker_state["writers"]
         if url not in writers:
-            writers[url] = StoreWriter(url, storage_options)
+            writers[url] = BlockWriter(url, storage_options)
         return writers[url]
 
 

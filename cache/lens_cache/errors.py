@@ -56,7 +56,7 @@ class DamagedStoreError(StoreError):
     """A sample (or index array, or the manifest) of a store is not what was written.
 
     ``detail`` is the short form (``image 3: images/sam: its chunk is missing``) that
-    :func:`lens_cache.store_verify.scan_store` lists; the message adds the store and the repair.
+    :func:`lens_cache.store_blocks.scan_store` lists; the message adds the store and the repair.
     """
 
     def __init__(self, message: str, *, detail: str = "", block: int | None = None) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from lens_cache.errors import UsageError
 from lens_cache.locks import exclusive
 from lens_cache.store import MANIFEST_FILE, FeatureStore
-from lens_manifests.files import replaced_on_success
+from lens_core.files import replaced_on_success
 
 #: samples copied per read/write: bounds memory (a 576x4096 float16 sample is 4.7 MB)
 COPY_ROWS = 64

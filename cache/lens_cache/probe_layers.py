@@ -14,7 +14,7 @@ attention target (:func:`lens_core.geometry.mask_to_padded_frame`, as ``lens_cor
 - **chance**: the target's share of the grid's cells (where a random peak lands).
 
 Decoder layer ``k`` (0-based) computes its attention from ``hidden_states[k]``: it is the layer a head
-trained on ``--layers k`` features starts as (the warm start, ``lens_cache.block_job.warm_start_layers``),
+trained on ``--layers k`` features starts as (the warm start, ``lens_cache.warm_start.warm_start_layers``),
 so the best-scoring ``k >= 1`` is the candidate for a preset's main layer. A query whose target covers
 no cell by more than half, whose image cannot be read, or whose text the backbone refuses is skipped
 and counted. No training: this reads the frozen MLLM only.
@@ -172,7 +172,7 @@ def probe_layers(table: pa.Table, backbone: Any, *, progress: Any = None) -> Pro
     """
     from lens_cache.backbones.geometry import sam_frame
     from lens_cache.block_job import load_image
-    from lens_cache.store_writer import plan_images
+    from lens_cache.store_plan import plan_images
     from lens_manifests import decode_target
 
     if not callable(getattr(backbone, "image_attention_by_layer", None)) or not hasattr(backbone, "grid_size"):
@@ -332,7 +332,7 @@ def run_probe(
     from lens_cache.backbones import build_mllm
     from lens_cache.backbones.runtime import cpu_threads, resolve_device
     from lens_cache.progress import Progress
-    from lens_cache.store_writer import plan_images
+    from lens_cache.store_plan import plan_images
 
     started = time.monotonic()
     dev = resolve_device(device)

@@ -43,7 +43,7 @@ version-5 store whose question set has more than one template per query. Every a
     by create:  the parent, once, before any block (rewritten by a build that finds it damaged)
     by block:   the writer of the block that owns the rows (one worker), before the block's done flag
     by finish:  the parent, after every block's done flag and before `complete`
-    codec store:  the store's compression (lossless, bitround, none): store_writer.feature_codecs
+    codec store:  the store's compression (lossless, bitround, none): store_create.feature_codecs
     codec zstd:   zstd level 3, whatever the compression
 
     array                        shape               dtype    chunk             by      codec
@@ -123,14 +123,24 @@ an image none of whose queries is usable is skipped as ``bad_text`` too. Readers
 :meth:`FeatureStore.valid_query_ids` only; ``lens-cache info`` and ``verify`` list the rest.
 
 
-Where it is written (this module re-exports the public names of each; hashing is
-:mod:`lens_cache.identity`, the errors :mod:`lens_cache.errors`):
+Where it is written (this module re-exports the names readers, the CLI and the tests use from
+them; hashing is :mod:`lens_cache.identity`, the errors :mod:`lens_cache.errors`). Reading, bottom up:
 
-* :mod:`lens_cache.store_format`: the constants, the schema, checksums, the block rule;
+* :mod:`lens_cache.store_format`: the constants, the schema, checksums;
+* :mod:`lens_cache.store_plan`: which rows make an image and a block (:class:`ImagePlan`, :func:`plan_images`);
+* :mod:`lens_cache.store_records`: what a build records beside the arrays (prefix, question templates,
+  :class:`StoreDescription`);
 * :mod:`lens_cache.store_location`: local paths and fsspec URLs, opening the group;
-* :mod:`lens_cache.store_writer`: creation, the block writer, resume, repair, completion;
+* :mod:`lens_cache.store_checked`: attributes and arrays, every value read back checked;
 * :mod:`lens_cache.store_reader`: :class:`FeatureStore`, :func:`require_layer`, :func:`check_compatible`;
-* :mod:`lens_cache.store_verify`: :func:`verify_store`, :func:`scan_store`.
+* :mod:`lens_cache.store_blocks`: which blocks are missing or damaged (:func:`scan_store`), redoing them;
+* :mod:`lens_cache.store_verify`: :func:`verify_store`.
+
+Writing, in a build's order (:mod:`lens_cache.build` walks them top-down):
+
+* :mod:`lens_cache.store_writer`: a build's store: create or resume, repair, finish;
+* :mod:`lens_cache.store_create`: creation, every array once, before any block;
+* :mod:`lens_cache.block_writer`: one block's samples, sizes, checksums, then its done flag.
 """
 
 from __future__ import annotations
@@ -161,9 +171,7 @@ from lens_cache.store_format import (
     WARM_START_FILE,
     ZSTD_LEVEL,
     ArraySpec,
-    ImagePlan,
     StoreArray,
-    StoreDescription,
     block_checksum,
     checksum_array_name,
     dimensions,
@@ -182,26 +190,22 @@ from lens_cache.store_format import (
     text_array_name,
     to_float16,
 )
-from lens_cache.store_location import StoreLocation, open_group, quiet_numcodecs, store_state
-from lens_cache.store_reader import FeatureStore, check_compatible, require_layer
-from lens_cache.store_verify import (
+from lens_cache.store_blocks import (
     SCAN_THREADS,
-    VerifyReport,
+    check_block,
     check_filled,
-    failure_lines,
+    missing_blocks,
     scan_store,
     stored_chunk_rows,
     unfilled_blocks,
     unwritten_samples,
-    verify_store,
 )
-from lens_cache.store_writer import (
-    create_store,
-    feature_codecs,
-    index_arrays,
-    manifest_to_parquet_bytes,
-    plan_images,
-)
+from lens_cache.store_create import create_store, feature_codecs, index_arrays, manifest_to_parquet_bytes
+from lens_cache.store_location import StoreLocation, open_group, quiet_numcodecs, store_state
+from lens_cache.store_plan import ImagePlan, plan_images
+from lens_cache.store_reader import FeatureStore, check_compatible, require_layer
+from lens_cache.store_records import StoreDescription
+from lens_cache.store_verify import VerifyReport, failure_lines, verify_store
 
 __all__ = [
     "ARRAY_GROUPS", "ATTRS_KEY", "BAD_TEXT", "BITROUND_KEEPBITS", "BLOCK_CHECKSUM_ARRAY", "CHECKSUM_ALGORITHM", "CHECKSUM_SUFFIX",
@@ -210,9 +214,9 @@ __all__ = [
     "SUPPORTED_FORMAT_VERSIONS", "WARM_START_FILE", "ZSTD_LEVEL",
     "ArraySpec", "DamagedStoreError", "FeatureStore", "ImagePlan", "MissingLayerError", "StoreArray",
     "StoreDescription", "StoreError", "StoreLocation", "VerifyReport",
-    "block_checksum", "check_compatible", "check_filled", "checksum_array_name", "create_store", "dimensions",
+    "block_checksum", "check_block", "check_compatible", "check_filled", "checksum_array_name", "create_store", "dimensions",
     "expected_arrays", "failure_lines", "feature_codecs", "identity_hash", "image_array_name", "index_arrays",
-    "layout_table", "manifest_hash", "manifest_to_parquet_bytes", "open_group", "plan_images",
+    "layout_table", "manifest_hash", "manifest_to_parquet_bytes", "missing_blocks", "open_group", "plan_images",
     "quiet_numcodecs", "require_layer", "sam_embedding_shape", "sample_arrays", "sample_checksum", "store_sample_arrays", "variants_array_name", "scan_store",
     "store_arrays", "store_state", "stored_checksums", "stored_chunk_rows", "stored_sam_channels", "text_array_name",
     "to_float16", "unfilled_blocks", "unwritten_samples", "verify_store",

@@ -1,18 +1,21 @@
-"""The feature store's format: its constants, its array schema, its checksums and its block rule.
+"""The feature store's format: its constants, its array schema and its checksums.
 
 Every rule of what a store holds is written here once; :mod:`lens_cache.store` (whose
 docstring is the full contract, with the table :func:`layout_table` renders) re-exports it.
+It is the bottom of a build's walk (``build`` -> ``store_writer`` -> ``block_job`` -> here):
+every other store module takes its names, shapes and checksums from this one.
 
 * :data:`SCHEMA` is the one table of arrays: name, shape and chunks (in the dimension
   symbols of :data:`DIMENSIONS`, which :func:`dimensions` reads off a store's attributes),
-  dtype, codecs and who writes it. Creation (:func:`lens_cache.store_writer.create_store`),
-  the block writer (:class:`lens_cache.store_writer.StoreWriter`), the reader and
+  dtype, codecs and who writes it. Creation (:func:`lens_cache.store_create.create_store`),
+  the block writer (:class:`lens_cache.block_writer.BlockWriter`), the reader and
   verification (:func:`expected_arrays`) all derive what they create, write, read and check
   from it; ``tests/test_cache_store.py`` pins it against :data:`FORMAT_VERSION`.
-* A block is ``B`` consecutive images and all their queries (:func:`block_images`,
-  :func:`query_end`, :class:`ImagePlan`).
 * A sample's checksum is the crc32 of its bytes as written (:func:`sample_checksum`), a
   block's that of its sizes and failure codes (:func:`block_checksum`).
+
+Which rows make a block is :mod:`lens_cache.store_plan`; what a build records beside the
+arrays (the prefix, the question templates, what the store is), :mod:`lens_cache.store_records`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from lens_cache.identity import normalise_json
 
 #: 4: the prompt's tokens before the image, once per layer (``prefix/mllm_l{L}``, ``attrs["prefix"]``).
 #: 5: the text states of every question template of a query (``queries/variants_l{L}``,
@@ -101,7 +103,7 @@ VARIANT_INDEX = "variant-index"
 #: The codecs of an array (the ``codec`` column of the layout).
 CODEC_FEATURES, CODEC_ZSTD = "store", "zstd"
 CODECS = {
-    CODEC_FEATURES: f"the store's compression ({', '.join(COMPRESSIONS)}): store_writer.feature_codecs",
+    CODEC_FEATURES: f"the store's compression ({', '.join(COMPRESSIONS)}): store_create.feature_codecs",
     CODEC_ZSTD: f"zstd level {ZSTD_LEVEL}, whatever the compression",
 }
 
@@ -491,140 +493,3 @@ def manifest_hash(table: pa.Table) -> str:
 
     return _manifest_hash(table)
 
-
-# ----------------------------------------------------------------------------- blocks
-
-
-def block_images(block: int, block_size: int, num_images: int) -> range:
-    """The images of ``block``: ``block_size`` consecutive images (the last block may have fewer)."""
-    start = block * block_size
-    return range(start, min(start + block_size, num_images))
-
-
-def query_end(first_query: np.ndarray, num_queries: int, image: int) -> int:
-    """One past the last query (row) of ``image``: an image's queries are contiguous rows."""
-    return int(first_query[image + 1]) if image + 1 < len(first_query) else num_queries
-
-
-@dataclass(frozen=True)
-class ImagePlan:
-    """How the manifest's rows fall into images and blocks.
-
-    Attributes:
-        first_query: (N_img,) int64, first row of each image (rows are grouped by image).
-        image_index: (N_q,) int64, image of each row.
-        block_size: images per block.
-    """
-
-    first_query: np.ndarray
-    image_index: np.ndarray
-    block_size: int
-
-    @property
-    def num_images(self) -> int:
-        return len(self.first_query)
-
-    @property
-    def num_queries(self) -> int:
-        return len(self.image_index)
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.num_images // self.block_size)
-
-    def image_range(self, block: int) -> range:
-        return block_images(block, self.block_size, self.num_images)
-
-    def query_range(self, block: int) -> range:
-        images = self.image_range(block)
-        return range(int(self.first_query[images.start]), self.query_end(images.stop - 1))
-
-    def query_end(self, image: int) -> int:
-        """One past the last row of ``image``."""
-        return query_end(self.first_query, self.num_queries, image)
-
-    @property
-    def max_block_queries(self) -> int:
-        """The most queries of any block (the width of the query-checksum arrays)."""
-        return max(len(self.query_range(block)) for block in range(self.num_blocks))
-
-
-# ----------------------------------------------------------------------------- the prefix
-
-
-@dataclass(frozen=True)
-class StorePrefix:
-    """What a build stores once for the prompt's tokens before the image (format version 4).
-
-    Attributes:
-        token_ids: the P_pre token ids (BOS, system prompt, ``USER:``), recorded in ``attrs["prefix"]``.
-        states: layer -> (P_pre, d) float16, as stored in ``prefix/mllm_l{L}``.
-    """
-
-    token_ids: tuple[int, ...]
-    states: dict[int, np.ndarray]
-
-    def record(self) -> dict:
-        """``attrs["prefix"]``."""
-        return {"length": len(self.token_ids), "token_ids": [int(t) for t in self.token_ids]}
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Array name -> stored values."""
-        return {prefix_array_name(layer): values for layer, values in self.states.items()}
-
-
-# ----------------------------------------------------------------------------- text variants
-
-
-@dataclass(frozen=True)
-class StoreVariants:
-    """What a build records about the question templates of its queries (format version 5).
-
-    Attributes:
-        question_set: the set's name; names: kind (``short``, ``sentence``) -> one line per variant.
-        count: the most variants of any query (1: one question per query, no variant arrays).
-        lengths: (N_q, count - 1) int32, L_t of each query's variant v + 1 (column v): 0 where its kind has
-            no such variant, -1 where the backbone refused the text (or the query's variant 0 was refused).
-    """
-
-    question_set: str
-    names: dict
-    count: int
-    lengths: np.ndarray
-
-    @property
-    def max_len(self) -> int:
-        return max(1, int(self.lengths.max())) if self.lengths.size else 0
-
-    def record(self) -> dict:
-        """``attrs["text_variants"]``."""
-        return {"question_set": self.question_set, "count": int(self.count), "max_len": self.max_len,
-                "names": self.names}
-
-
-# ----------------------------------------------------------------------------- self-description
-
-
-@dataclass(frozen=True)
-class StoreDescription:
-    """What a store is (the ``lens_cache`` attribute minus the bookkeeping)."""
-
-    identity: dict
-    layers: tuple[int, ...]
-    hidden_size: int
-    num_image_tokens: int
-    sam_channels: int
-    spec: str
-    manifest_hash: str
-    block_size: int
-    compression: str
-
-    def comparable(self) -> dict[str, Any]:
-        """The settings a resumed build must share with the store, flattened for messages."""
-        identity = {key: value for key, value in normalise_json(self.identity).items() if key != "layers"}
-        return {
-            "layers": list(self.layers),
-            **identity,
-            "block_size": self.block_size,
-            "compression": self.compression,
-        }

@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 import zarr
 from lens_cache.store_format import ATTRS_KEY, PARTIAL_KEY
-from lens_manifests.files import replaced_on_success
+from lens_core.files import replaced_on_success
 from zarr.abc.store import Store as ZarrStore
 
 

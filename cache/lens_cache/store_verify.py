@@ -1,16 +1,17 @@
 """Checking a feature store: structure against the schema, and every value against its checksum.
 
-:func:`verify_store` (``lens-cache verify``) checks a store end to end; :func:`scan_store`
-reads back every sample of some blocks (a build over an existing store uses it to find what
-to recompute), :func:`unwritten_samples` lists the samples of finished blocks whose chunk is
-not in storage. The arrays and their shapes, dtypes and chunks come from
-:data:`lens_cache.store_format.SCHEMA` (:func:`~lens_cache.store_format.expected_arrays`).
+:func:`verify_store` (``lens-cache verify``) checks a store end to end: its attributes and files,
+every array against :data:`lens_cache.store_format.SCHEMA`
+(:func:`~lens_cache.store_format.expected_arrays`), the arrays written at creation, and (unless
+``quick``) every sample of every finished block, read back by the block bookkeeping a build uses to
+find what to recompute (:func:`lens_cache.store_blocks.scan_store`,
+:func:`~lens_cache.store_blocks.check_filled`). It reads through
+:class:`lens_cache.store_reader.FeatureStore` and writes nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,21 +20,17 @@ import numpy as np
 import pyarrow as pa
 from lens_cache.errors import DamagedStoreError, StoreError
 from lens_cache.identity import identity_hash
+from lens_cache.store_blocks import check_filled, scan_store
 from lens_cache.store_format import (
     IMAGE_FAILED,
     MANIFEST_FILE,
     QUERY_FAILED,
     TEXT_LEN,
-    array_spec,
     creation_arrays,
     expected_arrays,
-    is_query_array,
     manifest_hash,
 )
 from lens_cache.store_reader import FeatureStore
-
-#: Threads that read and check samples in :func:`scan_store` (decoding and crc32 release the GIL).
-SCAN_THREADS = 4
 
 
 @dataclass
@@ -90,101 +87,6 @@ def failure_lines(
                 yield f"{where}: {item['text']!r}"
 
 
-def stored_chunk_rows(store: FeatureStore, name: str) -> set[int]:
-    """First-axis indices of the chunks of a per-sample array that exist in storage.
-
-    Zarr does not store a chunk equal to the fill value (``write_empty_chunks`` is
-    off), so a missing chunk of a feature array means the sample was never written.
-    """
-    fs, root = store.location.filesystem()
-    prefix = f"{root}/{name}/c"
-    if not fs.exists(prefix):
-        return set()
-    return {int(path.rstrip("/").rsplit("/", 1)[-1]) for path in fs.ls(prefix, detail=False)}
-
-
-def check_filled(store: FeatureStore) -> list[str]:
-    """Problems if any sample of a finished block was not written (STYLE 9)."""
-    return [
-        f"{name}: {len(missing)} sample(s) of finished blocks were never written (e.g. {sorted(missing)[:5]})"
-        for name, missing in unwritten_samples(store).items()
-    ]
-
-
-def unfilled_blocks(store: FeatureStore) -> list[int]:
-    """The finished blocks with a sample whose chunk is not listed in storage."""
-    blocks: set[int] = set()
-    for name, rows in unwritten_samples(store).items():
-        images = store.image_index[sorted(rows)] if is_query_array(name) else np.asarray(sorted(rows))
-        blocks |= {int(image) // store.block_size for image in images}
-    return sorted(blocks)
-
-
-def unwritten_samples(store: FeatureStore) -> dict[str, set[int]]:
-    """Array name -> rows of finished blocks (not skipped samples) whose chunk folder is not listed.
-
-    A structural check (one listing per array, no values read): a chunk deleted from a
-    nested chunk folder leaves the folder, so only :func:`scan_store` sees every loss.
-    """
-    found: dict[str, set[int]] = {}
-    done = store.done_flags()
-    expected_images = {
-        image
-        for block in np.flatnonzero(done)
-        for image in store.block_image_range(int(block))
-        if store.image_failures[image] == 0
-    }
-    cached = np.isin(store.image_index, sorted(expected_images)) & (store.text_len > 0)  # refused texts: no chunk
-    expected_queries = {int(q) for q in np.flatnonzero(cached)}
-    lengths = store.variant_text_len
-    # a query whose every other variant was refused has an all-zero variants row: no chunk either
-    with_variants = {int(q) for q in np.flatnonzero(cached & (lengths > 0).any(axis=1))} if lengths.shape[1] else set()
-    for name in store.sample_array_names:
-        if array_spec(name).needs == "variants":
-            expected = with_variants
-        else:
-            expected = expected_queries if is_query_array(name) else expected_images
-        missing = expected - stored_chunk_rows(store, name)
-        if missing:
-            found[name] = missing
-    return found
-
-
-def scan_store(
-    store: FeatureStore, blocks: Sequence[int] | None = None, *, progress: bool = False, label: str = "lens-cache verify"
-) -> dict[int, list[str]]:
-    """Read every sample of ``blocks`` (default: every finished block) and check it against its checksum.
-
-    A missing chunk (zarr would read zeros), a chunk that does not decode and one whose
-    bytes changed are all found; so are damaged checksums and block sizes / failure codes.
-    A version-1 store has no checksums: its values are only decoded.
-
-    Returns:
-        block -> its problems (``image 3: images/sam: its chunk is missing``), damaged blocks only.
-    """
-    from lens_cache.progress import Progress
-
-    if blocks is None:
-        blocks = [int(block) for block in np.flatnonzero(store.done_flags())]
-    sizes = {}
-    for block in blocks:
-        sizes[block] = (len(store.block_image_range(block)), len(store.block_query_range(block)))
-    meter = Progress(
-        total_images=sum(n for n, _ in sizes.values()),
-        total_queries=sum(q for _, q in sizes.values()),
-        enabled=progress,
-        label=label,
-    )
-    damaged: dict[int, list[str]] = {}
-    with ThreadPoolExecutor(SCAN_THREADS) as pool:
-        for block, problems in zip(blocks, pool.map(store.check_block, blocks), strict=True):
-            if problems:
-                damaged[int(block)] = problems
-            meter.advance(*sizes[block])
-    meter.close()
-    return damaged
-
-
 def verify_store(
     url: str | Path, *, storage_options: dict | None = None, quick: bool = False, progress: bool = False
 ) -> VerifyReport:
@@ -200,8 +102,32 @@ def verify_store(
     progress line on stderr when ``progress``.
     """
     store = FeatureStore.open(url, require_complete=False, storage_options=storage_options)
-    attrs = store.attrs
     report = VerifyReport(url=str(url), num_blocks=store.num_blocks)
+    _check_description(store, report)
+    if not _check_arrays(store, report):
+        return report
+    try:
+        report.problems += check_filled(store)
+        if store.complete and not np.array_equal(store.array(QUERY_FAILED)[:], store.query_failures()):
+            report.problems.append(f"{QUERY_FAILED} disagrees with {IMAGE_FAILED} and {TEXT_LEN}")
+        report.failed_images = store.failed_images()
+        report.failed_queries = store.failed_queries()
+    except DamagedStoreError as error:
+        report.problems.append(error.detail)
+    if quick:
+        report.quick = True
+        return report
+    if store.checksums is None:
+        report.notes.append(
+            f"format version {store.attrs['format_version']} has no checksums: values were decoded, not compared"
+        )
+    _check_samples(store, report, progress=progress)
+    return report
+
+
+def _check_description(store: FeatureStore, report: VerifyReport) -> None:
+    """Every block done, the store complete, its identity hash, its manifest file and its warm-start file."""
+    attrs = store.attrs
     done = store.done_flags()
     report.blocks_done = int(done.sum())
     if not done.all():
@@ -226,6 +152,12 @@ def verify_store(
         store.warm_start_bytes()
     except StoreError as error:
         report.problems.append(str(error))
+
+
+def _check_arrays(store: FeatureStore, report: VerifyReport) -> bool:
+    """Every array as the attributes promise it, and the arrays written at creation against their checksums;
+    whether the samples can be checked next (every array there, the index and prefix arrays intact)."""
+    attrs = store.attrs
     present = set(store.array_names())
     expected = expected_arrays(attrs)
     for name, (shape, dtype, chunks) in expected.items():
@@ -239,7 +171,7 @@ def verify_store(
                 f"expected {shape} {dtype} chunks {chunks}"
             )
     if not present >= set(expected):
-        return report
+        return False
     index_ok = True
     for name in creation_arrays(attrs):
         try:
@@ -249,22 +181,11 @@ def verify_store(
             index_ok = False
     if not index_ok:
         report.problems.append(f"the store's index or prefix arrays are damaged: {store.repair_hint}")
-        return report
-    try:
-        report.problems += check_filled(store)
-        if store.complete and not np.array_equal(store.array(QUERY_FAILED)[:], store.query_failures()):
-            report.problems.append(f"{QUERY_FAILED} disagrees with {IMAGE_FAILED} and {TEXT_LEN}")
-        report.failed_images = store.failed_images()
-        report.failed_queries = store.failed_queries()
-    except DamagedStoreError as error:
-        report.problems.append(error.detail)
-    if quick:
-        report.quick = True
-        return report
-    if store.checksums is None:
-        report.notes.append(
-            f"format version {attrs['format_version']} has no checksums: values were decoded, not compared"
-        )
+    return index_ok
+
+
+def _check_samples(store: FeatureStore, report: VerifyReport, *, progress: bool) -> None:
+    """Every sample of every finished block read back against its checksum (the first 20 problems listed)."""
     damaged = scan_store(store, progress=progress)
     listed = 0
     for block, problems in sorted(damaged.items()):
@@ -280,4 +201,3 @@ def verify_store(
             f"{len(damaged)} damaged block(s) {report.damaged_blocks[:10]}{'...' if len(damaged) > 10 else ''}: "
             f"{store.repair_hint}"
         )
-    return report

@@ -15,7 +15,7 @@ from .registry import DATASET_SPLITS, build_manifest, default_synthetic_dir, par
 from .rle import decode_rle, decode_target, encode_mask, polygons_to_mask
 from .safe_pickle import BrokenPickleError, UnsafePickleError, safe_load
 from .schema import MANIFEST_COLUMNS, MANIFEST_FORMAT_VERSION, MANIFEST_SCHEMA, TASKS
-from .store import manifest_hash, read_manifest, recorded_hash, write_manifest
+from .manifest_file import manifest_hash, read_manifest, recorded_hash, write_manifest
 from .synthetic import write_synthetic
 
 __all__ = [

@@ -15,9 +15,12 @@ Two guards every adapter applies to what a dataset file says:
   that fails is skipped with the reason (:func:`declared_size_problem`), so a few
   bytes of JSON can never make the builder allocate gigabytes.
 * **Paths.** A file name read from a dataset file must name a file inside the
-  folder it is joined to (:func:`path_inside`): an absolute name or one whose
-  ``..`` climbs out is skipped and listed, never opened. The check is on the
-  path's text (symlinks are not resolved: a data root may be a link farm).
+  folder it is joined to: the project's one rule, :func:`lens_core.paths.path_inside`
+  (re-exported here). An absolute name, one whose ``..`` climbs out, or one that
+  leads outside the folder through a symlink is skipped and listed, never opened.
+  The folder is resolved first, so a data root (or image folder) that is itself a
+  link works, and so do links between files inside it. The manifest records the
+  path as joined, not resolved.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ import numpy as np
 import pyarrow as pa
 
 from PIL import Image
+
+# the adapters' path check, the project's one rule (see the module docstring)
+from lens_core.paths import UnsafePathError, path_inside  # noqa: F401  (re-exported)
 
 from .schema import MANIFEST_SCHEMA, TASKS
 
@@ -190,30 +196,9 @@ def declared_size_problem(path: Path, height: object, width: object) -> str | No
     return None
 
 
-class UnsafePathError(ManifestError):
-    """A file name from a dataset file points outside the folder it belongs in."""
-
-
-def path_inside(folder: Path, name: object) -> Path:
-    """``folder / name`` for a file name read from a dataset file, refused unless it stays inside ``folder``.
-
-    The test is on the text of the path (normalised, symlinks not resolved), so an
-    absolute name, a ``..`` that climbs out of ``folder`` or an empty name is refused.
-
-    Raises:
-        UnsafePathError: the name is not a relative path inside ``folder``.
-    """
-    text = name if isinstance(name, str) else ""
-    base = os.path.normpath(os.path.abspath(folder))
-    joined = os.path.normpath(os.path.join(base, text))
-    inside = bool(text) and "\x00" not in text and not os.path.isabs(text) and joined != base
-    if not inside or os.path.commonpath([base, joined]) != base:
-        raise UnsafePathError(f"file name {name!r} is not a path inside {folder}: not read")
-    return Path(folder) / text
-
-
 def absolute(path: Path) -> str:
-    """Absolute path string without resolving symlinks (a data root may be a link farm)."""
+    """Absolute path string without resolving symlinks (the manifest names a file as the data root does,
+    even where the root or a folder in it is a link)."""
     return os.path.abspath(path)
 
 

@@ -95,7 +95,7 @@ def _resolve_image(image_dir: Path, file_name: object, *, saiapr: bool) -> Path:
     if saiapr and "/" not in file_name and stem.isdigit() and not path.exists():
         nested = image_dir / f"{int(stem) // 1000:02d}" / "images" / file_name
         if nested.exists():
-            return nested
+            return path_inside(image_dir, f"{int(stem) // 1000:02d}/images/{file_name}")  # a link may lead out
     return path
 
 
@@ -119,36 +119,15 @@ def load_refer(
     (:data:`REFER_DATASETS`); any other ``name`` (e.g. the synthetic set) must
     pass both. ``dataset`` names the rows (default: ``name``).
     """
-    known = REFER_DATASETS.get(name)
     refer_root = Path(data_root) / "refer_seg"
-    if split_by is None:
-        if known is None:
-            raise ManifestError(f"REFER dataset {name!r} is not a known one; pass split_by and image_dir")
-        split_by = known.split_by
-    if image_dir is None:
-        if known is None:
-            raise ManifestError(f"REFER dataset {name!r} is not a known one; pass image_dir")
-        image_dir = refer_root / known.image_subdir
-    image_dir = Path(image_dir)
+    split_by, image_dir = _source_of(name, refer_root, split_by=split_by, image_dir=image_dir)
     dataset = dataset or name
 
     ds_dir = require_path(refer_root / name, dataset, is_dir=True)
     refs_path = require_path(ds_dir / f"refs({split_by}).p", dataset, is_dir=False)
     instances_path = require_path(ds_dir / "instances.json", dataset, is_dir=False)
     require_path(image_dir, f"{dataset} images", is_dir=True)
-
-    try:
-        refs = safe_load(refs_path)
-    except UnsafePickleError as e:
-        raise ManifestError(str(e)) from None
-    except BrokenPickleError as e:
-        raise ManifestError(f"{e}: download {refs_path.name} again") from None
-    if not isinstance(refs, list):
-        raise ManifestError(f"{refs_path}: expected a list of refs, found {type(refs).__name__}")
-    available = sorted({str(r.get("split", "")) for r in refs})
-    selected = [r for r in refs if ref_in_split(str(r.get("split", "")), split)]
-    if split not in REFER_API_SPLITS and split not in available:
-        raise ManifestError(f"unknown split {split!r} for {dataset}; its refs have splits {', '.join(available)}")
+    selected = _refs_in_split(refs_path, split, dataset)
 
     with open(instances_path, "rb") as f:
         instances = json.load(f)
@@ -176,38 +155,102 @@ def load_refer(
         if problem is not None:
             skipped.append(Skipped(str(resolved), problem))
             continue
-        height, width = int(img["height"]), int(img["width"])
-        image_path = absolute(resolved)
-        # by split first: an image's rows for one (dataset, split) stay contiguous even under "test"
-        for ref in sorted(by_image[image_id], key=lambda r: (str(r["split"]), r["ref_id"])):
-            ann = anns.get(ref["ann_id"])
-            if ann is None:
-                skipped.append(Skipped(f"{refs_path}#ref:{ref['ref_id']}", f"annotation {ref['ann_id']} missing"))
-                continue
-            if ann["id"] not in rle_cache:
-                try:
-                    rle_cache[ann["id"]] = coco_segmentation_to_rle(ann.get("segmentation", []), height, width)
-                except ValueError as e:
-                    skipped.append(Skipped(f"{instances_path}#ann:{ann['id']}", str(e)))
-                    continue
-            for k, sent in enumerate(ref.get("sentences", [])):
-                text = str(sent.get("sent", "")).strip()
-                if not text:
-                    continue  # REFER has a handful of empty sentences; nothing to ask
-                rows.append(
-                    QueryRow(
-                        dataset=dataset,
-                        task="referring",
-                        split=str(ref["split"]),
-                        image_id=str(image_id),
-                        image_path=image_path,
-                        text=text,
-                        is_sentence=False,
-                        height=height,
-                        width=width,
-                        mask_rle=rle_cache[ann["id"]],
-                        ignore_rle=None,
-                        source_id=f"ref:{ref['ref_id']}/sent:{sent.get('sent_id', k)}",
-                    )
-                )
+        source = _ImageSource(dataset=dataset, image_id=image_id, image_path=absolute(resolved),
+                              height=int(img["height"]), width=int(img["width"]), refs_path=refs_path,
+                              instances_path=instances_path)
+        rows += _image_rows(source, by_image[image_id], anns, rle_cache, skipped)
     return rows_to_table(rows, skipped=skipped)
+
+
+def _source_of(name: str, refer_root: Path, *, split_by: str | None, image_dir: str | Path | None) -> tuple[str, Path]:
+    """``split_by`` and ``image_dir`` of REFER dataset ``name``: as given, else the known dataset's.
+
+    Raises:
+        ManifestError: one of them is missing for a dataset that is not a known one.
+    """
+    known = REFER_DATASETS.get(name)
+    if split_by is None:
+        if known is None:
+            raise ManifestError(f"REFER dataset {name!r} is not a known one; pass split_by and image_dir")
+        split_by = known.split_by
+    if image_dir is None:
+        if known is None:
+            raise ManifestError(f"REFER dataset {name!r} is not a known one; pass image_dir")
+        image_dir = refer_root / known.image_subdir
+    return split_by, Path(image_dir)
+
+
+def _refs_in_split(refs_path: Path, split: str, dataset: str) -> list[dict[str, Any]]:
+    """The refs of ``refs_path`` (read with :mod:`.safe_pickle`) that belong to ``split`` (:func:`ref_in_split`).
+
+    Raises:
+        ManifestError: the pickle is unsafe, damaged or not a list of refs, or ``split`` is none of the
+            REFER API's splits nor one the refs carry.
+    """
+    try:
+        refs = safe_load(refs_path)
+    except UnsafePickleError as e:
+        raise ManifestError(str(e)) from None
+    except BrokenPickleError as e:
+        raise ManifestError(f"{e}: download {refs_path.name} again") from None
+    if not isinstance(refs, list):
+        raise ManifestError(f"{refs_path}: expected a list of refs, found {type(refs).__name__}")
+    available = sorted({str(r.get("split", "")) for r in refs})
+    selected = [r for r in refs if ref_in_split(str(r.get("split", "")), split)]
+    if split not in REFER_API_SPLITS and split not in available:
+        raise ManifestError(f"unknown split {split!r} for {dataset}; its refs have splits {', '.join(available)}")
+    return selected
+
+
+@dataclass(frozen=True, slots=True)
+class _ImageSource:
+    """One image of the manifest, checked, and the files its refs come from (named in skip reasons)."""
+
+    dataset: str
+    image_id: Any
+    image_path: str
+    height: int
+    width: int
+    refs_path: Path
+    instances_path: Path
+
+
+def _image_rows(source: _ImageSource, refs: list[dict[str, Any]], anns: dict[Any, dict[str, Any]],
+                rle_cache: dict[Any, str], skipped: list[Skipped]) -> list[QueryRow]:
+    """One row per non-empty sentence of each ref of one image, its target the ref's annotation (its RLE
+    computed once, in ``rle_cache``); a ref whose annotation is missing or undecodable goes to ``skipped``."""
+    rows: list[QueryRow] = []
+    # by split first: an image's rows for one (dataset, split) stay contiguous even under "test"
+    for ref in sorted(refs, key=lambda r: (str(r["split"]), r["ref_id"])):
+        ann = anns.get(ref["ann_id"])
+        if ann is None:
+            skipped.append(Skipped(f"{source.refs_path}#ref:{ref['ref_id']}", f"annotation {ref['ann_id']} missing"))
+            continue
+        if ann["id"] not in rle_cache:
+            try:
+                rle_cache[ann["id"]] = coco_segmentation_to_rle(ann.get("segmentation", []), source.height,
+                                                                source.width)
+            except ValueError as e:
+                skipped.append(Skipped(f"{source.instances_path}#ann:{ann['id']}", str(e)))
+                continue
+        for k, sent in enumerate(ref.get("sentences", [])):
+            text = str(sent.get("sent", "")).strip()
+            if not text:
+                continue  # REFER has a handful of empty sentences; nothing to ask
+            rows.append(
+                QueryRow(
+                    dataset=source.dataset,
+                    task="referring",
+                    split=str(ref["split"]),
+                    image_id=str(source.image_id),
+                    image_path=source.image_path,
+                    text=text,
+                    is_sentence=False,
+                    height=source.height,
+                    width=source.width,
+                    mask_rle=rle_cache[ann["id"]],
+                    ignore_rle=None,
+                    source_id=f"ref:{ref['ref_id']}/sent:{sent.get('sent_id', k)}",
+                )
+            )
+    return rows

@@ -44,7 +44,7 @@ from .common import DATA_ROOT_HINT, ManifestError, concat_manifests
 from .reasonseg import load_reasonseg
 from .refer import REFER_DATASETS, load_refer
 from .semantic import load_ade20k, load_cocostuff, load_mapillary, load_paco_lvis, load_pascal_part
-from .store import SPEC_KEY
+from .manifest_file import SPEC_KEY
 from .synthetic import GENERATOR_VERSION, MARKER, REFER_NAME, read_marker, write_synthetic
 
 SEED_KEY = b"seed"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lens_manifests.files import replaced_on_success
+from lens_core.files import replaced_on_success
 
 from lens_core.geometry import grid_to_sam_coords, postprocess_masks
 

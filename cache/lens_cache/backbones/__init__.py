@@ -7,7 +7,7 @@ the group ``lens_cache.mllm_adapters`` (``pyproject.toml``; this module is not e
 - built-in MLLMs by name (``--mllm NAME``; models built in code or shipped, not the training
   presets of ``lens_train.training.presets``): ``"tiny"`` (random LLaVA), ``"tiny-qwen2vl"``,
   ``"tiny-qwen25vl"``, ``"tiny-onevision"`` (random, :mod:`.qwen2vl`, :mod:`.onevision`) and ``"toy"``
-  (the project's pretrained toy LLaVA, shipped in ``cache/lens_cache/toy/weights``);
+  (the project's pretrained toy LLaVA, shipped in ``cache/lens_cache/backbones/toy_weights``: :mod:`.toy`);
 - adapters by the checkpoint's ``config.model_type`` (``"llava"``, ``"qwen2_vl"``,
   ``"qwen2_5_vl"``, ``"llava_onevision"``), for local folders or names in the offline Hugging Face cache.
 

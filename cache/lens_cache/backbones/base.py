@@ -63,7 +63,7 @@ class FeatureExtractor(Protocol):
 
     # Optional: ``questions_for(text, is_sentence) -> list[str]``, every variant's question (variant 0 =
     # ``question_for``, then the training templates), and ``question_set`` (a ``lens_cache.questions.QuestionSet``):
-    # a build caches the text states of every variant (``lens_cache.block_job.describe_extractor``).
+    # a build caches the text states of every variant (``lens_cache.extractor_info.describe_extractor``).
 
     def extract(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[ImageFeatures]:
         """Features for a batch of images; ``questions[b]`` are the questions about ``images[b]``.
@@ -73,7 +73,7 @@ class FeatureExtractor(Protocol):
         """
 
     # Optional: ``prefix_states() -> (token_ids, layer -> (P, d) tensor) | None``, the prompt's tokens before
-    # the image and their states; a build stores them once (``lens_cache.block_job.store_prefix``).
+    # the image and their states; a build stores them once (``lens_cache.extractor_info.store_prefix``).
 
     def decoder_layers(self, indices: Sequence[int]) -> tuple[dict, list[dict[str, torch.Tensor]]]:
         """The MLLM's decoder layers ``indices`` (0-based), for the LENS head's warm start.

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
+from transformers import LlavaForConditionalGeneration, PretrainedConfig
 
-from lens_manifests.files import sha256_file
+from lens_core.files import sha256_file
 
 from .layer_capture import tensors_fingerprint
-from .mllm import UnsupportedMllmError, load_mllm_config
 from .prefix_sharing import config_hash  # noqa: F401  (importable from here, as before it moved)
 from lens_cache.questions import QuestionSet
 
@@ -34,7 +33,7 @@ from .runtime import no_loading_bar, resolve_device, resolve_dtype
 #: LLaVA-1.5's conversation template as the LENS authors render it: LISA's ``conv_vicuna_v1``
 #: (LISA/model_lisa/llava/conversation.py, ``SeparatorStyle.TWO``, an empty assistant message): the system
 #: prompt, one space, ``USER: <image>\n{question}``, one space, ``ASSISTANT:``. ``<image>`` stands for the
-#: image tokens. (The toy LLaVA keeps the template it was trained with: ``lens_cache.toy.TOY_PROMPT_TEMPLATE``.)
+#: image tokens. (The toy LLaVA keeps the template it was trained with: :data:`.toy.TOY_PROMPT_TEMPLATE`.)
 VICUNA_V1_TEMPLATE = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions. "
@@ -101,36 +100,20 @@ class LlavaBackbone(PrefixSharingBackbone):
         return weights_fingerprint(self.model)
 
     # ----------------------------------------------------------------- loading
+    # ``from_pretrained`` (the base's): a llava-hf checkpoint, offline, never remote code, bfloat16 on CUDA,
+    # float32 on the CPU unless ``dtype`` says otherwise; refused unless its model_type is ``llava``.
+
+    MODEL_TYPES = ("llava",)
+    FAMILY = "LLaVA"
+    DEFAULT_LAYERS = (14,)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        layers: Sequence[int] = (14,),
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> "LlavaBackbone":
-        """Load a llava-hf checkpoint (local folder or HF-cache name), offline, never remote code.
+    def _model_class(cls, model_type: str) -> type:
+        return LlavaForConditionalGeneration
 
-        bfloat16 on CUDA, float32 on CPU unless ``dtype`` says otherwise.
-
-        Raises:
-            MllmCheckpointNotFoundError: no checkpoint there.
-            UnsupportedMllmError: the checkpoint is not a LLaVA one.
-        """
-        config = load_mllm_config(name_or_path)
-        if config.model_type != "llava":
-            raise UnsupportedMllmError(f"{name_or_path} is not a LLaVA checkpoint (model_type {config.model_type!r})")
-        dev = resolve_device(device)
-        model = LlavaForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=resolve_dtype(dtype, dev), local_files_only=True
-        )
-        processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
-        _complete_processor(processor, model.config)
-        model.to(dev).eval().requires_grad_(False)
-        return cls(model, processor, name_or_path=str(name_or_path), layers=layers, **kwargs)
+    @classmethod
+    def _complete_processor(cls, processor: Any, config: PretrainedConfig) -> None:
+        _complete_processor(processor, config)
 
     @classmethod
     def tiny(
@@ -160,13 +143,13 @@ class LlavaBackbone(PrefixSharingBackbone):
         folder: str | Path | None = None,
         **kwargs: Any,
     ) -> "LlavaBackbone":
-        """The project's toy LLaVA (``lens_cache.toy``), loaded from its shipped llava-hf folder.
+        """The project's toy LLaVA (:mod:`.toy`; pretrained by ``lens_toy``), loaded from its shipped llava-hf folder.
 
         Loaded by :meth:`from_pretrained` like any checkpoint; its identity names it ``toy``
         (not the folder's path) and adds the sha256 of its weights file. Its default prompt is the one
-        its conversations were trained on (:data:`lens_cache.toy.TOY_PROMPT_TEMPLATE`), not LLaVA-1.5's.
+        its conversations were trained on (:data:`.toy.TOY_PROMPT_TEMPLATE`), not LLaVA-1.5's.
         """
-        from lens_cache.toy import TOY_LLAVA_DIR, TOY_PROMPT_TEMPLATE, WEIGHTS_DIR
+        from .toy import TOY_LLAVA_DIR, TOY_PROMPT_TEMPLATE, WEIGHTS_DIR
 
         kwargs.setdefault("prompt_template", TOY_PROMPT_TEMPLATE)  # the template it was trained with
         tiny_question_set(kwargs)  # and the question it was trained with (``single``)
@@ -176,8 +159,8 @@ class LlavaBackbone(PrefixSharingBackbone):
             from .mllm import MllmCheckpointNotFoundError
 
             raise MllmCheckpointNotFoundError(
-                f"toy LLaVA weights not found in {path}: check out the repository's cache/lens_cache/toy/weights "
-                "or remake them with `lens-toy pretrain-llava` + `lens-toy export`")
+                f"toy LLaVA weights not found in {path}: check out the repository's "
+                "cache/lens_cache/backbones/toy_weights or remake them with `lens-toy pretrain-llava` + `lens-toy export`")
         with no_loading_bar():
             backbone = cls.from_pretrained(str(path), layers=layers, device=device, dtype=dtype, **kwargs)
         backbone.identity["name_or_path"] = "toy"

@@ -319,39 +319,18 @@ class OnevisionBackbone(PrefixSharingBackbone):
         return last_token_image_attention(out.attentions, self._grid_positions, self.grid_size)
 
     # ----------------------------------------------------------------- loading
+    # ``from_pretrained`` (the base's): a LLaVA-OneVision checkpoint, offline, never remote code, bfloat16 on
+    # CUDA, float32 on the CPU unless ``dtype`` says otherwise.
+
+    MODEL_TYPES = (MODEL_TYPE,)
+    FAMILY = "LLaVA-OneVision"
+    DEFAULT_LAYERS = (14,)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        layers: Sequence[int] = (14,),
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> "OnevisionBackbone":
-        """Load a LLaVA-OneVision checkpoint (local folder or HF-cache name), offline, never remote code.
+    def _model_class(cls, model_type: str) -> type:
+        from transformers import LlavaOnevisionForConditionalGeneration
 
-        bfloat16 on CUDA, float32 on CPU unless ``dtype`` says otherwise.
-
-        Raises:
-            MllmCheckpointNotFoundError: no checkpoint there.
-            UnsupportedMllmError: the checkpoint is not a LLaVA-OneVision one.
-        """
-        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
-
-        from .mllm import UnsupportedMllmError, load_mllm_config
-
-        config = load_mllm_config(name_or_path)
-        if config.model_type != MODEL_TYPE:
-            raise UnsupportedMllmError(
-                f"{name_or_path} is not a LLaVA-OneVision checkpoint (model_type {config.model_type!r})")
-        dev = resolve_device(device)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=resolve_dtype(dtype, dev), local_files_only=True)
-        processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
-        model.to(dev).eval().requires_grad_(False)
-        return cls(model, processor, name_or_path=str(name_or_path), layers=layers, **kwargs)
+        return LlavaOnevisionForConditionalGeneration
 
     @classmethod
     def tiny(

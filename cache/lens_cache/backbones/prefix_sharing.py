@@ -12,14 +12,16 @@ Why the states equal a plain forward's ``hidden_states``:
 - **Early stop.** Forward hooks record ``hidden_states[k]`` (decoder layer ``k - 1``'s raw output); the
   deepest one stops the forward (:func:`~.layer_capture.forward_until`), so deeper layers and the final
   norm never run. The model is never modified, nothing gets gradients.
-- **Token ids.** Tokenising the prompt with ONE image token and repeating its id gives the processor's
-  ids (a special token splits the text into independently tokenised pieces) at a fraction of the cost;
-  checked against the processor at construction.
+- **Token ids.** The prompt's ids, split after the last image token, come from
+  :class:`~.prompt_tokens.PromptTokens` (the prompt rule, the base of the class below), checked
+  against the processor's own at construction.
 
-:class:`PrefixSharingBackbone` holds that loop, the prompt rule, the identity, dialogue, the attention
-probe and the warm start. An adapter (:mod:`.llava`, :mod:`.qwen2vl`, :mod:`.onevision`) adds what
-differs between families: its image geometry and processor settings, its image inputs and position
-ids, and its loading and registration.
+:class:`PrefixSharingBackbone` holds that loop, the identity, dialogue, the attention probe and the
+warm start; :class:`~.prompt_tokens.PromptTokens` the prompt rule; :class:`~.pretrained.PretrainedFamily`
+the loading of a checkpoint (``from_pretrained``: offline, never remote code, the family checked, dtype
+and device chosen, frozen). An adapter (:mod:`.llava`, :mod:`.qwen2vl`, :mod:`.onevision`) adds what
+differs between families: its image geometry and processor settings, its image inputs and position ids,
+its model class and the model types it loads, and its registration.
 
 Importing this module is cheap (the registry imports the adapters): transformers is imported on first use.
 """
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from PIL import Image
 
-from lens_cache.errors import BadSampleError, UsageError
+from lens_cache.errors import UsageError
 from lens_cache.questions import SINGLE_QUESTION_TEMPLATE, QuestionSet, question_set as resolve_question_set
 from lens_core.geometry import SAM_IMAGE_SIZE
 
@@ -45,6 +47,8 @@ from .layer_capture import (
     last_token_image_attention,
     plain,
 )
+from .pretrained import PretrainedFamily
+from .prompt_tokens import QUESTION, PromptTokens
 from .runtime import dtype_name
 
 if TYPE_CHECKING:
@@ -53,10 +57,6 @@ if TYPE_CHECKING:
 #: The question for a referring phrase of the ``single`` question set (sentences asked as they are); the
 #: adapters' default set is ``authors`` (:mod:`lens_cache.questions`).
 REFERRING_QUESTION_TEMPLATE = SINGLE_QUESTION_TEMPLATE
-#: The question's place in a prompt template.
-QUESTION = "{question}"
-#: Stands for the question while a chat template is rendered.
-_SENTINEL = "\x00LENS-QUESTION\x00"
 
 # Config keys that describe where/how a checkpoint was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -128,12 +128,14 @@ def tiny_question_set(kwargs: dict) -> dict:
     return kwargs
 
 
-class PrefixSharingBackbone:
+class PrefixSharingBackbone(PromptTokens, PretrainedFamily):
     """A frozen MLLM that returns its layer-``k`` hidden states (see module docstring).
 
-    An adapter sets the class attributes below, ``backbone_name``, and implements
-    :meth:`_configure_image`, :meth:`_token_count_error` and :meth:`_weights_fingerprint`; the other
-    hooks default to what needs nothing family-specific.
+    An adapter sets the class attributes below and :class:`~.prompt_tokens.PromptTokens`'s
+    (``IMAGE_PLACEHOLDER``, ``DEFAULT_PROMPT_TEMPLATE``, ``SPECIAL_TEXTS``), ``backbone_name``, and
+    implements :meth:`_configure_image`, :meth:`_token_count_error`, :meth:`_weights_fingerprint` and (for
+    :meth:`~.pretrained.PretrainedFamily.from_pretrained`) ``MODEL_TYPES``, ``FAMILY``, ``DEFAULT_LAYERS`` and
+    ``_model_class``; the other hooks default to what needs nothing family-specific.
 
     Args:
         model: the ``*ForConditionalGeneration`` model, frozen by the caller (the loaders do that);
@@ -153,14 +155,8 @@ class PrefixSharingBackbone:
 
     #: ``identity["backbone"]`` (an adapter may set it per instance).
     backbone_name: str
-    #: The image's place in ``prompt_template``.
-    IMAGE_PLACEHOLDER: str
     #: What :meth:`generate` cuts from the template when there is no image.
     TEXT_ONLY_CUT: str
-    #: The prompt when the processor has no chat template.
-    DEFAULT_PROMPT_TEMPLATE: str
-    #: Texts a question may not hold besides the tokeniser's special and added tokens (chat markers).
-    SPECIAL_TEXTS: tuple[str, ...] = ()
     #: Image-processor outputs the model takes besides ``pixel_values`` (image sizes, patch grids).
     IMAGE_INPUT_KEYS: tuple[str, ...] = ()
     #: The question set when none is given: the LENS authors' (the tiny and toy models pass ``single``).
@@ -170,8 +166,6 @@ class PrefixSharingBackbone:
     grid_size: int
     #: L_i, the image tokens cached per image (set by :meth:`_configure_image`).
     num_image_tokens: int
-    #: The image tokens in the prompt, cached or not (set by :meth:`_configure_image`).
-    _sequence_image_tokens: int
 
     def __init__(
         self,
@@ -275,98 +269,7 @@ class PrefixSharingBackbone:
         family needs them given; none by default (the model counts on from its cache)."""
         return {}
 
-    # ------------------------------------------------------------------ prompt
-
-    def _chat_prompt_template(self) -> str:
-        """The checkpoint's chat template rendered for one user turn [image, question] + generation prompt."""
-        if not getattr(self.processor, "chat_template", None):
-            return self.DEFAULT_PROMPT_TEMPLATE
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if text.count(_SENTINEL) != 1 or text.count(self.IMAGE_PLACEHOLDER) != 1:
-            raise UsageError(
-                "the checkpoint's chat template does not render one image and one question: pass prompt_template")
-        return text.replace(_SENTINEL, QUESTION)
-
-    def question_for(self, text: str, is_sentence: bool) -> str:
-        """The evaluation question (variant 0 of :attr:`question_set`) for a manifest row: with ``single``
-        the sentence itself for reasoning queries, else ``question_template`` with the phrase."""
-        return self.question_set.question(text, is_sentence)
-
-    def questions_for(self, text: str, is_sentence: bool) -> list[str]:
-        """Every variant's question for a manifest row: the evaluation one (variant 0), then the training
-        ones in the set's order (a store caches the text states of each)."""
-        return self.question_set.questions(text, is_sentence)
-
-    def prompt_for(self, question: str) -> str:
-        """The full prompt text with a single image placeholder."""
-        return self._fill(self.prompt_template, question)
-
-    def _fill(self, template: str, question: str) -> str:
-        return template.replace(QUESTION, question)
-
-    def num_text_tokens(self, question: str) -> int:
-        """L_t: the number of tokens after the last image token."""
-        return len(self._split_ids(question)[1])
-
-    def prompt_token_ids(self, question: str) -> tuple[list[int], list[int]]:
-        """The ids the MLLM sees for ``question``: (everything up to the last image token, the image run
-        expanded; the L_t tokens after it, the last one the start of the answer) (``lens-cache prompt``).
-
-        Raises:
-            BadSampleError: the question holds a special token, or the prompt exceeds the context.
-        """
-        return self._split_ids(question)
-
-    def _refused_texts(self) -> set[str]:
-        """Texts a question may not hold: the tokeniser would read them as tokens, not text."""
-        tokenizer = self.processor.tokenizer
-        specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
-        return specials | set(self.SPECIAL_TEXTS)
-
-    def _image_texts(self) -> set[str]:
-        """Refused texts an error names "the image token" (by default it names each a special token)."""
-        return set()
-
-    def _check_question(self, question: str) -> None:
-        """Refuse a question the prompt cannot carry as plain text.
-
-        A special token written in the text (an image token, an end of turn, ...) is read by the
-        tokeniser as that token, not as text: it would add image slots or end the turn.
-
-        Raises:
-            BadSampleError: the question holds one (a build skips that query and lists it).
-        """
-        image_texts = self._image_texts()
-        found = sorted(token for token in image_texts | self._refused_texts() if token and token in question)
-        if found:
-            what = "the image token" if found[0] in image_texts else "a special token of the tokeniser"
-            shown = question if len(question) <= 80 else question[:77] + "..."
-            raise BadSampleError(f"the text contains {found[0]!r}, {what}, not text: {shown!r}")
-
-    def _prompt_ids(self, question: str) -> list[int]:
-        """The tokeniser's ids of the prompt with its one image token."""
-        return self.processor.tokenizer(self.prompt_for(question))["input_ids"]
-
-    def _split_ids(self, question: str) -> tuple[list[int], list[int]]:
-        """Token ids of the prompt, split after the last image token: (prefix, suffix).
-
-        Raises:
-            BadSampleError: the question holds a special token, or the prompt would not fit the MLLM's
-                context (``max_position_embeddings``).
-        """
-        self._check_question(question)
-        ids = self._prompt_ids(question)
-        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(positions) != 1:
-            raise BadSampleError(f"expected one image token in the prompt, found {len(positions)}: {question!r}")
-        at = positions[0]
-        prefix, suffix = ids[:at] + [self.image_token_id] * self._sequence_image_tokens, ids[at + 1 :]
-        context = int(self.model.config.text_config.max_position_embeddings)
-        if len(prefix) + len(suffix) > context:
-            raise BadSampleError(
-                f"the prompt would be {len(prefix) + len(suffix)} tokens, more than the MLLM's context of {context}")
-        return prefix, suffix
+    # ------------------------------------------------------------ image inputs
 
     def _processor_ids(self, question: str) -> list[int]:
         """Input ids as the processor itself builds them for ``question`` and a blank SAM frame.

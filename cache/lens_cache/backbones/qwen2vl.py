@@ -203,36 +203,16 @@ class Qwen2VLBackbone(PrefixSharingBackbone):
                 raise self._grid_error(row[0] * row[1] * row[2] // (merge * merge), row)
 
     # ----------------------------------------------------------------- loading
+    # ``from_pretrained`` (the base's): a Qwen2-VL / Qwen2.5-VL checkpoint, offline, never remote code, bfloat16
+    # on CUDA, float32 on the CPU unless ``dtype`` says otherwise.
+
+    MODEL_TYPES = tuple(BACKBONE_NAMES)
+    FAMILY = "Qwen2-VL / Qwen2.5-VL"
+    DEFAULT_LAYERS = (20,)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        layers: Sequence[int] = (20,),
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> "Qwen2VLBackbone":
-        """Load a Qwen2-VL / Qwen2.5-VL checkpoint (local folder or HF-cache name), offline, never remote code.
-
-        bfloat16 on CUDA, float32 on CPU unless ``dtype`` says otherwise.
-
-        Raises:
-            MllmCheckpointNotFoundError: no checkpoint there.
-            UnsupportedMllmError: the checkpoint is not a Qwen2-VL / Qwen2.5-VL one.
-        """
-        from transformers import AutoProcessor
-
-        from .mllm import load_mllm_config
-
-        config = load_mllm_config(name_or_path)
-        model_class = _model_class(config.model_type)
-        dev = resolve_device(device)
-        model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, dev), local_files_only=True)
-        processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
-        model.to(dev).eval().requires_grad_(False)
-        return cls(model, processor, name_or_path=str(name_or_path), layers=layers, **kwargs)
+    def _model_class(cls, model_type: str) -> type:
+        return _model_class(model_type)
 
     @classmethod
     def tiny(

@@ -4,9 +4,9 @@ A SAM spec is a string:
 
 - ``tiny``: a tiny SAM built in code with the real ``segment_anything`` classes,
   deterministic from seed 0 (its image encoder still outputs 256 x 64 x 64);
-- ``toy``: the project's pretrained toy SAM (``lens_cache.toy.sam``: prompt width 64, so
+- ``toy``: the project's pretrained toy SAM (:mod:`.toy`: prompt width 64, so
   64 x 64 x 64 embeddings), its weights loaded strictly from the shipped
-  ``cache/lens_cache/toy/weights/toy_sam.safetensors``; ``toy:PATH`` loads another toy checkpoint;
+  ``cache/lens_cache/backbones/toy_weights/toy_sam.safetensors``; ``toy:PATH`` loads another toy checkpoint;
 - ``vit_h:PATH`` / ``vit_l:PATH`` / ``vit_b:PATH``: the real architecture from
   ``sam_model_registry`` with the checkpoint at PATH loaded strictly.  A bare PATH whose
   file name names the variant (``sam_vit_h_4b8939.pth``) is accepted too.
@@ -30,13 +30,13 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from lens_cache.errors import UsageError, UserError
 
 from lens_core.geometry import SAM_IMAGE_SIZE
-from lens_manifests.files import sha256_file
+from lens_core.files import sha256_file
 
 from .runtime import dtype_name, resolve_device, resolve_dtype
 from .geometry import SamFrame
 
 SAM_VARIANTS = ("vit_h", "vit_l", "vit_b")
-#: The toy SAM's variant name: its architecture is ``lens_cache.toy.sam.build_toy_sam``.
+#: The toy SAM's variant name: its architecture is :func:`.toy.build_toy_sam`.
 TOY_VARIANT = "toy"
 TINY_SAM_SEED = 0
 
@@ -64,7 +64,7 @@ def parse_sam_spec(spec: str) -> SamSpec:
     if spec == "tiny":
         return SamSpec("tiny")
     if spec == TOY_VARIANT:
-        from lens_cache.toy import TOY_SAM_FILE, WEIGHTS_DIR
+        from .toy import TOY_SAM_FILE, WEIGHTS_DIR
 
         return SamSpec(TOY_VARIANT, WEIGHTS_DIR / TOY_SAM_FILE)
     variant, sep, path = spec.partition(":")
@@ -134,7 +134,7 @@ def build_sam(spec: str) -> Sam:
     if parsed.variant == TOY_VARIANT:
         from safetensors.torch import load_file
 
-        from lens_cache.toy.sam import build_toy_sam
+        from .toy import build_toy_sam
 
         sam, state_dict = build_toy_sam(), load_file(str(path))
     else:
@@ -168,7 +168,7 @@ def _existing_checkpoint(parsed: SamSpec) -> Path:
     if parsed.variant == TOY_VARIANT:
         raise SamCheckpointNotFoundError(
             f"toy SAM weights not found at {parsed.checkpoint}: run `lens-toy export` "
-            "or check out the repository's cache/lens_cache/toy/weights"
+            "or check out the repository's cache/lens_cache/backbones/toy_weights"
         )
     raise SamCheckpointNotFoundError(
         f"SAM checkpoint not found at {parsed.checkpoint}: pass --sam {parsed.variant}:PATH "

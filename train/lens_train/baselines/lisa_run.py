@@ -7,7 +7,7 @@ store was built with (checked by its weights fingerprint), SAM likewise
 (:func:`lens_train.training.stores.resolve_sam_spec`).
 
 A run folder holds ``lisa_config.json`` (its arguments and the store), ``lisa.ckpt`` (the resumable
-checkpoint of :func:`lens_cache.toy.loop.run_stage`: rerunning the same command after a kill resumes
+checkpoint of :func:`lens_toy.loop.run_stage`: rerunning the same command after a kill resumes
 it), ``lisa.log.jsonl`` (the loss curve) and ``train_stats.json`` (wall time, peak memory, trained
 parameters). Batches are a pure function of ``(seed, step)``.
 """
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from lens_cache.images import read_rgb
+from lens_core.files import folder_replaced_on_success, write_text_atomically
 from lens_core.geometry import postprocess_masks
 from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
-from lens_manifests.files import folder_replaced_on_success, write_text_atomically
 
 from ..errors import UserError
 from .lisa import ANSWER, LisaStyle, add_seg_token
@@ -158,7 +158,7 @@ def train_lisa(
     lr: float = 3e-4, lora_rank: int = 8, seed: int = 0, log: Callable[[str], None] = print,
 ) -> dict:
     """Train (or resume) a LISA-style run in ``out``; returns its ``train_stats.json``."""
-    from lens_cache.toy.loop import Schedule, run_stage
+    from lens_toy.loop import Schedule, run_stage
 
     if steps < 1 or batch < 1 or lr <= 0 or lora_rank < 0:
         raise UserError(f"need --steps >= 1, --batch >= 1, --lr > 0 and --lora-rank >= 0; got {steps}, {batch}, {lr}, "

@@ -23,9 +23,9 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,15 +35,19 @@ from lens_cache.backbones.runtime import resolve_device
 from lens_cache.identity import feature_differences, format_differences
 from lens_cache.images import ImageReadError, read_rgb
 from lens_core import Lens, LensOutput
+from lens_core.files import replaced_on_success, write_text_atomically
 from lens_core.metrics import giou_ciou_from_counts, intersection_union, query_iou
-from lens_manifests.files import replaced_on_success, write_text_atomically
 
 from ..training.data import Batch, QueryDataset, collate
 from ..errors import UserError
 from ..figures import OverlayItem, heatmap_on_image, write_overlays
 from ..training.run_config import RunConfig
 from ..training.stores import refuse_output_in_a_store, require_prefix
-from ..training.trainer import autocast_for, build_model
+from ..training.precision import autocast_for
+from ..training.trainer import build_model
+
+if TYPE_CHECKING:
+    from lens_cache.store import FeatureStore
 
 
 #: Trivial predictors scored beside the model (see the module docstring).
@@ -158,7 +162,7 @@ def _evaluate(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` without the store's lock."""
-    from lens_cache.store import FeatureStore, require_layer  # zarr: loaded only when a store is read
+    from lens_cache.store import FeatureStore  # zarr: loaded only when a store is read
 
     from ..training.model_folder import open_trained
 
@@ -166,16 +170,7 @@ def _evaluate(
     checkpoint = open_trained(run_dir)  # a run folder, a model folder, toy or a Hub id
     config = checkpoint.config
     store = FeatureStore.open(cache)
-    trained = config.stores[0]
-    # The rule training applies to mixed stores: the layer set a store keeps does not change its
-    # features (a run trained on a (14, 30) store evaluates on a (14,) store), the run's layer must be there.
-    diffs = feature_differences(trained.identity, store.identity)
-    if diffs:
-        raise UserError(f"store {cache} was cached with another backbone than run {run_dir} was trained on "
-                        f"({format_differences(diffs, ('run', 'store'))})")
-    require_layer(store.layers, config.layer, holder=f"store {cache}",
-                  fix=f"run {run_dir} was trained on layer {config.layer}: evaluate it on a store that caches it")
-    require_prefix(store, layer=config.layer, config=config.model)
+    _require_run_store(store, config, run_dir=run_dir, cache=cache)
     # a model folder is an artifact (shipped, downloaded, pushed): its evaluations go to the current folder
     out_dir = Path(out) if out is not None else default_out_dir(
         checkpoint.path if checkpoint.kind == "run" else Path(f"eval-{checkpoint.path.name}"), cache)
@@ -195,50 +190,17 @@ def _evaluate(
     loader = DataLoader(subset, batch_sampler=BatchSampler(SequentialSampler(subset), batch_size, drop_last=False),
                         collate_fn=collate, num_workers=num_workers, pin_memory=dev.type == "cuda")
     manifest = store.manifest
-    texts, paths = manifest.column("text").to_pylist(), manifest.column("image_path").to_pylist()
-
-    records: dict[str, list] = {k: [] for k in ("query_id", "dataset", "task", "is_sentence", "inter", "union", "iou")}
-    baselines: dict[str, dict[str, list[int]]] = {name: {"inter": [], "union": []} for name in BASELINES}
-    items: list[OverlayItem] = []
+    scores = _Scores(texts=manifest.column("text").to_pylist(), paths=manifest.column("image_path").to_pylist())
     position = 0
     for batch in _progress(loader, count, batch_size, say):
         batch = batch.to(dev)
         output, logits = predict(run.model, batch, precision=run.precision)
         for b, logit in enumerate(logits):
-            pred = (torch.sigmoid(logit) > threshold).cpu().numpy()
-            gt = batch.gts[b].cpu().numpy()
-            inter, union = intersection_union(pred, gt)
-            query_id = int(batch.query_ids[b])
-            records["query_id"].append(query_id)
-            records["dataset"].append(batch.datasets[b])
-            records["task"].append(batch.tasks[b])
-            records["is_sentence"].append(bool(batch.is_sentence[b]))
-            records["inter"].append(inter)
-            records["union"].append(union)
-            records["iou"].append(query_iou(inter, union))
-            heat = heatmap_on_image(output.heatmap[b].float().cpu(), batch.input_sizes[b].tolist(),
-                                    batch.original_sizes[b].tolist())
-            for name, baseline in (("whole_image", np.ones_like(pred)), ("heatmap", heat > HEATMAP_BASELINE_LEVEL)):
-                b_inter, b_union = intersection_union(baseline, gt)
-                baselines[name]["inter"].append(b_inter)
-                baselines[name]["union"].append(b_union)
-            if position in figure_rows:
-                items.append(OverlayItem(
-                    image=_load_image(paths[query_id]), heatmap=output.heatmap[b].float().cpu(),
-                    points=output.points[b].cpu(), valid=output.valid[b].cpu(), used=output.used[b].cpu(), pred=pred, gt=gt,
-                    input_size=tuple(int(v) for v in batch.input_sizes[b]),
-                    original_size=tuple(int(v) for v in batch.original_sizes[b]),
-                    title=texts[query_id], iou=records["iou"][-1]))
+            scores.add(output, batch, b, logit, threshold=threshold, figure=position in figure_rows)
             position += 1
 
-    sentence = np.asarray(records["is_sentence"], dtype=bool)
-    inters, unions = np.asarray(records["inter"], dtype=np.int64), np.asarray(records["union"], dtype=np.int64)
-    overall = summarize(inters, unions)
     metrics = {
-        **overall,
-        "short": summarize(inters[~sentence], unions[~sentence]),
-        "long": summarize(inters[sentence], unions[sentence]),
-        "baselines": {name: summarize(v["inter"], v["union"]) for name, v in baselines.items()},
+        **scores.metrics(),
         "threshold": threshold,
         "run": str(run_dir),
         "step": run.step,
@@ -248,16 +210,95 @@ def _evaluate(
         "limit": limit,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, values in baselines.items():
-        records[f"iou_{name}"] = [query_iou(i, u) for i, u in zip(values["inter"], values["union"])]
-    _write_parquet(out_dir / "per_query.parquet", records)
-    write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_overlays(out_dir / "overlays.png", items, grid_size=run.model.config.grid_size)
+    scores.write(out_dir, metrics, grid_size=run.model.config.grid_size)
     whole, heat = metrics["baselines"]["whole_image"], metrics["baselines"]["heatmap"]
-    say(f"gIoU {overall['giou']:.4f} cIoU {overall['ciou']:.4f} on {overall['num_queries']} queries "
+    say(f"gIoU {metrics['giou']:.4f} cIoU {metrics['ciou']:.4f} on {metrics['num_queries']} queries "
         f"(short {_fmt(metrics['short'])}, long {_fmt(metrics['long'])}); baselines gIoU: whole image "
         f"{whole['giou']:.4f}, heatmap alone {heat['giou']:.4f}; wrote {out_dir}")
     return metrics
+
+
+def _require_run_store(store: FeatureStore, config: RunConfig, *, run_dir: Path, cache: str) -> None:
+    """Refuse a store whose features are not the run's: another backbone, no run layer, another prefix.
+
+    The rule training applies to mixed stores: the layer set a store keeps does not change its
+    features (a run trained on a (14, 30) store evaluates on a (14,) store), the run's layer must be there.
+    """
+    from lens_cache.store import require_layer
+
+    diffs = feature_differences(config.stores[0].identity, store.identity)
+    if diffs:
+        raise UserError(f"store {cache} was cached with another backbone than run {run_dir} was trained on "
+                        f"({format_differences(diffs, ('run', 'store'))})")
+    require_layer(store.layers, config.layer, holder=f"store {cache}",
+                  fix=f"run {run_dir} was trained on layer {config.layer}: evaluate it on a store that caches it")
+    require_prefix(store, layer=config.layer, config=config.model)
+
+
+@dataclass
+class _Scores:
+    """What an evaluation gathers query by query: the per-query table, the baselines' counts, the overlays.
+
+    ``texts`` and ``paths`` are the store manifest's columns (by query id), for the overlays' titles and images.
+    """
+
+    texts: list[str]
+    paths: list[str]
+    records: dict[str, list] = field(default_factory=lambda: {
+        k: [] for k in ("query_id", "dataset", "task", "is_sentence", "inter", "union", "iou")})
+    baselines: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {
+        name: {"inter": [], "union": []} for name in BASELINES})
+    items: list[OverlayItem] = field(default_factory=list)
+
+    def add(self, output: LensOutput, batch: Batch, b: int, logit: torch.Tensor, *, threshold: float,
+            figure: bool) -> None:
+        """Score query ``b`` of ``batch`` (its mask logits at the original size: ``logit``) and the baselines on it;
+        keep its overlay when ``figure``."""
+        pred = (torch.sigmoid(logit) > threshold).cpu().numpy()
+        gt = batch.gts[b].cpu().numpy()
+        inter, union = intersection_union(pred, gt)
+        query_id = int(batch.query_ids[b])
+        records = self.records
+        records["query_id"].append(query_id)
+        records["dataset"].append(batch.datasets[b])
+        records["task"].append(batch.tasks[b])
+        records["is_sentence"].append(bool(batch.is_sentence[b]))
+        records["inter"].append(inter)
+        records["union"].append(union)
+        records["iou"].append(query_iou(inter, union))
+        heat = heatmap_on_image(output.heatmap[b].float().cpu(), batch.input_sizes[b].tolist(),
+                                batch.original_sizes[b].tolist())
+        for name, baseline in (("whole_image", np.ones_like(pred)), ("heatmap", heat > HEATMAP_BASELINE_LEVEL)):
+            b_inter, b_union = intersection_union(baseline, gt)
+            self.baselines[name]["inter"].append(b_inter)
+            self.baselines[name]["union"].append(b_union)
+        if figure:
+            self.items.append(OverlayItem(
+                image=_load_image(self.paths[query_id]), heatmap=output.heatmap[b].float().cpu(),
+                points=output.points[b].cpu(), valid=output.valid[b].cpu(), used=output.used[b].cpu(), pred=pred, gt=gt,
+                input_size=tuple(int(v) for v in batch.input_sizes[b]),
+                original_size=tuple(int(v) for v in batch.original_sizes[b]),
+                title=self.texts[query_id], iou=records["iou"][-1]))
+
+    def metrics(self) -> dict[str, Any]:
+        """gIoU / cIoU overall, of the short and long (``is_sentence``) queries, and of each baseline."""
+        sentence = np.asarray(self.records["is_sentence"], dtype=bool)
+        inters = np.asarray(self.records["inter"], dtype=np.int64)
+        unions = np.asarray(self.records["union"], dtype=np.int64)
+        return {
+            **summarize(inters, unions),
+            "short": summarize(inters[~sentence], unions[~sentence]),
+            "long": summarize(inters[sentence], unions[sentence]),
+            "baselines": {name: summarize(v["inter"], v["union"]) for name, v in self.baselines.items()},
+        }
+
+    def write(self, out_dir: Path, metrics: dict[str, Any], *, grid_size: int) -> None:
+        """per_query.parquet (with the baselines' IoU), metrics.json and overlays.png in ``out_dir``."""
+        for name, values in self.baselines.items():
+            self.records[f"iou_{name}"] = [query_iou(i, u) for i, u in zip(values["inter"], values["union"])]
+        _write_parquet(out_dir / "per_query.parquet", self.records)
+        write_text_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_overlays(out_dir / "overlays.png", self.items, grid_size=grid_size)
 
 
 def _fmt(subset: dict[str, Any]) -> str:

@@ -119,7 +119,7 @@ def release_root(data_root: str | Path) -> Path:
     """
     root = resolve_root(data_root, option="--data-root", expected=EXPECTED_ROOT)
     if not _has_subtasks(root) and (root / RELEASE_FOLDER).is_dir():
-        root = confined(root, root / RELEASE_FOLDER, what="MME folder")
+        root = confined(root, RELEASE_FOLDER, what="MME folder")
     if not _has_subtasks(root):
         raise UserError(f"no MME subtask folder in {root}: pass --data-root {EXPECTED_ROOT}")
     return root
@@ -149,7 +149,7 @@ def read_mme(
     for name in wanted:
         folder = root / name
         if folder.is_dir():
-            _read_subtask(found, confined(root, folder, what="subtask folder"), name, limit)
+            _read_subtask(found, confined(root, name, what="subtask folder"), name, limit)
     return found
 
 
@@ -172,12 +172,12 @@ def _layout(folder: Path) -> tuple[str, Path, Path]:
 def _read_subtask(found: MmeSet, folder: Path, name: str, limit: int | None) -> None:
     layout, question_dir, image_dir = _layout(folder)
     found.layouts[name] = layout
-    question_dir = confined(found.root, question_dir, what="question folder")
+    question_dir = confined(found.root, question_dir.relative_to(found.root), what="question folder")
     texts = sorted(question_dir.glob("*.txt"))
     if limit is not None:
         texts = texts[:limit]
     for text in texts:
-        text = confined(found.root, text, what="question file")
+        text = confined(found.root, text.relative_to(found.root), what="question file")
         pairs = read_question_file(text)
         image = _find_image(found.root, image_dir, text.stem)
         if image is None:
@@ -192,7 +192,7 @@ def _find_image(root: Path, image_dir: Path, stem: str) -> Path | None:
     for suffix in IMAGE_SUFFIXES:
         candidate = image_dir / f"{stem}{suffix}"
         if candidate.is_file() or candidate.is_symlink():
-            resolved = confined(root, candidate, what="image")
+            resolved = confined(root, candidate.relative_to(root), what="image")
             return resolved if resolved.is_file() else None
     return None
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lens_manifests.files import replaced_on_success, write_text_atomically
+from lens_core.files import replaced_on_success, write_text_atomically
 
 from ..errors import UserError
 

@@ -2,12 +2,15 @@
 
 A benchmark's files come from elsewhere (a download, a colleague's folder): a symlink or
 a ``..`` in a record must not make a command read outside the folder the user named.
-Each path is resolved (symlinks followed) and must stay inside the resolved root.
+The rule is the project's one, :func:`lens_core.paths.path_inside` (a relative name whose path,
+symlinks followed, stays inside the resolved root); here its refusal is a one-line :class:`UserError`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from lens_core.paths import UnsafePathError, path_inside
 
 from ..errors import UserError
 
@@ -27,16 +30,16 @@ def resolve_root(root: str | Path, *, option: str, expected: str) -> Path:
     return path.resolve()
 
 
-def confined(root: Path, path: Path, *, what: str) -> Path:
-    """``path`` resolved, if it lies inside ``root`` (itself resolved).
+def confined(root: Path, name: str | Path, *, what: str) -> Path:
+    """``root / name`` resolved, if ``name`` is a relative path that leads inside ``root`` (itself resolved).
 
+    Args:
+        name: relative to ``root`` (a folder or file the reader found there, or a name a record gives).
+        what: what it is, for the message (``"image"``, ``"subtask folder"``).
     Raises:
-        UserError: ``path`` leads outside ``root`` through a symlink or ``..`` (one line).
+        UserError: ``name`` is absolute or leads outside ``root`` through a symlink or ``..`` (one line).
     """
-    resolved = path.resolve()
-    if resolved != root and not resolved.is_relative_to(root):
-        raise UserError(
-            f"{what} {path} leads outside the data root {root} (a symlink or '..'): "
-            f"copy the file into {root} instead of linking to it"
-        )
-    return resolved
+    try:
+        return path_inside(root, name, what=what, folder_is="the data root").resolve()
+    except UnsafePathError as error:
+        raise UserError(str(error)) from None

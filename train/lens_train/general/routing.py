@@ -18,7 +18,8 @@ Tiers are normalised onto :data:`TIERS`: ``non-seg`` (no segmentation wanted),
 ``non-seg``.
 
 Images are relative to ``--image-root`` (default: the benchmark file's folder) and must
-stay inside it; a sample whose image is missing is skipped and counted.
+stay inside it, symlinks followed (:func:`lens_core.paths.path_inside`: an absolute path, a ``..``
+or a link leading out is a one-line error); a sample whose image is missing is skipped and counted.
 
 Metrics (:func:`routing_metrics`): accuracy per tier and overall (a sample is right
 when the router triggers segmentation iff it should), the false-trigger rate
@@ -236,7 +237,7 @@ def parse_record(
         tier=normalise_tier(raw_tier, tier_map, where=f"{where}: "),
         raw_tier=str(raw_tier),
         query=query,
-        image=None if image is None else confined(root, root / str(image), what=f"{where}: image"),
+        image=None if image is None else confined(root, str(image), what=f"{where}: image"),
     )
 
 

@@ -18,7 +18,7 @@ JPEG (quality 95, as the synthetic dataset) except count's, which are PNG, so bo
 are read too.
 
 Scenes come from :func:`lens_manifests.synthetic.make_scene` seeded like the toy world's
-(``lens_cache.toy.world.scene_rng``) on stream :data:`TOY_MME_STREAM` = 2. The toy world
+(``lens_toy.world.scene_rng``) on stream :data:`TOY_MME_STREAM` = 2. The toy world
 pretrains the toy models on stream 0 (``TRAIN``) and checks them on stream 1
 (``HELD_OUT``); stream 2 is neither, so every toy-MME image is unseen by the toy LLaVA.
 Each subtask draws from its own block of scene indices (:data:`SUBTASK_OFFSETS`);
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lens_cache.toy.world import TOY_NAMESPACE, scene_rng
 from lens_manifests.synthetic import COLOURS, JPEG_QUALITY, SHAPE_KINDS, Scene, make_scene
+from lens_toy.world import TOY_NAMESPACE, scene_rng
 
 from ..errors import UserError
 from .mme import IMAGES_FOLDER, QUESTION_FOLDERS, RELEASE_FOLDER

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lens_cache.toy.world import TOY_NAMESPACE, scene_rng
 from lens_manifests.synthetic import (
     COLOURS,
     JPEG_QUALITY,
@@ -39,6 +38,7 @@ from lens_manifests.synthetic import (
     reason_candidates,
     refer_sentences,
 )
+from lens_toy.world import TOY_NAMESPACE, scene_rng
 
 from ..errors import UserError
 from .routing import TIERS

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lens_manifests.files import replaced_on_success, write_text_atomically
+from lens_core.files import replaced_on_success, write_text_atomically
 
 from lens_cache.errors import UserError as AnyUserError  # stage 1's too: ImageReadError is one
 

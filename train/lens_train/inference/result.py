@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lens_manifests.files import replaced_on_success, write_text_atomically
+from lens_core.files import replaced_on_success, write_text_atomically
 from PIL import Image, ImageDraw
 
 from ..errors import UserError

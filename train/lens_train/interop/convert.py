@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lens_cache.errors import UsageError
-from lens_manifests.files import folder_replaced_on_success, write_text_atomically
+from lens_core.files import folder_replaced_on_success, write_text_atomically
 
 from .authors import convert_state_dict, epoch_of, read_checkpoint
 

@@ -159,7 +159,7 @@ def demo_command(
     synthetic:val -> results/demo.md + figures.
 
     Default preset: toy (the project's toy LLaVA and SAM, pretrained on synthetic scenes and
-    shipped in cache/lens_cache/toy/weights; CPU, minutes).
+    shipped in cache/lens_cache/backbones/toy_weights; CPU, minutes).
     """
     _run("demo", preset=preset or "toy", data_root=data_root, mllm=mllm, sam=sam, work=work, results=results,
          device=device, steps=steps, tiny_images=tiny_images, seeds="0", quiet=quiet)

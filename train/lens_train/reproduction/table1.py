@@ -5,7 +5,7 @@ fine-tune of it (:mod:`lens_train.baselines`); LENS on the frozen toy LLaVA. Col
 memory (the training process's peak RSS on the CPU) and wall time, trained parameters, held-out
 segmentation (gIoU / cIoU on ``synthetic-reason:val`` and ``synthetic-refer:val``), the toy MME
 (:mod:`lens_train.general.toy_mme`, MME's scoring, LLaVA-1.5's prompt) and held-out VQA accuracy by
-question type (:func:`lens_cache.toy.llava.evaluate_llava`, teacher-forced exact answers).
+question type (:func:`lens_toy.llava.evaluate_llava`, teacher-forced exact answers).
 
 Both trainings run as child processes of this one (``lens-train``, ``lens-lisa train``) so that each
 peak RSS is that training's alone (:func:`measured_child`). Each stage writes its
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lens_manifests.files import write_text_atomically
+from lens_core.files import write_text_atomically
 
 from ..errors import UserError
 from .reproduce import _pct, _provenance, _write_text, build_store, check_inputs, evaluate_run, training_stores
@@ -134,8 +134,8 @@ def random_vqa(scenes: int = VQA_SCENES) -> dict[str, float]:
     """A random answerer on :func:`evaluate_llava`'s questions: uniform over the answers each type takes."""
     import numpy as np
 
-    from lens_cache.toy.conversations import turns
-    from lens_cache.toy.world import HELD_OUT, draw_scene
+    from lens_toy.conversations import turns
+    from lens_toy.world import HELD_OUT, draw_scene
 
     asked: dict[str, list[str]] = {}
     for index in range(scenes):
@@ -152,7 +152,7 @@ def random_vqa(scenes: int = VQA_SCENES) -> dict[str, float]:
 
 
 def vqa(model: Any, processor: Any, path: Path, *, say) -> dict:
-    from lens_cache.toy.llava import evaluate_llava
+    from lens_toy.llava import evaluate_llava
 
     if path.is_file():
         return json.loads(path.read_text())

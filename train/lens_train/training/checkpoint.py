@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lens_manifests.files import removed_on_failure, torch_save, write_text_atomically
+from lens_core.files import removed_on_failure, torch_save, write_text_atomically
 
 from ..errors import UserError
 

@@ -42,12 +42,16 @@ def _eval_command(metrics: dict[str, Any]) -> str:
 
 def model_card(config: dict[str, Any], *, run_dir: str | Path | None = None) -> str:
     """README.md of the model folder whose config.json is ``config``."""
-    backbone = config.get("backbone") or {}
-    source = config.get("source") or {}
-    stores = source.get("stores") or []
-    train = config.get("train") or {}
+    stores = (config.get("source") or {}).get("stores") or []
     specs = ", ".join(f"`{s.get('spec') or s.get('url') or '?'}`" for s in stores) or "(not recorded)"
-    lines = [
+    lines = [*_header(config), *_use(), *_backbone(config), *_training(config, specs), *_evaluation(run_dir),
+             *_limits(specs)]
+    return "\n".join(lines)
+
+
+def _header(config: dict[str, Any]) -> list[str]:
+    """The Hub's YAML metadata, the title and what the head is."""
+    return [
         "---",
         "library_name: lens-seg",
         "license: apache-2.0",
@@ -64,6 +68,12 @@ def model_card(config: dict[str, Any], *, run_dir: str | Path | None = None) -> 
         "trainable tensors (head, keypoint descriptor, SAM's mask decoder) in `model.safetensors`; the MLLM and "
         "SAM are not included and are loaded from where the backbone table below says.",
         "",
+    ]
+
+
+def _use() -> list[str]:
+    """How to segment with it, from Python and from the command line."""
+    return [
         "## Use",
         "",
         "```python",
@@ -77,6 +87,13 @@ def model_card(config: dict[str, Any], *, run_dir: str | Path | None = None) -> 
         "",
         "Command line: `lens-segment photo.jpg \"the mug left of the laptop\" --checkpoint PATH_TO_THIS_FOLDER -o out/`.",
         "",
+    ]
+
+
+def _backbone(config: dict[str, Any]) -> list[str]:
+    """The backbone the head only works on: MLLM, layer, prompt, SAM, compute dtype."""
+    backbone = config.get("backbone") or {}
+    return [
         "## Backbone (must match)",
         "",
         "The head only works on the features of the backbone it was trained on; another MLLM, layer, prompt, "
@@ -92,6 +109,15 @@ def model_card(config: dict[str, Any], *, run_dir: str | Path | None = None) -> 
         f"| compute dtype | {backbone.get('compute_dtype')} |",
         f"| SAM | `{backbone.get('sam')}` ({backbone.get('sam_variant')}, weights `{backbone.get('sam_weights')}`) |",
         "",
+    ]
+
+
+def _training(config: dict[str, Any], specs: str) -> list[str]:
+    """How it was trained: preset, steps, lr, seed, precision, stores, code versions, threshold."""
+    source = config.get("source") or {}
+    stores = source.get("stores") or []
+    train = config.get("train") or {}
+    return [
         "## Training",
         "",
         f"- preset `{config.get('preset')}`: {config.get('preset_description') or ''}".rstrip(),
@@ -102,9 +128,12 @@ def model_card(config: dict[str, Any], *, run_dir: str | Path | None = None) -> 
         f"- started {source.get('created')}; code {', '.join(f'{k} {v}' for k, v in (source.get('versions') or {}).items())}",
         f"- mask threshold {train.get('threshold')} on sigmoid(logit)",
         "",
-        "## Evaluation",
-        "",
     ]
+
+
+def _evaluation(run_dir: str | Path | None) -> list[str]:
+    """The ``lens-eval`` results found in the run folder, with the commands that reproduce them."""
+    lines = ["## Evaluation", ""]
     results = eval_results(run_dir) if run_dir is not None else []
     if results:
         lines += ["| store | queries | gIoU | cIoU | whole image gIoU | heatmap alone gIoU |",
@@ -119,7 +148,12 @@ def model_card(config: dict[str, Any], *, run_dir: str | Path | None = None) -> 
     else:
         lines.append("No `lens-eval` results were found in the run folder when this card was written: score it with "
                      "`lens-eval --checkpoint PATH_TO_THIS_FOLDER --cache STORE` on a held-out store of its backbone.")
-    lines += [
+    return lines
+
+
+def _limits(specs: str) -> list[str]:
+    """Intended use and limits."""
+    return [
         "",
         "## Intended use and limits",
         "",
@@ -131,4 +165,3 @@ def model_card(config: dict[str, Any], *, run_dir: str | Path | None = None) -> 
         "- Not for decisions about people (medical, surveillance, identification): no such use was evaluated.",
         "",
     ]
-    return "\n".join(lines)

@@ -44,7 +44,7 @@ MODEL_FORMAT_VERSION = 1
 README_FILE = "README.md"
 #: ``RUN/model``: the model folder lens-train writes at the end of a finished run.
 MODEL_DIR = "model"
-#: ``--checkpoint toy``: the head shipped beside the toy backbones (``lens_cache/toy/weights/lens_head``).
+#: ``--checkpoint toy``: the head shipped beside the toy backbones (``lens_cache/backbones/toy_weights/lens_head``).
 TOY_HEAD = "toy"
 TOY_HEAD_DIR = "lens_head"
 #: ``owner/name``: what is tried on the Hub when no such local folder exists.
@@ -243,7 +243,7 @@ class Trained:
 
 
 def toy_head_dir() -> Path:
-    from lens_cache.toy import WEIGHTS_DIR
+    from lens_cache.backbones.toy import WEIGHTS_DIR
 
     return WEIGHTS_DIR / TOY_HEAD_DIR
 
@@ -305,7 +305,7 @@ def export_model(run_dir: str | Path, out: str | Path, *, overwrite: bool = Fals
     from safetensors import safe_open
 
     from .model_card import model_card
-    from lens_manifests.files import folder_replaced_on_success
+    from lens_core.files import folder_replaced_on_success
 
     out = Path(out).expanduser()
     if not Path(run_dir).expanduser().is_dir():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lens_manifests.files import write_text_atomically
+from lens_core.files import write_text_atomically
 
 from lens_core.config import LensConfig
 

@@ -26,9 +26,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,21 +38,18 @@ from lens_cache.version import lens_version
 from lens_cache.locks import exclusive, reading
 
 from lens_core import Lens, LensConfig, LensOutput, build_lens
-from lens_manifests.files import write_text_atomically
 from lens_core.losses import attention_loss, segmentation_loss
 
 from .checkpoint import checkpoint_step, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import Batch, MixedBatchSampler, QueryDataset, concat_datasets, make_loader
 from ..errors import NonFiniteLossError, UserError
-from ..figures import write_curve
+from .metrics_log import METRICS_FILE, format_seconds, metrics_rows, progress_line, rewrite_metrics, write_curve_quietly
+from .precision import cast_for_training, effective_precision, parameter_dtype, train_autocast
 from .presets import Preset, load_preset
 from .run_config import RunConfig, StoreRecord, read_run_config, write_run_config
 from .stores import (default_preset, open_stores, read_warm_start, refuse_output_in_a_store, require_prefix,
                      resolve_sam_spec)
-
-METRICS_FILE = "metrics.jsonl"
-CURVE_FILE = "curve.png"
 
 
 @dataclass(frozen=True)
@@ -134,49 +130,16 @@ def compute_losses(model: Lens, out: LensOutput, batch: Batch, train: TrainConfi
             "bce": seg["bce"], "attn": attn}
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when the preset asks for bf16 compute; fp32 (no autocast) on the CPU.
-
-    For "bf16-pure" this is what evaluation uses (its model is rebuilt in float32 and the bfloat16
-    weights loaded into it); training a "bf16-pure" model runs without autocast (:func:`train_autocast`).
-    """
-    if device.type == "cuda" and precision in ("bf16", "bf16-pure"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def train_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The training forward's context: :func:`autocast_for`, but none for "bf16-pure" (the model itself is bf16)."""
-    return contextlib.nullcontext() if precision == "bf16-pure" else autocast_for(device, precision)
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    """How a run of ``precision`` trains on ``device``: "bf16" (autocast) only on CUDA, "bf16-pure" everywhere."""
-    if precision == "bf16-pure":
-        return precision
-    return "bf16" if device.type == "cuda" and precision == "bf16" else "fp32"
-
-
-def parameter_dtype(precision: str) -> torch.dtype:
-    """dtype of the model, its inputs and AdamW's state while training: bfloat16 for "bf16-pure", else float32."""
-    return torch.bfloat16 if precision == "bf16-pure" else torch.float32
-
-
-def cast_for_training(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """The model in its training dtype (:func:`parameter_dtype`), in place.
-
-    Under "bf16-pure" every parameter and buffer becomes bfloat16 (the authors cast the whole model),
-    except the frozen random-Fourier matrix of SAM's positional encoding
-    (``positional_encoding_gaussian_matrix``): segment_anything multiplies it with float32 coordinates,
-    so it stays float32 and the positions it encodes are rounded to bfloat16 afterwards, not before.
-    """
-    dtype = parameter_dtype(precision)
-    model.to(dtype)
-    if dtype != torch.float32:
-        for module in model.modules():
-            if isinstance(getattr(module, "positional_encoding_gaussian_matrix", None), torch.Tensor):
-                module.float()
-    return model
+def forward_backward(model: Lens, batch: Batch, train: TrainConfig, context: contextlib.AbstractContextManager, *,
+                     generator: torch.Generator | None = None, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """One micro-batch's forward (under ``context``: :func:`train_autocast`), losses (:func:`compute_losses`)
+    and backward of ``scale * loss`` (``1 / grad_accum``); returns the losses."""
+    with context:
+        out = model(batch.image_states, batch.text_states, batch.text_lengths, batch.sam_embeddings,
+                    prefix_states=batch.prefix_states, generator=generator)
+    losses = compute_losses(model, out, batch, train)
+    (losses["loss"] * scale).backward()
+    return losses
 
 
 def gradient_norm(params: Sequence[torch.Tensor], grad_clip: float | None) -> torch.Tensor:
@@ -190,7 +153,7 @@ def gradient_norm(params: Sequence[torch.Tensor], grad_clip: float | None) -> to
     return torch.nn.utils.get_total_norm(grads)
 
 
-# ----------------------------------------------------------------------------- run folder
+# ----------------------------------------------------------------------------- setup
 
 
 def _check_overrides(kind: str, recorded: dict[str, Any], overrides: dict[str, Any], run_dir: Path) -> None:
@@ -206,34 +169,6 @@ def _check_overrides(kind: str, recorded: dict[str, Any], overrides: dict[str, A
             f"--resume continues {run_dir} as it was started; these {kind} settings differ: {'; '.join(differ)} "
             "(drop them, or train into another --out)"
         )
-
-
-def _metrics_rows(run_dir: Path, up_to: int | None = None) -> list[dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = [json.loads(line) for line in lines[:-1]]
-    try:
-        rows += [json.loads(line) for line in lines[-1:]]
-    except json.JSONDecodeError:  # torn by a crash or a full disk while it was appended
-        pass
-    return [r for r in rows if up_to is None or r["step"] <= up_to]
-
-
-def _rewrite_metrics(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Keep only rows up to the checkpoint (a crash after it may have logged more steps)."""
-    write_text_atomically(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-# ----------------------------------------------------------------------------- setup
 
 
 @dataclass
@@ -354,6 +289,16 @@ def apply_warm_start(model: Lens, setup: RunSetup, log: Callable[[str], None]) -
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Live:
+    """What a run holds in memory while it trains."""
+
+    model: Lens
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # the S1.4 global-only dropout's (saved in the checkpoint)
+
+
 def train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or resume) one training run; see the module docstring.
 
@@ -378,14 +323,34 @@ def train(request: TrainRequest, *, log: Callable[[str], None] | None = None) ->
 
 
 def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -> TrainResult:
+    """:func:`train` inside its locks: set up, start or resume, run the steps, export the model folder."""
     say = log or ((lambda line: None) if request.quiet else (lambda line: print(line, flush=True)))
     setup = prepare(request, say)
-    cfg, train_cfg, device = setup.model_config, setup.train_config, setup.device
-    run_dir = setup.run_dir
+    run_dir, steps = setup.run_dir, setup.train_config.steps
     run_dir.mkdir(parents=True, exist_ok=True)
+    live, rows = _start(setup, say)
+    batches = _batches(setup, live, say)
+    started = time.perf_counter()
+    final_loss = _run_steps(setup, live, batches, rows, say, started=started)
+    seconds = time.perf_counter() - started
+    from .model_folder import MODEL_DIR, export_model  # huggingface_hub: loaded once a run has finished
 
-    dtype = parameter_dtype(train_cfg.precision)
-    model = cast_for_training(build_model(cfg, setup.sam_spec, seed=train_cfg.seed).to(device), train_cfg.precision)
+    export_model(run_dir, run_dir / MODEL_DIR, overwrite=True)  # RUN/model: what using the head needs
+    say(f"done: {run_dir} ({steps} steps, {format_seconds(seconds)}); evaluate with "
+        f"lens-eval --checkpoint {run_dir} --cache VAL_STORE")
+    return TrainResult(run_dir=run_dir, steps=steps, final_loss=final_loss, seconds=seconds,
+                       resumed_from=setup.start_step)
+
+
+def _start(setup: RunSetup, say: Callable[[str], None]) -> tuple[_Live, list[dict[str, Any]]]:
+    """The model, AdamW and the dropout's generator at the run's start step, and the metrics rows up to it.
+
+    A fresh run loads the warm start (when asked), writes config.json and starts an empty metrics.jsonl;
+    a resumed run loads the checkpoint and drops the rows logged after it.
+    """
+    train_cfg, run_dir = setup.train_config, setup.run_dir
+    model = build_model(setup.model_config, setup.sam_spec, seed=train_cfg.seed).to(setup.device)
+    model = cast_for_training(model, train_cfg.precision)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=train_cfg.betas, weight_decay=train_cfg.weight_decay)
     generator = torch.Generator().manual_seed(train_cfg.seed)  # the S1.4 global-only dropout
@@ -393,15 +358,21 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
         checkpoint = load_checkpoint(run_dir, model)
         optimizer.load_state_dict(checkpoint.optimizer)
         set_rng_state(checkpoint.rng, generator)
-        rows = _metrics_rows(run_dir, up_to=setup.start_step)
-        _rewrite_metrics(run_dir, rows)
+        rows = metrics_rows(run_dir, up_to=setup.start_step)
+        rewrite_metrics(run_dir, rows)
         say(f"resuming {run_dir} at step {setup.start_step}/{train_cfg.steps}")
     else:
         setup.config = dataclasses.replace(setup.config, warm_start=apply_warm_start(model, setup, say))
         write_run_config(run_dir, setup.config)
         rows = []
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    return _Live(model=model, params=params, optimizer=optimizer, generator=generator), rows
 
+
+def _batches(setup: RunSetup, live: _Live, say: Callable[[str], None]) -> Iterator[Batch]:
+    """The run's micro-batches from its start step on: its stores' queries, mixed by task as the preset says
+    (a function of the seed and the step). A fresh run first says what it trains on what."""
+    train_cfg, device = setup.train_config, setup.device
     datasets = [QueryDataset(s.url, setup.config.layer, store_index=i) for i, s in enumerate(setup.stores)]
     dataset, tasks = concat_datasets(datasets)
     # The authors' data pipeline asks each training sample with a question template drawn at random: a store
@@ -412,15 +383,21 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
                                 draw_questions=draw_questions)
     if setup.start_step == 0:
         mix = ", ".join(f"{t} {p:.2f}" for t, p in sampler.probabilities.items())
-        n_params = sum(p.numel() for p in params)
+        n_params = sum(p.numel() for p in live.params)
         say(f"training {n_params / 1e6:.2f}M parameters on {len(dataset)} queries ({mix}) from "
             f"{len(setup.stores)} store(s); preset {setup.preset.name}, {effective_precision(device, train_cfg.precision)} "
             f"on {device}, {train_cfg.steps} steps x {train_cfg.batch_size} x {train_cfg.grad_accum}"
             + ("; each sample asks one of its cached training questions, drawn with the seed" if draw_questions else ""))
-    loader = make_loader(dataset, sampler, num_workers=train_cfg.num_workers, device=device, seed=train_cfg.seed)
-    batches = iter(loader)
+    return iter(make_loader(dataset, sampler, num_workers=train_cfg.num_workers, device=device, seed=train_cfg.seed))
 
-    started = time.perf_counter()
+
+def _run_steps(setup: RunSetup, live: _Live, batches: Iterator[Batch], rows: list[dict[str, Any]],
+               say: Callable[[str], None], *, started: float) -> float:
+    """The steps from the start step to the last: each one's row appended to metrics.jsonl (and ``rows``), a
+    progress line every ``log_every`` steps (and at the first and last), a checkpoint every ``ckpt_every``
+    (and at the last). The curve is written however the loop ends. Returns the last step's loss."""
+    train_cfg, run_dir = setup.train_config, setup.run_dir
+    samples = train_cfg.batch_size * train_cfg.grad_accum
     interval_start, interval_steps = started, 0
     final_loss = float("nan")
     metrics_file = open(run_dir / METRICS_FILE, "a")
@@ -428,40 +405,10 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
     try:
         for step in range(setup.start_step, train_cfg.steps):
             step_start = time.perf_counter()
-            model.train()
-            lr = lr_at(step, train_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            totals = torch.zeros(5, device=device)
-            for _ in range(train_cfg.grad_accum):
-                batch = next(batches).to(device, features_dtype=dtype)
-                with train_autocast(device, train_cfg.precision):
-                    out = model(batch.image_states, batch.text_states, batch.text_lengths, batch.sam_embeddings,
-                                prefix_states=batch.prefix_states, generator=generator)
-                losses = compute_losses(model, out, batch, train_cfg)
-                (losses["loss"] / train_cfg.grad_accum).backward()
-                totals += torch.stack([losses[k].detach().float() for k in ("loss", "seg", "dice", "bce", "attn")])
-            grad_norm = gradient_norm(params, train_cfg.grad_clip)
-            # One host sync per step: the logged values, and the finiteness check before the update.
-            values = torch.cat([totals / train_cfg.grad_accum, grad_norm.detach().float().reshape(1)]).tolist()
-            loss, seg, dice, bce, attn, gnorm = values
-            if not all(math.isfinite(v) for v in (loss, gnorm)):
-                kept = checkpoint_step(run_dir)
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                value = loss if not math.isfinite(loss) else gnorm
-                raise NonFiniteLossError(
-                    f"{what} is {value} at step {step + 1}: stopped before the update; the last good checkpoint "
-                    + (f"(step {kept}) is kept in {run_dir}" if kept is not None else f"does not exist yet in {run_dir}")
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            final_loss = loss
-
+            row = _step(step, live, batches, setup)
+            final_loss = row["loss"]
             now = time.perf_counter()
-            samples = train_cfg.batch_size * train_cfg.grad_accum
-            row = {"step": step + 1, "loss": loss, "seg": seg, "dice": dice, "bce": bce, "attn": attn, "lr": lr,
-                   "grad_norm": gnorm, "samples_per_s": samples / max(now - step_start, 1e-9),
-                   "elapsed_s": now - started}
+            row.update(samples_per_s=samples / max(now - step_start, 1e-9), elapsed_s=now - started)
             rows.append(row)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
@@ -469,31 +416,51 @@ def _train(request: TrainRequest, *, log: Callable[[str], None] | None = None) -
             done = step + 1
             if done % train_cfg.log_every == 0 or done == train_cfg.steps or done == setup.start_step + 1:
                 rate = interval_steps / max(now - interval_start, 1e-9)
-                say(f"step {done}/{train_cfg.steps} | loss {loss:.4f} (seg {seg:.4f}: dice {dice:.4f} bce {bce:.4f};"
-                    f" attn {attn:.4f}) | lr {lr:.2e} | grad {gnorm:.3f} | {rate:.2f} steps/s, "
-                    f"{rate * samples:.1f} samples/s | ETA {_format_seconds((train_cfg.steps - done) / max(rate, 1e-9))}")
+                say(progress_line(row, steps=train_cfg.steps, rate=rate, samples=samples))
                 interval_start, interval_steps = now, 0
             if done % train_cfg.ckpt_every == 0 or done == train_cfg.steps:
-                save_checkpoint(run_dir, model=model, optimizer=optimizer, step=done, generator=generator,
-                                extra={"loss": loss})
+                save_checkpoint(run_dir, model=live.model, optimizer=live.optimizer, step=done,
+                                generator=live.generator, extra={"loss": final_loss})
         failed = False
     finally:
         metrics_file.close()
-        _write_curve(run_dir, rows, warn=not failed)  # a failed run's own error is the one line to show
-    seconds = time.perf_counter() - started
-    from .model_folder import MODEL_DIR, export_model  # huggingface_hub: loaded once a run has finished
-
-    export_model(run_dir, run_dir / MODEL_DIR, overwrite=True)  # RUN/model: what using the head needs
-    say(f"done: {run_dir} ({train_cfg.steps} steps, {_format_seconds(seconds)}); evaluate with "
-        f"lens-eval --checkpoint {run_dir} --cache VAL_STORE")
-    return TrainResult(run_dir=run_dir, steps=train_cfg.steps, final_loss=final_loss, seconds=seconds,
-                       resumed_from=setup.start_step)
+        write_curve_quietly(run_dir, rows, warn=not failed)  # a failed run's own error is the one line to show
+    return final_loss
 
 
-def _write_curve(run_dir: Path, rows: Sequence[dict[str, Any]], *, warn: bool = True) -> None:
-    """Write the training curve; a failure is a warning (``warn``), never the run's outcome."""
-    try:
-        write_curve(run_dir / CURVE_FILE, rows)
-    except Exception as error:  # a figure must never hide the run's real outcome
-        if warn:
-            print(f"warning: could not write {CURVE_FILE}: {error}", file=sys.stderr)
+def _step(step: int, live: _Live, batches: Iterator[Batch], setup: RunSetup) -> dict[str, Any]:
+    """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches' forward and backward, the gradient
+    norm (clipped as the preset says), AdamW's update at :func:`lr_at`; returns the step's metrics row
+    (without its timings).
+
+    Raises:
+        NonFiniteLossError: the loss or the gradient norm is NaN/inf; nothing was updated.
+    """
+    train_cfg, device = setup.train_config, setup.device
+    live.model.train()
+    lr = lr_at(step, train_cfg)
+    for group in live.optimizer.param_groups:
+        group["lr"] = lr
+    totals = torch.zeros(5, device=device)
+    for _ in range(train_cfg.grad_accum):
+        batch = next(batches).to(device, features_dtype=parameter_dtype(train_cfg.precision))
+        losses = forward_backward(live.model, batch, train_cfg, train_autocast(device, train_cfg.precision),
+                                  generator=live.generator, scale=1 / train_cfg.grad_accum)
+        totals += torch.stack([losses[k].detach().float() for k in ("loss", "seg", "dice", "bce", "attn")])
+    grad_norm = gradient_norm(live.params, train_cfg.grad_clip)
+    # One host sync per step: the logged values, and the finiteness check before the update.
+    values = torch.cat([totals / train_cfg.grad_accum, grad_norm.detach().float().reshape(1)]).tolist()
+    loss, seg, dice, bce, attn, gnorm = values
+    if not all(math.isfinite(v) for v in (loss, gnorm)):
+        kept = checkpoint_step(setup.run_dir)
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        value = loss if not math.isfinite(loss) else gnorm
+        raise NonFiniteLossError(
+            f"{what} is {value} at step {step + 1}: stopped before the update; the last good checkpoint "
+            + (f"(step {kept}) is kept in {setup.run_dir}" if kept is not None
+               else f"does not exist yet in {setup.run_dir}")
+        )
+    live.optimizer.step()
+    live.optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss, "seg": seg, "dice": dice, "bce": bce, "attn": attn, "lr": lr,
+            "grad_norm": gnorm}

@@ -1,4 +1,4 @@
-"""Manifest files: Parquet written atomically, self-describing, content-hashed.
+"""A manifest's file: Parquet written atomically, self-describing, content-hashed.
 
 A manifest file carries, in its Parquet key-value metadata:
 
@@ -6,6 +6,9 @@ A manifest file carries, in its Parquet key-value metadata:
 * ``spec`` -- what it was built from (e.g. ``refcoco:val``), informative;
 * ``content_hash`` -- :func:`manifest_hash` of the rows. The cache records this
   hash and refuses to be mixed with a different manifest.
+
+The feature store a build makes from a manifest is another thing, :mod:`lens_cache.store`;
+it keeps a copy of this file beside its arrays.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from lens_core.files import replaced_on_success
 
 from .common import ManifestError
-from .files import replaced_on_success
 from .schema import MANIFEST_FORMAT_VERSION, MANIFEST_SCHEMA
 
 VERSION_KEY = b"lens_manifest_version"

@@ -1,11 +1,9 @@
 """The toy SAM: ``segment_anything``'s real classes, pretrained SAM-style on toy scenes.
 
-Architecture (:func:`build_toy_sam`): a 3-block windowed ViT of width 64 on SAM's
-1024 x 1024 input (16 px patches -> 64 x 64 tokens) and SAM's prompt encoder and
-two-way mask decoder at prompt width 64 instead of 256. The narrow decoder is what
-makes CPU pretraining possible: SAM's decoder runs once per prompt on the full
-64 x 64 embedding, and at width 256 it costs ~80% of a step. The image embedding is
-therefore (64, 64, 64); stores record the channel count with the SAM's identity.
+Architecture: :func:`lens_cache.backbones.toy.build_toy_sam` (loading the shipped toy SAM needs it, so it
+lives with the backbones): a 3-block windowed ViT of width 64 on SAM's 1024 x 1024 input
+and SAM's prompt encoder and two-way mask decoder at prompt width 64 instead of 256, so
+its image embedding is (64, 64, 64).
 
 Pretraining (:func:`pretrain_sam`) follows SAM's recipe at toy scale: each step draws
 ``images`` scenes, embeds them once, and decodes ``prompts`` prompts per image, sampled
@@ -21,46 +19,18 @@ original image size.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
 
-from lens_core.geometry import SAM_IMAGE_SIZE, postprocess_masks
+from lens_cache.backbones.toy import build_toy_sam
+from lens_core.geometry import postprocess_masks
 
-from .loop import Schedule, run_stage, seeded
+from .loop import Schedule, run_stage
 from .world import HELD_OUT, TRAIN, ToyScene, draw_scene
-
-TOY_SAM_PROMPT_DIM = 64
-_EMBEDDING_SIZE = SAM_IMAGE_SIZE // 16
-
-
-def build_toy_sam(seed: int = 0) -> Sam:
-    """The toy SAM's architecture (random weights from ``seed``); see the module docstring."""
-
-    def build() -> Sam:
-        return Sam(
-            image_encoder=ImageEncoderViT(
-                depth=3, embed_dim=64, img_size=SAM_IMAGE_SIZE, mlp_ratio=2.0,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=4, patch_size=16,
-                qkv_bias=True, use_rel_pos=True, global_attn_indexes=(), window_size=8,
-                out_chans=TOY_SAM_PROMPT_DIM,
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=TOY_SAM_PROMPT_DIM, image_embedding_size=(_EMBEDDING_SIZE, _EMBEDDING_SIZE),
-                input_image_size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mask_in_chans=16,
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=TOY_SAM_PROMPT_DIM, mlp_dim=256, num_heads=4),
-                transformer_dim=TOY_SAM_PROMPT_DIM, iou_head_depth=3, iou_head_hidden_dim=64,
-            ),
-        )  # fmt: skip
-
-    return seeded(seed, build)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -1,9 +1,11 @@
 """Shipped toy weights: write them with their manifest, load them back.
 
-``cache/lens_cache/toy/weights/`` holds ``toy_sam.safetensors`` (the SAM's state dict), ``toy_llava/``
-(a llava-hf folder: config, ``model.safetensors``, processor, tokenizer) and
-``MANIFEST.json``: each file's sha256 and size, the held-out scores measured at export,
-the commands and seed that made them and the git commit of the code that ran.
+:data:`lens_cache.backbones.toy.WEIGHTS_DIR` (``cache/lens_cache/backbones/toy_weights/``) holds
+``toy_sam.safetensors`` (the SAM's state dict), ``toy_llava/`` (a llava-hf folder: config,
+``model.safetensors``, processor, tokenizer) and ``MANIFEST.json``: each file's sha256 and size,
+the held-out scores measured at export, the commands and seed that made them and the git commit
+of the code that ran. (The stage-1 loaders, ``--sam toy`` and ``--mllm toy``, read the same files
+without this module; the loaders here are the pretraining's own, for its scores.)
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lens_cache.backbones.runtime import no_loading_bar
-from lens_manifests.files import folder_replaced_on_success, sha256_file
-
-from . import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR
+from lens_cache.backbones.toy import MANIFEST_FILE, TOY_LLAVA_DIR, TOY_SAM_FILE, WEIGHTS_DIR, build_toy_sam
+from lens_core.files import folder_replaced_on_success, sha256_file
 
 #: Held-out scenes of the quick check that the tests recompute.
 QUICK_SCENES = 4
@@ -82,8 +83,6 @@ def verify_weights(weights: Path | None = None) -> list[str]:
 
 
 def load_toy_sam(weights: Path | None = None):
-    from .sam import build_toy_sam
-
     sam = build_toy_sam()
     sam.load_state_dict(load_file((weights or WEIGHTS_DIR) / TOY_SAM_FILE), strict=True)
     return sam.eval().requires_grad_(False)

@@ -8,7 +8,7 @@ shape-only phrases are not (the planted image tokens carry no shape). SAM's embe
 are the shipped toy SAM's. Trains ``--preset toy`` (no warm start: the fake MLLM has no
 layers) on ``synthetic:train`` and scores held-out ``synthetic:val``.
 
-    python benchmarks/toy_downstream.py --images 48 --steps 300 --work /tmp/downstream
+    python benchmarks/probes/toy_downstream.py --images 48 --steps 300 --work /tmp/downstream
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ fits a ridge regression from each token's state to the mean RGB of its patch on 
 frame (24x24 for the MLLM, 64x64 for SAM) on the first images and reports R^2 on the rest.
 Random-weight backbones lose spatial detail with depth; this says how much, per layer.
 
-    python benchmarks/probe_features.py                    # tiny LLaVA + tiny SAM, CPU, ~10 s
-    python benchmarks/probe_features.py --mllm /ckpt/llava-1.5-7b-hf --sam vit_h:/ckpt/sam_vit_h_4b8939.pth
+    python benchmarks/probes/probe_features.py             # tiny LLaVA + tiny SAM, CPU, ~10 s
+    python benchmarks/probes/probe_features.py --mllm /ckpt/llava-1.5-7b-hf --sam vit_h:/ckpt/sam_vit_h_4b8939.pth
 """
 
 from __future__ import annotations

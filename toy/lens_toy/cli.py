@@ -2,8 +2,8 @@
 
     lens-toy pretrain-sam   --work toy_work --steps 2400      # toy SAM, resumable
     lens-toy pretrain-llava --work toy_work                   # toy LLaVA, three stages, resumable
-    lens-toy export         --work toy_work --out cache/lens_cache/toy/weights
-    lens-toy evaluate       [--weights cache/lens_cache/toy/weights]     # held-out scores of shipped weights
+    lens-toy export         --work toy_work --out cache/lens_cache/backbones/toy_weights
+    lens-toy evaluate       [--weights cache/lens_cache/backbones/toy_weights]     # held-out scores of shipped weights
 
 Every command is deterministic from ``--seed``; rerunning a killed command resumes it.
 """
@@ -77,7 +77,8 @@ def pretrain_llava_cmd(
 @app.command("export")
 def export_cmd(
     work: Annotated[Path, typer.Option(help="The pretraining folder.")] = Path("toy_work"),
-    out: Annotated[Path | None, typer.Option(help="Where the shipped weights go [cache/lens_cache/toy/weights].")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where the shipped weights go (default: cache/lens_cache/backbones/toy_weights).")] = None,
     command: Annotated[str, typer.Option(help="The commands that made the weights, for the manifest.")] = "",
 ) -> None:
     """Write the pretrained toy backbones as shipped weights + MANIFEST.json (hashes, scores, provenance)."""
@@ -89,7 +90,8 @@ def export_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    weights: Annotated[Path | None, typer.Option(help="Folder of shipped weights [cache/lens_cache/toy/weights].")] = None,
+    weights: Annotated[Path | None, typer.Option(
+        help="Folder of shipped weights (default: cache/lens_cache/backbones/toy_weights).")] = None,
     scenes: Annotated[int, typer.Option(help="Held-out scenes per model.")] = 40,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
 ) -> None:

@@ -9,8 +9,8 @@ Every ``--eval-every`` steps it prints, on the training store and on a held-out 
 - ``peak_hit``: how often the map's peak cell lies on the target, against ``chance``
   (the mean target fraction of the frame: where a random peak would land).
 
-    python benchmarks/probe_grounding.py                       # the demo's stores (make demo first)
-    python benchmarks/probe_grounding.py --no-detach-peak --heatmap-from mean --lr 1e-3
+    python benchmarks/probes/probe_grounding.py                # the demo's stores (make demo first)
+    python benchmarks/probes/probe_grounding.py --no-detach-peak --heatmap-from mean --lr 1e-3
 
 Defaults read ``work/demo-toy/stores/synthetic-{train,val}-L3`` (what ``make demo`` writes) with the toy preset.
 """

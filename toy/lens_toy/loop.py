@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from lens_cache.progress import format_duration
-from lens_manifests.files import replaced_on_success, torch_save
+from lens_core.files import replaced_on_success, torch_save
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ and reports gIoU overall, given a peak hit and given a miss, and given that ever
 lies on the target: that last number is what the downstream half (descriptor + SAM's
 decoder) achieves when grounding is right; the peak-hit rate is how often grounding is.
 
-    python benchmarks/decompose_run.py RUN_DIR STORE            # e.g. the demo's run and val store
-    python benchmarks/decompose_run.py work/demo-toy/runs/demo-lens work/demo-toy/stores/synthetic-val-L3
+    python benchmarks/probes/decompose_run.py RUN_DIR STORE     # e.g. the demo's run and val store
+    python benchmarks/probes/decompose_run.py work/demo-toy/runs/demo-lens work/demo-toy/stores/synthetic-val-L3
 """
 
 from __future__ import annotations

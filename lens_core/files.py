@@ -1,4 +1,4 @@
-"""Writing files so that a failure leaves nothing behind.
+"""Writing files so that a failure leaves nothing behind, and hashing them.
 
 Every output file of the tools is written under a temporary name beside it and renamed
 over it once complete, so a reader sees the old file or the new one, never half of one.
@@ -7,8 +7,12 @@ is removed before the error goes on: a full disk is not filled further by leftov
 The CLIs then print the error as one line (:func:`lens_cache.errors.output_error`).
 A folder (an exported checkpoint) is written the same way: :func:`folder_replaced_on_success`.
 
-This is the lowest stage package, so every stage writes its files with these helpers.
-The one exception is the synthetic dataset's folder (:func:`lens_manifests.synthetic._publish`):
+It lives in ``lens_core``, the lowest package of the import graph (every stage may import it; it
+imports nothing of the project), so every stage writes its files with these helpers: the manifests,
+the cache's stores and exports, stage 2's runs, checkpoints and evaluations. It is ``lens_core``'s one
+module that writes files (:mod:`.paths`, the confinement rule, only reads where links lead); the model
+(every other module of the package) never touches them.
+The one exception is the synthetic dataset's folder (:func:`lens_manifests.synthetic.publish._publish`):
 several processes may build the same set at once, so it keeps whichever finishes first.
 """
 

@@ -4,7 +4,7 @@ Architecture (:func:`toy_llava_config`): a CLIP vision tower at 336 px with 14 p
 (24 x 24 = 576 image tokens, CLS dropped; width 64, 4 layers; its last layer feeds the
 projector, ``vision_feature_layer=-1``), LLaVA-1.5's two-layer GELU projector and a
 LLaMA of width 128 with 6 layers and 4 heads. The tokenizer is the tiny word-level one,
-extended with the toy world's words (:func:`lens_cache.toy.conversations.vocabulary_words`).
+extended with the toy world's words (:func:`lens_toy.conversations.vocabulary_words`).
 
 Stages, as LLaVA is built (each resumable, deterministic from its seed):
 
@@ -16,7 +16,7 @@ b. ``align``: tower frozen; projector and LLaMA learn to caption scenes ("a big 
    circle, a small blue star."). Real LLaVA trains only the projector here because its
    LLaMA is pretrained; ours starts from scratch, so this stage is its text pretraining too.
 c. ``instruct``: projector and LLaMA learn multi-turn conversations
-   (:mod:`lens_cache.toy.conversations`): attributes, yes/no, counts, relations and
+   (:mod:`lens_toy.conversations`): attributes, yes/no, counts, relations and
    LLaVA-1.5's region grounding (boxes as text); only answer tokens are supervised, every
    answer with the same weight (:func:`answer_weights`: box answers are long). Unlike
    LLaVA-1.5 the tower is fine-tuned too, at a tenth of the lr: stage a's read-outs leave
@@ -38,8 +38,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from lens_cache.backbones.llava import REFERRING_QUESTION_TEMPLATE
 from lens_cache.backbones.tiny_llava import build_tiny_processor, build_tiny_tokenizer
+from lens_cache.backbones.toy import TOY_PROMPT_TEMPLATE
 
-from . import TOY_PROMPT_TEMPLATE
 from .conversations import BOX_SYMBOLS, CAPTION_QUESTION, caption, grounding_phrases, parse_box, turns, vocabulary_words
 from .loop import Schedule, run_stage, seeded
 from .world import COLOUR_NAMES, HELD_OUT, KIND_NAMES, TRAIN, ToyScene, draw_scene
