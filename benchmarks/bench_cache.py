@@ -86,6 +86,10 @@ def bench(
     device: Annotated[str | None, typer.Option(help="default: cuda for real, cpu for tiny")] = None,
     peak_tflops: Annotated[float | None, typer.Option(help="peak dense FLOP/s of the device, in TFLOP/s")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (tiny scale; default: half the cores)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 or float32 [real: bfloat16, tiny: float32]")] = None,
+    truncate: Annotated[bool, typer.Option(
+        help="build only the decoder layers the build runs (a float32 real-scale model in a CPU's memory); "
+             "needs --baseline-queries 0")] = False,
     out: Annotated[str | None, typer.Option(help="also write the JSON object to this file")] = None,
 ) -> dict[str, Any]:
     """Run the benchmark; prints progress to stderr and the JSON object to stdout, and returns it."""
@@ -93,7 +97,7 @@ def bench(
         scale=scale.value, images=images, split=split, data_root=data_root, backbone=backbone.value,
         layers=[int(v) for v in layers.split(",")] if layers else None, batch_size=batch_size,
         warmup_images=warmup_images, baseline_queries=baseline_queries, sam=sam.value, device=device,
-        peak_tflops=peak_tflops, threads=threads,
+        peak_tflops=peak_tflops, threads=threads, dtype=dtype, truncate=truncate,
     )  # fmt: skip
     result = run_benchmark(request)
     line = json.dumps(result)

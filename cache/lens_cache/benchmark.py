@@ -20,6 +20,7 @@ stderr; the result is one JSON-able dict.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import platform
 import sys
@@ -42,7 +43,10 @@ class BenchRequest:
 
     ``layers`` None: the backbone's benchmark layer (``REAL_BACKBONES[backbone].layer``);
     ``baseline_queries`` None: 8 at real scale, 2 at tiny; ``device`` None: cuda for real, cpu for tiny;
-    ``peak_tflops`` overrides the device's peak; ``threads``: CPU threads (default: half the cores).
+    ``peak_tflops`` overrides the device's peak; ``threads``: CPU threads (default: half the cores);
+    ``dtype`` None: bfloat16 at real scale, float32 at tiny; ``truncate``: build only the decoder layers the
+    build runs (to the deepest cached layer, and the next one for the warm start), so that a float32 real-scale
+    model fits a CPU's memory; the naive baseline, which needs them all, is then not run.
     """
 
     scale: str = "real"
@@ -58,6 +62,8 @@ class BenchRequest:
     device: str | None = None
     peak_tflops: float | None = None
     threads: int | None = None
+    dtype: str | None = None
+    truncate: bool = False
 
 
 @dataclass
@@ -77,6 +83,7 @@ class _Run:
     sizes: dict[str, int] = field(default_factory=dict)
     peak_mem: float | None = None
     naive: dict[str, Any] = field(default_factory=dict)
+    components_s: dict[str, float] = field(default_factory=dict)
     peak: float | None = None
     peak_source: str = ""
 
@@ -110,15 +117,16 @@ def store_bytes(store: Any) -> dict[str, int]:
 
 
 def build_real_extractor(
-    device: torch.device, dtype: torch.dtype, layers: Sequence[int], sam_variant: str, backbone: str = "llava-1.5"
+    device: torch.device, dtype: torch.dtype, layers: Sequence[int], sam_variant: str, backbone: str = "llava-1.5",
+    text_layers: int | None = None,
 ) -> Any:
     """``backbone`` (LLaVA-1.5-7B by default) + SAM ``sam_variant`` with random weights, created directly on
-    ``device`` in ``dtype``."""
+    ``device`` in ``dtype`` (``text_layers``: :func:`~.backbones.real_configs.build_real_mllm`'s)."""
     from segment_anything import sam_model_registry
 
     from .backbones.extractor import LensFeatureExtractor
 
-    mllm = build_real_mllm(backbone, device, dtype, layers)
+    mllm = build_real_mllm(backbone, device, dtype, layers, text_layers)
     with torch.device(device):
         sam = sam_model_registry[sam_variant](checkpoint=None)
     return LensFeatureExtractor(mllm=mllm, sam=_random_sam_encoder(sam, sam_variant, device, dtype))
@@ -209,8 +217,15 @@ def _resolve(request: BenchRequest) -> _Run:
             f"--scale real needs a CUDA GPU ({request.backbone} at its real size + SAM ViT-H in bf16); "
             "run --scale tiny for a CPU smoke check, or pass --device cpu to insist"
         )
-    dtype = torch.bfloat16 if request.scale == "real" else torch.float32
-    baseline_queries = request.baseline_queries or (8 if request.scale == "real" else 2)
+    if request.dtype not in (None, "bfloat16", "float32"):
+        raise SystemExit(f"--dtype must be bfloat16 or float32, got {request.dtype!r}")
+    dtype = getattr(torch, request.dtype or ("bfloat16" if request.scale == "real" else "float32"))
+    baseline_queries = request.baseline_queries
+    if baseline_queries is None:
+        baseline_queries = 0 if request.truncate else 8 if request.scale == "real" else 2
+    if request.truncate and baseline_queries:
+        raise SystemExit("--truncate builds only the layers the build runs: the naive baseline needs them all "
+                         "(pass --baseline-queries 0)")
     return _Run(device=device, dtype=dtype, layers=layers, baseline_queries=baseline_queries)
 
 
@@ -233,7 +248,9 @@ def _measure(request: BenchRequest, run: _Run) -> None:
         say(f"building the {request.scale} backbones on {device} ({str(run.dtype).removeprefix('torch.')})")
         started = time.perf_counter()
         if request.scale == "real":
-            run.extractor = build_real_extractor(device, run.dtype, run.layers, request.sam, request.backbone)
+            text_layers = run.layers[-1] + 2 if request.truncate else None
+            run.extractor = build_real_extractor(device, run.dtype, run.layers, request.sam, request.backbone,
+                                                 text_layers)
         else:
             run.extractor = build_tiny_extractor(device, run.dtype, run.layers, request.backbone)
         synchronize(device)
@@ -253,14 +270,39 @@ def _measure(request: BenchRequest, run: _Run) -> None:
             say(f"warm-up build: {warm.num_rows} queries of {min(request.warmup_images, images)} image(s)")
             build(warm, "warmup")
         say(f"measured build: {images} image(s), {manifest.num_rows} queries")
-        store, run.build_s = build(manifest, "store")
+        with _timed(run.extractor.mllm, "encode", run.components_s, device), \
+                _timed(run.extractor.sam, "embed", run.components_s, device):
+            store, run.build_s = build(manifest, "store")
         run.peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         run.num_images, run.num_queries = store.num_images, store.num_queries
         run.sizes = store_bytes(store)
 
-        say(f"naive baseline: {run.baseline_queries} queries, full forward + SAM each")
-        run.naive = naive_baseline(run.extractor, manifest, run.baseline_queries, run.layers, device)
+        if run.baseline_queries:
+            say(f"naive baseline: {run.baseline_queries} queries, full forward + SAM each")
+            run.naive = naive_baseline(run.extractor, manifest, run.baseline_queries, run.layers, device)
         run.peak, run.peak_source = _device_peak(request, device)  # on the CPU: with the build's thread count
+
+
+@contextlib.contextmanager
+def _timed(owner: Any, method: str, seconds: dict[str, float], device: torch.device):
+    """While active, the seconds spent in ``owner.method`` add up in ``seconds[type(owner).__name__]``."""
+    original = getattr(owner, method)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        synchronize(device)
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            synchronize(device)
+            key = type(owner).__name__
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
+
+    setattr(owner, method, timed)
+    try:
+        yield
+    finally:
+        delattr(owner, method)
 
 
 def _device_peak(request: BenchRequest, device: torch.device) -> tuple[float | None, str]:
@@ -306,22 +348,23 @@ def run_benchmark(request: BenchRequest) -> dict[str, Any]:
     build_flops = run.num_images * workload.build_per_image + sum(workload.build_queries)
     naive_flops_per_query = sum(workload.naive_queries) / len(workload.naive_queries)
     build_ips, build_qps = run.num_images / run.build_s, run.num_queries / run.build_s
-    naive_qps = run.naive["queries"] / run.naive["seconds"]
+    naive_qps = run.naive["queries"] / run.naive["seconds"] if run.naive else None
     image_bytes = sum(v for k, v in run.sizes.items() if k.startswith("images/"))
     query_bytes = sum(v for k, v in run.sizes.items() if k.startswith("queries/"))
     result = _describe(request, run, workload, suffix)
     result.update(_throughput(run, build_ips, build_qps, naive_qps, image_bytes, query_bytes))
-    result.update(_flop_fields(run, workload, build_flops, naive_flops_per_query))
+    result.update(_flop_fields(run, workload, build_flops, naive_flops_per_query if run.naive else None))
     if run.peak:
         result["ceiling_images_per_s"] = round(run.peak * run.num_images / build_flops, 3)
         result["ceiling_queries_per_s"] = round(run.peak * run.num_queries / build_flops, 3)
-        result["naive_ceiling_queries_per_s"] = round(run.peak / naive_flops_per_query, 3)
         result["build_mfu"] = round(build_flops / run.build_s / run.peak, 4)
-        result["naive_mfu"] = round(naive_flops_per_query * naive_qps / run.peak, 4)
+        if naive_qps is not None:
+            result["naive_ceiling_queries_per_s"] = round(run.peak / naive_flops_per_query, 3)
+            result["naive_mfu"] = round(naive_flops_per_query * naive_qps / run.peak, 4)
     say(
-        f"build {build_ips:.3f} img/s, {build_qps:.3f} q/s; naive {naive_qps:.3f} q/s "
-        f"({build_qps / naive_qps:.1f}x); {image_bytes / run.num_images / 2**20:.2f} MiB/image, "
-        f"{query_bytes / run.num_queries / 2**10:.1f} KiB/query"
+        f"build {build_ips:.3f} img/s, {build_qps:.3f} q/s"
+        + (f"; naive {naive_qps:.3f} q/s ({build_qps / naive_qps:.1f}x)" if naive_qps else "")
+        + f"; {image_bytes / run.num_images / 2**20:.2f} MiB/image, {query_bytes / run.num_queries / 2**10:.1f} KiB/query"
         + (f"; ceiling {result['ceiling_images_per_s']:.2f} img/s, MFU {result['build_mfu']:.1%}" if run.peak else "")
     )
     return result
@@ -353,26 +396,31 @@ def _describe(request: BenchRequest, run: _Run, workload: Workload, suffix: list
 
 
 def _throughput(
-    run: _Run, build_ips: float, build_qps: float, naive_qps: float, image_bytes: int, query_bytes: int
+    run: _Run, build_ips: float, build_qps: float, naive_qps: float | None, image_bytes: int, query_bytes: int
 ) -> dict[str, Any]:
-    """The result's timings, rates and bytes."""
+    """The result's timings, rates and bytes (the naive baseline's None when it did not run)."""
+    import resource
+
+    naive = run.naive
     return {
         "setup_s": round(run.setup_s, 2),
         "build_s": round(run.build_s, 3),
         "build_images_per_s": round(build_ips, 4),
         "build_queries_per_s": round(build_qps, 4),
-        "naive_queries_timed": run.naive["queries"],
-        "naive_s_per_query": round(run.naive["seconds"] / run.naive["queries"], 4),
-        "naive_queries_per_s": round(naive_qps, 4),
-        "naive_images_per_s": round(naive_qps / (run.num_queries / run.num_images), 4),
-        "speedup_queries_per_s": round(build_qps / naive_qps, 2),
+        "seconds_per_image": {name: round(seconds / run.num_images, 3) for name, seconds in run.components_s.items()},
+        "naive_queries_timed": naive.get("queries"),
+        "naive_s_per_query": round(naive["seconds"] / naive["queries"], 4) if naive else None,
+        "naive_queries_per_s": round(naive_qps, 4) if naive_qps else None,
+        "naive_images_per_s": round(naive_qps / (run.num_queries / run.num_images), 4) if naive_qps else None,
+        "speedup_queries_per_s": round(build_qps / naive_qps, 2) if naive_qps else None,
         "bytes_per_image": round(image_bytes / run.num_images),
         "bytes_per_query": round(query_bytes / run.num_queries),
         "bytes_by_array": run.sizes,
+        "max_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
 
 
-def _flop_fields(run: _Run, workload: Workload, build_flops: int, naive_flops_per_query: float) -> dict[str, Any]:
+def _flop_fields(run: _Run, workload: Workload, build_flops: int, naive_flops_per_query: float | None) -> dict[str, Any]:
     """The result's FLOP counts, the peak they are divided by and the peak memory."""
     return {
         "flops_per_image": {
@@ -384,7 +432,7 @@ def _flop_fields(run: _Run, workload: Workload, build_flops: int, naive_flops_pe
         },
         "flops_per_query_mean": round(sum(workload.build_queries) / run.num_queries),
         "flops_build_total": build_flops,
-        "flops_naive_per_query_mean": round(naive_flops_per_query),
+        "flops_naive_per_query_mean": round(naive_flops_per_query) if naive_flops_per_query else None,
         "peak_flops": run.peak,
         "peak_source": run.peak_source,
         "peak_memory_GiB": round(run.peak_mem, 2) if run.peak_mem is not None else None,

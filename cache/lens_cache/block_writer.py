@@ -32,6 +32,7 @@ from lens_cache.store_format import (
     store_sample_arrays,
     stored_checksums,
 )
+from lens_cache.store_codec import Int8RowScaleCodec
 from lens_cache.store_location import StoreLocation, open_group, quiet_numcodecs
 
 
@@ -40,8 +41,10 @@ class BlockWriter:
 
     Writes cover whole chunks (a full padded text row, a whole block of sizes), so
     zarr never reads a chunk back to merge a partial update. Every sample's checksum is
-    taken from the bytes it writes (bit-rounded first for a ``bitround`` store, so that
-    the checksum is of what reads back; the store's filter leaves rounded values as they are).
+    taken from the bytes it writes as they read back: bit-rounded first for a ``bitround`` store
+    (the store's filter leaves rounded values as they are), through the int8 round trip of the
+    array's own codec for an ``int8`` store (:mod:`lens_cache.store_codec`; the values written are
+    the extractor's, which the codec quantises once).
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -64,6 +67,9 @@ class BlockWriter:
             self._bitround = BitRound(keepbits=BITROUND_KEEPBITS)
         with quiet_numcodecs():
             self.arrays = {name: self.group[name] for name in self.layout}
+        #: array name -> its codec's int8 round trip (an ``int8`` store's feature arrays): what a value reads back as
+        self._int8 = {name: array.serializer for name, array in self.arrays.items()
+                      if isinstance(array.serializer, Int8RowScaleCodec)}
 
     def row_shape(self, name: str) -> tuple[int, ...]:
         """The shape of one sample of ``name``: (P, d) image states, (T, d) a padded text row, (C, 64, 64) SAM's."""
@@ -88,6 +94,8 @@ class BlockWriter:
                 values = self._bitround.decode(self._bitround.encode(values)).reshape(values.shape)
             start = query_start if is_query_array(name) else image_start
             self.arrays[name][start : start + len(values)] = values
+            if name in self._int8:  # the checksum of what reads back, not of what went in
+                values = self._int8[name].roundtrip(np.asarray(values, dtype=self.layout[name].dtype))
             checksums[name] = [sample_checksum(row) for row in values]
         return checksums
 

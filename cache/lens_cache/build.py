@@ -97,7 +97,8 @@ def build_cache(
         batch_size: images per ``extract`` call.
         block_size: images per block (the unit of work, of resume, of ownership);
             None: the existing store's when resuming, else ``DEFAULT_BLOCK_SIZE`` (32).
-        compression: ``lossless`` (zstd), ``bitround`` (7 mantissa bits + zstd) or ``none``;
+        compression: ``lossless`` (zstd), ``bitround`` (7 mantissa bits + zstd), ``int8`` (int8 rows with a
+            float16 absmax scale each + zstd: :mod:`lens_cache.store_codec`) or ``none``;
             None: the existing store's when resuming, else ``lossless``.
         workers: >0 runs the blocks on a local dask cluster of that many processes.
         scheduler: address of a running dask scheduler (``tcp://host:8786``); wins over ``workers``.

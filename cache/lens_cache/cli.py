@@ -165,7 +165,7 @@ def build(
     compression: Annotated[
         str | None,
         typer.Option(
-            help="lossless (zstd), bitround (7 mantissa bits + zstd, ~1.3x) or none [default: lossless, or the store's own when resuming]."
+            help="lossless (zstd), bitround (7 mantissa bits + zstd, ~1.3x), int8 (int8 rows, a scale per row, + zstd, ~2x, lossy: cache/README.md) or none [default: lossless, or the store's own when resuming]."
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,

@@ -52,7 +52,10 @@ from lens_cache.estimate_inputs import (
 )
 
 #: Compression ratio of the float16 feature arrays per ``--compression``, and what the figure is.
-COMPRESSION_RATIOS = {"none": (1.0, "exact"), "lossless": (1.0, "upper bound"), "bitround": (13 / 16, "approximate")}
+COMPRESSION_RATIOS = {"none": (1.0, "exact"), "lossless": (1.0, "upper bound"), "bitround": (13 / 16, "approximate"),
+                      # int8: 1 byte per value + a 2-byte scale per row of 4096 (d of LLaVA-1.5-7B, SAM's 64 x 64 map)
+                      # before zstd: lens_cache.store_codec; 0.445 measured after zstd by benchmarks/bench_codec.py
+                      "int8": (0.5 + 1 / 4096, "upper bound")}
 #: ``--gpu`` -> the key of :data:`lens_cache.flops.PEAK_BF16_DENSE`.
 GPUS = {"h100": "H100 SXM", "h100-pcie": "H100 PCIe", "h100-nvl": "H100 NVL", "h200": "H200", "a100": "A100",
         "l40s": "L40S", "a10g": "A10G", "l4": "L4"}
@@ -76,7 +79,7 @@ OPTION_HELP = {
             "Qwen/Qwen2-VL-2B-Instruct, llava-hf/llava-onevision-qwen2-7b-ov-hf): no weights are read.",
     "layers": "Layers to cache, comma-separated [as build: the MLLM's main layer].",
     "sam": "vit_h, vit_l, vit_b (':PATH' allowed, not read), tiny or toy [toy for toy, tiny for tiny*, else vit_h].",
-    "compression": "lossless, bitround or none, as for build.",
+    "compression": "lossless, bitround, int8 or none, as for build.",
     "gpu": "h100 (SXM), h100-pcie, h100-nvl, h200, a100, l40s, a10g or l4: its dense bf16 peak.",
     "mfu": "Model FLOPs utilisation assumed for the hours (the ceiling, MFU 1, is shown too).",
     "preset": "Training preset (name or .json) for the stage-2 time [the one made for the MLLM].",

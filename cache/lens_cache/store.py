@@ -43,7 +43,7 @@ version-5 store whose question set has more than one template per query. Every a
     by create:  the parent, once, before any block (rewritten by a build that finds it damaged)
     by block:   the writer of the block that owns the rows (one worker), before the block's done flag
     by finish:  the parent, after every block's done flag and before `complete`
-    codec store:  the store's compression (lossless, bitround, none): store_create.feature_codecs
+    codec store:  the store's compression (lossless, bitround, int8, none): store_create.feature_codecs
     codec zstd:   zstd level 3, whatever the compression
 
     array                        shape               dtype    chunk             by      codec

@@ -44,7 +44,7 @@ ATTRS_KEY = "lens_cache"
 PARTIAL_KEY = "lens_cache_partial"
 MANIFEST_FILE = "manifest.parquet"
 STORAGE_DTYPE = "float16"
-COMPRESSIONS = ("lossless", "bitround", "none")
+COMPRESSIONS = ("lossless", "bitround", "int8", "none")
 ZSTD_LEVEL = 3
 BITROUND_KEEPBITS = 7
 #: SAM's image embedding is (C, 64, 64) whatever the variant; C is its prompt width.

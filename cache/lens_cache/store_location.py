@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import lens_cache.store_codec  # noqa: F401 - registers the int8 codec with zarr for every store module
 import zarr
 from lens_cache.store_format import ATTRS_KEY, PARTIAL_KEY
 from lens_core.files import replaced_on_success

@@ -134,14 +134,19 @@ def onevision_7b_config(tokenizer: Any) -> Any:
     )
 
 
-def _model_on(model_class: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """``model_class`` from ``config`` with random weights born on ``device`` in ``dtype`` (no fp32 CPU copy)."""
+def _model_on(model_class: Any, config: Any, device: torch.device, dtype: torch.dtype,
+              text_layers: int | None = None) -> Any:
+    """``model_class`` from ``config`` with random weights born on ``device`` in ``dtype`` (no fp32 CPU copy);
+    ``text_layers``: only the language model's first decoder layers (those a build up to a layer runs)."""
+    if text_layers is not None:
+        text = getattr(config, "text_config", None) or config
+        text.num_hidden_layers = text_layers
     with torch.device(device):
         model = model_class._from_config(config, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
-def _llava_1_5_7b(device: torch.device, dtype: torch.dtype, layers: Sequence[int]) -> Any:
+def _llava_1_5_7b(device: torch.device, dtype: torch.dtype, layers: Sequence[int], text_layers: int | None = None) -> Any:
     from transformers import LlavaForConditionalGeneration
 
     from .llava import LlavaBackbone
@@ -150,22 +155,23 @@ def _llava_1_5_7b(device: torch.device, dtype: torch.dtype, layers: Sequence[int
     tokenizer = build_word_tokenizer()
     processor = build_tiny_processor(tokenizer)  # CLIP preprocessing at 336, <image> -> 576 tokens
     config = llava_1_5_7b_config(tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
-    model = _model_on(LlavaForConditionalGeneration, config, device, dtype)
+    model = _model_on(LlavaForConditionalGeneration, config, device, dtype, text_layers)
     return LlavaBackbone(model, processor, name_or_path="random:llava-1.5-7b", layers=layers)
 
 
-def _qwen2vl_2b(device: torch.device, dtype: torch.dtype, layers: Sequence[int]) -> Any:
+def _qwen2vl_2b(device: torch.device, dtype: torch.dtype, layers: Sequence[int], text_layers: int | None = None) -> Any:
     from transformers import Qwen2VLForConditionalGeneration
 
     from .qwen2vl import Qwen2VLBackbone
     from .tiny_qwen2vl import build_tiny_qwen_processor
 
     processor = build_tiny_qwen_processor()  # 672 x 672 -> 24 x 24 merged tokens
-    model = _model_on(Qwen2VLForConditionalGeneration, qwen2vl_2b_config(processor.tokenizer), device, dtype)
+    model = _model_on(Qwen2VLForConditionalGeneration, qwen2vl_2b_config(processor.tokenizer), device, dtype,
+                      text_layers)
     return Qwen2VLBackbone(model, processor, name_or_path="random:qwen2-vl-2b", layers=layers)
 
 
-def _onevision_7b(device: torch.device, dtype: torch.dtype, layers: Sequence[int]) -> Any:
+def _onevision_7b(device: torch.device, dtype: torch.dtype, layers: Sequence[int], text_layers: int | None = None) -> Any:
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from .onevision import OnevisionBackbone
@@ -173,7 +179,7 @@ def _onevision_7b(device: torch.device, dtype: torch.dtype, layers: Sequence[int
 
     processor = build_tiny_onevision_processor()  # SigLIP at 384, base resolution set by the adapter
     config = onevision_7b_config(processor.tokenizer)
-    model = _model_on(LlavaOnevisionForConditionalGeneration, config, device, dtype)
+    model = _model_on(LlavaOnevisionForConditionalGeneration, config, device, dtype, text_layers)
     return OnevisionBackbone(model, processor, name_or_path="random:llava-onevision-7b", layers=layers)
 
 
@@ -185,13 +191,13 @@ class RealBackbone:
         checkpoint: the published checkpoint whose architecture it rebuilds.
         tiny: its tiny counterpart (a built-in ``--mllm`` name), run by ``--scale tiny``.
         layer: the layer the benchmark caches when ``--layers`` is not given.
-        build: ``(device, dtype, layers) -> adapter`` around the random-weight model.
+        build: ``(device, dtype, layers, text_layers=None) -> adapter`` around the random-weight model.
     """
 
     checkpoint: str
     tiny: str
     layer: int
-    build: Callable[[torch.device, torch.dtype, Sequence[int]], Any]
+    build: Callable[..., Any]
 
 
 #: ``--backbone`` name -> its row. The layers are the benchmark's own (BENCHMARKS.md's figures use them):
@@ -204,10 +210,12 @@ REAL_BACKBONES: dict[str, RealBackbone] = {
 }
 
 
-def build_real_mllm(backbone: str, device: torch.device, dtype: torch.dtype, layers: Sequence[int]) -> Any:
+def build_real_mllm(backbone: str, device: torch.device, dtype: torch.dtype, layers: Sequence[int],
+                    text_layers: int | None = None) -> Any:
     """The ``backbone`` adapter around its real-dimension model with random weights (seed 0), created directly
-    on ``device`` in ``dtype`` (the processor and word-level tokenizer are the tiny presets')."""
+    on ``device`` in ``dtype`` (the processor and word-level tokenizer are the tiny presets'); ``text_layers``:
+    only that many decoder layers (a build to layer k runs k of them and keeps k and k + 1 for the warm start)."""
     if backbone not in REAL_BACKBONES:
         raise ValueError(f"--backbone must be one of {', '.join(REAL_BACKBONES)}, got {backbone!r}")
     torch.manual_seed(0)
-    return REAL_BACKBONES[backbone].build(device, dtype, layers)
+    return REAL_BACKBONES[backbone].build(device, dtype, layers, text_layers)
