@@ -131,7 +131,16 @@ def adapter(request) -> Adapter:
 
 
 @pytest.fixture(scope="module")
-def backbone(adapter):
+def extractor(adapter):
+    """``build_extractor`` of the built-in tiny model (its default way) with the tiny SAM."""
+    return build_extractor(mllm=adapter.mllm, sam="tiny", layers=adapter.layers, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def backbone(adapter, extractor):
+    """The built-in tiny model (as ``Adapter.cls.tiny`` builds it; OneVision's in the fixture's own way)."""
+    if not adapter.tiny_kwargs:
+        return extractor.mllm
     return adapter.cls.tiny(layers=adapter.layers, device="cpu", dtype=torch.float32, **adapter.tiny_kwargs)
 
 
@@ -142,20 +151,47 @@ def squares() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def encoded(backbone, adapter, squares):
-    return backbone.encode(squares, list(adapter.questions))
+def encoded_and_calls(backbone, adapter, squares):
+    """``backbone.encode(squares, questions)``, and what ran: the shapes (batch, length) of the first decoder
+    layer's outputs and the number of vision-tower calls (for :func:`test_prefix_runs_once_per_batch`)."""
+    calls: list[tuple[int, int]] = []
+    vision_calls: list[int] = []
+    layer0 = backbone.model.model.language_model.layers[0]
+    h1 = layer0.register_forward_hook(lambda m, a, o: calls.append(tuple(o.shape[:2])))
+    h2 = getattr(backbone.model.model, adapter.vision).register_forward_hook(lambda m, a, o: vision_calls.append(1))
+    try:
+        encoded = backbone.encode(squares, list(adapter.questions))
+    finally:
+        h1.remove()
+        h2.remove()
+    return encoded, calls, len(vision_calls)
 
 
 @pytest.fixture(scope="module")
-def extractor(adapter):
-    """``build_extractor`` of the built-in tiny model (its default way) with the tiny SAM."""
-    return build_extractor(mllm=adapter.mllm, sam="tiny", layers=adapter.layers, device="cpu")
+def encoded(encoded_and_calls):
+    return encoded_and_calls[0]
+
+
+@pytest.fixture(scope="module")
+def references(adapter, backbone, squares):
+    """``(image index, question) -> (input_ids, image-run positions, hidden_states, raw output of the last
+    decoder layer)``: a plain full forward of every prompt of :func:`encoded`, computed once."""
+    found = {}
+    raw: list[torch.Tensor] = []
+    handle = backbone.model.model.language_model.layers[-1].register_forward_hook(lambda m, a, o: raw.append(o))
+    try:
+        for i, (square, questions) in enumerate(zip(squares, adapter.questions)):
+            for question in questions:
+                found[i, question] = (*full_forward(backbone, square, question), raw.pop())
+    finally:
+        handle.remove()
+    return found
 
 
 @pytest.fixture(scope="module")
 def default_way(adapter, backbone, extractor):
     """The adapter as the registry and the loader build it (OneVision: the base way, not the fixture's)."""
-    return extractor.mllm if adapter.tiny_kwargs else backbone
+    return extractor.mllm
 
 
 @pytest.fixture(scope="module")
@@ -183,30 +219,21 @@ def _other(adapter: Adapter, backbone, **kwargs):
 # ---------------------------------------------------------------------------------------------- the states
 
 
-def test_shared_prefix_states_equal_full_forward(adapter, backbone, squares, encoded):
+def test_shared_prefix_states_equal_full_forward(adapter, backbone, squares, encoded, references):
     """THE key test: the prefix once per image (two images batched, KV cache), each question's suffix alone,
     positions continued, right-padded == hidden_states[k] of a plain full forward, for the cached image tokens
     and every token after the image."""
     first = adapter.questions[0]
     assert len({backbone.num_text_tokens(q) for q in first}) == len(first), "lengths differ: padding exercised"
     check_against_full_forward(backbone, squares, adapter.questions, encoded, adapter.layers,
-                               run_length=adapter.run_length)
+                               run_length=adapter.run_length, references=references)
 
 
-def test_prefix_runs_once_per_batch(adapter, backbone, squares):
+def test_prefix_runs_once_per_batch(adapter, backbone, encoded_and_calls):
     """The vision tower and the image prefix run once for all questions of all images."""
-    calls: list[tuple[int, int]] = []
-    vision_calls: list[int] = []
-    layer0 = backbone.model.model.language_model.layers[0]
-    h1 = layer0.register_forward_hook(lambda m, a, o: calls.append(tuple(o.shape[:2])))
-    h2 = getattr(backbone.model.model, adapter.vision).register_forward_hook(lambda m, a, o: vision_calls.append(1))
-    try:
-        backbone.encode(squares, list(adapter.questions))
-    finally:
-        h1.remove()
-        h2.remove()
+    _, calls, vision_calls = encoded_and_calls
     questions = [q for qs in adapter.questions for q in qs]
-    assert len(vision_calls) == 1
+    assert vision_calls == 1
     assert calls[0] == (2, len(backbone._prefix_ids))  # both prefixes in one forward
     assert len(calls) == 2 and calls[1][0] == len(questions)  # then every suffix in one forward
     assert calls[1][1] == max(backbone.num_text_tokens(q) for q in questions)
@@ -225,28 +252,23 @@ def test_chunked_suffixes_and_single_image_match(adapter, backbone, squares, enc
     torch.testing.assert_close(empty.image_states[k], encoded[0].image_states[k], atol=ATOL, rtol=0)
 
 
-def test_truncated_forward_never_applies_final_norm(adapter, backbone, squares):
+def test_truncated_forward_never_applies_final_norm(adapter, backbone, squares, references):
     """The last layer: the cached state is its raw output, not the normed hidden_states[-1]."""
     last_layer = backbone.num_hidden_layers
-    last = _other(adapter, backbone, layers=(last_layer,))
-    states = last.encode(squares[:1], [adapter.questions[1]])[0]
-    lm = backbone.model.model.language_model
-    raw: list[torch.Tensor] = []
-    handle = lm.layers[last_layer - 1].register_forward_hook(lambda m, a, o: raw.append(o))
-    try:
-        _, run, hidden = full_forward(backbone, squares[0], adapter.questions[1][0])
-    finally:
-        handle.remove()
+    question = adapter.questions[0][0]
+    states = _other(adapter, backbone, layers=(last_layer,)).encode(squares[:1], [[question]])[0]
+    _, run, hidden, raw = references[0, question]
     cached = run[: backbone.num_image_tokens]
-    torch.testing.assert_close(states.image_states[last_layer], raw[0][0, cached], atol=ATOL, rtol=0)
+    torch.testing.assert_close(states.image_states[last_layer], raw[0, cached], atol=ATOL, rtol=0)
     # hidden_states[-1] is the normed one: the cache must differ from it, and norm(cache) must equal it.
     assert not torch.allclose(states.image_states[last_layer], hidden[last_layer][0, cached], atol=1e-3)
     with torch.inference_mode():
+        lm = backbone.model.model.language_model
         torch.testing.assert_close(lm.norm(states.image_states[last_layer]), hidden[last_layer][0, cached],
                                    atol=ATOL, rtol=0)
 
 
-def test_generate_then_encode_stops_early_and_leaves_the_model_untouched(adapter, backbone, squares):
+def test_generate_then_encode_stops_early_and_leaves_the_model_untouched(adapter, backbone, squares, references):
     """Dialogue works (greedy: the same answer twice); an encode after it (Qwen2-VL's generate sets rope_deltas)
     still equals the full forward, stops after the deepest cached layer (neither the next decoder layer nor the
     final norm runs) and leaves the model as it was: weights, no gradients, no hook, layers and norm in place."""
@@ -265,7 +287,7 @@ def test_generate_then_encode_stops_early_and_leaves_the_model_untouched(adapter
     handles = [lm.layers[k].register_forward_hook(lambda m, a, o: deeper.append(1)),
                lm.norm.register_forward_hook(lambda m, a, o: deeper.append(2))]
     shallow = _other(adapter, backbone, layers=(k,))
-    question = adapter.questions[1][0]
+    question = adapter.questions[0][0]
     try:
         out = shallow.encode(squares[:1], [[question]])[0]
     finally:
@@ -273,7 +295,7 @@ def test_generate_then_encode_stops_early_and_leaves_the_model_untouched(adapter
             h.remove()
     assert deeper == []  # neither decoder layer index k (the (k+1)-th) nor the final norm ran
     assert set(out.image_states) == {k}
-    input_ids, run, hidden = full_forward(backbone, squares[0], question)
+    _, run, hidden, _ = references[0, question]  # a full forward before the generate calls
     torch.testing.assert_close(out.text_states[0][k], hidden[k][0, int(run[-1]) + 1:], atol=ATOL, rtol=0)
     for name, p in backbone.model.named_parameters():
         assert torch.equal(p, before[name]), name

@@ -16,7 +16,7 @@ from lens_cache.backbones.onevision import ONEVISION_TEMPLATE, OnevisionBackbone
 from lens_cache.backbones.tiny_onevision import build_tiny_onevision
 from lens_core.head import SegmentationHead
 from lens_train.training.presets import PRESET_DIR, load_preset
-from tests.helpers.backbones import ATOL, full_forward
+from tests.helpers.backbones import ATOL
 from tests.helpers.images import padded_squares
 
 LAYERS = (20, 27)  # two layers of the 28 (the onevision-7b preset trains on 14: tests/test_cache_fidelity_backbones.py)
@@ -53,23 +53,28 @@ def _reference(backbone, square: Image.Image, question: str):
     return inputs, run, out.hidden_states
 
 
-def test_the_anyres_tile_holds_other_states_than_the_cached_base_grid(backbone, squares):
+@pytest.fixture(scope="module")
+def reference(backbone, squares):
+    """The full forward of the second image and its question (:func:`_reference`), computed once."""
+    return _reference(backbone, squares[1], QUESTIONS_B[0])
+
+
+def test_the_anyres_tile_holds_other_states_than_the_cached_base_grid(reference):
     """The contract test proves the cached states are the first 729 of the run (the base grid); the duplicate
-    tile later in the run holds other states at layer k (its own place in the sequence), for each image."""
-    for square, question in zip(squares, [QUESTIONS_A[0], QUESTIONS_B[0]]):
-        _, run, hidden = full_forward(backbone, square, question)
-        assert len(run) == RUN
-        for k in LAYERS:
-            tile = hidden[k][0, run[BASE:]].reshape(GRID, GRID + 1, -1)[:, :GRID].reshape(BASE, -1)
-            assert (hidden[k][0, run[:BASE]] - tile).abs().max() > 100 * ATOL
+    tile later in the run (the same pixels) holds other states at layer k (its own place in the sequence)."""
+    _, run, hidden = reference
+    assert len(run) == RUN
+    for k in LAYERS:
+        tile = hidden[k][0, run[BASE:]].reshape(GRID, GRID + 1, -1)[:, :GRID].reshape(BASE, -1)
+        assert (hidden[k][0, run[:BASE]] - tile).abs().max() > 100 * ATOL
 
 
-def test_grid_positions_are_the_projectors_base_features(backbone, squares):
+def test_grid_positions_are_the_projectors_base_features(backbone, squares, reference):
     """Which of the 1485 <image> positions hold the 27 x 27 base grid, proven against the vision tower
     + projector run on their own: the first 729 (row-major); then the 1 x 1 AnyRes tile, the same
     crop again, as 27 rows of 27 tokens each followed by image_newline."""
     model = backbone.model.model
-    inputs, run, hidden = _reference(backbone, squares[1], QUESTIONS_B[0])
+    inputs, run, hidden = reference
     assert torch.equal(backbone._grid_positions, run[:BASE])
     pixels = inputs["pixel_values"][0]
     assert pixels.shape == (2, 3, 384, 384) and torch.equal(pixels[0], pixels[1])  # base crop, tile crop

@@ -126,6 +126,9 @@ def test_a_link_inside_the_root_is_fine(tmp_path):
     _text(root / "code_reasoning" / "0031.txt", ["Q?\tYes", "Q2?\tNo"])
     (root / "code_reasoning" / "0031.png").symlink_to(root / "code_reasoning" / "0020.png")
     assert len(read_mme(root).questions) == 8
+    linked = tmp_path / "linked-root"  # a data root that is itself a link: resolved first, then confined to
+    linked.symlink_to(root, target_is_directory=True)
+    assert len(read_mme(linked).questions) == 8
 
 
 def test_empty_or_absent_root_names_the_expected_folder(tmp_path):
