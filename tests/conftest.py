@@ -29,7 +29,7 @@ def tiny_real_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def segmenter(tiny_real_run):
     """A Segmenter of the tiny real run, attached to the very extractor that built its cache."""
-    from lens_train.inference.segment import Segmenter
+    from lens_train.inference.segmenter import Segmenter
 
     return Segmenter(tiny_real_run.run_dir, extractor=tiny_real_run.extractor, device="cpu")
 

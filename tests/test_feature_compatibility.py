@@ -65,7 +65,7 @@ def _evaluation(world, case: str, tmp_path: Path) -> None:
 
 
 def _segmentation(world, case: str, tmp_path: Path) -> None:
-    from lens_train.inference.segment import Segmenter
+    from lens_train.inference.segmenter import Segmenter
     from lens_train.testing import fake_tiny_extractor
 
     identity, layers, _ = CASES[case]

@@ -20,7 +20,7 @@ from torch import nn
 
 from lens_train.inference.agent import LensAgent
 from lens_train.evaluation.frozen import mllm_checksum, parameters_requiring_grad
-from lens_train.inference.segment import Segmenter, segment_image
+from lens_train.inference.segmenter import Segmenter, segment_image
 from tests.helpers.tiny_real_run import PROBE_MAX_NEW_TOKENS, PROBE_PROMPTS, probe_answers
 
 

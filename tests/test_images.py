@@ -12,7 +12,7 @@ from lens_cache.images import ImageReadError, read_rgb
 from PIL import Image
 
 from lens_train.evaluation.evaluate import _load_image as eval_load
-from lens_train.inference.segment import load_image as segment_load
+from lens_train.inference.segmenter import load_image as segment_load
 
 H, W = 12, 20
 

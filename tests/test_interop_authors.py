@@ -173,7 +173,7 @@ def test_a_converted_run_segments_live(converted_run, tmp_path):
     check passes, and the head reads the live prefix."""
     from PIL import Image
 
-    from lens_train.inference.segment import Segmenter
+    from lens_train.inference.segmenter import Segmenter
 
     segmenter = Segmenter(converted_run, device="cpu")
     image = Image.new("RGB", (40, 30), (200, 30, 30))

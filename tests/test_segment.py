@@ -15,7 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lens_train.errors import UserError
-from lens_train.inference.segment import app, check_backbone, overlay_image, segment_image
+from lens_train.inference.result import overlay_image
+from lens_train.inference.segment import app
+from lens_train.inference.segmenter import check_backbone, segment_image
 
 
 def _cached(tiny_real_run, item: int):
@@ -157,7 +159,7 @@ def test_an_output_that_is_a_file_is_one_line(tiny_real_run, tmp_path):
 def test_a_run_of_another_backbone_is_refused_before_its_model_is_built(tiny_real_run, monkeypatch):
     """Issue 24 row 9: other backbones named on the command line are checked against the run's identity
     before the LENS model is built (a SAM of another width would otherwise fail inside build_lens)."""
-    import lens_train.inference.segment as segment_module
+    import lens_train.inference.segmenter as segment_module
 
     built = []
     monkeypatch.setattr("lens_train.evaluation.evaluate.build_model", lambda *a, **k: built.append(a) or 1 / 0)

@@ -158,7 +158,7 @@ def test_the_app_queues_every_model_event_in_one_line(backend):
 def test_open_segmenter_is_from_pretrained_and_the_toy_head_runs_on_the_cpu(monkeypatch):
     """The demo opens its model with Segmenter.from_pretrained; without --device the shipped toy head runs on the
     CPU (its backbones are made for one), another head where torch finds a GPU."""
-    import lens_train.inference.segment as segment_module
+    import lens_train.inference.segmenter as segment_module
 
     seen = []
 

@@ -52,7 +52,7 @@ class FakeExtractor:
             (:meth:`questions_for`) and the set is recorded in the identity.
     """
 
-    #: no MLLM adapter to chat with (``lens_train.inference.segment.Segmenter`` runs such an extractor on the CPU)
+    #: no MLLM adapter to chat with (``lens_train.inference.segmenter.Segmenter`` runs such an extractor on the CPU)
     mllm = None
 
     def __init__(

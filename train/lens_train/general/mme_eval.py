@@ -26,7 +26,7 @@ from lens_cache.errors import UserError as AnyUserError  # image errors are stag
 
 from ..errors import UserError
 from ..evaluation.frozen import mllm_checksum
-from ..inference.segment import Segmenter, load_image
+from ..inference.segmenter import Segmenter, load_image
 from .answer import DEFAULT_MAX_NEW_TOKENS, MME_SUFFIX, LensAsker, PlainAsker, lens_agent, load_mllm, mme_prompt
 from .mme import RANDOM_SUBTASK_SCORE, MmeSet, grade, read_mme, score_mme
 from .outputs import out_folder, write_json, write_table

@@ -17,7 +17,7 @@ from typing import Any
 from lens_cache.errors import UserError as AnyUserError  # image errors are stage 1's UserError
 
 from ..errors import UserError
-from ..inference.segment import load_image
+from ..inference.segmenter import load_image
 from .answer import load_mllm
 from .outputs import out_folder, write_json, write_table
 from .router import decide, router_agent

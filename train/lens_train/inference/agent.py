@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from ..evaluation.frozen import mllm_checksum  # noqa: F401  (re-exported: the agent's frozen guarantee)
-from .segment import Segmenter, SegmentResult, load_image, overlay_image
+from .result import SegmentResult, overlay_image
+from .segmenter import Segmenter, load_image
 
 if TYPE_CHECKING:  # numpy/torch load with the models, not with `lens-chat --help`
     import numpy as np
@@ -244,7 +245,7 @@ class LensAgent:
         threshold: float | None = None,
         **kwargs: Any,
     ) -> "LensAgent":
-        """Load the run and its live backbones (see :class:`~lens_train.inference.segment.Segmenter`)."""
+        """Load the run and its live backbones (see :class:`~lens_train.inference.segmenter.Segmenter`)."""
         segmenter = Segmenter(run_dir, mllm=mllm, sam=sam, device=device, dtype=dtype, threshold=threshold)
         return cls(segmenter, **kwargs)
 

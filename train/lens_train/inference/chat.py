@@ -18,9 +18,10 @@ from typing import Annotated
 import typer
 
 from ..cli import command_app, user_errors
+from .options import CheckpointOption, DeviceOption, DtypeOption, MaxNewTokensOption, MllmOption, SamOption, ThresholdOption
 from ..errors import UserError
 from .agent import LensAgent
-from .segment import load_image
+from .segmenter import load_image
 
 app = command_app(help="Chat with a frozen MLLM that can segment (LENS, Algorithm S1).")
 
@@ -69,16 +70,15 @@ def run_repl(agent: LensAgent, lines: Iterable[str], say: Callable[[str], None],
 
 @app.command()
 def chat(
-    checkpoint: Annotated[str, typer.Option(help="Run folder (lens-train), model folder (lens-export-model), 'toy' "
-                                            "(the shipped toy head) or a Hub model id.")],
-    mllm: Annotated[str | None, typer.Option(help="MLLM checkpoint folder / HF name or 'tiny' (default: the run's cache's).")] = None,
-    sam: Annotated[str | None, typer.Option(help="SAM as vit_h:PATH or 'tiny' (default: the run's).")] = None,
+    checkpoint: CheckpointOption,
+    mllm: MllmOption = None,
+    sam: SamOption = None,
     image: Annotated[Path | None, typer.Option(help="Image to start with (change it with /image PATH).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays and side-by-side pictures.")] = Path("lens-chat-out"),
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
-    threshold: Annotated[float | None, typer.Option(help="Mask = sigmoid(logit) > threshold (default: the run's).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Backbone compute dtype (default: the one the run's cache was built with).")] = None,
+    max_new_tokens: MaxNewTokensOption = 128,
+    threshold: ThresholdOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Chat on stdin: dialogue, segmentation and follow-ups, routed by the frozen MLLM (Algorithm S1).
 

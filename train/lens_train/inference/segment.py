@@ -2,7 +2,7 @@
 
 The work is done by :class:`~.segmenter.Segmenter` (:mod:`.segmenter`: live features through the
 cached path, so a live result equals ``lens-eval``'s on a store of the same backbone) and the files by
-:mod:`.result`; this module is the command line, and keeps the names other modules import from it.
+:mod:`.result`; this module is the command line only (import the library's names from those two).
 
 ``--checkpoint`` takes a run folder (lens-train), a model folder (lens-export-model), ``toy`` (the head
 shipped beside the toy backbones) or a Hugging Face Hub model id
@@ -24,14 +24,12 @@ from typing import Annotated
 import typer
 
 from ..cli import command_app, user_errors
+from .options import CheckpointOption, DeviceOption, DtypeOption, MllmOption, SamOption, ThresholdOption
 from ..errors import UserError
-from .result import MASK_COLOUR, SegmentResult, check_out_dir, overlay_image, write_panels, write_result
-from .segmenter import (Segmenter, check_backbone, check_instruction, check_threshold, feature_sample,
-                        features_to_batch, load_image, segment_image)
+from .result import check_out_dir, write_result
+from .segmenter import Segmenter, check_instruction, check_threshold, load_image, segment_image
 
-__all__ = ["MASK_COLOUR", "SegmentResult", "Segmenter", "app", "check_backbone", "check_instruction", "check_out_dir",
-           "check_threshold", "feature_sample", "features_to_batch", "load_image", "overlay_image", "segment_image",
-           "write_panels", "write_result"]
+__all__ = ["app"]
 
 app = command_app(help="Segment images with a trained LENS head (frozen MLLM + SAM encoder run live).")
 
@@ -43,20 +41,19 @@ app = command_app(help="Segment images with a trained LENS head (frozen MLLM + S
 def segment(
     image: Annotated[Path | None, typer.Argument(help="Image file to segment (not with --jsonl).")] = None,
     instruction: Annotated[str | None, typer.Argument(help="What to segment (a sentence, or a phrase with --phrase).")] = None,
-    checkpoint: Annotated[str, typer.Option(help="Run folder (lens-train), model folder (lens-export-model), "
-                                            "'toy' (the shipped toy head) or a Hub model id.")] = ...,
+    checkpoint: CheckpointOption = ...,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: mask.png, overlay.png, panels.png, result.json "
                                       "(with --jsonl: masks/ and results.jsonl).")] = ...,
     jsonl: Annotated[Path | None, typer.Option(help="JSON lines, one {\"image\", \"instruction\"[, \"phrase\"]} "
                                                "object each: segment them all (bad lines are skipped, exit 2).")] = None,
     batch_size: Annotated[int, typer.Option(help="With --jsonl: distinct images per backbone forward.")] = 8,
-    mllm: Annotated[str | None, typer.Option(help="MLLM checkpoint folder / HF name or 'tiny' (default: the head's recorded one).")] = None,
-    sam: Annotated[str | None, typer.Option(help="SAM as vit_h:PATH or 'tiny' (default: the head's).")] = None,
+    mllm: MllmOption = None,
+    sam: SamOption = None,
     phrase: Annotated[bool, typer.Option("--phrase", help="INSTRUCTION is a short referring phrase: ask "
                                          "'Can you segment the {phrase} in this image?' (--jsonl: the default of lines without \"phrase\").")] = False,
-    threshold: Annotated[float | None, typer.Option(help="Mask = sigmoid(logit) > threshold (default: the head's).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Backbone compute dtype (default: the one the head's cache was built with).")] = None,
+    threshold: ThresholdOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Segment IMAGE by INSTRUCTION (or every line of --jsonl) with a trained LENS head; the frozen MLLM and SAM
     encoder run live.

@@ -41,12 +41,14 @@ import typer
 from PIL import Image, ImageDraw
 
 from ..cli import command_app, user_errors
+from .options import MaxNewTokensOption, MllmOption, SamOption
 from ..errors import UserError
-from .segment import check_instruction, load_image, overlay_image
+from .segmenter import check_instruction, load_image
 
 if TYPE_CHECKING:
     from .agent import Memory
-    from .segment import Segmenter, SegmentResult
+    from .result import SegmentResult
+    from .segmenter import Segmenter
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
@@ -73,7 +75,7 @@ MODEL = "lens-model"
 def open_segmenter(checkpoint: str | Path, mllm: str | None = None, sam: str | None = None,
                    device: str | None = None) -> Segmenter:
     """The model the demo serves (``Segmenter.from_pretrained``: a run or model folder, ``toy`` the shipped head)."""
-    from .segment import Segmenter
+    from .segmenter import Segmenter
 
     return Segmenter.from_pretrained(checkpoint, mllm=mllm, sam=sam, device=device)
 
@@ -364,12 +366,12 @@ app = command_app(help="Web demo of a LENS run (Gradio): segment an image, or ch
 @app.command()
 def serve(
     checkpoint: Annotated[str, typer.Option(help="Run folder written by lens-train, or 'toy' (the shipped toy head).")] = "toy",
-    mllm: Annotated[str | None, typer.Option(help="MLLM checkpoint folder / HF name or 'tiny' (default: the run's cache's).")] = None,
-    sam: Annotated[str | None, typer.Option(help="SAM as vit_h:PATH or 'tiny' (default: the run's).")] = None,
+    mllm: MllmOption = None,
+    sam: SamOption = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu for the toy head, else cuda when available).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; there is no login).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest chat answer, in tokens.")] = 64,
+    max_new_tokens: MaxNewTokensOption = 64,
     queue_size: Annotated[int, typer.Option(help="Requests that may wait in the queue (one runs at a time).")] = 32,
 ) -> None:
     """Serve a web page to segment images and chat with a LENS run; the model is loaded once."""

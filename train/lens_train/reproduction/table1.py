@@ -176,7 +176,7 @@ def reproduce_table1(settings) -> Path:
     from ..baselines.lisa_run import evaluate_lisa, export_mllm
     from ..evaluation.frozen import mllm_checksum
     from ..general.toy_mme import write_toy_mme
-    from ..inference.segment import Segmenter
+    from ..inference.segmenter import Segmenter
 
     check_inputs(settings)
     if not settings.synthetic:
