@@ -208,7 +208,7 @@ def test_cli_store_of_tiny_onevision_trains_a_grid27_head(tmp_path):
     from lens_cache.store import FeatureStore
     from lens_manifests.synthetic import write_synthetic
     from lens_train.cli import train_app
-    from lens_train.evaluation.evaluate import load_run
+    from lens_train.training.loading import load_run
 
     runner = CliRunner()
     write_synthetic(tmp_path / "data", seed=0, num_train_images=1, num_val_images=2, num_test_images=1, workers=1)

@@ -102,3 +102,18 @@ def test_loading_a_backbone_needs_no_pretraining_code():
     assert "lens_cache.backbones.toy" in found and "lens_toy.cli" in found
     assert not any(m == "lens_cache.toy" or m.startswith("lens_cache.toy.") for m in found)  # the pretraining left
     assert "lens_toy" not in ALLOWED["lens_cache"]
+
+
+def test_using_a_trained_model_needs_no_training_loop():
+    """Evaluation, live inference, the agent, the general-abilities checks and conversion load a model through
+    lens_train.training.loading, never the trainer; and stage 1's backbones need nothing of the store."""
+    graph = import_graph(modules())
+    users = ("lens_train.evaluation", "lens_train.inference", "lens_train.general", "lens_train.interop",
+             "lens_train.training.loading", "lens_train.training.model_folder")
+    wrong = sorted(f"{m} imports {t}" for m, ts in graph.items() for t in ts
+                   if m.startswith(users) and t == "lens_train.training.trainer")
+    assert wrong == []
+    allowed = ("lens_cache.backbones", "lens_cache.errors", "lens_cache.questions", "lens_cache.version")
+    wrong = sorted(f"{m} imports {t}" for m, ts in graph.items() for t in ts
+                   if m.startswith("lens_cache.backbones") and t.startswith("lens_cache") and not t.startswith(allowed))
+    assert wrong == []

@@ -14,11 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from lens_cache.errors import UsageError
-from lens_train.evaluation.evaluate import load_run
+from lens_train.training.loading import load_run
 from lens_train.interop.authors import KEY_MAP, convert_state_dict, lens_inputs_from_sequence, our_key, read_checkpoint
 from lens_train.interop.cli import app
 from lens_train.training.presets import load_preset
-from lens_train.training.trainer import build_model
+from lens_train.training.loading import build_model
 
 from tests.helpers.authors_reference import authors_forward, authors_state_dict
 

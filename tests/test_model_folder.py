@@ -134,7 +134,7 @@ def test_a_damaged_or_foreign_model_folder_is_one_line(model_dir, tmp_path):
     with pytest.raises(UserError, match="model format 99"):
         open_trained(bad)
     (bad / "config.json").write_text(json.dumps({**config, "step": 7}))
-    from lens_train.evaluation.evaluate import load_run
+    from lens_train.training.loading import load_run
 
     with pytest.raises(UserError, match="from step 2 but config.json says 7"):
         load_run(bad)
@@ -159,7 +159,7 @@ def test_the_identity_check_holds_for_model_folders(tiny_real_run, model_dir, mo
     from lens_train.inference.segmenter import Segmenter
 
     built = []
-    monkeypatch.setattr("lens_train.evaluation.evaluate.build_model", lambda *a, **k: built.append(a) or 1 / 0)
+    monkeypatch.setattr("lens_train.training.loading.build_model", lambda *a, **k: built.append(a) or 1 / 0)
     with pytest.raises(UserError, match=r"not the one model .* was trained on .*sam\.") as error:
         Segmenter(model_dir, mllm="tiny", sam="toy", device="cpu")
     assert "\n" not in str(error.value) and not built

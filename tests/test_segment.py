@@ -22,7 +22,8 @@ from lens_train.inference.segmenter import check_backbone, segment_image
 
 def _cached(tiny_real_run, item: int):
     from lens_train.training.data import QueryDataset, collate
-    from lens_train.evaluation.evaluate import load_run, predict
+    from lens_train.evaluation.evaluate import predict
+    from lens_train.training.loading import load_run
 
     dataset = QueryDataset(tiny_real_run.store_url, 14)
     run = load_run(tiny_real_run.run_dir)
@@ -162,7 +163,7 @@ def test_a_run_of_another_backbone_is_refused_before_its_model_is_built(tiny_rea
     import lens_train.inference.segmenter as segment_module
 
     built = []
-    monkeypatch.setattr("lens_train.evaluation.evaluate.build_model", lambda *a, **k: built.append(a) or 1 / 0)
+    monkeypatch.setattr("lens_train.training.loading.build_model", lambda *a, **k: built.append(a) or 1 / 0)
     with pytest.raises(segment_module.UserError, match="not the one run .* was trained on"):
         segment_module.Segmenter(tiny_real_run.run_dir, mllm="tiny", sam="toy", device="cpu")
     assert not built

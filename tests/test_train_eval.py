@@ -47,7 +47,8 @@ def test_metrics_match_an_independent_computation(trained, tmp_path):
     from lens_manifests import decode_target
 
     from lens_train.training.data import QueryDataset, collate
-    from lens_train.evaluation.evaluate import evaluate, load_run, predict
+    from lens_train.evaluation.evaluate import evaluate, predict
+    from lens_train.training.loading import load_run
 
     out = tmp_path / "eval"
     metrics = evaluate(trained["run"], trained["val"].url, out=out, figures=3, log=lambda line: None)
@@ -103,7 +104,8 @@ def test_the_threshold_is_the_one_applied_to_the_logits(trained, tmp_path):
     from lens_manifests import decode_target
 
     from lens_train.training.data import QueryDataset, collate
-    from lens_train.evaluation.evaluate import evaluate, load_run, predict
+    from lens_train.evaluation.evaluate import evaluate, predict
+    from lens_train.training.loading import load_run
 
     run = load_run(trained["run"])
     dataset = QueryDataset(trained["val"].url, 14)

@@ -162,7 +162,7 @@ def _record_steps(monkeypatch, scales: list[float]) -> list[dict]:
 
 def _trainable_names(run: Path) -> list[str]:
     """The trainable parameters' names in the model's order (the order the loop hands them to gradient_norm)."""
-    from lens_train.training.trainer import build_model
+    from lens_train.training.loading import build_model
 
     config = read_run_config(run)
     return [name for name, p in build_model(config.model, config.sam, seed=0).named_parameters() if p.requires_grad]
@@ -238,7 +238,7 @@ def test_bf16_pure_trains_weights_and_optimizer_state_in_bfloat16(store, tmp_pat
     assert any(moved)  # the bf16 weights did move, though not all: an update of lr (3e-4) is below bfloat16's
     assert not all(moved)  # spacing at 1.0 (2^-8), so the norm weights that start at 1 cannot (the authors' too)
 
-    from lens_train.evaluation.evaluate import load_run
+    from lens_train.training.loading import load_run
 
     loaded = load_run(run)  # evaluation rebuilds the model and loads the bfloat16 weights into it
     assert loaded.precision == "bf16-pure"

@@ -13,7 +13,8 @@ import torch
 
 from lens_train.training.memory import LiveBytes, StepShape, measure_step_memory, synthetic_batch
 from lens_train.training.presets import load_preset
-from lens_train.training.trainer import build_model, cast_for_training, forward_backward
+from lens_train.training.loading import build_model
+from lens_train.training.trainer import cast_for_training, forward_backward
 
 
 def test_live_bytes_counts_storages_once_until_freed():

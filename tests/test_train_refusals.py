@@ -248,7 +248,7 @@ def test_a_damaged_checkpoint_file_is_one_line(fake_stores, tmp_path, damage):
     from lens_train.cli import eval_app
     from lens_train.errors import UserError
     from lens_train.training.run_config import read_run_config
-    from lens_train.training.trainer import build_model
+    from lens_train.training.loading import build_model
 
     run = tmp_path / "r"
     args = ["--cache", fake_stores["train"], "--preset", "tiny", "--out", str(run), "--steps", "1", "--batch-size", "1",

@@ -118,7 +118,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(fake_stores, tmp_path
     assert checkpoint_step(run) == 2
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     from lens_train.training.run_config import read_run_config
-    from lens_train.training.trainer import build_model
+    from lens_train.training.loading import build_model
 
     model_config = read_run_config(run).model
     assert model_config.detach_peak is False  # the CLI's model override is recorded in the run
@@ -154,7 +154,8 @@ def test_a_27_by_27_store_trains_and_evaluates(tmp_path):
     preset trains, evaluates and draws its overlays, the heatmap 27 x 27."""
     from lens_manifests import build_manifest
 
-    from lens_train.evaluation.evaluate import evaluate, load_run
+    from lens_train.evaluation.evaluate import evaluate
+    from lens_train.training.loading import load_run
     from lens_train.testing import build_store, small_synthetic
     from lens_train.training.presets import PRESET_DIR
 

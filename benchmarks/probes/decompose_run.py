@@ -74,7 +74,8 @@ def decompose(run_dir: Path, store: str) -> dict:
 
     from lens_core.metrics import intersection_union, query_iou
     from lens_train.training.data import QueryDataset, collate
-    from lens_train.evaluation.evaluate import load_run, predict
+    from lens_train.evaluation.evaluate import predict
+    from lens_train.training.loading import load_run
 
     run = load_run(run_dir)
     grid = run.model.config.grid_size

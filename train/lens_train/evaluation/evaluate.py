@@ -44,7 +44,7 @@ from ..figures import OverlayItem, heatmap_on_image, write_overlays
 from ..training.run_config import RunConfig
 from ..training.stores import refuse_output_in_a_store, require_prefix
 from ..training.precision import autocast_for
-from ..training.trainer import build_model
+from ..training.loading import load_run
 
 if TYPE_CHECKING:
     from lens_cache.store import FeatureStore
@@ -54,35 +54,6 @@ if TYPE_CHECKING:
 BASELINES = ("whole_image", "heatmap")
 #: The heatmap baseline's level: the heatmap is peak-normalised, so this is half its peak.
 HEATMAP_BASELINE_LEVEL = 0.5
-
-
-@dataclass
-class LoadedRun:
-    """A trained model rebuilt from its run folder."""
-
-    model: Lens
-    config: RunConfig
-    step: int
-    threshold: float
-    precision: str
-
-
-def load_run(run_dir: "str | Path | Trained", *, device: torch.device | str = "cpu", sam: str | None = None) -> LoadedRun:
-    """Rebuild the model of a checkpoint from its config and load its trained weights (eval mode).
-
-    Args:
-        run_dir: a run folder, a model folder, ``toy`` or a Hub id (:func:`~..training.model_folder.open_trained`,
-            the one loader of every ``--checkpoint``), or what ``open_trained`` returned.
-        sam: override of the recorded SAM spec (a real SAM checkpoint that moved).
-    """
-    from ..training.model_folder import Trained, open_trained
-
-    trained = run_dir if isinstance(run_dir, Trained) else open_trained(run_dir)
-    config = trained.config
-    model = build_model(config.model, sam or config.sam, seed=config.train.seed)
-    step = trained.load_into(model)
-    return LoadedRun(model=model.to(device).eval(), config=config, step=step,
-                     threshold=config.train.threshold, precision=config.train.precision)
 
 
 @torch.no_grad()

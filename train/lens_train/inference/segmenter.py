@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     import torch
     from lens_cache.backbones import ImageFeatures, LensFeatureExtractor
 
-    from ..evaluation.evaluate import LoadedRun
+    from ..training.loading import LoadedRun
     from ..training.data import Batch
     from ..training.run_config import RunConfig
 
@@ -223,7 +223,7 @@ class Segmenter:
         from lens_cache.backbones.runtime import resolve_device
         from lens_cache.store import require_layer
 
-        from ..evaluation.evaluate import load_run
+        from ..training.loading import load_run
         from ..training.model_folder import open_trained
 
         self.trained = open_trained(run_dir)

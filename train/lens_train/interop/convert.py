@@ -54,7 +54,7 @@ def convert_authors_checkpoint(
     from ..training.checkpoint import MARKER_FILE, MODEL_FILE, WEIGHTS_FORMAT, trainable_state_dict
     from ..training.presets import load_preset
     from ..training.run_config import RunConfig, StoreRecord, write_run_config
-    from ..training.trainer import build_model
+    from ..training.loading import build_model
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

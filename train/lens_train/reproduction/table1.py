@@ -124,7 +124,7 @@ def lisa_training(settings, train_cache: str, out: Path, steps: int) -> tuple[Pa
 def trained_parameters(run: Path, kind: str) -> int:
     if kind == "lisa":
         return int(json.loads((run / "train_stats.json").read_text())["trained_parameters"])
-    from ..evaluation.evaluate import load_run
+    from ..training.loading import load_run
 
     model = load_run(run).model
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -40,6 +40,7 @@ from lens_cache.locks import exclusive, reading
 from lens_core import Lens, LensConfig, LensOutput, build_lens
 from lens_core.losses import attention_loss, segmentation_loss
 
+from .loading import build_model
 from .checkpoint import checkpoint_step, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import Batch, MixedBatchSampler, QueryDataset, concat_datasets, make_loader
@@ -251,16 +252,6 @@ def prepare(request: TrainRequest, log: Callable[[str], None]) -> RunSetup:
     return RunSetup(run_dir=run_dir, preset=preset, model_config=model_config, train_config=train_config,
                     stores=stores, sam_spec=sam_spec, device=device, start_step=existing_step if resuming else 0,
                     config=config)
-
-
-def build_model(model_config: LensConfig, sam_spec: str, *, seed: int) -> Lens:
-    """LENS on the SAM the store was cached with; the seed fixes the trainable init."""
-    from lens_cache.backbones.sam import build_sam  # segment_anything: loaded only when a model is built
-
-    sam = build_sam(sam_spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_lens(model_config, sam)
 
 
 def apply_warm_start(model: Lens, setup: RunSetup, log: Callable[[str], None]) -> dict[str, Any]:
