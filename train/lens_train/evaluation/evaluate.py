@@ -154,7 +154,7 @@ def _evaluate(
     dev = resolve_device(device)
     run = load_run(checkpoint, device=dev, sam=sam)
     threshold = run.threshold if threshold is None else threshold
-    dataset = QueryDataset(cache, config.layer)
+    dataset = QueryDataset(cache, config.layer, store=store)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     subset = Subset(dataset, range(count))
     figure_rows = set(np.linspace(0, count - 1, num=min(figures, count)).round().astype(int).tolist()) if figures else set()

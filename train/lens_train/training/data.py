@@ -53,14 +53,16 @@ class QueryDataset(Dataset):
         storage_options: fsspec options of the store.
     """
 
-    def __init__(self, url: str, layer: int, *, store_index: int = 0, storage_options: dict | None = None) -> None:
+    def __init__(self, url: str, layer: int, *, store_index: int = 0, storage_options: dict | None = None,
+                 store: Any = None) -> None:
         from lens_cache.store import FeatureStore, require_layer  # zarr: loaded when a store is opened
 
         self.url = str(url)
         self.layer = int(layer)
         self.store_index = store_index
         self.storage_options = dict(storage_options or {})
-        store = FeatureStore.open(self.url, storage_options=self.storage_options)
+        # ``store``: the caller's open FeatureStore of ``url`` (not opened twice); worker processes reopen it
+        store = store if store is not None else FeatureStore.open(self.url, storage_options=self.storage_options)
         require_layer(store.layers, self.layer, holder=f"store {self.url}", fix=f"pass --layer {store.layers[0]}")
         self.query_ids = store.valid_query_ids()
         # Only the manifest columns a sample needs, as plain arrays (small, cheap to pickle).
