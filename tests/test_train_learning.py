@@ -17,7 +17,7 @@ from lens_cache.backbones.toy import MANIFEST_FILE, WEIGHTS_DIR
 
 pytestmark = [
     pytest.mark.skipif(not (WEIGHTS_DIR / MANIFEST_FILE).is_file(), reason="no shipped toy weights"),
-    pytest.mark.slow,  # several minutes (6.9 min measured on 2 busy CPU cores)
+    pytest.mark.slow,  # about five minutes (4 min 57 s measured on 2 busy CPU cores, 200 steps)
 ]
 
 IMAGES = 16
