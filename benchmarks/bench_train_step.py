@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import time
 from typing import Annotated
 
@@ -119,6 +120,7 @@ def main(
         "step_time_s": round(dt, 4),
         "samples_per_s": round(b / dt, 2),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "max_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     print(json.dumps(result))
 
