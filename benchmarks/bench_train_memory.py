@@ -22,6 +22,7 @@ from typing import Annotated
 import torch
 import typer
 
+from bench_train_step import build_sam_decoder_only  # benchmarks/ is the script's folder
 from lens_cache.cli import command_app
 from lens_core import build_lens
 from lens_train.training.memory import CUDA_OVERHEAD_BYTES, StepShape, measure_step_memory
@@ -32,16 +33,6 @@ from lens_train.training.trainer import cast_for_training
 GPU_SIZES_GB = (10, 24, 40, 80)
 
 app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
-
-
-def sam_without_image_encoder(variant: str):
-    """SAM's prompt encoder and mask decoder (the same for vit_h/l/b), random weights: stage 2 reads the
-    image encoder's output from the cache."""
-    from segment_anything import sam_model_registry
-
-    sam = sam_model_registry[variant](checkpoint=None)
-    del sam.image_encoder
-    return sam
 
 
 @app.command(help=__doc__.splitlines()[0])
@@ -59,7 +50,7 @@ def main(
         for batch in (int(b) for b in batch_sizes.split(",")):
             started = time.perf_counter()
             torch.manual_seed(0)
-            model = cast_for_training(build_lens(preset.model, sam_without_image_encoder(sam_variant)),
+            model = cast_for_training(build_lens(preset.model, build_sam_decoder_only(sam_variant)),
                                       preset.train.precision)
             estimate = measure_step_memory(preset, model, StepShape(batch_size=batch, text_len=text_len),
                                            skip_compute=skip_compute)

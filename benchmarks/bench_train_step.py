@@ -23,22 +23,21 @@ import typer
 
 from lens_cache.cli import command_app
 from lens_core import build_lens
-from lens_core.losses import attention_loss, segmentation_loss
 from lens_train.training.presets import load_preset
-from lens_train.training.trainer import (cast_for_training, effective_precision, gradient_norm, parameter_dtype,
-                                        train_autocast)
+from lens_train.training.memory import LLAVA_PREFIX_TOKENS, StepShape, synthetic_batch
+from lens_train.training.trainer import (cast_for_training, effective_precision, forward_backward, gradient_norm,
+                                        parameter_dtype, train_autocast)
 
-#: about the length of BOS, LLaVA-1.5's system prompt and "USER:" with its tokenizer (not measured here: no real
-#: tokenizer on this machine; ``lens-cache prompt --mllm llava-hf/llava-1.5-7b-hf`` prints the exact count)
-LLAVA_PREFIX_TOKENS = 35
 
 
 def build_sam_decoder_only(variant: str):
-    """SAM with the real prompt encoder and mask decoder (identical across vit_h/l/b); the image
-    encoder is not part of stage 2, so a random-weight registry build is enough."""
+    """SAM's prompt encoder and mask decoder (identical across vit_h/l/b), random weights, without its image
+    encoder: stage 2 reads that encoder's output from the cache."""
     from segment_anything import sam_model_registry
 
-    return sam_model_registry[variant](checkpoint=None)
+    sam = sam_model_registry[variant](checkpoint=None)
+    del sam.image_encoder
+    return sam
 
 
 app = command_app(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,41 +59,23 @@ def main(
     preset = load_preset(preset_name)
     torch.manual_seed(0)
     sam = build_sam_decoder_only(sam_variant)
-    del sam.image_encoder  # not used in stage 2: its output is cached
     lens = cast_for_training(build_lens(preset.model, sam).to(device), preset.train.precision)
     params = lens.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=preset.train.lr, betas=preset.train.betas, weight_decay=preset.train.weight_decay)
     n_params = sum(q.numel() for q in params)
 
-    b, lt, d = batch_size, text_len, preset.model.hidden_size
     h, w = (int(v) for v in orig_size.split(","))
-    scale = 1024 / max(h, w)
-    input_size = (int(h * scale + 0.5), int(w * scale + 0.5))
-    g = torch.Generator(device="cpu").manual_seed(0)
-    # cached features arrive as float16 from the store
-    dtype = parameter_dtype(preset.train.precision)  # features as the trainer hands them to the model
-    image = torch.randn(b, 576, d, generator=g).half().to(device, dtype)
-    text = torch.randn(b, lt, d, generator=g).half().to(device, dtype)
-    prefix = torch.randn(b, prefix_len, d, generator=g).half().to(device, dtype)
-    lengths = torch.full((b,), lt, device=device)
-    emb = torch.randn(b, 256, 64, 64, generator=g).half().to(device, dtype)
-    masks = [(torch.rand(h, w, generator=g) > 0.7).to(torch.uint8).to(device) for _ in range(b)]
-    sizes_in = torch.tensor([input_size] * b)
-    sizes_orig = torch.tensor([[h, w]] * b)
-    def step() -> float:
-        with train_autocast(device, preset.train.precision):
-            out = lens(image, text, lengths, emb, prefix_states=prefix)
-            logits = lens.masks_at_original_size(out.low_res_logits.float(), sizes_in, sizes_orig)
-            seg = segmentation_loss(logits, masks, dice_weight=preset.train.dice_weight, bce_weight=preset.train.bce_weight)
-            attn = attention_loss(out.heatmap, masks, [input_size] * b, size=preset.train.attn_size,
-                                  align_corners=preset.model.coords == "align_corners",
-                                  target_resize=preset.train.attn_target_resize)
-            loss = seg["seg"] + attn
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    shape = StepShape(batch_size=batch_size, text_len=text_len, prefix_len=prefix_len, original_size=(h, w))
+    # cached features arrive as float16 from the store, in the dtype the trainer hands them to the model
+    batch = synthetic_batch(shape, hidden_size=preset.model.hidden_size, sam_channels=preset.model.prompt_dim,
+                            dtype=parameter_dtype(preset.train.precision), device=device)
+
+    def step() -> float:  # the trainer's step (the one make bench-train-memory counts)
+        losses = forward_backward(lens, batch, preset.train, train_autocast(device, preset.train.precision))
         gradient_norm(params, preset.train.grad_clip)
         opt.step()
-        return loss.item()
+        opt.zero_grad(set_to_none=True)
+        return losses["loss"].item()
 
     for _ in range(warmup):
         step()
@@ -112,13 +93,13 @@ def main(
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "preset": preset_name,
-        "batch_size": b,
-        "text_len": lt,
+        "batch_size": batch_size,
+        "text_len": text_len,
         "trainable_params_M": round(n_params / 1e6, 1),
         "precision": effective_precision(device, preset.train.precision),
         "grad_clip": preset.train.grad_clip,
         "step_time_s": round(dt, 4),
-        "samples_per_s": round(b / dt, 2),
+        "samples_per_s": round(batch_size / dt, 2),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "max_rss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
