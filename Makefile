@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-.PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table1 reproduce-table2 reproduce-table3 bench-train bench-train-memory bench-cache bench-loader bench-gpu probe-features probe-grounding clean
+.PHONY: setup test test-fast demo demo-core pretrain-toy reproduce-table1 reproduce-table2 reproduce-table3 bench-train bench-train-memory bench-cache bench-loader bench-gpu probe-features probe-grounding probe-referent clean
 
 # reproduce-table1/2/3: the default PRESET=toy needs nothing (synthetic data, the shipped toy backbones,
 # CPU), as every command's default; PRESET=paper is the paper's setting and needs DATA_ROOT, MLLM, SAM.
@@ -87,8 +87,12 @@ bench-loader: setup
 
 # Stage-1 cache build at the real dimensions (LLaVA-1.5-7B + SAM ViT-H, random weights, bf16) vs a naive
 # per-query baseline and the GPU's FLOP ceiling; needs a GPU. BACKBONE=llava-1.5 (default)|qwen2vl-2b|onevision-7b.
+# CPU=1: the same build path on the CPU in float32 (this CPU has no fast bf16), only the decoder layers the build
+# runs, 2 images after 1 untimed, one thread (~20 GB peak, ~15 min for LLaVA-1.5-7B: BENCHMARKS.md).
 bench-cache: setup
-	$(PY) benchmarks/bench_cache.py --scale real --images 32 $(if $(BACKBONE),--backbone $(BACKBONE))
+	$(PY) benchmarks/bench_cache.py --scale real $(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(CPU),\
+	  --device cpu --dtype float32 --truncate --baseline-queries 0 --images 2 --warmup-images 1 --batch-size 1 \
+	  --threads 1,--images 32)
 
 # Diagnostics (RESULTS.md, "What learns on CPU"): patch colour recoverable from the cached features, by layer;
 # whether the head alone learns grounding from the demo's stores (run `make demo` first).
@@ -97,6 +101,11 @@ probe-features: setup
 
 probe-grounding: setup
 	$(PY) benchmarks/probes/probe_grounding.py
+
+# Does the frozen MLLM's last prompt token know which object the question picks out? A linear probe by
+# layer and task on held-out scenes (toy/README.md, "The referent probe"); MLLM=... for another backbone.
+probe-referent: setup
+	$(VENV)/bin/lens-toy probe-referent $(if $(MLLM),--mllm "$(MLLM)") --out results/probe-referent
 
 clean:
 	rm -rf demo work .pytest_cache

@@ -85,7 +85,7 @@ def bench(
     sam: Annotated[SamVariant, typer.Option(help="SAM variant (real scale)")] = SamVariant.vit_h,
     device: Annotated[str | None, typer.Option(help="default: cuda for real, cpu for tiny")] = None,
     peak_tflops: Annotated[float | None, typer.Option(help="peak dense FLOP/s of the device, in TFLOP/s")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (tiny scale; default: half the cores)")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads when --device cpu (default: half the cores)")] = None,
     dtype: Annotated[str | None, typer.Option(help="bfloat16 or float32 [real: bfloat16, tiny: float32]")] = None,
     truncate: Annotated[bool, typer.Option(
         help="build only the decoder layers the build runs (a float32 real-scale model in a CPU's memory); "

@@ -9,8 +9,9 @@ questions; ``SamImageEncoder.embed``) on ``--images`` synthetic images after one
 resident memory is sampled every 50 ms. FLOPs from ``lens_cache.flops`` give the achieved FLOP/s and the
 time the same work would take on an H100 at the FLOP model's rate.
 
-The whole ``build_cache`` path with both models loaded at once in float32 does not fit 24 GiB (the
-process was killed at 24.0 GB resident): hence one model at a time.
+The whole ``build_cache`` path with both models loaded at once is ``make bench-cache CPU=1`` (20.2 GiB at
+its peak since the build stopped holding copies of the warm start and of the prefix's cache); this script
+separates the two backbones' seconds and the LLaVA's own peak, one model at a time.
 
     python benchmarks/bench_cache_cpu.py --images 2
 """

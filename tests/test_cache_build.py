@@ -221,7 +221,7 @@ def test_dask_local_cluster_equals_serial_build(manifest, reference, tmp_path):
     assert verify_store(distributed_store.url).ok
 
 
-def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, reference):
+def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, reference, tmp_path):
     """Paper 3.1: the head starts as the MLLM's decoder layers k, k+1, for every cached layer k (14 and 30)."""
     import hashlib
 
@@ -247,20 +247,21 @@ def test_store_holds_the_mllm_decoder_layers_for_the_warm_start(toy_sam_store, r
 
     sam = toy_sam_store.extractor.sam
     # Adjacent layers share a decoder layer: it is saved once.
-    adjacent, _ = warm_start_file(LensFeatureExtractor(
+    adjacent = warm_start_file(LensFeatureExtractor(
         mllm=LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(14, 15)), sam=sam))
     assert adjacent["by_layer"] == {"14": [14, 15], "15": [15, 16]}
     # The last layer has no k+1: none for it, the other layer's still written.
-    partial, data = warm_start_file(LensFeatureExtractor(
-        mllm=LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(14, 31)), sam=sam))
+    path = tmp_path / "partial.safetensors"
+    partial = warm_start_file(LensFeatureExtractor(
+        mllm=LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(14, 31)), sam=sam), path)
     assert partial["by_layer"] == {"14": [14, 15], "31": None} and partial["layers"] == [14, 15]
-    assert {key.split(".")[1] for key in load(data)} == {"14", "15"}
+    assert {key.split(".")[1] for key in load(path.read_bytes())} == {"14", "15"}
+    assert partial["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     # No cached layer has one, or no decoder at all: nothing written, and why.
     last = LlavaBackbone(mllm.model, mllm.processor, name_or_path="tiny", layers=(31,))
-    assert warm_start_file(LensFeatureExtractor(mllm=last, sam=sam)) == (
-        {"layers": None, "reason": "no warm start for layer 31: the MLLM has no decoder layer 32 (it has 32: 0..31)"},
-        None,
-    )
+    assert warm_start_file(LensFeatureExtractor(mllm=last, sam=sam), tmp_path / "none.safetensors") == {
+        "layers": None, "reason": "no warm start for layer 31: the MLLM has no decoder layer 32 (it has 32: 0..31)"}
+    assert not (tmp_path / "none.safetensors").exists()
     reason = "no warm start for layer 14: the fake backbone has no decoder layers"
     assert reference.warm_start == {"layers": None, "reason": reason}
     assert not reference.location.filesystem()[0].exists(f"{reference.location.local_path}/{WARM_START_FILE}")

@@ -61,7 +61,7 @@ def describe_extractor(extractor: FeatureExtractor, texts: Sequence[str], is_sen
     questions = [row[0] for row in every]
     text_len, failures = text_lengths(extractor, questions)
     variants, variant_questions, variant_failures = describe_variants(extractor, every, text_len)
-    warm_start, _ = warm_start_file(extractor)
+    warm_start = warm_start_file(extractor)
     return ExtractorInfo(
         identity={**extractor.identity, "warm_start": warm_start},
         layers=tuple(int(layer) for layer in extractor.layers),

@@ -77,6 +77,11 @@ class StoreLocation:
         else:
             fs.pipe_file(path, data)
 
+    def put_file(self, local: str | Path, name: str) -> None:
+        """Upload the local file ``local`` as ``name`` under the store root (a remote store; whole-object PUT)."""
+        fs, root = self.filesystem()
+        fs.put_file(str(local), f"{root}/{name}")
+
     def read_bytes(self, name: str) -> bytes:
         fs, root = self.filesystem()
         return fs.cat_file(f"{root}/{name}")

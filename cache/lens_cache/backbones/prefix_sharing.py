@@ -58,6 +58,13 @@ if TYPE_CHECKING:
 #: adapters' default set is ``authors`` (:mod:`lens_cache.questions`).
 REFERRING_QUESTION_TEMPLATE = SINGLE_QUESTION_TEMPLATE
 
+#: Most bytes of prefix key/value cache copied for one forward of question suffixes. Every suffix row gets
+#: its own copy (attention appends its keys to it), and a store caches every template of every query: at
+#: LLaVA-1.5-7B's dimensions in float32 a row's copy to layer 14 is 280 MB, and one image's three queries
+#: (9 to 15 template rows) were 2.5-4.2 GB of copies: what stopped a float32 build on a 24 GB machine
+#: (BENCHMARKS.md). One forward of a few rows is cheap next to the image's; the budget costs no speed.
+SUFFIX_CACHE_BYTES = 1 << 30
+
 # Config keys that describe where/how a checkpoint was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
@@ -150,7 +157,8 @@ class PrefixSharingBackbone(PromptTokens, PretrainedFamily):
         question_set: the :class:`~lens_cache.questions.QuestionSet` (or a built-in name, ``authors`` /
             ``single``); None: :attr:`DEFAULT_QUESTION_SET`. Variant 0 (evaluation) is :meth:`question_for`,
             every variant :meth:`questions_for` (a store caches them all).
-        max_query_batch: most question suffixes run in one forward.
+        max_query_batch: most question suffixes run in one forward (fewer where their copies of the
+            prefix's key/value cache would pass :data:`SUFFIX_CACHE_BYTES`).
     """
 
     #: ``identity["backbone"]`` (an adapter may set it per instance).
@@ -368,8 +376,9 @@ class PrefixSharingBackbone(PromptTokens, PretrainedFamily):
         text_states: list[list[dict[int, torch.Tensor]]] = [[] for _ in images]
         pad_id = self.processor.tokenizer.pad_token_id or 0  # any id: padded positions are never read
         deepest = self.layers[-1]
-        for start in range(0, len(suffixes), self.max_query_batch):
-            rows = range(start, min(start + self.max_query_batch, len(suffixes)))
+        step = self._suffix_rows(prefix_cache, deepest)
+        for start in range(0, len(suffixes), step):
+            rows = range(start, min(start + step, len(suffixes)))
             lengths = [len(suffixes[r]) for r in rows]
             width = max(lengths)
             ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -391,6 +400,13 @@ class PrefixSharingBackbone(PromptTokens, PretrainedFamily):
             for i, r in enumerate(rows):
                 text_states[owner[r]].append({k: v[i, : lengths[i]] for k, v in states.items()})
         return image_states, text_states, prefix_states
+
+    def _suffix_rows(self, prefix_cache: Any, deepest: int) -> int:
+        """Question suffixes per forward: each gets its own copy of its image's prefix key/value cache (up to
+        the deepest cached layer), so at most :data:`SUFFIX_CACHE_BYTES` of copies, and ``max_query_batch``."""
+        one_row = sum(t[:1].numel() * t.element_size() for layer in prefix_cache.layers[:deepest]
+                      for t in (layer.keys, layer.values))
+        return max(1, min(self.max_query_batch, SUFFIX_CACHE_BYTES // max(one_row, 1)))
 
     def _forward_until(self, **inputs: Any) -> dict[int, torch.Tensor]:
         """Run ``model.model`` until the deepest cached layer; layer -> (B, S, d) raw layer outputs."""
@@ -475,7 +491,8 @@ class PrefixSharingBackbone(PromptTokens, PretrainedFamily):
         return head_sizes_for(self.text_config)
 
     def decoder_layer_state_dict(self, index: int) -> dict[str, torch.Tensor]:
-        """CPU copy of ``language_model.layers[index]`` 's weights (transformers' names).
+        """``language_model.layers[index]`` 's weights on the CPU (transformers' names; views on a CPU model:
+        :func:`~lens_cache.backbones.layer_capture.decoder_layer_state_dict`).
 
         ``index`` is 0-based: layers k and k+1 read ``hidden_states[k]`` and ``hidden_states[k + 1]``,
         i.e. the LENS head's warm start for layer-k features.

@@ -33,6 +33,7 @@ from lens_core.geometry import SAM_IMAGE_SIZE
 from lens_core.files import sha256_file
 
 from .runtime import dtype_name, resolve_device, resolve_dtype
+from .sam_attention import CPU_ROWS, attention_in_row_bands
 from .geometry import SamFrame
 
 SAM_VARIANTS = ("vit_h", "vit_l", "vit_b")
@@ -189,11 +190,16 @@ class SamImageEncoder:
 
     Normalisation and padding are SAM's own (``Sam.preprocess``, in float32); only the
     ViT runs in ``dtype``. The model handed in is frozen (eval, no grads) and moved to
-    ``device``; build a separate one (``build_sam``) for training the decoder.
+    ``device``; build a separate one (``build_sam``) for training the decoder. On the CPU the global
+    attention runs in bands of query rows (:mod:`.sam_attention`: same numbers, an eighth of the
+    peak); ``attention_rows`` overrides (None: SAM's own forward).
     """
 
-    def __init__(self, sam: Sam, *, spec: str, device: torch.device, dtype: torch.dtype, batch_size: int = 4) -> None:
+    def __init__(self, sam: Sam, *, spec: str, device: torch.device, dtype: torch.dtype, batch_size: int = 4,
+                 attention_rows: int | None | str = "auto") -> None:
         self.sam = sam.eval().requires_grad_(False)
+        self.attention_rows = (CPU_ROWS if torch.device(device).type == "cpu" else None) if attention_rows == "auto" \
+            else attention_rows
         self.spec = spec
         self.device = device
         self.dtype = dtype
@@ -224,7 +230,8 @@ class SamImageEncoder:
             chunk = frames[start : start + self.batch_size]
             # preprocess pads each image to 1024 x 1024, so the chunk stacks.
             pixels = torch.stack([self.sam.preprocess(f.sam_pixels().to(self.device)) for f in chunk])
-            out.append(self.sam.image_encoder(pixels.to(self.dtype)).float().cpu())
+            with attention_in_row_bands(self.sam.image_encoder, self.attention_rows):
+                out.append(self.sam.image_encoder(pixels.to(self.dtype)).float().cpu())
         if not out:
             return torch.empty(0, self.channels, _EMBEDDING_SIZE, _EMBEDDING_SIZE)
         return torch.cat(out)
