@@ -4,6 +4,7 @@
     lens-toy pretrain-llava --work toy_work                   # toy LLaVA, three stages, resumable
     lens-toy export         --work toy_work --out cache/lens_cache/backbones/toy_weights
     lens-toy evaluate       [--weights cache/lens_cache/backbones/toy_weights]     # held-out scores of shipped weights
+    lens-toy probe-referent [--mllm toy] --out results/probe-referent           # does layer k know the referent?
 
 Every command is deterministic from ``--seed``; rerunning a killed command resumes it.
 """
@@ -106,6 +107,51 @@ def evaluate_cmd(
     sam = evaluate_sam(load_toy_sam(weights), scenes=scenes)
     llava = evaluate_llava(*load_toy_llava(weights), scenes=scenes)
     typer.echo(json.dumps({"sam": sam, "llava": llava}, indent=1))
+
+
+@app.command("probe-referent")
+def probe_referent_cmd(
+    mllm: Annotated[str, typer.Option(help="MLLM: toy, tiny, or a checkpoint folder (lens-cache build's --mllm).")] = "toy",
+    layers: Annotated[str | None, typer.Option(
+        help="hidden_states indices, comma-separated [every decoder layer's: 1 .. the MLLM's count].")] = None,
+    lens_layer: Annotated[int | None, typer.Option(help="Layer LENS reads, marked in the table [the MLLM's default].")] = None,
+    train_scenes: Annotated[int, typer.Option(help="Training scenes per task (one question each).")] = 400,
+    held_out_scenes: Annotated[int, typer.Option(help="Held-out scenes per task, from another seed.")] = 200,
+    out: Annotated[Path, typer.Option(help="Folder for probe.json, probe.md and probe.png.")] = Path(
+        "results/probe-referent"),
+    device: Annotated[str, typer.Option()] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+) -> None:
+    """Does the MLLM's last prompt token know which object the question picks out? A linear probe by layer
+    and task, trained on training scenes and scored on held-out ones, with chance (see lens_toy.referent_probe)."""
+    import time
+
+    from lens_cache.backbones import BUILTIN_MLLMS, build_mllm, default_layers
+    from lens_cache.backbones.mllm import load_mllm_config
+
+    from .referent_probe import report_markdown, run_probe, write_report
+
+    _threads(threads)
+    if layers:
+        chosen = [int(k) for k in layers.split(",")]
+    else:  # every decoder layer's output (hidden_states 1 .. L)
+        count = (build_mllm(mllm, layers=[1]).num_hidden_layers if mllm in BUILTIN_MLLMS
+                 else load_mllm_config(mllm).get_text_config().num_hidden_layers)
+        chosen = list(range(1, count + 1))
+    if lens_layer is None:
+        lens_layer = default_layers(mllm)[0]
+    probe_mllm = build_mllm(mllm, layers=chosen, device=device)
+    start = time.monotonic()
+
+    def progress(task: str, done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            typer.echo(f"[probe] {task}: {done}/{total} scenes ({time.monotonic() - start:.0f} s)", err=True)
+
+    report = run_probe(probe_mllm, train_scenes=train_scenes, held_out_scenes=held_out_scenes, progress=progress)
+    report["lens_layer"] = lens_layer
+    write_report(report, out, lens_layer)
+    typer.echo(report_markdown(report, lens_layer))
+    typer.echo(f"wrote {out}/probe.json, probe.md, probe.png")
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .scenes import COLOURS, SHAPE_KINDS, Scene, Shape
+import numpy as np
+
+from .scenes import COLOURS, SHAPE_KINDS, Scene, Shape, make_scene
 
 #: reasoning clues for a shape kind: (relative clause, full phrasings)
 KIND_CLUES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -165,6 +167,23 @@ def reason_candidates(scene: Scene) -> list[ReasonQuery]:
         if len(hits) >= 2:
             out.append(ReasonQuery((f"the {kind}s", f"every {kind}"), False, hits))
     return out
+
+
+def reason_scene(rng: np.random.Generator) -> tuple[Scene, list[ReasonQuery]]:
+    """A scene of the ReasonSeg-format set and its :func:`reason_candidates` (never empty)."""
+    while True:  # a scene nearly always has a candidate; the loop guards the rare empty one
+        scene = make_scene(rng, rule="cv2")
+        candidates = reason_candidates(scene)
+        if candidates:
+            return scene, candidates
+
+
+def refer_scene(rng: np.random.Generator) -> Scene:
+    """A scene of the REFER-format set: half of them draw from two kinds and/or two colours, so that
+    lookalikes (and "the ... on the left") occur."""
+    kinds = tuple(str(k) for k in rng.choice(SHAPE_KINDS, size=2, replace=False)) if rng.random() < 0.5 else SHAPE_KINDS
+    colours = tuple(str(c) for c in rng.choice(list(COLOURS), size=2, replace=False)) if rng.random() < 0.5 else None
+    return make_scene(rng, rule="coco", kinds=kinds, colours=colours or tuple(COLOURS))
 
 
 def refer_sentences(scene: Scene, i: int) -> list[str]:

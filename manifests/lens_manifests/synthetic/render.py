@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .language import refer_sentences, reason_candidates
-from .scenes import COLOURS, SHAPE_KINDS, SYNTHETIC_CLASSES, make_scene
+from .language import reason_scene, refer_scene, refer_sentences
+from .scenes import SHAPE_KINDS, SYNTHETIC_CLASSES, make_scene
 
 REFER_NAME = "synthref"
 JPEG_QUALITY = 95
@@ -42,11 +42,7 @@ def _render_reason(root: Path, split: str, index: int, seed: int) -> int:
     """Write one ReasonSeg-format image + json; returns the number of queries it yields."""
     out_dir = root / "reason_seg" / "ReasonSeg" / split
     rng = _item_rng(seed, "reason", split, index)
-    while True:  # a scene nearly always has a candidate; the loop guards the rare empty one
-        scene = make_scene(rng, rule="cv2")
-        candidates = reason_candidates(scene)
-        if candidates:
-            break
+    scene, candidates = reason_scene(rng)
     sentences = [q for q in candidates if q.is_sentence]
     phrases = [q for q in candidates if not q.is_sentence]
     pool = phrases if phrases and (rng.random() < 0.2 or not sentences) else sentences
@@ -109,10 +105,7 @@ def _refer_file_name(split: str, index: int) -> str:
 def _render_refer(root: Path, split: str, index: int, seed: int) -> dict[str, Any]:
     """Write one REFER-format image; returns its record (ids are given out later, in order)."""
     rng = _item_rng(seed, "refer", split, index)
-    # half of the scenes draw from few kinds/colours, so lookalikes (and "on the left") occur
-    kinds = tuple(str(k) for k in rng.choice(SHAPE_KINDS, size=2, replace=False)) if rng.random() < 0.5 else SHAPE_KINDS
-    colours = tuple(str(c) for c in rng.choice(list(COLOURS), size=2, replace=False)) if rng.random() < 0.5 else None
-    scene = make_scene(rng, rule="coco", kinds=kinds, colours=colours or tuple(COLOURS))
+    scene = refer_scene(rng)
     file_name = _refer_file_name(split, index)
     _save_jpeg(scene.image, root / "refer_seg" / "images" / REFER_NAME / file_name)
     objects = []
