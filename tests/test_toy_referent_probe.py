@@ -55,8 +55,10 @@ def test_probe_item_reads_the_last_prompt_token_and_the_objects_cells():
     frame = sam_frame(Image.fromarray(scene.image))
     states = mllm.encode([frame.padded_image()], [[item.question]])[0]
     for k in (1, 2):
-        assert item.last[k].shape == (mllm.hidden_size,)
-        torch.testing.assert_close(item.last[k], states.text_states[0][k][-1].float())
+        assert item.state[k].shape == (mllm.hidden_size,)
+        torch.testing.assert_close(item.state[k], states.text_states[0][k][-1].float())
+        mean = probe_item(mllm, "referring", scene, question, ignores, token="mean").state[k]
+        torch.testing.assert_close(mean, states.text_states[0][k].float().mean(0))
         # an object's state is the coverage-weighted mean of the image tokens under it (independent sum)
         i = question.targets[0]
         w = item.cells[i]
@@ -141,7 +143,7 @@ def test_word_share_is_between_group_variance_and_the_oracle_reads_the_text():
         target = 0 if text == "circle" else 2
         items.append(ProbeItem("semantic", "", text, {1: state}, {1: objects}, torch.full((3, 4), 0.25),
                                torch.rand(3, 3, generator=g), (target,)))
-    states = torch.stack([i.last[1] for i in items])
+    states = torch.stack([i.state[1] for i in items])
     labels = torch.tensor([i.text == "circle" for i in items])
     means = torch.stack([states[labels].mean(0), states[~labels].mean(0)])
     within = sum((states[labels == b] - means[i]).pow(2).sum() for i, b in enumerate((True, False)))

@@ -117,6 +117,8 @@ def probe_referent_cmd(
     lens_layer: Annotated[int | None, typer.Option(help="Layer LENS reads, marked in the table [the MLLM's default].")] = None,
     train_scenes: Annotated[int, typer.Option(help="Training scenes per task (one question each).")] = 400,
     held_out_scenes: Annotated[int, typer.Option(help="Held-out scenes per task, from another seed.")] = 200,
+    token: Annotated[str, typer.Option(
+        help="The state probed: last (the start-of-answer token) or mean (every text token after the image).")] = "last",
     out: Annotated[Path, typer.Option(help="Folder for probe.json, probe.md and probe.png.")] = Path(
         "results/probe-referent"),
     device: Annotated[str, typer.Option()] = "cpu",
@@ -129,8 +131,10 @@ def probe_referent_cmd(
     from lens_cache.backbones import BUILTIN_MLLMS, build_mllm, default_layers
     from lens_cache.backbones.mllm import load_mllm_config
 
-    from .referent_probe import report_markdown, run_probe, write_report
+    from .referent_probe import TOKENS, report_markdown, run_probe, write_report
 
+    if token not in TOKENS:
+        raise typer.BadParameter(f"{token!r}: one of {', '.join(TOKENS)}", param_hint="--token")
     _threads(threads)
     if layers:
         chosen = [int(k) for k in layers.split(",")]
@@ -147,7 +151,8 @@ def probe_referent_cmd(
         if done == total or done % 50 == 0:
             typer.echo(f"[probe] {task}: {done}/{total} scenes ({time.monotonic() - start:.0f} s)", err=True)
 
-    report = run_probe(probe_mllm, train_scenes=train_scenes, held_out_scenes=held_out_scenes, progress=progress)
+    report = run_probe(probe_mllm, train_scenes=train_scenes, held_out_scenes=held_out_scenes, progress=progress,
+                       token=token)
     report["lens_layer"] = lens_layer
     write_report(report, out, lens_layer)
     typer.echo(report_markdown(report, lens_layer))

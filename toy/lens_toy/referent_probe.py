@@ -44,6 +44,7 @@ from lens_manifests.synthetic.scenes import Scene, make_scene
 from PIL import Image
 
 TASKS = ("semantic", "referring", "reasoning")
+TOKENS = ("last", "mean")
 DESCRIPTORS = ("where", "what", "both")
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 #: the seed of the training scenes; held-out scenes use ``TRAIN_SEED + 1`` (numpy streams of one entropy)
@@ -87,28 +88,34 @@ def draw_question(task: str, rng: np.random.Generator) -> tuple[Scene, Question,
 
 @dataclass
 class ProbeItem:
-    """What the probe sees of one query: per layer, the last prompt token's state (d,) and each object's
+    """What the probe sees of one query: per layer, the probed state (d,: the last prompt token's, or the mean
+    of the text tokens after the image: ``token``) and each object's
     mean image-token state (N, d); each object's coverage weights on the grid (N, g*g, rows summing to 1)
     and geometry (N, 3: centre x, y and sqrt(area) in frame units); the referents."""
 
     task: str
     question: str
     text: str
-    last: dict[int, torch.Tensor]
+    state: dict[int, torch.Tensor]
     object_states: dict[int, torch.Tensor]
     cells: torch.Tensor
     geometry: torch.Tensor
     targets: tuple[int, ...]
 
 
-def probe_item(mllm, task: str, scene: Scene, question: Question, ignores: Sequence[int]) -> ProbeItem:
+def probe_item(mllm, task: str, scene: Scene, question: Question, ignores: Sequence[int],
+               token: str = "last") -> ProbeItem:
     """Put ``question`` about ``scene`` to ``mllm`` (a :class:`lens_cache.backbones.mllm.MllmBackbone`) as a
-    store build does, and describe the scene's objects on its grid of image tokens."""
+    store build does, and describe the scene's objects on its grid of image tokens. ``token``: ``last`` (the
+    start-of-answer token) or ``mean`` (every text token after the image, the question's words included)."""
     from lens_cache.backbones.geometry import sam_frame
 
     frame = sam_frame(Image.fromarray(scene.image))
     prompt = mllm.question_for(question.text, question.is_sentence)
+    if token not in TOKENS:
+        raise ValueError(f"token must be one of {', '.join(TOKENS)}, got {token!r}")
     states = mllm.encode([frame.padded_image()], [[prompt]])[0]
+    text = states.text_states[0]
     grid = int(math.isqrt(mllm.num_image_tokens))
     kept = [i for i in range(len(scene.shapes)) if i not in set(ignores)]
     cells = torch.stack([
@@ -121,7 +128,7 @@ def probe_item(mllm, task: str, scene: Scene, question: Question, ignores: Seque
         task=task,
         question=prompt,
         text=question.text,
-        last={k: states.text_states[0][k][-1].float() for k in mllm.layers},
+        state={k: (text[k][-1] if token == "last" else text[k].mean(0)).float() for k in mllm.layers},
         object_states={k: weights @ states.image_states[k].float() for k in mllm.layers},
         cells=weights,
         targets=tuple(kept.index(t) for t in question.targets),
@@ -139,12 +146,12 @@ def object_geometry(coverage: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.stack([cx, cy, (area / grid**2).sqrt()], dim=1)
 
 
-def collect(mllm, task: str, count: int, seed: int, progress=None) -> list[ProbeItem]:
+def collect(mllm, task: str, count: int, seed: int, progress=None, token: str = "last") -> list[ProbeItem]:
     """``count`` probe items of ``task`` from scenes of the numpy stream ``(seed, task)``."""
     rng = np.random.default_rng([seed, TASKS.index(task)])
     items = []
     for n in range(count):
-        items.append(probe_item(mllm, task, *draw_question(task, rng)))
+        items.append(probe_item(mllm, task, *draw_question(task, rng), token=token))
         if progress is not None:
             progress(task, n + 1, count)
     return items
@@ -165,7 +172,7 @@ def descriptors(items: Sequence[ProbeItem], layer: int, kind: str):
         padded[q, : len(o)] = o
         valid[q, : len(o)] = True
         targets[q, list(item.targets)] = True
-    return torch.stack([item.last[layer] for item in items]), padded, valid, targets, blocks
+    return torch.stack([item.state[layer] for item in items]), padded, valid, targets, blocks
 
 
 @dataclass
@@ -242,7 +249,7 @@ def probe_layer(train: Sequence[ProbeItem], held_out: Sequence[ProbeItem], layer
 def word_share(items: Sequence[ProbeItem], layer: int) -> float:
     """Share of the variance of the last prompt token's state (at ``layer``) that the query's text explains
     (between-group over total variance, grouping the queries by text): for a semantic query, its class name."""
-    states = torch.stack([item.last[layer] for item in items])
+    states = torch.stack([item.state[layer] for item in items])
     groups: dict[str, list[int]] = {}
     for q, item in enumerate(items):
         groups.setdefault(item.text, []).append(q)
@@ -262,22 +269,22 @@ def text_oracle(train: Sequence[ProbeItem], held_out: Sequence[ProbeItem], layer
         for item in items:
             code = torch.zeros(len(texts))
             code[texts.index(item.text)] = 1.0
-            out.append(ProbeItem(**{**vars(item), "last": {layer: code}}))
+            out.append(ProbeItem(**{**vars(item), "state": {layer: code}}))
         return out
 
     return probe_layer(one_hot(train), one_hot(held_out), layer, "what")["accuracy"]
 
 
-def run_probe(mllm, *, train_scenes: int, held_out_scenes: int, progress=None) -> dict:
+def run_probe(mllm, *, train_scenes: int, held_out_scenes: int, progress=None, token: str = "last") -> dict:
     """The table: for each task, layer and descriptor, held-out accuracy, with chance and the counts; for the
     semantic task also, per layer, the share of the last token's variance its class name explains
     (:func:`word_share`) and the probe's accuracy given the class name itself (:func:`text_oracle`)."""
     torch.manual_seed(0)
-    report: dict = {"mllm": mllm.identity.get("name_or_path"), "layers": list(mllm.layers), "train_scenes": train_scenes,
+    report: dict = {"mllm": mllm.identity.get("name_or_path"), "token": token, "layers": list(mllm.layers), "train_scenes": train_scenes,
                     "held_out_scenes": held_out_scenes, "tasks": {}}
     for task in TASKS:
-        train = collect(mllm, task, train_scenes, TRAIN_SEED, progress)
-        held_out = collect(mllm, task, held_out_scenes, TRAIN_SEED + 1, progress)
+        train = collect(mllm, task, train_scenes, TRAIN_SEED, progress, token)
+        held_out = collect(mllm, task, held_out_scenes, TRAIN_SEED + 1, progress, token)
         rows = {str(k): {kind: probe_layer(train, held_out, k, kind) for kind in DESCRIPTORS}
                 for k in mllm.layers}
         prior = probe_layer(train, held_out, mllm.layers[0], "both", blind=True)["accuracy"]
@@ -305,7 +312,8 @@ def report_markdown(report: dict, lens_layer: int | None = None) -> str:
         lines.append("| semantic: the probe given the class name instead of the state (what) | | | " + " | ".join(
             f"{report['class_name_oracle'][str(k)]:.2f}" for k in layers) + " |")
     lines.append("")
-    lines.append("Each cell: held-out accuracy of the probe with the object described by where / what / both "
+    lines.append(f"Each cell: held-out accuracy of the probe of the {report.get('token', 'last')} token's state, "
+                 "the object described by where / what / both "
                  f"({report['train_scenes']} training and {report['held_out_scenes']} held-out scenes per task).")
     return "\n".join(lines)
 
