@@ -252,32 +252,6 @@ def test_chunked_suffixes_and_single_image_match(adapter, backbone, squares, enc
     torch.testing.assert_close(empty.image_states[k], encoded[0].image_states[k], atol=ATOL, rtol=0)
 
 
-def test_suffix_forwards_keep_their_cache_copies_within_the_budget(adapter, backbone, squares, encoded, monkeypatch):
-    """Each suffix row copies its image's prefix cache: with a budget of two rows' copies, the suffixes run
-    two at a time, and the states are those of one forward of every row."""
-    import lens_cache.backbones.prefix_sharing as sharing
-
-    questions = [q for qs in adapter.questions for q in qs]
-    deepest = max(adapter.layers)
-    lm = backbone.model.model.language_model
-    config = lm.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    one_row = 2 * deepest * heads * len(backbone._prefix_ids) * head_dim * next(lm.parameters()).element_size()
-    monkeypatch.setattr(sharing, "SUFFIX_CACHE_BYTES", 2 * one_row + one_row // 2)
-    calls: list[int] = []
-    hook = lm.layers[0].register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
-    try:
-        budgeted = backbone.encode(squares, list(adapter.questions))
-    finally:
-        hook.remove()
-    assert calls[0] == 2 and calls[1:] == [2] * (len(questions) // 2) + [1] * (len(questions) % 2)
-    for b in range(len(squares)):
-        for q in range(len(adapter.questions[b])):
-            for k in adapter.layers:
-                torch.testing.assert_close(budgeted[b].text_states[q][k], encoded[b].text_states[q][k], atol=ATOL, rtol=0)
-
-
 def test_truncated_forward_never_applies_final_norm(adapter, backbone, squares, references):
     """The last layer: the cached state is its raw output, not the normed hidden_states[-1]."""
     last_layer = backbone.num_hidden_layers
@@ -409,7 +383,7 @@ def test_warm_start_layers_load_strictly_into_a_head_of_its_layer_type(adapter, 
     assert {"self_attn.q_proj.weight", "mlp.gate_proj.weight", "input_layernorm.weight",
             "post_attention_layernorm.weight"} <= set(weights)
     torch.testing.assert_close(weights["self_attn.q_proj.weight"], layer.self_attn.q_proj.weight, atol=0, rtol=0)
-    # the model's own tensors on a CPU model (no copy of a 7B MLLM's two layers: tests/test_cache_warm_start.py)
+    # the model's own tensors on a CPU model (no copy of a 7B MLLM's two layers: tests/test_cache_memory.py)
     assert weights["self_attn.q_proj.weight"].data_ptr() == layer.self_attn.q_proj.weight.data_ptr()
     with pytest.raises(IndexError):
         backbone.decoder_layer_state_dict(backbone.num_hidden_layers)

@@ -1,8 +1,10 @@
-"""The warm-start file is written from the MLLM's own weights, without a copy of them in memory.
+"""What a build holds besides its models (BENCHMARKS.md, stage 1 on the CPU, measures each at 7B).
 
-At LLaVA-1.5-7B's dimensions the two warm-start layers are 1.6 GB in float32; a build that held them as
-bytes (``safetensors.torch.save``: its buffer and the ``bytes`` made from it) and as a state-dict copy
-held three more copies beside the model at its peak (BENCHMARKS.md, stage 1 on the CPU).
+The warm-start file is written from the MLLM's own weights, without a copy of them in memory: at
+LLaVA-1.5-7B's dimensions the two warm-start layers are 1.6 GB in float32, and a build that held them as
+bytes (``safetensors.torch.save``: its buffer and the ``bytes`` made from it) and as a state-dict copy held
+three more copies beside the model at its peak. The question suffixes' copies of the prefix's key/value cache
+stay within ``SUFFIX_CACHE_BYTES`` per forward. (SAM's banded attention: ``test_sam_attention.py``.)
 """
 
 from __future__ import annotations
@@ -86,3 +88,35 @@ def test_layer_weights_are_views_on_a_cpu_model_and_loading_them_does_not_touch_
         for p in head.parameters():
             p.add_(1.0)
     assert torch.equal(layer.self_attn.q_proj.weight, before)
+
+
+@pytest.mark.parametrize("mllm", ["tiny", "tiny-qwen2vl"])
+def test_suffix_forwards_keep_their_cache_copies_within_the_budget(mllm, monkeypatch):
+    """Each suffix row copies its image's prefix cache: with a budget of two rows' copies, the suffixes run two
+    at a time (the shared base of every adapter), and the states are those of one forward of every row."""
+    import lens_cache.backbones.prefix_sharing as sharing
+    from lens_cache.backbones import build_mllm
+    from PIL import Image
+
+    backbone = build_mllm(mllm, layers=[3])
+    squares = [Image.new("RGB", (1024, 1024), colour) for colour in ("red", "navy")]
+    questions = [[backbone.question_for(t, False) for t in ("circle", "red square", "the big star")],
+                 [backbone.question_for("the shape that is round", True)]]
+    lm = backbone.model.model.language_model
+    calls: list[int] = []
+    hook = lm.layers[0].register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+    try:
+        whole = backbone.encode(squares, questions)
+        config, width = lm.config, next(lm.parameters()).element_size()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        one_row = 2 * 3 * heads * len(backbone._prefix_ids) * head_dim * width  # keys + values, layers 1..3
+        monkeypatch.setattr(sharing, "SUFFIX_CACHE_BYTES", 2 * one_row + one_row // 2)
+        calls.clear()
+        budgeted = backbone.encode(squares, questions)
+    finally:
+        hook.remove()
+    assert calls == [2, 2, 2]  # both prefixes, then the four suffixes two at a time (one forward before)
+    for b, qs in enumerate(questions):
+        for q in range(len(qs)):
+            torch.testing.assert_close(budgeted[b].text_states[q][3], whole[b].text_states[q][3], atol=1e-5, rtol=0)
