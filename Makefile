@@ -103,9 +103,10 @@ probe-grounding: setup
 	$(PY) benchmarks/probes/probe_grounding.py
 
 # Does the frozen MLLM's last prompt token know which object the question picks out? A linear probe by
-# layer and task on held-out scenes (toy/README.md, "The referent probe"); MLLM=... for another backbone.
+# layer and task on held-out scenes (toy/README.md, "The referent probe"); MLLM=... for another backbone,
+# TOKEN=mean for the mean of the question's tokens instead of the last one.
 probe-referent: setup
-	$(VENV)/bin/lens-toy probe-referent $(if $(MLLM),--mllm "$(MLLM)") --out results/probe-referent
+	$(VENV)/bin/lens-toy probe-referent $(if $(MLLM),--mllm "$(MLLM)") $(if $(TOKEN),--token $(TOKEN)) --out results/probe-referent$(if $(TOKEN),-$(TOKEN))
 
 clean:
 	rm -rf demo work .pytest_cache
