@@ -25,7 +25,7 @@ that ignores the question, e.g. "the big one", with both descriptors at the firs
 layer knows the referent by as much as it beats ``prior``, not chance. The ridge strength is chosen on a
 fifth of the training scenes, never on the held-out ones.
 
-    lens-toy probe-referent                  # the shipped toy LLaVA, ~3 min on 2 cores
+    lens-toy probe-referent                  # the shipped toy LLaVA, ~8 min on one thread
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lens_core.geometry import mask_to_padded_frame
-from lens_manifests.synthetic.language import reason_scene, refer_scene, refer_sentences
+from lens_manifests.synthetic.language import pick_reason_query, reason_scene, refer_scene, refer_sentences
 from lens_manifests.synthetic.scenes import Scene, make_scene
 from PIL import Image
 
@@ -77,10 +77,7 @@ def draw_question(task: str, rng: np.random.Generator) -> tuple[Scene, Question,
                 return scene, Question(text, False, (i,)), ()
     if task == "reasoning":
         scene, candidates = reason_scene(rng)
-        sentences = [q for q in candidates if q.is_sentence]
-        phrases = [q for q in candidates if not q.is_sentence]
-        pool = phrases if phrases and (rng.random() < 0.2 or not sentences) else sentences
-        query = pool[int(rng.integers(len(pool)))]
+        query = pick_reason_query(candidates, rng)
         text = query.texts[int(rng.integers(len(query.texts)))]
         return scene, Question(text, query.is_sentence, query.targets), query.ignores
     raise ValueError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
@@ -110,27 +107,28 @@ def probe_item(mllm, task: str, scene: Scene, question: Question, ignores: Seque
     start-of-answer token) or ``mean`` (every text token after the image, the question's words included)."""
     from lens_cache.backbones.geometry import sam_frame
 
-    frame = sam_frame(Image.fromarray(scene.image))
-    prompt = mllm.question_for(question.text, question.is_sentence)
     if token not in TOKENS:
         raise ValueError(f"token must be one of {', '.join(TOKENS)}, got {token!r}")
+    frame = sam_frame(Image.fromarray(scene.image))
+    prompt = mllm.question_for(question.text, question.is_sentence)
     states = mllm.encode([frame.padded_image()], [[prompt]])[0]
     text = states.text_states[0]
     grid = int(math.isqrt(mllm.num_image_tokens))
-    kept = [i for i in range(len(scene.shapes)) if i not in set(ignores)]
+    left_out = set(ignores)
+    kept = [i for i in range(len(scene.shapes)) if i not in left_out]
     cells = torch.stack([
         mask_to_padded_frame(torch.from_numpy(scene.shapes[i].mask).float(), frame.input_size, grid).flatten()
         for i in kept
     ])
     weights = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
     return ProbeItem(
-        geometry=object_geometry(cells, grid),
         task=task,
         question=prompt,
         text=question.text,
         state={k: (text[k][-1] if token == "last" else text[k].mean(0)).float() for k in mllm.layers},
         object_states={k: weights @ states.image_states[k].float() for k in mllm.layers},
         cells=weights,
+        geometry=object_geometry(cells, grid),
         targets=tuple(kept.index(t) for t in question.targets),
     )
 

@@ -198,8 +198,9 @@ class SamImageEncoder:
     def __init__(self, sam: Sam, *, spec: str, device: torch.device, dtype: torch.dtype, batch_size: int = 4,
                  attention_rows: int | None | str = "auto") -> None:
         self.sam = sam.eval().requires_grad_(False)
-        self.attention_rows = (CPU_ROWS if torch.device(device).type == "cpu" else None) if attention_rows == "auto" \
-            else attention_rows
+        if attention_rows == "auto":
+            attention_rows = CPU_ROWS if torch.device(device).type == "cpu" else None
+        self.attention_rows = attention_rows
         self.spec = spec
         self.device = device
         self.dtype = dtype

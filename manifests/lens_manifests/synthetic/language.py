@@ -178,6 +178,15 @@ def reason_scene(rng: np.random.Generator) -> tuple[Scene, list[ReasonQuery]]:
             return scene, candidates
 
 
+def pick_reason_query(candidates: list[ReasonQuery], rng: np.random.Generator) -> ReasonQuery:
+    """The ReasonSeg-format set's query of a scene: a sentence, or a short phrase one time in five (always
+    a phrase where there is no sentence, a sentence where there is no phrase)."""
+    sentences = [q for q in candidates if q.is_sentence]
+    phrases = [q for q in candidates if not q.is_sentence]
+    pool = phrases if phrases and (rng.random() < 0.2 or not sentences) else sentences
+    return pool[int(rng.integers(len(pool)))]
+
+
 def refer_scene(rng: np.random.Generator) -> Scene:
     """A scene of the REFER-format set: half of them draw from two kinds and/or two colours, so that
     lookalikes (and "the ... on the left") occur."""

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .language import reason_scene, refer_scene, refer_sentences
+from .language import pick_reason_query, reason_scene, refer_scene, refer_sentences
 from .scenes import SHAPE_KINDS, SYNTHETIC_CLASSES, make_scene
 
 REFER_NAME = "synthref"
@@ -43,10 +43,7 @@ def _render_reason(root: Path, split: str, index: int, seed: int) -> int:
     out_dir = root / "reason_seg" / "ReasonSeg" / split
     rng = _item_rng(seed, "reason", split, index)
     scene, candidates = reason_scene(rng)
-    sentences = [q for q in candidates if q.is_sentence]
-    phrases = [q for q in candidates if not q.is_sentence]
-    pool = phrases if phrases and (rng.random() < 0.2 or not sentences) else sentences
-    query = pool[int(rng.integers(len(pool)))]
+    query = pick_reason_query(candidates, rng)
     k = int(rng.integers(2, len(query.texts) + 1)) if len(query.texts) > 1 else 1
     texts = [query.texts[int(j)] for j in rng.permutation(len(query.texts))[:k]]
     shapes_json: list[dict[str, Any]] = []
